@@ -1,0 +1,118 @@
+use super::*;
+
+fn ti(name: &str, shape: &[u64]) -> TensorInfo {
+    TensorInfo { name: name.into(), dtype: "F32".into(), shape: shape.to_vec() }
+}
+
+fn base() -> BTreeMap<String, TensorInfo> {
+    [ti("enc.q.weight", &[8, 4]), ti("enc.q.bias", &[8]), ti("enc.ff.weight", &[16, 8])]
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect()
+}
+
+fn lora(tensors: Vec<TensorInfo>) -> Manifest {
+    Manifest {
+        schema_version: SCHEMA_VERSION,
+        method: "lora".into(),
+        config: MethodConfig {
+            lora: Some(LoraConfig {
+                r: 2,
+                lora_alpha: 4.0,
+                use_rslora: false,
+                fan_in_fan_out: false,
+                target_modules: vec!["q".into()],
+                bias: "none".into(),
+                modules_to_save: vec![],
+                rank_pattern: BTreeMap::new(),
+                alpha_pattern: BTreeMap::new(),
+                lora_bias: false,
+            }),
+            ..MethodConfig::default()
+        },
+        base: BaseRef { fingerprint: Digest::of(b"base"), name: Some("tiny".into()) },
+        files: vec![FileEntry { path: "delta.safetensors".into(), digest: Digest::of(b"f"), size: 10, tensors }],
+        parents: vec![],
+        provenance: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn canonical_json_is_stable_and_sorted() {
+    let m = lora(vec![ti("enc.q.lora_A", &[2, 4]), ti("enc.q.lora_B", &[8, 2])]);
+    let bytes = m.canonical_json();
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    assert!(text.starts_with("{\"base\":"), "{text}");
+    assert!(!text.contains(' '));
+    let back = Manifest::from_json(&bytes).unwrap();
+    assert_eq!(back.canonical_json(), bytes);
+    assert_eq!(back.digest(), m.digest());
+}
+
+#[test]
+fn lora_shapes_are_checked_against_the_base() {
+    let good = lora(vec![ti("enc.q.lora_A", &[2, 4]), ti("enc.q.lora_B", &[8, 2])]);
+    good.check_against_base(&base()).unwrap();
+
+    let wrong_in = lora(vec![ti("enc.q.lora_A", &[2, 5]), ti("enc.q.lora_B", &[8, 2])]);
+    let err = wrong_in.check_against_base(&base()).unwrap_err().to_string();
+    assert!(err.contains("enc.q.lora_A") && err.contains("[8, 4]"), "{err}");
+
+    let rank_mismatch = lora(vec![ti("enc.q.lora_A", &[2, 4]), ti("enc.q.lora_B", &[8, 3])]);
+    assert!(rank_mismatch.check_against_base(&base()).is_err());
+
+    let missing = lora(vec![ti("enc.k.lora_A", &[2, 4]), ti("enc.k.lora_B", &[8, 2])]);
+    let err = missing.check_against_base(&base()).unwrap_err().to_string();
+    assert!(err.contains("enc.k.weight"), "{err}");
+
+    let unpaired = lora(vec![ti("enc.q.lora_A", &[2, 4])]);
+    assert!(unpaired.check_against_base(&base()).is_err());
+}
+
+#[test]
+fn other_roles_are_checked() {
+    let ok = lora(vec![
+        ti("enc.q.bias.replace", &[8]),
+        ti("enc.ff.weight.diff", &[16, 8]),
+        ti("enc.ff.ia3_l", &[8]),
+        ti("classifier.weight.new", &[2, 8]),
+        ti("adapter.layer0.down", &[8, 2]),
+    ]);
+    ok.check_against_base(&base()).unwrap();
+    for bad in [
+        ti("enc.q.bias.replace", &[9]),
+        ti("enc.q.weight.diff", &[4, 8]),
+        ti("enc.q.weight.new", &[8, 4]),
+        ti("enc.q.ia3_l", &[3]),
+        ti("enc.q.weight.mystery", &[8, 4]),
+    ] {
+        let name = bad.name.clone();
+        assert!(lora(vec![bad]).check_against_base(&base()).is_err(), "{name} accepted");
+    }
+}
+
+#[test]
+fn scale_honours_patterns_and_rslora() {
+    let mut cfg = lora(vec![]).config.lora.unwrap();
+    assert_eq!(cfg.scale_for("enc.q"), 2.0);
+    cfg.alpha_pattern.insert("q".into(), 8.0);
+    cfg.rank_pattern.insert("enc.q".into(), 4);
+    assert_eq!(cfg.scale_for("enc.q"), 2.0);
+    assert_eq!(cfg.rank_for("enc.q"), 4);
+    assert_eq!(cfg.scale_for("enc.k"), 2.0);
+    cfg.use_rslora = true;
+    assert_eq!(cfg.scale_for("enc.q"), 4.0);
+    assert!(!module_matches("q", "enc.qq"));
+}
+
+#[test]
+fn self_consistency() {
+    let mut m = lora(vec![ti("enc.q.lora_A", &[2, 4]), ti("enc.q.lora_B", &[8, 2])]);
+    m.files[0].path = "../evil.safetensors".into();
+    assert!(m.check_shape().is_err());
+    let mut m = lora(vec![ti("a.lora_A", &[2, 4])]);
+    m.method = "magic".into();
+    assert!(m.check_shape().unwrap_err().to_string().contains("method"));
+    assert!(Manifest::from_json(b"{\"schema_version\":1}").is_err());
+}
