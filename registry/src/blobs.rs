@@ -1,0 +1,153 @@
+//! [`BlobStore`]: immutable, content-addressed bytes over any `object_store` backend.
+//!
+//! A blob lives at `blobs/blake3/<hex[..2]>/<hex>` and is written with a multipart upload,
+//! which every backend makes visible only on `complete` (LocalFileSystem stages to a hidden
+//! `path#N` file and renames; S3 assembles the parts). The upload layer completes only
+//! after the bytes hashed to the declared digest, so no partial or mismatched blob is ever
+//! readable. Blob keys derive only from digests, never from user-provided names.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use delta_proto::Digest;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as StorePath;
+use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::config::RegistryConfig;
+use crate::error::{Error, Result};
+
+/// Content-addressed blob storage.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    store: Arc<dyn ObjectStore>,
+    /// The root directory when the backend is the local filesystem (for the staging-file
+    /// janitor, which `list` cannot see).
+    local_root: Option<PathBuf>,
+}
+
+fn key(digest: &Digest) -> StorePath {
+    StorePath::from(digest.blob_key())
+}
+
+impl BlobStore {
+    /// Opens the backend the config names: `store_url`, or the local filesystem under
+    /// `data_dir/store` with fsync on every write.
+    pub fn open(config: &RegistryConfig) -> Result<Self> {
+        match &config.store_url {
+            None => {
+                let root = config.data_dir.join("store");
+                std::fs::create_dir_all(&root)?;
+                Self::local(&root)
+            }
+            Some(url) => {
+                let parsed = url::Url::parse(url).map_err(|e| Error::InvalidArgument(format!("store url {url:?}: {e}")))?;
+                if parsed.scheme() == "file" {
+                    let path = parsed
+                        .to_file_path()
+                        .map_err(|()| Error::InvalidArgument(format!("store url {url:?} is not a local path")))?;
+                    std::fs::create_dir_all(&path)?;
+                    return Self::local(&path);
+                }
+                let (store, prefix) = object_store::parse_url_opts(&parsed, config.store_options.iter().cloned())?;
+                let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
+                    Arc::from(store)
+                } else {
+                    Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+                };
+                Ok(Self { store, local_root: None })
+            }
+        }
+    }
+
+    /// The local filesystem under `root`, fsync'd.
+    pub fn local(root: &Path) -> Result<Self> {
+        let fs = LocalFileSystem::new_with_prefix(root)?.with_fsync(true);
+        Ok(Self { store: Arc::new(fs), local_root: Some(root.to_owned()) })
+    }
+
+    /// An in-memory store, for tests.
+    pub fn in_memory() -> Self {
+        Self { store: Arc::new(InMemory::new()), local_root: None }
+    }
+
+    /// Starts a multipart write of `digest`. The caller completes it only after checking
+    /// the bytes, and aborts it otherwise.
+    pub async fn begin(&self, digest: &Digest) -> Result<Box<dyn MultipartUpload>> {
+        Ok(self.store.put_multipart(&key(digest)).await?)
+    }
+
+    /// Stores a small blob whose digest the caller has checked.
+    pub async fn put_small(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
+        self.store.put(&key(digest), PutPayload::from_bytes(bytes)).await?;
+        Ok(())
+    }
+
+    /// Whether the object exists (a `head` on the backend).
+    pub async fn exists(&self, digest: &Digest) -> Result<bool> {
+        match self.store.head(&key(digest)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads `range` of a blob.
+    pub async fn read_range(&self, digest: &Digest, range: std::ops::Range<u64>) -> Result<Bytes> {
+        Ok(self.store.get_range(&key(digest), range).await?)
+    }
+
+    /// Streams a whole blob from the start.
+    pub async fn stream(&self, digest: &Digest) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let got = self.store.get(&key(digest)).await?;
+        Ok(got.into_stream().map(|r| r.map_err(Error::from)).boxed())
+    }
+
+    /// Deletes a blob; a missing blob is not an error (same on every backend).
+    pub async fn delete(&self, digest: &Digest) -> Result<()> {
+        match self.store.delete(&key(digest)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes local staging files (`<blob>#N`) older than `grace`, left behind by a process
+    /// killed mid-write; `list` cannot see them. Returns how many were removed.
+    pub fn remove_stale_staging(&self, grace: Duration) -> Result<usize> {
+        let Some(root) = &self.local_root else { return Ok(0) };
+        let blobs = root.join("blobs");
+        let mut removed = 0;
+        let mut stack = vec![blobs];
+        while let Some(dir) = stack.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                    continue;
+                }
+                let staged = entry.file_name().to_string_lossy().contains('#');
+                // An unreadable modification time is never taken as "old".
+                let old = meta.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok()).is_some_and(|age| age >= grace);
+                if staged && old {
+                    std::fs::remove_file(entry.path())?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,57 @@
+//! [`RegistryConfig`]: everything the registry needs to start, as plain data. `main.rs`
+//! builds it from flags and the environment; tests use [`RegistryConfig::for_test`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Registry settings.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Where SQLite lives, and the blobs too unless `store_url` says otherwise.
+    pub data_dir: PathBuf,
+    /// An object_store URL (`s3://bucket/prefix`, `file:///path`, `memory:///`). `None`:
+    /// the local filesystem under `data_dir/store`.
+    pub store_url: Option<String>,
+    /// Options for the object store (for S3: `aws_endpoint`, `aws_region`, credentials).
+    pub store_options: Vec<(String, String)>,
+    /// Largest blob accepted.
+    pub max_blob_bytes: u64,
+    /// Largest manifest accepted.
+    pub max_manifest_bytes: usize,
+    /// Largest safetensors header accepted.
+    pub max_header_bytes: u64,
+    /// Most tensors in one delta.
+    pub max_tensors: usize,
+    /// Largest gRPC message accepted (uploads stream in chunks well below it).
+    pub max_message_bytes: usize,
+    /// Most upload sessions open at once.
+    pub max_open_uploads: usize,
+    /// Idle upload sessions older than this are aborted.
+    pub upload_ttl: Duration,
+    /// Staging files (`#N`) older than this are removed at start-up.
+    pub staging_grace: Duration,
+}
+
+impl RegistryConfig {
+    /// The defaults for a registry on local disk under `data_dir`.
+    pub fn local(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            store_url: None,
+            store_options: Vec::new(),
+            max_blob_bytes: 64 << 30,
+            max_manifest_bytes: 4 << 20,
+            max_header_bytes: delta_proto::safetensors::DEFAULT_MAX_HEADER,
+            max_tensors: 100_000,
+            max_message_bytes: 4 << 20,
+            max_open_uploads: 1024,
+            upload_ttl: Duration::from_secs(24 * 3600),
+            staging_grace: Duration::from_secs(3600),
+        }
+    }
+
+    /// The same as [`RegistryConfig::local`]; named for tests.
+    pub fn for_test(data_dir: &Path) -> Self {
+        Self::local(data_dir)
+    }
+}

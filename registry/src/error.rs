@@ -1,0 +1,131 @@
+//! The registry's error type, and the one place it becomes a gRPC status.
+
+use delta_proto::Digest;
+use tonic::Status;
+
+/// Everything a registry operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A digest, name, tag, reference or field is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A manifest fails validation (shape, role, file, size).
+    #[error("invalid manifest: {0}")]
+    InvalidManifest(String),
+    /// Uploaded bytes do not hash to the declared digest.
+    #[error("uploaded bytes hash to {actual}, not the declared {declared}")]
+    DigestMismatch {
+        /// What the client said.
+        declared: Digest,
+        /// What the bytes are.
+        actual: Digest,
+    },
+    /// More or fewer bytes than declared.
+    #[error("upload of {digest} declared {declared} bytes but {received} arrived")]
+    SizeMismatch {
+        /// The blob.
+        digest: Digest,
+        /// Declared size.
+        declared: u64,
+        /// Bytes received so far.
+        received: u64,
+    },
+    /// A chunk does not continue the upload where it stands.
+    #[error("upload {upload_id} is at offset {expected}, chunk starts at {got}")]
+    OutOfRange {
+        /// The session.
+        upload_id: String,
+        /// Where it stands.
+        expected: u64,
+        /// What the client sent.
+        got: u64,
+    },
+    /// Something named does not exist.
+    #[error("{what} {name} not found")]
+    NotFound {
+        /// Kind of thing (`blob`, `repository`, `tag`, `base`, `upload`).
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A precondition on stored state failed: unregistered base, tag CAS lost, blob missing.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Something already exists and cannot be changed.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A configured limit was exceeded.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// Another stream is using the upload session.
+    #[error("upload {0} is in use by another stream")]
+    Busy(String),
+    /// Stored bytes no longer match their digest.
+    #[error("stored blob {0} is corrupt: its bytes no longer match the digest")]
+    Corrupt(Digest),
+    /// SQLite failed.
+    #[error("metadata database error")]
+    Db(#[from] rusqlite::Error),
+    /// The object store failed.
+    #[error("object store error")]
+    Blob(#[from] object_store::Error),
+    /// Local I/O failed.
+    #[error("i/o error")]
+    Io(#[from] std::io::Error),
+    /// The gRPC server failed.
+    #[error("transport error")]
+    Transport(#[from] tonic::transport::Error),
+    /// A blocking task panicked or was cancelled.
+    #[error("background task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Registry results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match &err {
+            Error::InvalidArgument(_)
+            | Error::InvalidManifest(_)
+            | Error::DigestMismatch { .. }
+            | Error::SizeMismatch { .. } => Status::invalid_argument(err.to_string()),
+            Error::OutOfRange { .. } => Status::out_of_range(err.to_string()),
+            Error::NotFound { .. } => Status::not_found(err.to_string()),
+            Error::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
+            Error::AlreadyExists(_) => Status::already_exists(err.to_string()),
+            Error::LimitExceeded(_) => Status::resource_exhausted(err.to_string()),
+            Error::Busy(_) => Status::aborted(err.to_string()),
+            Error::Corrupt(_) => {
+                tracing::error!(error = %err, "corrupt blob");
+                Status::data_loss(err.to_string())
+            }
+            Error::Blob(object_store::Error::NotFound { .. }) => {
+                tracing::error!(error = ?err, "blob row without stored bytes");
+                Status::data_loss("a stored blob is missing from the object store")
+            }
+            Error::Db(_) | Error::Blob(_) | Error::Io(_) | Error::Transport(_) | Error::Join(_) => {
+                tracing::error!(error = ?err, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+impl From<delta_proto::digest::DigestError> for Error {
+    fn from(e: delta_proto::digest::DigestError) -> Self {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<delta_proto::reference::NameError> for Error {
+    fn from(e: delta_proto::reference::NameError) -> Self {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<delta_proto::manifest::ManifestError> for Error {
+    fn from(e: delta_proto::manifest::ManifestError) -> Self {
+        Error::InvalidManifest(e.to_string())
+    }
+}

@@ -1,0 +1,32 @@
+//! The delta hub registry: a gRPC server that stores fine-tuning deltas by content, keyed to
+//! the base models they belong to.
+//!
+//! Blobs (tensor files) go through `object_store` (local disk by default, S3-compatible
+//! storage by URL); metadata (bases, manifests, repositories, versions, tags) goes through
+//! the [`MetaStore`] trait, implemented on SQLite. A blob becomes visible only once every
+//! byte arrived and matched its blake3 digest, and a metadata row is written only after the
+//! bytes it names are durable.
+//!
+//! # Layout
+//! - `config`: [`RegistryConfig`], plain settings.
+//! - `server`: [`run`], the entry point (registry + health + reflection).
+//! - `service`: [`RegistryService`], the gRPC handlers and manifest validation.
+//! - `uploads`: resumable upload sessions, hashed while they stream.
+//! - `blobs`: [`BlobStore`], content-addressed bytes over `object_store`.
+//! - `meta`: [`MetaStore`] and [`SqliteMeta`].
+//! - `error`: [`Error`] and its mapping to gRPC status codes.
+
+pub mod blobs;
+pub mod config;
+pub mod error;
+pub mod meta;
+pub mod server;
+pub mod service;
+mod uploads;
+
+pub use blobs::BlobStore;
+pub use config::RegistryConfig;
+pub use error::{Error, Result};
+pub use meta::{MetaStore, SqliteMeta};
+pub use server::run;
+pub use service::RegistryService;

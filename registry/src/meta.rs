@@ -1,0 +1,537 @@
+//! Metadata: bases, manifests, repositories, versions, tags and the blob index.
+//!
+//! [`MetaStore`] is the trait the service talks to; [`SqliteMeta`] is the embedded
+//! implementation (WAL, `synchronous=FULL`, foreign keys, `BEGIN IMMEDIATE` for every
+//! write). Its methods are blocking: the service calls them inside `spawn_blocking`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+use delta_proto::manifest::{Manifest, TensorInfo};
+use delta_proto::reference::{LATEST, Reference, Repository, Selector};
+use delta_proto::Digest;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use crate::error::{Error, Result};
+
+const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+
+/// A registered base model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseRecord {
+    /// Registered name.
+    pub name: String,
+    /// Fingerprint of its weights.
+    pub fingerprint: Digest,
+    /// Its tensor table.
+    pub tensors: Vec<TensorInfo>,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+}
+
+/// A resolved reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The repository.
+    pub repository: Repository,
+    /// The version number.
+    pub version: u64,
+    /// The manifest digest.
+    pub digest: Digest,
+    /// The canonical manifest bytes.
+    pub manifest: Vec<u8>,
+    /// Tags pointing at the version.
+    pub tags: Vec<String>,
+    /// When the version was pushed.
+    pub created_at: i64,
+}
+
+/// One row of a repository listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepoSummary {
+    /// The repository.
+    pub repository: Repository,
+    /// Newest version.
+    pub latest_version: u64,
+    /// Its manifest digest.
+    pub latest_digest: Digest,
+    /// Its base.
+    pub base_fingerprint: Digest,
+    /// Its method.
+    pub method: String,
+    /// Number of versions.
+    pub versions: u64,
+    /// When the newest version was pushed.
+    pub updated_at: i64,
+}
+
+/// One version of a repository.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRow {
+    /// Version number.
+    pub version: u64,
+    /// Manifest digest.
+    pub digest: Digest,
+    /// Tags pointing at it.
+    pub tags: Vec<String>,
+    /// Total size of its files.
+    pub size: u64,
+    /// When it was pushed.
+    pub created_at: i64,
+}
+
+/// A delta in a search result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaRow {
+    /// Repository.
+    pub repository: Repository,
+    /// Version.
+    pub version: u64,
+    /// Manifest digest.
+    pub digest: Digest,
+    /// Base fingerprint.
+    pub base_fingerprint: Digest,
+    /// Method.
+    pub method: String,
+    /// Total size.
+    pub size: u64,
+    /// Annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Search filters; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct SearchFilter {
+    /// Namespace.
+    pub namespace: Option<String>,
+    /// Base fingerprint.
+    pub base: Option<Digest>,
+    /// Method.
+    pub method: Option<String>,
+    /// Annotations that must all match.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// The outcome of a manifest push.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pushed {
+    /// The version the manifest is at.
+    pub version: u64,
+    /// False when it already was the latest version (idempotent re-push).
+    pub created: bool,
+}
+
+/// The metadata operations the registry needs. Implementations must make every write
+/// atomic and must refuse to record anything that names a blob without a row.
+pub trait MetaStore: Send + Sync + std::fmt::Debug {
+    /// Records a durable blob, or refreshes its `last_referenced` time.
+    fn insert_blob(&self, digest: &Digest, size: u64, now: i64) -> Result<()>;
+    /// Sizes of the given blobs that have rows.
+    fn blob_sizes(&self, digests: &[Digest]) -> Result<HashMap<Digest, u64>>;
+    /// Registers a base. `Ok(false)` if the identical record exists; an error if the name is
+    /// taken by another fingerprint.
+    fn add_base(&self, base: &BaseRecord) -> Result<bool>;
+    /// A base by name or fingerprint.
+    fn get_base(&self, name_or_fingerprint: &str) -> Result<Option<BaseRecord>>;
+    /// Every base.
+    fn list_bases(&self) -> Result<Vec<BaseRecord>>;
+    /// Records a validated manifest as the next version of `repo` and moves `tags` and
+    /// `latest` to it. Re-pushing the latest version's manifest is a no-op that still
+    /// applies the tags.
+    fn push_manifest(&self, repo: &Repository, manifest: &Manifest, body: &[u8], tags: &[String], now: i64)
+    -> Result<Pushed>;
+    /// Resolves a reference.
+    fn resolve(&self, reference: &Reference) -> Result<Option<Resolved>>;
+    /// Repositories, optionally in one namespace.
+    fn list_repositories(&self, namespace: Option<&str>) -> Result<Vec<RepoSummary>>;
+    /// Versions of a repository, newest first. `None` if the repository does not exist.
+    fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionRow>>>;
+    /// Deltas matching a filter (every version).
+    fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaRow>>;
+    /// Points `tag` at `version`; with `expected`, only if the tag is there now (0: absent).
+    /// Returns the previous version (0: none).
+    fn set_tag(&self, repo: &Repository, tag: &str, version: u64, expected: Option<u64>, now: i64) -> Result<u64>;
+}
+
+/// The embedded SQLite metadata store.
+#[derive(Debug)]
+pub struct SqliteMeta {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteMeta {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::init(Connection::open(path)?)
+    }
+
+    /// An in-memory database, for tests.
+    pub fn in_memory() -> Result<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Self> {
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // journal_mode returns a row, so it is a query, not an execute.
+        let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;", i + 1))?;
+        }
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        // A poisoned lock means a panic mid-call; SQLite rolled back the transaction, so
+        // the connection itself is still consistent.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
+    }
+
+    /// `PRAGMA` values, for tests that assert the durability settings.
+    pub fn pragma(&self, name: &str) -> Result<String> {
+        self.with(|c| Ok(c.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, rusqlite::types::Value>(0))?))
+            .map(|v| match v {
+                rusqlite::types::Value::Integer(i) => i.to_string(),
+                rusqlite::types::Value::Text(t) => t,
+                other => format!("{other:?}"),
+            })
+    }
+}
+
+fn parse_digest(s: String) -> rusqlite::Result<Digest> {
+    s.parse().map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn parse_repo(ns: String, name: String) -> rusqlite::Result<Repository> {
+    Repository::new(&ns, &name)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn repo_id(tx: &Connection, repo: &Repository) -> Result<Option<i64>> {
+    Ok(tx
+        .query_row(
+            "SELECT id FROM repositories WHERE namespace = ?1 AND name = ?2",
+            params![repo.namespace(), repo.name()],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+fn tags_of(conn: &Connection, repo: i64, version: u64) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("SELECT tag FROM tags WHERE repository = ?1 AND version = ?2 ORDER BY tag")?;
+    let tags = stmt.query_map(params![repo, version as i64], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    Ok(tags)
+}
+
+fn base_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+}
+
+fn base_record((name, fp, tensors, created_at): (String, String, String, i64)) -> Result<BaseRecord> {
+    let tensors: Vec<TensorInfo> =
+        serde_json::from_str(&tensors).map_err(|e| Error::FailedPrecondition(format!("base {name}: corrupt tensor table: {e}")))?;
+    Ok(BaseRecord { name, fingerprint: fp.parse()?, tensors, created_at })
+}
+
+impl MetaStore for SqliteMeta {
+    fn insert_blob(&self, digest: &Digest, size: u64, now: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO blobs (digest, size, created_at, last_referenced) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (digest) DO UPDATE SET last_referenced = excluded.last_referenced",
+                params![digest.to_string(), size as i64, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn blob_sizes(&self, digests: &[Digest]) -> Result<HashMap<Digest, u64>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT size FROM blobs WHERE digest = ?1")?;
+            let mut out = HashMap::new();
+            for d in digests {
+                if let Some(size) = stmt.query_row([d.to_string()], |r| r.get::<_, i64>(0)).optional()? {
+                    out.insert(*d, size as u64);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn add_base(&self, base: &BaseRecord) -> Result<bool> {
+        let tensors = serde_json::to_string(&base.tensors).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existing: Option<String> =
+                tx.query_row("SELECT fingerprint FROM bases WHERE name = ?1", [&base.name], |r| r.get(0)).optional()?;
+            match existing {
+                Some(fp) if fp == base.fingerprint.to_string() => Ok(false),
+                Some(fp) => Err(Error::AlreadyExists(format!(
+                    "base {} is already registered with fingerprint {fp}, not {}",
+                    base.name, base.fingerprint
+                ))),
+                None => {
+                    tx.execute(
+                        "INSERT INTO bases (name, fingerprint, tensors, created_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![base.name, base.fingerprint.to_string(), tensors, base.created_at],
+                    )?;
+                    tx.commit()?;
+                    Ok(true)
+                }
+            }
+        })
+    }
+
+    fn get_base(&self, key: &str) -> Result<Option<BaseRecord>> {
+        let row = self.with(|c| {
+            Ok(c.query_row(
+                "SELECT name, fingerprint, tensors, created_at FROM bases WHERE name = ?1 OR fingerprint = ?1
+                 ORDER BY created_at LIMIT 1",
+                [key],
+                base_from_row,
+            )
+            .optional()?)
+        })?;
+        row.map(base_record).transpose()
+    }
+
+    fn list_bases(&self) -> Result<Vec<BaseRecord>> {
+        let rows = self.with(|c| {
+            let mut stmt = c.prepare("SELECT name, fingerprint, tensors, created_at FROM bases ORDER BY name")?;
+            let rows = stmt.query_map([], base_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter().map(base_record).collect()
+    }
+
+    fn push_manifest(&self, repo: &Repository, manifest: &Manifest, body: &[u8], tags: &[String], now: i64)
+    -> Result<Pushed> {
+        let digest = Digest::of(body).to_string();
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO manifests (digest, body, base_fingerprint, method, size, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (digest) DO NOTHING",
+                params![digest, body, manifest.base.fingerprint.to_string(), manifest.method, manifest.size() as i64, now],
+            )?;
+            for f in &manifest.files {
+                let blob = f.digest.to_string();
+                let n = tx.execute("UPDATE blobs SET last_referenced = ?2 WHERE digest = ?1", params![blob, now])?;
+                if n == 0 {
+                    return Err(Error::FailedPrecondition(format!("blob {blob} ({}) is not stored", f.path)));
+                }
+                tx.execute(
+                    "INSERT INTO manifest_blobs (manifest, blob) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    params![digest, blob],
+                )?;
+            }
+            for (k, v) in &manifest.annotations {
+                tx.execute(
+                    "INSERT INTO annotations (manifest, key, value) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                    params![digest, k, v],
+                )?;
+            }
+            tx.execute(
+                "INSERT INTO repositories (namespace, name, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![repo.namespace(), repo.name(), now],
+            )?;
+            let id = repo_id(&tx, repo)?.ok_or_else(|| Error::NotFound { what: "repository", name: repo.to_string() })?;
+            let latest: Option<(i64, String)> = tx
+                .query_row(
+                    "SELECT version, manifest FROM versions WHERE repository = ?1 ORDER BY version DESC LIMIT 1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let (version, created) = match latest {
+                Some((v, d)) if d == digest => (v, false),
+                Some((v, _)) => (v + 1, true),
+                None => (1, true),
+            };
+            if created {
+                tx.execute(
+                    "INSERT INTO versions (repository, version, manifest, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![id, version, digest, now],
+                )?;
+            }
+            for tag in tags.iter().map(String::as_str).chain([LATEST]) {
+                tx.execute(
+                    "INSERT INTO tags (repository, tag, version, updated_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (repository, tag) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+                    params![id, tag, version, now],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Pushed { version: version as u64, created })
+        })
+    }
+
+    fn resolve(&self, reference: &Reference) -> Result<Option<Resolved>> {
+        self.with(|c| {
+            let Some(id) = repo_id(c, &reference.repository)? else { return Ok(None) };
+            let select = "SELECT v.version, v.manifest, m.body, v.created_at FROM versions v
+                          JOIN manifests m ON m.digest = v.manifest WHERE v.repository = ?1";
+            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, String, Vec<u8>, i64)> {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            };
+            let found = match &reference.selector {
+                Selector::Version(v) => {
+                    c.query_row(&format!("{select} AND v.version = ?2"), params![id, *v as i64], row).optional()?
+                }
+                Selector::Digest(d) => c
+                    .query_row(
+                        &format!("{select} AND v.manifest = ?2 ORDER BY v.version DESC LIMIT 1"),
+                        params![id, d.to_string()],
+                        row,
+                    )
+                    .optional()?,
+                Selector::Tag(t) => c
+                    .query_row(
+                        &format!("{select} AND v.version = (SELECT version FROM tags WHERE repository = ?1 AND tag = ?2)"),
+                        params![id, t],
+                        row,
+                    )
+                    .optional()?,
+            };
+            let Some((version, digest, manifest, created_at)) = found else { return Ok(None) };
+            let tags = tags_of(c, id, version as u64)?;
+            Ok(Some(Resolved {
+                repository: reference.repository.clone(),
+                version: version as u64,
+                digest: digest.parse()?,
+                manifest,
+                tags,
+                created_at,
+            }))
+        })
+    }
+
+    fn list_repositories(&self, namespace: Option<&str>) -> Result<Vec<RepoSummary>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT r.namespace, r.name, v.version, v.manifest, m.base_fingerprint, m.method, v.created_at,
+                        (SELECT COUNT(*) FROM versions WHERE repository = r.id)
+                 FROM repositories r
+                 JOIN versions v ON v.repository = r.id
+                   AND v.version = (SELECT MAX(version) FROM versions WHERE repository = r.id)
+                 JOIN manifests m ON m.digest = v.manifest
+                 WHERE ?1 IS NULL OR r.namespace = ?1
+                 ORDER BY r.namespace, r.name",
+            )?;
+            let rows = stmt
+                .query_map([namespace], |r| {
+                    Ok(RepoSummary {
+                        repository: parse_repo(r.get(0)?, r.get(1)?)?,
+                        latest_version: r.get::<_, i64>(2)? as u64,
+                        latest_digest: parse_digest(r.get(3)?)?,
+                        base_fingerprint: parse_digest(r.get(4)?)?,
+                        method: r.get(5)?,
+                        updated_at: r.get(6)?,
+                        versions: r.get::<_, i64>(7)? as u64,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionRow>>> {
+        self.with(|c| {
+            let Some(id) = repo_id(c, repo)? else { return Ok(None) };
+            let mut stmt = c.prepare(
+                "SELECT v.version, v.manifest, m.size, v.created_at FROM versions v
+                 JOIN manifests m ON m.digest = v.manifest WHERE v.repository = ?1 ORDER BY v.version DESC",
+            )?;
+            let rows: Vec<(i64, String, i64, i64)> = stmt
+                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(rows.len());
+            for (version, digest, size, created_at) in rows {
+                out.push(VersionRow {
+                    version: version as u64,
+                    digest: digest.parse()?,
+                    tags: tags_of(c, id, version as u64)?,
+                    size: size as u64,
+                    created_at,
+                });
+            }
+            Ok(Some(out))
+        })
+    }
+
+    fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT r.namespace, r.name, v.version, m.digest, m.base_fingerprint, m.method, m.size
+                 FROM versions v JOIN repositories r ON r.id = v.repository JOIN manifests m ON m.digest = v.manifest
+                 WHERE (?1 IS NULL OR r.namespace = ?1) AND (?2 IS NULL OR m.base_fingerprint = ?2)
+                   AND (?3 IS NULL OR m.method = ?3)
+                 ORDER BY r.namespace, r.name, v.version",
+            )?;
+            let base = filter.base.map(|d| d.to_string());
+            let rows: Vec<DeltaRow> = stmt
+                .query_map(params![filter.namespace, base, filter.method], |r| {
+                    Ok(DeltaRow {
+                        repository: parse_repo(r.get(0)?, r.get(1)?)?,
+                        version: r.get::<_, i64>(2)? as u64,
+                        digest: parse_digest(r.get(3)?)?,
+                        base_fingerprint: parse_digest(r.get(4)?)?,
+                        method: r.get(5)?,
+                        size: r.get::<_, i64>(6)? as u64,
+                        annotations: BTreeMap::new(),
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut ann = c.prepare_cached("SELECT key, value FROM annotations WHERE manifest = ?1")?;
+            let mut out = Vec::new();
+            for mut row in rows {
+                row.annotations = ann
+                    .query_map([row.digest.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+                if filter.annotations.iter().all(|(k, v)| row.annotations.get(k) == Some(v)) {
+                    out.push(row);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn set_tag(&self, repo: &Repository, tag: &str, version: u64, expected: Option<u64>, now: i64) -> Result<u64> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let id = repo_id(&tx, repo)?.ok_or_else(|| Error::NotFound { what: "repository", name: repo.to_string() })?;
+            let current: u64 = tx
+                .query_row("SELECT version FROM tags WHERE repository = ?1 AND tag = ?2", params![id, tag], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .optional()?
+                .map_or(0, |v| v as u64);
+            if let Some(expected) = expected {
+                if expected != current {
+                    return Err(Error::FailedPrecondition(format!(
+                        "tag {repo}:{tag} points at {}, not the expected {}",
+                        version_name(current),
+                        version_name(expected)
+                    )));
+                }
+            }
+            tx.execute(
+                "INSERT INTO tags (repository, tag, version, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (repository, tag) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+                params![id, tag, version as i64, now],
+            )?;
+            tx.commit()?;
+            Ok(current)
+        })
+    }
+}
+
+fn version_name(v: u64) -> String {
+    if v == 0 { "nothing".to_owned() } else { format!("v{v}") }
+}
+
+#[cfg(test)]
+mod tests;

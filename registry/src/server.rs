@@ -1,0 +1,64 @@
+//! [`run`]: serves the registry, health and reflection on a listener the caller bound.
+
+use std::future::Future;
+use std::time::Duration;
+
+use delta_proto::registry_server::RegistryServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::config::RegistryConfig;
+use crate::error::Result;
+use crate::service::RegistryService;
+
+/// HTTP/2 flow-control windows: large enough that one stream can fill loopback.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// Opens the stores and serves until `shutdown` resolves, then drains in-flight calls.
+/// The library never binds a socket: the caller passes a bound `listener`, so tests can
+/// bind `127.0.0.1:0` without a race.
+pub async fn run(config: RegistryConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let service = RegistryService::open(&config).await?;
+    let addr = listener.local_addr()?;
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<RegistryServer<RegistryService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(delta_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| crate::Error::InvalidArgument(format!("reflection: {e}")))?;
+
+    let janitor = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let n = service.expire_uploads().await;
+                if n > 0 {
+                    tracing::info!(expired = n, "expired idle uploads");
+                }
+            }
+        })
+    };
+
+    let registry = RegistryServer::new(service)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), store = config.store_url.as_deref().unwrap_or("local"), "registry listening");
+    let result = Server::builder()
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(registry)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    janitor.abort();
+    tracing::info!("registry stopped");
+    Ok(result?)
+}

@@ -1,0 +1,171 @@
+//! Upload sessions: a blob streams in over one or more `UploadBlob` calls, hashed as it
+//! arrives, and is committed only when all declared bytes are in and their blake3 matches.
+//!
+//! A session lives in memory while the registry runs, so a client whose stream broke can
+//! resume from the last byte the registry received (ask with `GetUpload`, or `StartUpload`
+//! again with the same digest). A registry restart forgets sessions: the client then gets
+//! `NOT_FOUND` for its upload and starts over; a half-written blob is never visible either
+//! way (RELIABILITY.md B10).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use delta_proto::Digest;
+use object_store::WriteMultipart;
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+use crate::blobs::BlobStore;
+use crate::error::{Error, Result};
+
+/// Part size for multipart writes: ≥ 5 MiB, the S3 minimum for non-final parts.
+const PART_SIZE: usize = 8 << 20;
+/// Parts written concurrently per upload.
+const PART_CONCURRENCY: usize = 4;
+
+/// One upload in progress.
+pub(crate) struct Session {
+    pub(crate) id: String,
+    pub(crate) digest: Digest,
+    pub(crate) size: u64,
+    pub(crate) received: u64,
+    hasher: blake3::Hasher,
+    writer: Option<WriteMultipart>,
+    last_active: Instant,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("id", &self.id).field("digest", &self.digest).field("received", &self.received).finish()
+    }
+}
+
+/// What happened to the bytes of one chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// More bytes are expected.
+    Partial,
+    /// All bytes arrived and matched: the caller must [`Session::commit`].
+    Complete,
+}
+
+impl Session {
+    /// Appends a chunk that must start at `offset`.
+    pub(crate) async fn append(&mut self, offset: u64, data: Bytes) -> Result<Progress> {
+        if offset != self.received {
+            return Err(Error::OutOfRange { upload_id: self.id.clone(), expected: self.received, got: offset });
+        }
+        let new_total = self.received + data.len() as u64;
+        if new_total > self.size {
+            return Err(Error::SizeMismatch { digest: self.digest, declared: self.size, received: new_total });
+        }
+        self.last_active = Instant::now();
+        let writer = self.writer.as_mut().ok_or_else(|| Error::NotFound { what: "upload", name: self.id.clone() })?;
+        writer.wait_for_capacity(PART_CONCURRENCY).await?;
+        self.hasher.update(&data);
+        writer.put(data);
+        self.received = new_total;
+        Ok(if self.received == self.size { Progress::Complete } else { Progress::Partial })
+    }
+
+    /// Checks the digest and makes the blob visible. On a mismatch the write is aborted.
+    pub(crate) async fn commit(&mut self) -> Result<()> {
+        let actual = Digest::from_hash(self.hasher.finalize());
+        let writer = self.writer.take().ok_or_else(|| Error::NotFound { what: "upload", name: self.id.clone() })?;
+        if actual != self.digest {
+            writer.abort().await?;
+            return Err(Error::DigestMismatch { declared: self.digest, actual });
+        }
+        writer.finish().await?;
+        Ok(())
+    }
+
+    /// Abandons the write; nothing becomes visible.
+    pub(crate) async fn abort(&mut self) {
+        if let Some(w) = self.writer.take() {
+            if let Err(e) = w.abort().await {
+                tracing::warn!(upload = %self.id, error = %e, "aborting an upload failed");
+            }
+        }
+    }
+}
+
+/// Every open upload session.
+#[derive(Debug)]
+pub(crate) struct Uploads {
+    sessions: Mutex<HashMap<String, Arc<AsyncMutex<Session>>>>,
+    max_open: usize,
+}
+
+impl Uploads {
+    pub(crate) fn new(max_open: usize) -> Self {
+        Self { sessions: Mutex::new(HashMap::new()), max_open }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AsyncMutex<Session>>>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Finds an idle session for `digest` to resume, or opens a new one.
+    pub(crate) async fn start(&self, store: &BlobStore, digest: Digest, size: u64) -> Result<(String, u64)> {
+        let candidates: Vec<_> = self.map().values().cloned().collect();
+        for s in candidates {
+            if let Ok(guard) = s.try_lock() {
+                if guard.digest == digest && guard.size == size && guard.writer.is_some() {
+                    return Ok((guard.id.clone(), guard.received));
+                }
+            }
+        }
+        if self.map().len() >= self.max_open {
+            return Err(Error::LimitExceeded(format!("{} uploads are already open", self.max_open)));
+        }
+        let upload = store.begin(&digest).await?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let session = Session {
+            id: id.clone(),
+            digest,
+            size,
+            received: 0,
+            hasher: blake3::Hasher::new(),
+            writer: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
+            last_active: Instant::now(),
+        };
+        self.map().insert(id.clone(), Arc::new(AsyncMutex::new(session)));
+        Ok((id, 0))
+    }
+
+    /// Takes exclusive use of a session for one stream.
+    pub(crate) fn acquire(&self, id: &str) -> Result<OwnedMutexGuard<Session>> {
+        let s = self.map().get(id).cloned().ok_or_else(|| Error::NotFound { what: "upload", name: id.to_owned() })?;
+        s.try_lock_owned().map_err(|_| Error::Busy(id.to_owned()))
+    }
+
+    /// Where a session stands, without taking it.
+    pub(crate) fn status(&self, id: &str) -> Result<(Digest, u64, u64)> {
+        let s = self.map().get(id).cloned().ok_or_else(|| Error::NotFound { what: "upload", name: id.to_owned() })?;
+        let guard = s.try_lock().map_err(|_| Error::Busy(id.to_owned()))?;
+        Ok((guard.digest, guard.size, guard.received))
+    }
+
+    /// Forgets a session (after commit or failure).
+    pub(crate) fn remove(&self, id: &str) {
+        self.map().remove(id);
+    }
+
+    /// Aborts sessions idle for longer than `ttl`. Returns how many.
+    pub(crate) async fn expire(&self, ttl: Duration) -> usize {
+        let candidates: Vec<_> = self.map().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut n = 0;
+        for (id, s) in candidates {
+            let Ok(mut guard) = s.try_lock_owned() else { continue };
+            if guard.last_active.elapsed() >= ttl {
+                guard.abort().await;
+                self.remove(&id);
+                n += 1;
+            }
+        }
+        n
+    }
+
+}

@@ -1,0 +1,135 @@
+//! SIGKILL the registry process in the middle of an upload, restart it on the same data
+//! dir: everything committed before is intact, nothing partial is visible.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use delta_proto::registry_client::RegistryClient;
+use delta_proto::{self as pb, Digest};
+use tonic::transport::Channel;
+
+struct Registry {
+    child: Child,
+    url: String,
+}
+
+fn start(data_dir: &Path) -> Registry {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_delta-registry"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    Registry { child, url }
+}
+
+async fn client(url: &str) -> RegistryClient<Channel> {
+    RegistryClient::connect(url.to_owned()).await.unwrap()
+}
+
+/// A safetensors file with LoRA A/B for a [4, 4] weight, rank 1.
+fn lora_file() -> Vec<u8> {
+    let header = r#"{"w.lora_A":{"dtype":"F32","shape":[1,4],"data_offsets":[0,16]},"w.lora_B":{"dtype":"F32","shape":[4,1],"data_offsets":[16,32]}}"#;
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend((0..8u32).flat_map(|i| (i as f32 * 0.25).to_le_bytes()));
+    out
+}
+
+async fn upload(c: &mut RegistryClient<Channel>, data: &[u8], upto: usize) -> pb::UploadBlobResponse {
+    let d = Digest::of(data);
+    let start = c.start_upload(pb::StartUploadRequest { digest: d.to_string(), size: data.len() as u64 }).await.unwrap().into_inner();
+    let data = Bytes::copy_from_slice(data);
+    let chunks: Vec<pb::UploadChunk> = (0..upto)
+        .step_by(delta_proto::CHUNK_SIZE)
+        .map(|off| pb::UploadChunk {
+            upload_id: start.upload_id.clone(),
+            offset: off as u64,
+            data: data.slice(off..(off + delta_proto::CHUNK_SIZE).min(upto)),
+        })
+        .collect();
+    c.upload_blob(futures::stream::iter(chunks)).await.unwrap().into_inner()
+}
+
+#[tokio::test]
+async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = start(dir.path());
+    let mut c = client(&reg.url).await;
+
+    // Committed before the crash: a base, a blob and a manifest.
+    let fp = Digest::of(b"the base");
+    c.add_base(pb::AddBaseRequest {
+        name: "b".into(),
+        fingerprint: fp.to_string(),
+        tensors: vec![pb::TensorInfo { name: "w.weight".into(), dtype: "F32".into(), shape: vec![4, 4] }],
+    })
+    .await
+    .unwrap();
+    let file = lora_file();
+    assert!(upload(&mut c, &file, file.len()).await.committed);
+    let manifest = serde_json::json!({
+        "schema_version": 1, "method": "lora", "config": {"lora": {"r": 1, "lora_alpha": 1.0}},
+        "base": {"fingerprint": fp.to_string()},
+        "files": [{"path": "delta.safetensors", "digest": Digest::of(&file).to_string(), "size": file.len(),
+                   "tensors": [{"name": "w.lora_A", "dtype": "F32", "shape": [1, 4]}, {"name": "w.lora_B", "dtype": "F32", "shape": [4, 1]}]}],
+    });
+    let pushed = c
+        .push_manifest(pb::PushManifestRequest { repository: "t/a".into(), manifest: serde_json::to_vec(&manifest).unwrap(), tags: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Half of a 12 MiB blob, then SIGKILL.
+    let big: Vec<u8> = (0..12 << 20).map(|i: u32| (i % 241) as u8).collect();
+    let half = upload(&mut c, &big, 6 << 20).await;
+    assert!(!half.committed);
+    reg.child.kill().unwrap();
+    reg.child.wait().unwrap();
+
+    let mut reg = start(dir.path());
+    let mut c = client(&reg.url).await;
+    let resolved = c.resolve(pb::ResolveRequest { reference: "t/a".into() }).await.unwrap().into_inner();
+    assert_eq!(resolved.digest, pushed.digest);
+    let mut stream = c
+        .download_blob(pb::DownloadBlobRequest { digest: Digest::of(&file).to_string(), offset: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut back = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        back.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(back, file);
+
+    // The partial blob is not visible, its session is gone, and re-uploading it works.
+    let big_d = Digest::of(&big).to_string();
+    let missing = c.missing_blobs(pb::MissingBlobsRequest { digests: vec![big_d.clone()] }).await.unwrap().into_inner();
+    assert_eq!(missing.missing, vec![big_d.clone()]);
+    let err = c.download_blob(pb::DownloadBlobRequest { digest: big_d.clone(), offset: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(upload(&mut c, &big, big.len()).await.committed);
+
+    reg.child.kill().unwrap();
+    reg.child.wait().unwrap();
+    let meta = delta_registry::SqliteMeta::open(&dir.path().join("registry.sqlite")).unwrap();
+    assert_eq!(meta.pragma("integrity_check").unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn sigterm_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = start(dir.path());
+    let _ = client(&reg.url).await;
+    let status = Command::new("kill").args(["-TERM", &reg.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = reg.child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
