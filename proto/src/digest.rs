@@ -121,7 +121,10 @@ mod tests {
         let s = d.to_string();
         assert!(s.starts_with("blake3:"));
         assert_eq!(s.parse::<Digest>().unwrap(), d);
-        assert_eq!(d.blob_key(), format!("blobs/blake3/{}/{}", &d.hex()[..2], d.hex()));
+        assert_eq!(
+            d.blob_key(),
+            format!("blobs/blake3/{}/{}", &d.hex()[..2], d.hex())
+        );
 
         let bad = [
             "",

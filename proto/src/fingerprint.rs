@@ -41,7 +41,11 @@ mod tests {
 
     fn e(name: &str, bytes: &[u8]) -> FingerprintEntry {
         FingerprintEntry {
-            info: TensorInfo { name: name.into(), dtype: "U8".into(), shape: vec![bytes.len() as u64] },
+            info: TensorInfo {
+                name: name.into(),
+                dtype: "U8".into(),
+                shape: vec![bytes.len() as u64],
+            },
             digest: Digest::of(bytes),
         }
     }

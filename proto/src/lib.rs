@@ -3,7 +3,7 @@
 //!
 //! Only this crate, `delta-registry`'s `service` module and `delta-client`'s `remote`
 //! module touch generated types; everything else works with [`Digest`], [`Reference`],
-//! [`Manifest`] and [`TensorInfo`].
+//! [`Manifest`] and [`manifest::TensorInfo`].
 //!
 //! # Layout
 //! - `digest`: [`Digest`], the blake3 content address, and its strict parser.
@@ -20,10 +20,15 @@ pub mod reference;
 pub mod safetensors;
 
 pub use digest::Digest;
-pub use manifest::{Manifest, TensorInfo};
+pub use manifest::Manifest;
 pub use reference::{Reference, Repository, Selector};
 
-#[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all
+)]
 mod generated {
     tonic::include_proto!("delta.registry.v1");
 }
@@ -38,12 +43,20 @@ pub const CHUNK_SIZE: usize = 1 << 20;
 
 impl From<manifest::TensorInfo> for generated::TensorInfo {
     fn from(t: manifest::TensorInfo) -> Self {
-        Self { name: t.name, dtype: t.dtype, shape: t.shape }
+        Self {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+        }
     }
 }
 
 impl From<generated::TensorInfo> for manifest::TensorInfo {
     fn from(t: generated::TensorInfo) -> Self {
-        Self { name: t.name, dtype: t.dtype, shape: t.shape }
+        Self {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+        }
     }
 }

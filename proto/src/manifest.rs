@@ -27,8 +27,18 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 /// Methods a manifest may declare.
 pub const METHODS: &[&str] = &[
-    "lora", "ia3", "bitfit", "diff", "replace", "last-layer", "selective", "full", "adapter", "prefix",
-    "prompt", "composite",
+    "lora",
+    "ia3",
+    "bitfit",
+    "diff",
+    "replace",
+    "last-layer",
+    "selective",
+    "full",
+    "adapter",
+    "prefix",
+    "prompt",
+    "composite",
 ];
 
 /// A tensor's name, dtype and shape (a row of a base's tensor table or a delta file).
@@ -117,14 +127,24 @@ impl LoraConfig {
     /// (the longest matching pattern wins, as a key matches a module equal to it or ending
     /// in `.key`) and rsLoRA.
     pub fn scale_for(&self, module: &str) -> f64 {
-        let r = pattern_lookup(&self.rank_pattern, module).copied().unwrap_or(self.r) as f64;
-        let alpha = pattern_lookup(&self.alpha_pattern, module).copied().unwrap_or(self.lora_alpha);
-        if self.use_rslora { alpha / r.sqrt() } else { alpha / r }
+        let r = pattern_lookup(&self.rank_pattern, module)
+            .copied()
+            .unwrap_or(self.r) as f64;
+        let alpha = pattern_lookup(&self.alpha_pattern, module)
+            .copied()
+            .unwrap_or(self.lora_alpha);
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
     }
 
     /// The rank `module` is declared to have.
     pub fn rank_for(&self, module: &str) -> u64 {
-        pattern_lookup(&self.rank_pattern, module).copied().unwrap_or(self.r)
+        pattern_lookup(&self.rank_pattern, module)
+            .copied()
+            .unwrap_or(self.r)
     }
 }
 
@@ -134,7 +154,10 @@ pub fn module_matches(key: &str, module: &str) -> bool {
 }
 
 fn pattern_lookup<'a, V>(map: &'a BTreeMap<String, V>, module: &str) -> Option<&'a V> {
-    map.iter().filter(|(k, _)| module_matches(k, module)).max_by_key(|(k, _)| k.len()).map(|(_, v)| v)
+    map.iter()
+        .filter(|(k, _)| module_matches(k, module))
+        .max_by_key(|(k, _)| k.len())
+        .map(|(_, v)| v)
 }
 
 /// IA3 settings, with PEFT's field names.
@@ -215,17 +238,24 @@ pub enum ManifestError {
 }
 
 fn field(field: &str, reason: impl Into<String>) -> ManifestError {
-    ManifestError::Field { field: field.to_owned(), reason: reason.into() }
+    ManifestError::Field {
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
 }
 
 fn tensor_err(tensor: &str, reason: impl Into<String>) -> ManifestError {
-    ManifestError::Tensor { tensor: tensor.to_owned(), reason: reason.into() }
+    ManifestError::Tensor {
+        tensor: tensor.to_owned(),
+        reason: reason.into(),
+    }
 }
 
 impl Manifest {
     /// Parses manifest JSON and checks its self-consistency (not its base or blobs).
     pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
-        let m: Self = serde_json::from_slice(bytes).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+        let m: Self =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Syntax(e.to_string()))?;
         m.check_shape()?;
         Ok(m)
     }
@@ -247,7 +277,9 @@ impl Manifest {
 
     /// Every tensor of every file, with the file it is in.
     pub fn tensors(&self) -> impl Iterator<Item = (&FileEntry, &TensorInfo)> {
-        self.files.iter().flat_map(|f| f.tensors.iter().map(move |t| (f, t)))
+        self.files
+            .iter()
+            .flat_map(|f| f.tensors.iter().map(move |t| (f, t)))
     }
 
     /// Total bytes of the delta's files.
@@ -258,13 +290,25 @@ impl Manifest {
     /// Self-consistency: schema, method, file names, unique tensor names.
     pub fn check_shape(&self) -> Result<(), ManifestError> {
         if self.schema_version != SCHEMA_VERSION {
-            return Err(field("schema_version", format!("{} is not supported (expected {SCHEMA_VERSION})", self.schema_version)));
+            return Err(field(
+                "schema_version",
+                format!(
+                    "{} is not supported (expected {SCHEMA_VERSION})",
+                    self.schema_version
+                ),
+            ));
         }
         if !METHODS.contains(&self.method.as_str()) {
-            return Err(field("method", format!("{:?} is not one of {}", self.method, METHODS.join(", "))));
+            return Err(field(
+                "method",
+                format!("{:?} is not one of {}", self.method, METHODS.join(", ")),
+            ));
         }
         if self.method == "lora" && self.config.lora.is_none() {
-            return Err(field("config.lora", "a lora delta needs its LoRA settings (r, lora_alpha)"));
+            return Err(field(
+                "config.lora",
+                "a lora delta needs its LoRA settings (r, lora_alpha)",
+            ));
         }
         if let Some(l) = &self.config.lora {
             if l.r == 0 || !l.lora_alpha.is_finite() {
@@ -281,9 +325,14 @@ impl Manifest {
                 && f.path.len() <= 128
                 && f.path.ends_with(".safetensors")
                 && !f.path.starts_with('.')
-                && f.path.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                && f.path
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
             if !ok {
-                return Err(field("files.path", format!("{:?} must be a plain *.safetensors file name", f.path)));
+                return Err(field(
+                    "files.path",
+                    format!("{:?} must be a plain *.safetensors file name", f.path),
+                ));
             }
             if !paths.insert(&f.path) {
                 return Err(field("files.path", format!("{:?} appears twice", f.path)));
@@ -303,24 +352,42 @@ impl Manifest {
     /// Checks every tensor against its role and the base's tensor table: LoRA `A` is
     /// `[r, in]` and `B` is `[out, r]` for a base weight `[out, in]`, replacements and
     /// diffs have the base tensor's shape, and so on (see the module docs).
-    pub fn check_against_base(&self, base: &BTreeMap<String, TensorInfo>) -> Result<(), ManifestError> {
-        let all: BTreeMap<&str, &TensorInfo> = self.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
+    pub fn check_against_base(
+        &self,
+        base: &BTreeMap<String, TensorInfo>,
+    ) -> Result<(), ManifestError> {
+        let all: BTreeMap<&str, &TensorInfo> =
+            self.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
         let fan_in_fan_out = self.config.lora.as_ref().is_some_and(|l| l.fan_in_fan_out);
         let base_tensor = |delta: &str, target: &str| {
-            base.get(target).ok_or_else(|| tensor_err(delta, format!("targets {target}, which the base does not have")))
+            base.get(target).ok_or_else(|| {
+                tensor_err(
+                    delta,
+                    format!("targets {target}, which the base does not have"),
+                )
+            })
         };
         for (name, t) in &all {
             if !is_float(&t.dtype) && !name.ends_with(".diff_indices") {
-                return Err(tensor_err(name, format!("dtype {} is not a float type", t.dtype)));
+                return Err(tensor_err(
+                    name,
+                    format!("dtype {} is not a float type", t.dtype),
+                ));
             }
             match classify(name) {
                 Role::Runtime => {}
                 Role::LoraA(m) => {
                     let b_name = format!("{m}.lora_B");
-                    let b = all.get(b_name.as_str()).ok_or_else(|| tensor_err(name, format!("has no matching {b_name}")))?;
+                    let b = all
+                        .get(b_name.as_str())
+                        .ok_or_else(|| tensor_err(name, format!("has no matching {b_name}")))?;
                     let w = base_tensor(name, &format!("{m}.weight"))?;
                     let [out, inp] = two_d(name, &w.shape, "base weight")?;
-                    let (out, inp) = if fan_in_fan_out { (inp, out) } else { (out, inp) };
+                    let (out, inp) = if fan_in_fan_out {
+                        (inp, out)
+                    } else {
+                        (out, inp)
+                    };
                     let [r, a_in] = two_d(name, &t.shape, "lora_A")?;
                     let [b_out, b_r] = two_d(&b_name, &b.shape, "lora_B")?;
                     if a_in != inp || b_out != out || b_r != r || r == 0 {
@@ -341,9 +408,19 @@ impl Manifest {
                 }
                 Role::LoraBias(m) => {
                     let w = base_tensor(name, &format!("{m}.weight"))?;
-                    let out = if fan_in_fan_out { w.shape.get(1) } else { w.shape.first() };
+                    let out = if fan_in_fan_out {
+                        w.shape.get(1)
+                    } else {
+                        w.shape.first()
+                    };
                     if t.shape.as_slice() != [out.copied().unwrap_or(0)] {
-                        return Err(tensor_err(name, format!("shape {:?} does not match the output size of {m}.weight {:?}", t.shape, w.shape)));
+                        return Err(tensor_err(
+                            name,
+                            format!(
+                                "shape {:?} does not match the output size of {m}.weight {:?}",
+                                t.shape, w.shape
+                            ),
+                        ));
                     }
                 }
                 Role::Ia3(m) => {
@@ -351,21 +428,41 @@ impl Manifest {
                     let [out, inp] = two_d(name, &w.shape, "base weight")?;
                     let ok = t.shape.as_slice() == [out] || t.shape.as_slice() == [inp];
                     if !ok {
-                        return Err(tensor_err(name, format!("IA3 vector {:?} fits neither side of {m}.weight {:?}", t.shape, w.shape)));
+                        return Err(tensor_err(
+                            name,
+                            format!(
+                                "IA3 vector {:?} fits neither side of {m}.weight {:?}",
+                                t.shape, w.shape
+                            ),
+                        ));
                     }
                 }
                 Role::Diff(target) | Role::Replace(target) => {
                     let b = base_tensor(name, target)?;
                     if b.shape != t.shape {
-                        return Err(tensor_err(name, format!("shape {:?} differs from base {target} {:?}", t.shape, b.shape)));
+                        return Err(tensor_err(
+                            name,
+                            format!(
+                                "shape {:?} differs from base {target} {:?}",
+                                t.shape, b.shape
+                            ),
+                        ));
                     }
                 }
                 Role::DiffIndices(target) => {
                     base_tensor(name, target)?;
                     let values = format!("{target}.diff_values");
-                    let v = all.get(values.as_str()).ok_or_else(|| tensor_err(name, format!("has no matching {values}")))?;
+                    let v = all
+                        .get(values.as_str())
+                        .ok_or_else(|| tensor_err(name, format!("has no matching {values}")))?;
                     if t.dtype != "I64" || t.shape.len() != 1 || v.shape != t.shape {
-                        return Err(tensor_err(name, format!("sparse diff needs I64 indices [k] and values [k], got {} {:?} and {:?}", t.dtype, t.shape, v.shape)));
+                        return Err(tensor_err(
+                            name,
+                            format!(
+                                "sparse diff needs I64 indices [k] and values [k], got {} {:?} and {:?}",
+                                t.dtype, t.shape, v.shape
+                            ),
+                        ));
                     }
                 }
                 Role::DiffValues(target) => {
@@ -376,7 +473,10 @@ impl Manifest {
                 }
                 Role::New(target) => {
                     if base.contains_key(target) {
-                        return Err(tensor_err(name, format!("adds {target}, which the base already has: use .replace")));
+                        return Err(tensor_err(
+                            name,
+                            format!("adds {target}, which the base already has: use .replace"),
+                        ));
                     }
                 }
                 Role::Unknown => {
@@ -394,7 +494,10 @@ impl Manifest {
 fn two_d(name: &str, shape: &[u64], what: &str) -> Result<[u64; 2], ManifestError> {
     match shape {
         [a, b] => Ok([*a, *b]),
-        _ => Err(tensor_err(name, format!("{what} must be 2-D, got {shape:?}"))),
+        _ => Err(tensor_err(
+            name,
+            format!("{what} must be 2-D, got {shape:?}"),
+        )),
     }
 }
 
@@ -431,10 +534,15 @@ pub enum Role<'a> {
 
 /// Classifies a delta tensor name.
 pub fn classify(name: &str) -> Role<'_> {
-    if ["adapter.", "prefix.", "prompt."].iter().any(|p| name.starts_with(p)) {
+    if ["adapter.", "prefix.", "prompt."]
+        .iter()
+        .any(|p| name.starts_with(p))
+    {
         return Role::Runtime;
     }
-    let Some((target, suffix)) = name.rsplit_once('.') else { return Role::Unknown };
+    let Some((target, suffix)) = name.rsplit_once('.') else {
+        return Role::Unknown;
+    };
     match suffix {
         "lora_A" => Role::LoraA(target),
         "lora_B" => Role::LoraB(target),

@@ -52,7 +52,10 @@ pub enum NameError {
 }
 
 fn check_component(what: &'static str, value: &str) -> Result<(), NameError> {
-    let err = || NameError::Component { what, value: value.to_owned() };
+    let err = || NameError::Component {
+        what,
+        value: value.to_owned(),
+    };
     if value.is_empty() || value.len() > MAX_COMPONENT_LEN {
         return Err(err());
     }
@@ -82,7 +85,10 @@ impl Repository {
     pub fn new(namespace: &str, name: &str) -> Result<Self, NameError> {
         check_component("namespace", namespace)?;
         check_component("name", name)?;
-        Ok(Self { namespace: namespace.to_owned(), name: name.to_owned() })
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
     }
 
     /// The namespace (team).
@@ -113,12 +119,22 @@ impl fmt::Display for Repository {
     }
 }
 
-/// Checks a tag a user may set (not `latest`, not `v<digits>`).
+/// Checks a tag a user may set (not `latest`, which the registry moves, and not `v<digits>`).
 pub fn check_tag(tag: &str) -> Result<(), NameError> {
     let err = || NameError::Tag(tag.to_owned());
-    let first_ok = tag.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
-    let rest_ok = tag.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if !first_ok || !rest_ok || tag.len() > MAX_TAG_LEN || parse_version(tag).is_some() {
+    let first_ok = tag
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let rest_ok = tag
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if !first_ok
+        || !rest_ok
+        || tag.len() > MAX_TAG_LEN
+        || parse_version(tag).is_some()
+        || tag == LATEST
+    {
         return Err(err());
     }
     Ok(())
@@ -158,7 +174,10 @@ impl FromStr for Reference {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some((repo, digest)) = s.split_once('@') {
-            return Ok(Self { repository: repo.parse()?, selector: Selector::Digest(digest.parse()?) });
+            return Ok(Self {
+                repository: repo.parse()?,
+                selector: Selector::Digest(digest.parse()?),
+            });
         }
         let (repo, selector) = match s.split_once(':') {
             None => (s, Selector::Tag(LATEST.to_owned())),
@@ -176,7 +195,10 @@ impl FromStr for Reference {
                 (repo, selector)
             }
         };
-        Ok(Self { repository: repo.parse()?, selector })
+        Ok(Self {
+            repository: repo.parse()?,
+            selector,
+        })
     }
 }
 
@@ -199,27 +221,55 @@ mod tests {
         let r: Reference = "team-a/sst2.lora".parse().unwrap();
         assert_eq!(r.repository.to_string(), "team-a/sst2.lora");
         assert_eq!(r.selector, Selector::Tag("latest".into()));
-        assert_eq!("a/b:v3".parse::<Reference>().unwrap().selector, Selector::Version(3));
-        assert_eq!("a/b:prod".parse::<Reference>().unwrap().selector, Selector::Tag("prod".into()));
+        assert_eq!(
+            "a/b:v3".parse::<Reference>().unwrap().selector,
+            Selector::Version(3)
+        );
+        assert_eq!(
+            "a/b:prod".parse::<Reference>().unwrap().selector,
+            Selector::Tag("prod".into())
+        );
         let d = Digest::of(b"x");
-        assert_eq!(format!("a/b@{d}").parse::<Reference>().unwrap().selector, Selector::Digest(d));
+        assert_eq!(
+            format!("a/b@{d}").parse::<Reference>().unwrap().selector,
+            Selector::Digest(d)
+        );
     }
 
     #[test]
     fn refuses_abusive_names() {
         for bad in [
-            "", "a", "a/", "/b", "a/b/c", "../b", "a/..", "a/%2e%2e", "A/b", "a/b\0", "a/.b", "a/b-",
-            "a/b--c", "tеam/b", // Cyrillic 'е': a confusable
+            "", "a", "a/", "/b", "a/b/c", "../b", "a/..", "a/%2e%2e", "A/b", "a/b\0", "a/.b",
+            "a/b-", "a/b--c", "tеam/b", // Cyrillic 'е': a confusable
         ] {
             assert!(bad.parse::<Repository>().is_err(), "{bad:?} accepted");
         }
-        assert!(format!("a/{}", "x".repeat(65)).parse::<Repository>().is_err());
-        assert!(format!("a/{}", "x".repeat(64)).parse::<Repository>().is_ok());
+        assert!(
+            format!("a/{}", "x".repeat(65))
+                .parse::<Repository>()
+                .is_err()
+        );
+        assert!(
+            format!("a/{}", "x".repeat(64))
+                .parse::<Repository>()
+                .is_ok()
+        );
     }
 
     #[test]
     fn tags_and_versions() {
-        for bad in ["", "-x", ".x", "v1", "v22", "a b", "a/b", "ü", &"t".repeat(129)] {
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "v1",
+            "v22",
+            "latest",
+            "a b",
+            "a/b",
+            "ü",
+            &"t".repeat(129),
+        ] {
             assert!(check_tag(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["prod", "v1.2", "vnext", "_x", "2024-01-01"] {

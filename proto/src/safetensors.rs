@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 
 /// The largest header the hub reads unless configured otherwise (the crate's own limit).
 pub const DEFAULT_MAX_HEADER: u64 = 100_000_000;
@@ -165,9 +165,13 @@ pub fn parse_header(prefix: &[u8], file_len: u64, max_header: u64) -> Result<Hea
     let mut tensors = Vec::with_capacity(raw.0.len());
     for (name, value) in raw.0 {
         if name == "__metadata__" {
-            let serde_json::Value::Object(map) = value else { return Err(HeaderError::Metadata) };
+            let serde_json::Value::Object(map) = value else {
+                return Err(HeaderError::Metadata);
+            };
             for (k, v) in map {
-                let serde_json::Value::String(v) = v else { return Err(HeaderError::Metadata) };
+                let serde_json::Value::String(v) = v else {
+                    return Err(HeaderError::Metadata);
+                };
                 metadata.insert(k, v);
             }
             continue;
@@ -183,23 +187,43 @@ pub fn parse_header(prefix: &[u8], file_len: u64, max_header: u64) -> Result<Hea
     let mut cursor = 0u64;
     for t in &tensors {
         if t.start != cursor {
-            let what = if t.start < cursor { "overlaps the previous tensor" } else { "leaves a gap before it" };
-            return Err(HeaderError::Layout(format!("tensor {:?} at offset {} {what}", t.name, t.start)));
+            let what = if t.start < cursor {
+                "overlaps the previous tensor"
+            } else {
+                "leaves a gap before it"
+            };
+            return Err(HeaderError::Layout(format!(
+                "tensor {:?} at offset {} {what}",
+                t.name, t.start
+            )));
         }
         cursor = t.end;
     }
     if cursor != data_len {
-        let what = if cursor > data_len { "past the end of the file" } else { "followed by trailing bytes" };
+        let what = if cursor > data_len {
+            "past the end of the file"
+        } else {
+            "followed by trailing bytes"
+        };
         return Err(HeaderError::Layout(format!(
             "tensors cover {cursor} bytes but the data section is {data_len} bytes: {what}"
         )));
     }
-    Ok(Header { tensors, metadata, data_start: 8 + len })
+    Ok(Header {
+        tensors,
+        metadata,
+        data_start: 8 + len,
+    })
 }
 
 fn parse_tensor(name: String, value: serde_json::Value) -> Result<TensorEntry, HeaderError> {
-    let bad = |reason: &str| HeaderError::BadTensor { name: name.clone(), reason: reason.to_owned() };
-    let serde_json::Value::Object(map) = value else { return Err(bad("entry is not an object")) };
+    let bad = |reason: &str| HeaderError::BadTensor {
+        name: name.clone(),
+        reason: reason.to_owned(),
+    };
+    let serde_json::Value::Object(map) = value else {
+        return Err(bad("entry is not an object"));
+    };
     let dtype = match map.get("dtype") {
         Some(serde_json::Value::String(d)) => d.clone(),
         _ => return Err(bad("missing string \"dtype\"")),
@@ -208,19 +232,23 @@ fn parse_tensor(name: String, value: serde_json::Value) -> Result<TensorEntry, H
         return Err(HeaderError::Dtype { name, dtype });
     };
     let shape: Vec<u64> = match map.get("shape") {
-        Some(serde_json::Value::Array(a)) => {
-            a.iter().map(|v| v.as_u64().ok_or_else(|| bad("shape has a non-integer"))).collect::<Result<_, _>>()?
-        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_u64().ok_or_else(|| bad("shape has a non-integer")))
+            .collect::<Result<_, _>>()?,
         _ => return Err(bad("missing \"shape\" array")),
     };
     let offsets: Vec<u64> = match map.get("data_offsets") {
-        Some(serde_json::Value::Array(a)) if a.len() == 2 => {
-            a.iter().map(|v| v.as_u64().ok_or_else(|| bad("bad data_offsets"))).collect::<Result<_, _>>()?
-        }
+        Some(serde_json::Value::Array(a)) if a.len() == 2 => a
+            .iter()
+            .map(|v| v.as_u64().ok_or_else(|| bad("bad data_offsets")))
+            .collect::<Result<_, _>>()?,
         _ => return Err(bad("missing \"data_offsets\" pair")),
     };
     if map.len() != 3 {
-        return Err(bad("unexpected fields besides dtype, shape and data_offsets"));
+        return Err(bad(
+            "unexpected fields besides dtype, shape and data_offsets",
+        ));
     }
     let (start, end) = (offsets[0], offsets[1]);
     if end < start {
@@ -231,9 +259,18 @@ fn parse_tensor(name: String, value: serde_json::Value) -> Result<TensorEntry, H
         .try_fold(size, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| bad("shape overflows"))?;
     if bytes != end - start {
-        return Err(bad(&format!("{dtype} {shape:?} needs {bytes} bytes but data_offsets span {}", end - start)));
+        return Err(bad(&format!(
+            "{dtype} {shape:?} needs {bytes} bytes but data_offsets span {}",
+            end - start
+        )));
     }
-    Ok(TensorEntry { name, dtype, shape, start, end })
+    Ok(TensorEntry {
+        name,
+        dtype,
+        shape,
+        start,
+        end,
+    })
 }
 
 /// The header's top-level object, in file order, refusing duplicate keys.

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use delta_proto::Digest;
-use futures::stream::BoxStream;
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as StorePath;
@@ -46,21 +46,26 @@ impl BlobStore {
                 Self::local(&root)
             }
             Some(url) => {
-                let parsed = url::Url::parse(url).map_err(|e| Error::InvalidArgument(format!("store url {url:?}: {e}")))?;
+                let parsed = url::Url::parse(url)
+                    .map_err(|e| Error::InvalidArgument(format!("store url {url:?}: {e}")))?;
                 if parsed.scheme() == "file" {
-                    let path = parsed
-                        .to_file_path()
-                        .map_err(|()| Error::InvalidArgument(format!("store url {url:?} is not a local path")))?;
+                    let path = parsed.to_file_path().map_err(|()| {
+                        Error::InvalidArgument(format!("store url {url:?} is not a local path"))
+                    })?;
                     std::fs::create_dir_all(&path)?;
                     return Self::local(&path);
                 }
-                let (store, prefix) = object_store::parse_url_opts(&parsed, config.store_options.iter().cloned())?;
+                let (store, prefix) =
+                    object_store::parse_url_opts(&parsed, config.store_options.iter().cloned())?;
                 let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
                     Arc::from(store)
                 } else {
                     Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
                 };
-                Ok(Self { store, local_root: None })
+                Ok(Self {
+                    store,
+                    local_root: None,
+                })
             }
         }
     }
@@ -68,12 +73,18 @@ impl BlobStore {
     /// The local filesystem under `root`, fsync'd.
     pub fn local(root: &Path) -> Result<Self> {
         let fs = LocalFileSystem::new_with_prefix(root)?.with_fsync(true);
-        Ok(Self { store: Arc::new(fs), local_root: Some(root.to_owned()) })
+        Ok(Self {
+            store: Arc::new(fs),
+            local_root: Some(root.to_owned()),
+        })
     }
 
     /// An in-memory store, for tests.
     pub fn in_memory() -> Self {
-        Self { store: Arc::new(InMemory::new()), local_root: None }
+        Self {
+            store: Arc::new(InMemory::new()),
+            local_root: None,
+        }
     }
 
     /// Starts a multipart write of `digest`. The caller completes it only after checking
@@ -84,7 +95,9 @@ impl BlobStore {
 
     /// Stores a small blob whose digest the caller has checked.
     pub async fn put_small(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
-        self.store.put(&key(digest), PutPayload::from_bytes(bytes)).await?;
+        self.store
+            .put(&key(digest), PutPayload::from_bytes(bytes))
+            .await?;
         Ok(())
     }
 
@@ -119,7 +132,9 @@ impl BlobStore {
     /// Removes local staging files (`<blob>#N`) older than `grace`, left behind by a process
     /// killed mid-write; `list` cannot see them. Returns how many were removed.
     pub fn remove_stale_staging(&self, grace: Duration) -> Result<usize> {
-        let Some(root) = &self.local_root else { return Ok(0) };
+        let Some(root) = &self.local_root else {
+            return Ok(0);
+        };
         let blobs = root.join("blobs");
         let mut removed = 0;
         let mut stack = vec![blobs];
@@ -138,7 +153,11 @@ impl BlobStore {
                 }
                 let staged = entry.file_name().to_string_lossy().contains('#');
                 // An unreadable modification time is never taken as "old".
-                let old = meta.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok()).is_some_and(|age| age >= grace);
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| SystemTime::now().duration_since(m).ok())
+                    .is_some_and(|age| age >= grace);
                 if staged && old {
                     std::fs::remove_file(entry.path())?;
                     removed += 1;

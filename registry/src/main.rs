@@ -10,7 +10,11 @@ use delta_registry::RegistryConfig;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
-#[command(name = "delta-registry", version, about = "The delta hub registry server")]
+#[command(
+    name = "delta-registry",
+    version,
+    about = "The delta hub registry server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,10 @@ fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -76,14 +83,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .filter(|(k, _)| k.starts_with("AWS_"))
         .map(|(k, v)| (k.to_lowercase(), v))
         .collect();
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     // Signal handlers are installed before the address is announced, so a SIGTERM sent
     // right after start-up is a graceful shutdown, not a kill.
     let shutdown = shutdown_signal()?;
     // The one line on stdout: where to connect (useful with --listen 127.0.0.1:0).
     println!("delta-registry listening on http://{addr}");
-    delta_registry::run(config, listener, shutdown).await.context("registry failed")
+    delta_registry::run(config, listener, shutdown)
+        .await
+        .context("registry failed")
 }
 
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {

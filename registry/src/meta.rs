@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
+use delta_proto::Digest;
 use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::reference::{LATEST, Reference, Repository, Selector};
-use delta_proto::Digest;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::{Error, Result};
@@ -139,8 +139,14 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug {
     /// Records a validated manifest as the next version of `repo` and moves `tags` and
     /// `latest` to it. Re-pushing the latest version's manifest is a no-op that still
     /// applies the tags.
-    fn push_manifest(&self, repo: &Repository, manifest: &Manifest, body: &[u8], tags: &[String], now: i64)
-    -> Result<Pushed>;
+    fn push_manifest(
+        &self,
+        repo: &Repository,
+        manifest: &Manifest,
+        body: &[u8],
+        tags: &[String],
+        now: i64,
+    ) -> Result<Pushed>;
     /// Resolves a reference.
     fn resolve(&self, reference: &Reference) -> Result<Option<Resolved>>;
     /// Repositories, optionally in one namespace.
@@ -151,7 +157,14 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug {
     fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaRow>>;
     /// Points `tag` at `version`; with `expected`, only if the tag is there now (0: absent).
     /// Returns the previous version (0: none).
-    fn set_tag(&self, repo: &Repository, tag: &str, version: u64, expected: Option<u64>, now: i64) -> Result<u64>;
+    fn set_tag(
+        &self,
+        repo: &Repository,
+        tag: &str,
+        version: u64,
+        expected: Option<u64>,
+        now: i64,
+    ) -> Result<u64>;
 }
 
 /// The embedded SQLite metadata store.
@@ -178,9 +191,14 @@ impl SqliteMeta {
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;", i + 1))?;
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;",
+                i + 1
+            ))?;
         }
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
@@ -192,22 +210,29 @@ impl SqliteMeta {
 
     /// `PRAGMA` values, for tests that assert the durability settings.
     pub fn pragma(&self, name: &str) -> Result<String> {
-        self.with(|c| Ok(c.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, rusqlite::types::Value>(0))?))
-            .map(|v| match v {
-                rusqlite::types::Value::Integer(i) => i.to_string(),
-                rusqlite::types::Value::Text(t) => t,
-                other => format!("{other:?}"),
-            })
+        self.with(|c| {
+            Ok(c.query_row(&format!("PRAGMA {name}"), [], |r| {
+                r.get::<_, rusqlite::types::Value>(0)
+            })?)
+        })
+        .map(|v| match v {
+            rusqlite::types::Value::Integer(i) => i.to_string(),
+            rusqlite::types::Value::Text(t) => t,
+            other => format!("{other:?}"),
+        })
     }
 }
 
 fn parse_digest(s: String) -> rusqlite::Result<Digest> {
-    s.parse().map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    s.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 fn parse_repo(ns: String, name: String) -> rusqlite::Result<Repository> {
-    Repository::new(&ns, &name)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    Repository::new(&ns, &name).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
 }
 
 fn repo_id(tx: &Connection, repo: &Repository) -> Result<Option<i64>> {
@@ -221,8 +246,12 @@ fn repo_id(tx: &Connection, repo: &Repository) -> Result<Option<i64>> {
 }
 
 fn tags_of(conn: &Connection, repo: i64, version: u64) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached("SELECT tag FROM tags WHERE repository = ?1 AND version = ?2 ORDER BY tag")?;
-    let tags = stmt.query_map(params![repo, version as i64], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT tag FROM tags WHERE repository = ?1 AND version = ?2 ORDER BY tag",
+    )?;
+    let tags = stmt
+        .query_map(params![repo, version as i64], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
     Ok(tags)
 }
 
@@ -230,10 +259,18 @@ fn base_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Str
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
 }
 
-fn base_record((name, fp, tensors, created_at): (String, String, String, i64)) -> Result<BaseRecord> {
-    let tensors: Vec<TensorInfo> =
-        serde_json::from_str(&tensors).map_err(|e| Error::FailedPrecondition(format!("base {name}: corrupt tensor table: {e}")))?;
-    Ok(BaseRecord { name, fingerprint: fp.parse()?, tensors, created_at })
+fn base_record(
+    (name, fp, tensors, created_at): (String, String, String, i64),
+) -> Result<BaseRecord> {
+    let tensors: Vec<TensorInfo> = serde_json::from_str(&tensors).map_err(|e| {
+        Error::FailedPrecondition(format!("base {name}: corrupt tensor table: {e}"))
+    })?;
+    Ok(BaseRecord {
+        name,
+        fingerprint: fp.parse()?,
+        tensors,
+        created_at,
+    })
 }
 
 impl MetaStore for SqliteMeta {
@@ -253,7 +290,10 @@ impl MetaStore for SqliteMeta {
             let mut stmt = c.prepare_cached("SELECT size FROM blobs WHERE digest = ?1")?;
             let mut out = HashMap::new();
             for d in digests {
-                if let Some(size) = stmt.query_row([d.to_string()], |r| r.get::<_, i64>(0)).optional()? {
+                if let Some(size) = stmt
+                    .query_row([d.to_string()], |r| r.get::<_, i64>(0))
+                    .optional()?
+                {
                     out.insert(*d, size as u64);
                 }
             }
@@ -262,7 +302,8 @@ impl MetaStore for SqliteMeta {
     }
 
     fn add_base(&self, base: &BaseRecord) -> Result<bool> {
-        let tensors = serde_json::to_string(&base.tensors).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let tensors = serde_json::to_string(&base.tensors)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing: Option<String> =
@@ -300,15 +341,25 @@ impl MetaStore for SqliteMeta {
 
     fn list_bases(&self) -> Result<Vec<BaseRecord>> {
         let rows = self.with(|c| {
-            let mut stmt = c.prepare("SELECT name, fingerprint, tensors, created_at FROM bases ORDER BY name")?;
-            let rows = stmt.query_map([], base_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt = c.prepare(
+                "SELECT name, fingerprint, tensors, created_at FROM bases ORDER BY name",
+            )?;
+            let rows = stmt
+                .query_map([], base_from_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
         rows.into_iter().map(base_record).collect()
     }
 
-    fn push_manifest(&self, repo: &Repository, manifest: &Manifest, body: &[u8], tags: &[String], now: i64)
-    -> Result<Pushed> {
+    fn push_manifest(
+        &self,
+        repo: &Repository,
+        manifest: &Manifest,
+        body: &[u8],
+        tags: &[String],
+        now: i64,
+    ) -> Result<Pushed> {
         let digest = Digest::of(body).to_string();
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -499,7 +550,14 @@ impl MetaStore for SqliteMeta {
         })
     }
 
-    fn set_tag(&self, repo: &Repository, tag: &str, version: u64, expected: Option<u64>, now: i64) -> Result<u64> {
+    fn set_tag(
+        &self,
+        repo: &Repository,
+        tag: &str,
+        version: u64,
+        expected: Option<u64>,
+        now: i64,
+    ) -> Result<u64> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let id = repo_id(&tx, repo)?.ok_or_else(|| Error::NotFound { what: "repository", name: repo.to_string() })?;
@@ -530,7 +588,11 @@ impl MetaStore for SqliteMeta {
 }
 
 fn version_name(v: u64) -> String {
-    if v == 0 { "nothing".to_owned() } else { format!("v{v}") }
+    if v == 0 {
+        "nothing".to_owned()
+    } else {
+        format!("v{v}")
+    }
 }
 
 #[cfg(test)]

@@ -19,17 +19,31 @@ const CONNECTION_WINDOW: u32 = 16 << 20;
 /// Opens the stores and serves until `shutdown` resolves, then drains in-flight calls.
 /// The library never binds a socket: the caller passes a bound `listener`, so tests can
 /// bind `127.0.0.1:0` without a race.
-pub async fn run(config: RegistryConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    config: RegistryConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let service = RegistryService::open(&config).await?;
     let addr = listener.local_addr()?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<RegistryServer<RegistryService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(delta_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| crate::Error::InvalidArgument(format!("reflection: {e}")))?;
+    health_reporter
+        .set_serving::<RegistryServer<RegistryService>>()
+        .await;
+    // Both reflection versions: grpcurl speaks v1, grpcio's Python tooling v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(delta_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err = |e: tonic_reflection::server::Error| {
+        crate::Error::InvalidArgument(format!("reflection: {e}"))
+    };
+    let reflection = reflection_builder().build_v1().map_err(reflection_err)?;
+    let reflection_alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(reflection_err)?;
 
     let janitor = {
         let service = service.clone();
@@ -55,6 +69,7 @@ pub async fn run(config: RegistryConfig, listener: TcpListener, shutdown: impl F
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(registry)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use delta_proto::manifest::{Manifest, TensorInfo};
-use delta_proto::reference::{check_tag, Reference, Repository, LATEST};
+use delta_proto::reference::{Reference, Repository, check_tag};
 use delta_proto::registry_server::Registry;
 use delta_proto::{self as pb, Digest};
 use futures::{Stream, StreamExt};
@@ -37,7 +37,9 @@ struct Inner {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl RegistryService {
@@ -58,7 +60,14 @@ impl RegistryService {
     /// A service over the given stores.
     pub fn with_parts(config: RegistryConfig, meta: Arc<dyn MetaStore>, blobs: BlobStore) -> Self {
         let uploads = Uploads::new(config.max_open_uploads);
-        Self { inner: Arc::new(Inner { config, meta, blobs, uploads }) }
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                meta,
+                blobs,
+                uploads,
+            }),
+        }
     }
 
     /// The configuration it runs with.
@@ -68,20 +77,31 @@ impl RegistryService {
 
     /// Aborts idle upload sessions older than the configured TTL.
     pub async fn expire_uploads(&self) -> usize {
-        self.inner.uploads.expire(self.inner.config.upload_ttl).await
+        self.inner
+            .uploads
+            .expire(self.inner.config.upload_ttl)
+            .await
     }
 
-    async fn meta<T: Send + 'static>(&self, f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static) -> Result<T> {
+    async fn meta<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let meta = self.inner.meta.clone();
         tokio::task::spawn_blocking(move || f(meta.as_ref())).await?
     }
 
     async fn blob_size(&self, digest: Digest) -> Result<Option<u64>> {
-        Ok(self.meta(move |m| m.blob_sizes(&[digest])).await?.get(&digest).copied())
+        Ok(self
+            .meta(move |m| m.blob_sizes(&[digest]))
+            .await?
+            .get(&digest)
+            .copied())
     }
 
     async fn commit_blob(&self, digest: Digest, size: u64) -> Result<()> {
-        self.meta(move |m| m.insert_blob(&digest, size, now())).await?;
+        self.meta(move |m| m.insert_blob(&digest, size, now()))
+            .await?;
         tracing::info!(digest = %digest, bytes = size, "blob stored");
         Ok(())
     }
@@ -90,7 +110,10 @@ impl RegistryService {
         let parsed: Reference = reference.parse()?;
         self.meta(move |m| m.resolve(&parsed))
             .await?
-            .ok_or_else(|| Error::NotFound { what: "reference", name: reference.to_owned() })
+            .ok_or_else(|| Error::NotFound {
+                what: "reference",
+                name: reference.to_owned(),
+            })
     }
 
     /// Validates a manifest against the stored blobs and its registered base.
@@ -98,27 +121,45 @@ impl RegistryService {
         let cfg = &self.inner.config;
         let count: usize = manifest.files.iter().map(|f| f.tensors.len()).sum();
         if count > cfg.max_tensors {
-            return Err(Error::LimitExceeded(format!("delta has {count} tensors; the limit is {}", cfg.max_tensors)));
+            return Err(Error::LimitExceeded(format!(
+                "delta has {count} tensors; the limit is {}",
+                cfg.max_tensors
+            )));
         }
         let fp = manifest.base.fingerprint;
-        let base = self.meta(move |m| m.get_base(&fp.to_string())).await?.ok_or_else(|| {
-            Error::FailedPrecondition(format!("base {fp} is not registered: register it first with `delta base add`"))
-        })?;
+        let base = self
+            .meta(move |m| m.get_base(&fp.to_string()))
+            .await?
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "base {fp} is not registered: register it first with `delta base add`"
+                ))
+            })?;
         let digests: Vec<Digest> = manifest.files.iter().map(|f| f.digest).collect();
         let sizes = self.meta(move |m| m.blob_sizes(&digests)).await?;
         for f in &manifest.files {
             match sizes.get(&f.digest) {
                 None => {
-                    return Err(Error::FailedPrecondition(format!("file {} references blob {}, which is not uploaded", f.path, f.digest)));
+                    return Err(Error::FailedPrecondition(format!(
+                        "file {} references blob {}, which is not uploaded",
+                        f.path, f.digest
+                    )));
                 }
                 Some(&s) if s != f.size => {
-                    return Err(Error::InvalidManifest(format!("file {} states {} bytes but blob {} has {s}", f.path, f.size, f.digest)));
+                    return Err(Error::InvalidManifest(format!(
+                        "file {} states {} bytes but blob {} has {s}",
+                        f.path, f.size, f.digest
+                    )));
                 }
                 Some(_) => {}
             }
             self.check_file(f).await?;
         }
-        let table: BTreeMap<String, TensorInfo> = base.tensors.iter().map(|t| (t.name.clone(), t.clone())).collect();
+        let table: BTreeMap<String, TensorInfo> = base
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect();
         manifest.check_against_base(&table)?;
         Ok(base)
     }
@@ -127,13 +168,26 @@ impl RegistryService {
     /// lists exactly the manifest's tensors.
     async fn check_file(&self, f: &delta_proto::manifest::FileEntry) -> Result<()> {
         let max = self.inner.config.max_header_bytes;
-        let bad = |e: delta_proto::safetensors::HeaderError| Error::InvalidManifest(format!("file {} is not valid safetensors: {e}", f.path));
-        let first8 = if f.size >= 8 { self.inner.blobs.read_range(&f.digest, 0..8).await? } else { Bytes::new() };
+        let bad = |e: delta_proto::safetensors::HeaderError| {
+            Error::InvalidManifest(format!("file {} is not valid safetensors: {e}", f.path))
+        };
+        let first8 = if f.size >= 8 {
+            self.inner.blobs.read_range(&f.digest, 0..8).await?
+        } else {
+            Bytes::new()
+        };
         let len = delta_proto::safetensors::header_len(&first8, f.size, max).map_err(bad)?;
         let prefix = self.inner.blobs.read_range(&f.digest, 0..8 + len).await?;
         let header = delta_proto::safetensors::parse_header(&prefix, f.size, max).map_err(bad)?;
-        let mut actual: Vec<TensorInfo> =
-            header.tensors.into_iter().map(|t| TensorInfo { name: t.name, dtype: t.dtype, shape: t.shape }).collect();
+        let mut actual: Vec<TensorInfo> = header
+            .tensors
+            .into_iter()
+            .map(|t| TensorInfo {
+                name: t.name,
+                dtype: t.dtype,
+                shape: t.shape,
+            })
+            .collect();
         actual.sort_by(|a, b| a.name.cmp(&b.name));
         let mut stated = f.tensors.clone();
         stated.sort_by(|a, b| a.name.cmp(&b.name));
@@ -141,8 +195,20 @@ impl RegistryService {
             let diff = stated
                 .iter()
                 .find(|s| !actual.contains(s))
-                .map(|s| format!("manifest lists {} {} {:?}, which the file does not hold as stated", s.name, s.dtype, s.shape))
-                .or_else(|| actual.iter().find(|a| !stated.contains(a)).map(|a| format!("file holds {} {} {:?}, which the manifest does not list", a.name, a.dtype, a.shape)))
+                .map(|s| {
+                    format!(
+                        "manifest lists {} {} {:?}, which the file does not hold as stated",
+                        s.name, s.dtype, s.shape
+                    )
+                })
+                .or_else(|| {
+                    actual.iter().find(|a| !stated.contains(a)).map(|a| {
+                        format!(
+                            "file holds {} {} {:?}, which the manifest does not list",
+                            a.name, a.dtype, a.shape
+                        )
+                    })
+                })
                 .unwrap_or_default();
             return Err(Error::InvalidManifest(format!("file {}: {diff}", f.path)));
         }
@@ -164,15 +230,26 @@ fn base_to_pb(b: BaseRecord) -> pb::BaseRecord {
 fn check_base_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
         && !name.starts_with("blake3:");
-    if ok { Ok(()) } else { Err(Error::InvalidArgument(format!("invalid base name {name:?}: use 1-128 of [A-Za-z0-9._/-]"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid base name {name:?}: use 1-128 of [A-Za-z0-9._/-]"
+        )))
+    }
 }
 
 #[tonic::async_trait]
 impl Registry for RegistryService {
     #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest))]
-    async fn start_upload(&self, req: Request<pb::StartUploadRequest>) -> Result<Response<pb::StartUploadResponse>, Status> {
+    async fn start_upload(
+        &self,
+        req: Request<pb::StartUploadRequest>,
+    ) -> Result<Response<pb::StartUploadResponse>, Status> {
         let req = req.into_inner();
         let digest: Digest = req.digest.parse().map_err(Error::from)?;
         if req.size > self.inner.config.max_blob_bytes {
@@ -185,30 +262,59 @@ impl Registry for RegistryService {
         if self.blob_size(digest).await? == Some(req.size) {
             // Refresh: a re-upload counts as a new reference (git's freshen rule).
             self.commit_blob(digest, req.size).await?;
-            return Ok(Response::new(pb::StartUploadResponse { present: true, upload_id: String::new(), offset: req.size }));
+            return Ok(Response::new(pb::StartUploadResponse {
+                present: true,
+                upload_id: String::new(),
+                offset: req.size,
+            }));
         }
         if req.size == 0 {
             if !digest.is_empty_blob() {
-                return Err(Error::DigestMismatch { declared: digest, actual: Digest::of(b"") }.into());
+                return Err(Error::DigestMismatch {
+                    declared: digest,
+                    actual: Digest::of(b""),
+                }
+                .into());
             }
             self.inner.blobs.put_small(&digest, Bytes::new()).await?;
             self.commit_blob(digest, 0).await?;
-            return Ok(Response::new(pb::StartUploadResponse { present: true, upload_id: String::new(), offset: 0 }));
+            return Ok(Response::new(pb::StartUploadResponse {
+                present: true,
+                upload_id: String::new(),
+                offset: 0,
+            }));
         }
-        let (upload_id, offset) = self.inner.uploads.start(&self.inner.blobs, digest, req.size).await?;
-        Ok(Response::new(pb::StartUploadResponse { present: false, upload_id, offset }))
+        let (upload_id, offset) = self
+            .inner
+            .uploads
+            .start(&self.inner.blobs, digest, req.size)
+            .await?;
+        Ok(Response::new(pb::StartUploadResponse {
+            present: false,
+            upload_id,
+            offset,
+        }))
     }
 
-    async fn upload_blob(&self, req: Request<Streaming<pb::UploadChunk>>) -> Result<Response<pb::UploadBlobResponse>, Status> {
+    async fn upload_blob(
+        &self,
+        req: Request<Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadBlobResponse>, Status> {
         let mut stream = req.into_inner();
         let Some(first) = stream.message().await? else {
-            return Err(Status::invalid_argument("empty upload stream: the first chunk must name the upload"));
+            return Err(Status::invalid_argument(
+                "empty upload stream: the first chunk must name the upload",
+            ));
         };
         let mut session = self.inner.uploads.acquire(&first.upload_id)?;
         let mut chunk = Some(first);
         while let Some(c) = chunk.take() {
             if c.data.len() > delta_proto::CHUNK_SIZE * 4 {
-                return Err(Error::LimitExceeded(format!("chunk of {} bytes is over the limit", c.data.len())).into());
+                return Err(Error::LimitExceeded(format!(
+                    "chunk of {} bytes is over the limit",
+                    c.data.len()
+                ))
+                .into());
             }
             match session.append(c.offset, c.data).await {
                 Ok(Progress::Complete) => {
@@ -221,10 +327,18 @@ impl Registry for RegistryService {
                     if stream.message().await.ok().flatten().is_some() {
                         tracing::warn!(digest = %digest, "data after the declared size was ignored");
                     }
-                    return Ok(Response::new(pb::UploadBlobResponse { digest: digest.to_string(), size, committed: true, offset: size }));
+                    return Ok(Response::new(pb::UploadBlobResponse {
+                        digest: digest.to_string(),
+                        size,
+                        committed: true,
+                        offset: size,
+                    }));
                 }
                 Ok(Progress::Partial) => {}
-                Err(e @ Error::OutOfRange { .. }) => return Err(e.into()),
+                Err(e @ Error::OutOfRange { .. }) => {
+                    session.park();
+                    return Err(e.into());
+                }
                 Err(e) => {
                     // Size overflow or a store failure: the session cannot continue.
                     session.abort().await;
@@ -233,8 +347,15 @@ impl Registry for RegistryService {
                 }
             }
             // A broken stream leaves the session parked for a resume.
-            chunk = stream.message().await?;
+            chunk = match stream.message().await {
+                Ok(c) => c,
+                Err(e) => {
+                    session.park();
+                    return Err(e);
+                }
+            };
         }
+        session.park();
         Ok(Response::new(pb::UploadBlobResponse {
             digest: session.digest.to_string(),
             size: session.size,
@@ -243,20 +364,41 @@ impl Registry for RegistryService {
         }))
     }
 
-    async fn get_upload(&self, req: Request<pb::GetUploadRequest>) -> Result<Response<pb::GetUploadResponse>, Status> {
+    async fn get_upload(
+        &self,
+        req: Request<pb::GetUploadRequest>,
+    ) -> Result<Response<pb::GetUploadResponse>, Status> {
         let (digest, size, offset) = self.inner.uploads.status(&req.get_ref().upload_id)?;
-        Ok(Response::new(pb::GetUploadResponse { digest: digest.to_string(), size, offset }))
+        Ok(Response::new(pb::GetUploadResponse {
+            digest: digest.to_string(),
+            size,
+            offset,
+        }))
     }
 
     type DownloadBlobStream = BoxStream<pb::BlobChunk>;
 
     #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest))]
-    async fn download_blob(&self, req: Request<pb::DownloadBlobRequest>) -> Result<Response<Self::DownloadBlobStream>, Status> {
+    async fn download_blob(
+        &self,
+        req: Request<pb::DownloadBlobRequest>,
+    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
         let req = req.into_inner();
         let digest: Digest = req.digest.parse().map_err(Error::from)?;
-        let size = self.blob_size(digest).await?.ok_or_else(|| Error::NotFound { what: "blob", name: digest.to_string() })?;
+        let size = self
+            .blob_size(digest)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "blob",
+                name: digest.to_string(),
+            })?;
         if req.offset > size {
-            return Err(Error::OutOfRange { upload_id: digest.to_string(), expected: size, got: req.offset }.into());
+            return Err(Error::OutOfRange {
+                upload_id: digest.to_string(),
+                expected: size,
+                got: req.offset,
+            }
+            .into());
         }
         let mut source = self.inner.blobs.stream(&digest).await?;
         let (tx, rx) = mpsc::channel(8);
@@ -286,7 +428,14 @@ impl Registry for RegistryService {
                 while !rest.is_empty() {
                     let piece = rest.split_to(rest.len().min(delta_proto::CHUNK_SIZE));
                     let n = piece.len() as u64;
-                    if tx.send(Ok(pb::BlobChunk { offset: at, data: piece })).await.is_err() {
+                    if tx
+                        .send(Ok(pb::BlobChunk {
+                            offset: at,
+                            data: piece,
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return; // the client went away
                     }
                     at += n;
@@ -299,58 +448,111 @@ impl Registry for RegistryService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn missing_blobs(&self, req: Request<pb::MissingBlobsRequest>) -> Result<Response<pb::MissingBlobsResponse>, Status> {
-        let digests: Vec<Digest> =
-            req.into_inner().digests.iter().map(|d| d.parse::<Digest>()).collect::<Result<_, _>>().map_err(Error::from)?;
+    async fn missing_blobs(
+        &self,
+        req: Request<pb::MissingBlobsRequest>,
+    ) -> Result<Response<pb::MissingBlobsResponse>, Status> {
+        let digests: Vec<Digest> = req
+            .into_inner()
+            .digests
+            .iter()
+            .map(|d| d.parse::<Digest>())
+            .collect::<Result<_, _>>()
+            .map_err(Error::from)?;
         let query = digests.clone();
         let present = self.meta(move |m| m.blob_sizes(&query)).await?;
-        let missing = digests.iter().filter(|d| !present.contains_key(d)).map(ToString::to_string).collect();
+        let missing = digests
+            .iter()
+            .filter(|d| !present.contains_key(d))
+            .map(ToString::to_string)
+            .collect();
         Ok(Response::new(pb::MissingBlobsResponse { missing }))
     }
 
     #[tracing::instrument(skip_all, fields(name = %req.get_ref().name))]
-    async fn add_base(&self, req: Request<pb::AddBaseRequest>) -> Result<Response<pb::AddBaseResponse>, Status> {
+    async fn add_base(
+        &self,
+        req: Request<pb::AddBaseRequest>,
+    ) -> Result<Response<pb::AddBaseResponse>, Status> {
         let req = req.into_inner();
         check_base_name(&req.name)?;
         let fingerprint: Digest = req.fingerprint.parse().map_err(Error::from)?;
         if req.tensors.is_empty() {
-            return Err(Error::InvalidArgument(format!("base {} has an empty tensor table", req.name)).into());
+            return Err(Error::InvalidArgument(format!(
+                "base {} has an empty tensor table",
+                req.name
+            ))
+            .into());
         }
         let tensors: Vec<TensorInfo> = req.tensors.into_iter().map(Into::into).collect();
         let mut seen = std::collections::HashSet::new();
         for t in &tensors {
-            if t.name.is_empty() || t.name.chars().any(char::is_control) || delta_proto::safetensors::dtype_size(&t.dtype).is_none() {
-                return Err(Error::InvalidArgument(format!("base tensor {:?} {:?}: bad name or dtype", t.name, t.dtype)).into());
+            if t.name.is_empty()
+                || t.name.chars().any(char::is_control)
+                || delta_proto::safetensors::dtype_size(&t.dtype).is_none()
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "base tensor {:?} {:?}: bad name or dtype",
+                    t.name, t.dtype
+                ))
+                .into());
             }
             if !seen.insert(&t.name) {
-                return Err(Error::InvalidArgument(format!("base tensor {:?} appears twice", t.name)).into());
+                return Err(Error::InvalidArgument(format!(
+                    "base tensor {:?} appears twice",
+                    t.name
+                ))
+                .into());
             }
         }
-        let record = BaseRecord { name: req.name, fingerprint, tensors, created_at: now() };
+        let record = BaseRecord {
+            name: req.name,
+            fingerprint,
+            tensors,
+            created_at: now(),
+        };
         let created = self.meta(move |m| m.add_base(&record)).await?;
-        Ok(Response::new(pb::AddBaseResponse { fingerprint: fingerprint.to_string(), created }))
+        Ok(Response::new(pb::AddBaseResponse {
+            fingerprint: fingerprint.to_string(),
+            created,
+        }))
     }
 
-    async fn get_base(&self, req: Request<pb::GetBaseRequest>) -> Result<Response<pb::BaseRecord>, Status> {
+    async fn get_base(
+        &self,
+        req: Request<pb::GetBaseRequest>,
+    ) -> Result<Response<pb::BaseRecord>, Status> {
         let key = req.into_inner().name_or_fingerprint;
         let lookup = key.clone();
-        let base = self.meta(move |m| m.get_base(&lookup)).await?.ok_or(Error::NotFound { what: "base", name: key })?;
+        let base = self
+            .meta(move |m| m.get_base(&lookup))
+            .await?
+            .ok_or(Error::NotFound {
+                what: "base",
+                name: key,
+            })?;
         Ok(Response::new(base_to_pb(base)))
     }
 
-    async fn list_bases(&self, _req: Request<pb::ListBasesRequest>) -> Result<Response<pb::ListBasesResponse>, Status> {
+    async fn list_bases(
+        &self,
+        _req: Request<pb::ListBasesRequest>,
+    ) -> Result<Response<pb::ListBasesResponse>, Status> {
         let bases = self.meta(|m| m.list_bases()).await?;
-        Ok(Response::new(pb::ListBasesResponse { bases: bases.into_iter().map(base_to_pb).collect() }))
+        Ok(Response::new(pb::ListBasesResponse {
+            bases: bases.into_iter().map(base_to_pb).collect(),
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(repository = %req.get_ref().repository))]
-    async fn push_manifest(&self, req: Request<pb::PushManifestRequest>) -> Result<Response<pb::PushManifestResponse>, Status> {
+    async fn push_manifest(
+        &self,
+        req: Request<pb::PushManifestRequest>,
+    ) -> Result<Response<pb::PushManifestResponse>, Status> {
         let req = req.into_inner();
         let repo: Repository = req.repository.parse().map_err(Error::from)?;
         for t in &req.tags {
-            if t != LATEST {
-                check_tag(t).map_err(Error::from)?;
-            }
+            check_tag(t).map_err(Error::from)?;
         }
         if req.manifest.len() > self.inner.config.max_manifest_bytes {
             return Err(Error::LimitExceeded(format!(
@@ -366,7 +568,9 @@ impl Registry for RegistryService {
         let digest = Digest::of(&body);
         let tags = req.tags.clone();
         let r = repo.clone();
-        let pushed = self.meta(move |m| m.push_manifest(&r, &manifest, &body, &tags, now())).await?;
+        let pushed = self
+            .meta(move |m| m.push_manifest(&r, &manifest, &body, &tags, now()))
+            .await?;
         tracing::info!(repository = %repo, version = pushed.version, digest = %digest, created = pushed.created, "manifest pushed");
         Ok(Response::new(pb::PushManifestResponse {
             repository: repo.to_string(),
@@ -376,7 +580,10 @@ impl Registry for RegistryService {
         }))
     }
 
-    async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::ResolveResponse>, Status> {
+    async fn resolve(
+        &self,
+        req: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
         let r = self.resolve_ref(&req.get_ref().reference).await?;
         Ok(Response::new(pb::ResolveResponse {
             repository: r.repository.to_string(),
@@ -388,10 +595,15 @@ impl Registry for RegistryService {
         }))
     }
 
-    async fn list_repositories(&self, req: Request<pb::ListRepositoriesRequest>) -> Result<Response<pb::ListRepositoriesResponse>, Status> {
+    async fn list_repositories(
+        &self,
+        req: Request<pb::ListRepositoriesRequest>,
+    ) -> Result<Response<pb::ListRepositoriesResponse>, Status> {
         let ns = req.into_inner().namespace;
         let ns = (!ns.is_empty()).then_some(ns);
-        let rows = self.meta(move |m| m.list_repositories(ns.as_deref())).await?;
+        let rows = self
+            .meta(move |m| m.list_repositories(ns.as_deref()))
+            .await?;
         let repositories = rows
             .into_iter()
             .map(|r| pb::RepositorySummary {
@@ -407,20 +619,46 @@ impl Registry for RegistryService {
         Ok(Response::new(pb::ListRepositoriesResponse { repositories }))
     }
 
-    async fn list_versions(&self, req: Request<pb::ListVersionsRequest>) -> Result<Response<pb::ListVersionsResponse>, Status> {
+    async fn list_versions(
+        &self,
+        req: Request<pb::ListVersionsRequest>,
+    ) -> Result<Response<pb::ListVersionsResponse>, Status> {
         let repo: Repository = req.get_ref().repository.parse().map_err(Error::from)?;
         let r = repo.clone();
-        let rows = self.meta(move |m| m.list_versions(&r)).await?.ok_or(Error::NotFound { what: "repository", name: repo.to_string() })?;
+        let rows = self
+            .meta(move |m| m.list_versions(&r))
+            .await?
+            .ok_or(Error::NotFound {
+                what: "repository",
+                name: repo.to_string(),
+            })?;
         let versions = rows
             .into_iter()
-            .map(|v| pb::VersionInfo { version: v.version, digest: v.digest.to_string(), tags: v.tags, size: v.size, created_at: v.created_at })
+            .map(|v| pb::VersionInfo {
+                version: v.version,
+                digest: v.digest.to_string(),
+                tags: v.tags,
+                size: v.size,
+                created_at: v.created_at,
+            })
             .collect();
         Ok(Response::new(pb::ListVersionsResponse { versions }))
     }
 
-    async fn search_deltas(&self, req: Request<pb::SearchDeltasRequest>) -> Result<Response<pb::SearchDeltasResponse>, Status> {
+    async fn search_deltas(
+        &self,
+        req: Request<pb::SearchDeltasRequest>,
+    ) -> Result<Response<pb::SearchDeltasResponse>, Status> {
         let req = req.into_inner();
-        let base = if req.base_fingerprint.is_empty() { None } else { Some(req.base_fingerprint.parse::<Digest>().map_err(Error::from)?) };
+        let base = if req.base_fingerprint.is_empty() {
+            None
+        } else {
+            Some(
+                req.base_fingerprint
+                    .parse::<Digest>()
+                    .map_err(Error::from)?,
+            )
+        };
         let filter = SearchFilter {
             namespace: (!req.namespace.is_empty()).then_some(req.namespace),
             base,
@@ -444,14 +682,24 @@ impl Registry for RegistryService {
     }
 
     #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference, tag = %req.get_ref().tag))]
-    async fn set_tag(&self, req: Request<pb::SetTagRequest>) -> Result<Response<pb::SetTagResponse>, Status> {
+    async fn set_tag(
+        &self,
+        req: Request<pb::SetTagRequest>,
+    ) -> Result<Response<pb::SetTagResponse>, Status> {
         let req = req.into_inner();
         check_tag(&req.tag).map_err(Error::from)?;
         let target = self.resolve_ref(&req.reference).await?;
         let (repo, tag, version) = (target.repository.clone(), req.tag.clone(), target.version);
         let expected = req.expected_version;
-        let previous = self.meta(move |m| m.set_tag(&repo, &tag, version, expected, now())).await?;
+        let previous = self
+            .meta(move |m| m.set_tag(&repo, &tag, version, expected, now()))
+            .await?;
         tracing::info!(version, previous, "tag set");
-        Ok(Response::new(pb::SetTagResponse { repository: target.repository.to_string(), tag: req.tag, version, previous_version: previous }))
+        Ok(Response::new(pb::SetTagResponse {
+            repository: target.repository.to_string(),
+            tag: req.tag,
+            version,
+            previous_version: previous,
+        }))
     }
 }

@@ -33,11 +33,18 @@ pub(crate) struct Session {
     hasher: blake3::Hasher,
     writer: Option<WriteMultipart>,
     last_active: Instant,
+    /// True once a stream on it ended before completion: only then may another
+    /// `StartUpload` for the same digest pick it up (and claim it, clearing the flag).
+    parked: bool,
 }
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("id", &self.id).field("digest", &self.digest).field("received", &self.received).finish()
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("digest", &self.digest)
+            .field("received", &self.received)
+            .finish()
     }
 }
 
@@ -54,31 +61,57 @@ impl Session {
     /// Appends a chunk that must start at `offset`.
     pub(crate) async fn append(&mut self, offset: u64, data: Bytes) -> Result<Progress> {
         if offset != self.received {
-            return Err(Error::OutOfRange { upload_id: self.id.clone(), expected: self.received, got: offset });
+            return Err(Error::OutOfRange {
+                upload_id: self.id.clone(),
+                expected: self.received,
+                got: offset,
+            });
         }
         let new_total = self.received + data.len() as u64;
         if new_total > self.size {
-            return Err(Error::SizeMismatch { digest: self.digest, declared: self.size, received: new_total });
+            return Err(Error::SizeMismatch {
+                digest: self.digest,
+                declared: self.size,
+                received: new_total,
+            });
         }
         self.last_active = Instant::now();
-        let writer = self.writer.as_mut().ok_or_else(|| Error::NotFound { what: "upload", name: self.id.clone() })?;
+        let writer = self.writer.as_mut().ok_or_else(|| Error::NotFound {
+            what: "upload",
+            name: self.id.clone(),
+        })?;
         writer.wait_for_capacity(PART_CONCURRENCY).await?;
         self.hasher.update(&data);
         writer.put(data);
         self.received = new_total;
-        Ok(if self.received == self.size { Progress::Complete } else { Progress::Partial })
+        Ok(if self.received == self.size {
+            Progress::Complete
+        } else {
+            Progress::Partial
+        })
     }
 
     /// Checks the digest and makes the blob visible. On a mismatch the write is aborted.
     pub(crate) async fn commit(&mut self) -> Result<()> {
         let actual = Digest::from_hash(self.hasher.finalize());
-        let writer = self.writer.take().ok_or_else(|| Error::NotFound { what: "upload", name: self.id.clone() })?;
+        let writer = self.writer.take().ok_or_else(|| Error::NotFound {
+            what: "upload",
+            name: self.id.clone(),
+        })?;
         if actual != self.digest {
             writer.abort().await?;
-            return Err(Error::DigestMismatch { declared: self.digest, actual });
+            return Err(Error::DigestMismatch {
+                declared: self.digest,
+                actual,
+            });
         }
         writer.finish().await?;
         Ok(())
+    }
+
+    /// Marks the session as interrupted, so a later `StartUpload` can resume it.
+    pub(crate) fn park(&mut self) {
+        self.parked = true;
     }
 
     /// Abandons the write; nothing becomes visible.
@@ -100,7 +133,10 @@ pub(crate) struct Uploads {
 
 impl Uploads {
     pub(crate) fn new(max_open: usize) -> Self {
-        Self { sessions: Mutex::new(HashMap::new()), max_open }
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            max_open,
+        }
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AsyncMutex<Session>>>> {
@@ -108,17 +144,30 @@ impl Uploads {
     }
 
     /// Finds an idle session for `digest` to resume, or opens a new one.
-    pub(crate) async fn start(&self, store: &BlobStore, digest: Digest, size: u64) -> Result<(String, u64)> {
+    pub(crate) async fn start(
+        &self,
+        store: &BlobStore,
+        digest: Digest,
+        size: u64,
+    ) -> Result<(String, u64)> {
         let candidates: Vec<_> = self.map().values().cloned().collect();
         for s in candidates {
-            if let Ok(guard) = s.try_lock() {
-                if guard.digest == digest && guard.size == size && guard.writer.is_some() {
+            if let Ok(mut guard) = s.try_lock() {
+                if guard.parked
+                    && guard.digest == digest
+                    && guard.size == size
+                    && guard.writer.is_some()
+                {
+                    guard.parked = false;
                     return Ok((guard.id.clone(), guard.received));
                 }
             }
         }
         if self.map().len() >= self.max_open {
-            return Err(Error::LimitExceeded(format!("{} uploads are already open", self.max_open)));
+            return Err(Error::LimitExceeded(format!(
+                "{} uploads are already open",
+                self.max_open
+            )));
         }
         let upload = store.begin(&digest).await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
@@ -130,20 +179,28 @@ impl Uploads {
             hasher: blake3::Hasher::new(),
             writer: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
             last_active: Instant::now(),
+            parked: false,
         };
-        self.map().insert(id.clone(), Arc::new(AsyncMutex::new(session)));
+        self.map()
+            .insert(id.clone(), Arc::new(AsyncMutex::new(session)));
         Ok((id, 0))
     }
 
     /// Takes exclusive use of a session for one stream.
     pub(crate) fn acquire(&self, id: &str) -> Result<OwnedMutexGuard<Session>> {
-        let s = self.map().get(id).cloned().ok_or_else(|| Error::NotFound { what: "upload", name: id.to_owned() })?;
+        let s = self.map().get(id).cloned().ok_or_else(|| Error::NotFound {
+            what: "upload",
+            name: id.to_owned(),
+        })?;
         s.try_lock_owned().map_err(|_| Error::Busy(id.to_owned()))
     }
 
     /// Where a session stands, without taking it.
     pub(crate) fn status(&self, id: &str) -> Result<(Digest, u64, u64)> {
-        let s = self.map().get(id).cloned().ok_or_else(|| Error::NotFound { what: "upload", name: id.to_owned() })?;
+        let s = self.map().get(id).cloned().ok_or_else(|| Error::NotFound {
+            what: "upload",
+            name: id.to_owned(),
+        })?;
         let guard = s.try_lock().map_err(|_| Error::Busy(id.to_owned()))?;
         Ok((guard.digest, guard.size, guard.received))
     }
@@ -155,10 +212,16 @@ impl Uploads {
 
     /// Aborts sessions idle for longer than `ttl`. Returns how many.
     pub(crate) async fn expire(&self, ttl: Duration) -> usize {
-        let candidates: Vec<_> = self.map().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let candidates: Vec<_> = self
+            .map()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut n = 0;
         for (id, s) in candidates {
-            let Ok(mut guard) = s.try_lock_owned() else { continue };
+            let Ok(mut guard) = s.try_lock_owned() else {
+                continue;
+            };
             if guard.last_active.elapsed() >= ttl {
                 guard.abort().await;
                 self.remove(&id);
@@ -167,5 +230,4 @@ impl Uploads {
         }
         n
     }
-
 }

@@ -24,7 +24,9 @@ fn start(data_dir: &Path) -> Registry {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let url = line.trim().rsplit(' ').next().unwrap().to_owned();
     assert!(url.starts_with("http://127.0.0.1:"), "{line}");
     Registry { child, url }
@@ -43,9 +45,20 @@ fn lora_file() -> Vec<u8> {
     out
 }
 
-async fn upload(c: &mut RegistryClient<Channel>, data: &[u8], upto: usize) -> pb::UploadBlobResponse {
+async fn upload(
+    c: &mut RegistryClient<Channel>,
+    data: &[u8],
+    upto: usize,
+) -> pb::UploadBlobResponse {
     let d = Digest::of(data);
-    let start = c.start_upload(pb::StartUploadRequest { digest: d.to_string(), size: data.len() as u64 }).await.unwrap().into_inner();
+    let start = c
+        .start_upload(pb::StartUploadRequest {
+            digest: d.to_string(),
+            size: data.len() as u64,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let data = Bytes::copy_from_slice(data);
     let chunks: Vec<pb::UploadChunk> = (0..upto)
         .step_by(delta_proto::CHUNK_SIZE)
@@ -55,7 +68,10 @@ async fn upload(c: &mut RegistryClient<Channel>, data: &[u8], upto: usize) -> pb
             data: data.slice(off..(off + delta_proto::CHUNK_SIZE).min(upto)),
         })
         .collect();
-    c.upload_blob(futures::stream::iter(chunks)).await.unwrap().into_inner()
+    c.upload_blob(futures::stream::iter(chunks))
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 #[tokio::test]
@@ -69,7 +85,11 @@ async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
     c.add_base(pb::AddBaseRequest {
         name: "b".into(),
         fingerprint: fp.to_string(),
-        tensors: vec![pb::TensorInfo { name: "w.weight".into(), dtype: "F32".into(), shape: vec![4, 4] }],
+        tensors: vec![pb::TensorInfo {
+            name: "w.weight".into(),
+            dtype: "F32".into(),
+            shape: vec![4, 4],
+        }],
     })
     .await
     .unwrap();
@@ -82,7 +102,11 @@ async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
                    "tensors": [{"name": "w.lora_A", "dtype": "F32", "shape": [1, 4]}, {"name": "w.lora_B", "dtype": "F32", "shape": [4, 1]}]}],
     });
     let pushed = c
-        .push_manifest(pb::PushManifestRequest { repository: "t/a".into(), manifest: serde_json::to_vec(&manifest).unwrap(), tags: vec![] })
+        .push_manifest(pb::PushManifestRequest {
+            repository: "t/a".into(),
+            manifest: serde_json::to_vec(&manifest).unwrap(),
+            tags: vec![],
+        })
         .await
         .unwrap()
         .into_inner();
@@ -96,10 +120,19 @@ async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
 
     let mut reg = start(dir.path());
     let mut c = client(&reg.url).await;
-    let resolved = c.resolve(pb::ResolveRequest { reference: "t/a".into() }).await.unwrap().into_inner();
+    let resolved = c
+        .resolve(pb::ResolveRequest {
+            reference: "t/a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(resolved.digest, pushed.digest);
     let mut stream = c
-        .download_blob(pb::DownloadBlobRequest { digest: Digest::of(&file).to_string(), offset: 0 })
+        .download_blob(pb::DownloadBlobRequest {
+            digest: Digest::of(&file).to_string(),
+            offset: 0,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -111,9 +144,21 @@ async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
 
     // The partial blob is not visible, its session is gone, and re-uploading it works.
     let big_d = Digest::of(&big).to_string();
-    let missing = c.missing_blobs(pb::MissingBlobsRequest { digests: vec![big_d.clone()] }).await.unwrap().into_inner();
+    let missing = c
+        .missing_blobs(pb::MissingBlobsRequest {
+            digests: vec![big_d.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(missing.missing, vec![big_d.clone()]);
-    let err = c.download_blob(pb::DownloadBlobRequest { digest: big_d.clone(), offset: 0 }).await.unwrap_err();
+    let err = c
+        .download_blob(pb::DownloadBlobRequest {
+            digest: big_d.clone(),
+            offset: 0,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(upload(&mut c, &big, big.len()).await.committed);
 
@@ -128,7 +173,10 @@ async fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let mut reg = start(dir.path());
     let _ = client(&reg.url).await;
-    let status = Command::new("kill").args(["-TERM", &reg.child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &reg.child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let exit = reg.child.wait().unwrap();
     assert!(exit.success(), "{exit:?}");

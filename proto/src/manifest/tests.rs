@@ -1,14 +1,22 @@
 use super::*;
 
 fn ti(name: &str, shape: &[u64]) -> TensorInfo {
-    TensorInfo { name: name.into(), dtype: "F32".into(), shape: shape.to_vec() }
+    TensorInfo {
+        name: name.into(),
+        dtype: "F32".into(),
+        shape: shape.to_vec(),
+    }
 }
 
 fn base() -> BTreeMap<String, TensorInfo> {
-    [ti("enc.q.weight", &[8, 4]), ti("enc.q.bias", &[8]), ti("enc.ff.weight", &[16, 8])]
-        .into_iter()
-        .map(|t| (t.name.clone(), t))
-        .collect()
+    [
+        ti("enc.q.weight", &[8, 4]),
+        ti("enc.q.bias", &[8]),
+        ti("enc.ff.weight", &[16, 8]),
+    ]
+    .into_iter()
+    .map(|t| (t.name.clone(), t))
+    .collect()
 }
 
 fn lora(tensors: Vec<TensorInfo>) -> Manifest {
@@ -30,8 +38,16 @@ fn lora(tensors: Vec<TensorInfo>) -> Manifest {
             }),
             ..MethodConfig::default()
         },
-        base: BaseRef { fingerprint: Digest::of(b"base"), name: Some("tiny".into()) },
-        files: vec![FileEntry { path: "delta.safetensors".into(), digest: Digest::of(b"f"), size: 10, tensors }],
+        base: BaseRef {
+            fingerprint: Digest::of(b"base"),
+            name: Some("tiny".into()),
+        },
+        files: vec![FileEntry {
+            path: "delta.safetensors".into(),
+            digest: Digest::of(b"f"),
+            size: 10,
+            tensors,
+        }],
         parents: vec![],
         provenance: BTreeMap::new(),
         annotations: BTreeMap::new(),
@@ -40,7 +56,10 @@ fn lora(tensors: Vec<TensorInfo>) -> Manifest {
 
 #[test]
 fn canonical_json_is_stable_and_sorted() {
-    let m = lora(vec![ti("enc.q.lora_A", &[2, 4]), ti("enc.q.lora_B", &[8, 2])]);
+    let m = lora(vec![
+        ti("enc.q.lora_A", &[2, 4]),
+        ti("enc.q.lora_B", &[8, 2]),
+    ]);
     let bytes = m.canonical_json();
     let text = String::from_utf8(bytes.clone()).unwrap();
     assert!(text.starts_with("{\"base\":"), "{text}");
@@ -52,17 +71,35 @@ fn canonical_json_is_stable_and_sorted() {
 
 #[test]
 fn lora_shapes_are_checked_against_the_base() {
-    let good = lora(vec![ti("enc.q.lora_A", &[2, 4]), ti("enc.q.lora_B", &[8, 2])]);
+    let good = lora(vec![
+        ti("enc.q.lora_A", &[2, 4]),
+        ti("enc.q.lora_B", &[8, 2]),
+    ]);
     good.check_against_base(&base()).unwrap();
 
-    let wrong_in = lora(vec![ti("enc.q.lora_A", &[2, 5]), ti("enc.q.lora_B", &[8, 2])]);
-    let err = wrong_in.check_against_base(&base()).unwrap_err().to_string();
-    assert!(err.contains("enc.q.lora_A") && err.contains("[8, 4]"), "{err}");
+    let wrong_in = lora(vec![
+        ti("enc.q.lora_A", &[2, 5]),
+        ti("enc.q.lora_B", &[8, 2]),
+    ]);
+    let err = wrong_in
+        .check_against_base(&base())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("enc.q.lora_A") && err.contains("[8, 4]"),
+        "{err}"
+    );
 
-    let rank_mismatch = lora(vec![ti("enc.q.lora_A", &[2, 4]), ti("enc.q.lora_B", &[8, 3])]);
+    let rank_mismatch = lora(vec![
+        ti("enc.q.lora_A", &[2, 4]),
+        ti("enc.q.lora_B", &[8, 3]),
+    ]);
     assert!(rank_mismatch.check_against_base(&base()).is_err());
 
-    let missing = lora(vec![ti("enc.k.lora_A", &[2, 4]), ti("enc.k.lora_B", &[8, 2])]);
+    let missing = lora(vec![
+        ti("enc.k.lora_A", &[2, 4]),
+        ti("enc.k.lora_B", &[8, 2]),
+    ]);
     let err = missing.check_against_base(&base()).unwrap_err().to_string();
     assert!(err.contains("enc.k.weight"), "{err}");
 
@@ -88,7 +125,10 @@ fn other_roles_are_checked() {
         ti("enc.q.weight.mystery", &[8, 4]),
     ] {
         let name = bad.name.clone();
-        assert!(lora(vec![bad]).check_against_base(&base()).is_err(), "{name} accepted");
+        assert!(
+            lora(vec![bad]).check_against_base(&base()).is_err(),
+            "{name} accepted"
+        );
     }
 }
 
@@ -108,7 +148,10 @@ fn scale_honours_patterns_and_rslora() {
 
 #[test]
 fn self_consistency() {
-    let mut m = lora(vec![ti("enc.q.lora_A", &[2, 4]), ti("enc.q.lora_B", &[8, 2])]);
+    let mut m = lora(vec![
+        ti("enc.q.lora_A", &[2, 4]),
+        ti("enc.q.lora_B", &[8, 2]),
+    ]);
     m.files[0].path = "../evil.safetensors".into();
     assert!(m.check_shape().is_err());
     let mut m = lora(vec![ti("a.lora_A", &[2, 4])]);

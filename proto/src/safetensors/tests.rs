@@ -29,25 +29,86 @@ fn refuses_every_malformed_header() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (vec![1, 2, 3], "too short"),
         (u64::MAX.to_le_bytes().to_vec(), "u64::MAX length"),
-        ({ let mut f = 1000u64.to_le_bytes().to_vec(); f.extend_from_slice(b"{}"); f }, "length past end"),
+        (
+            {
+                let mut f = 1000u64.to_le_bytes().to_vec();
+                f.extend_from_slice(b"{}");
+                f
+            },
+            "length past end",
+        ),
         (file(" {}", &[]), "leading space"),
         (file("{\"a\":1}\0\0", &[]), "NUL padding"),
         (file("[]", &[]), "array"),
         (file("{\"a\":", &[]), "truncated JSON"),
-        (file(&String::from_utf8_lossy(&[b'{', 0xff, b'}']), &[]), "not utf8"),
-        (file(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, &[0; 8]), "duplicate"),
-        (file(r#"{"a\u0000b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0; 4]), "NUL in name"),
-        (file(r#"{"":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0; 4]), "empty name"),
-        (file(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}}"#, &[0; 8]), "overlap"),
-        (file(r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, &[0; 8]), "tied"),
+        (
+            file(&String::from_utf8_lossy(&[b'{', 0xff, b'}']), &[]),
+            "not utf8",
+        ),
+        (
+            file(
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                &[0; 8],
+            ),
+            "duplicate",
+        ),
+        (
+            file(
+                r#"{"a\u0000b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                &[0; 4],
+            ),
+            "NUL in name",
+        ),
+        (
+            file(
+                r#"{"":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                &[0; 4],
+            ),
+            "empty name",
+        ),
+        (
+            file(
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[2,6]}}"#,
+                &[0; 8],
+            ),
+            "overlap",
+        ),
+        (
+            file(
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                &[0; 8],
+            ),
+            "tied",
+        ),
         (file(&t("[4,8]"), &[0; 8]), "gap at start"),
         (file(&t("[4,0]"), &[0; 8]), "reversed"),
         (file(&t("[0,4]"), &[0; 8]), "trailing bytes"),
         (file(&t("[0,4]"), &[0; 2]), "past end"),
-        (file(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,4]}}"#, &[0; 4]), "dtype x shape"),
-        (file(r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#, &[0; 4]), "shape overflow"),
-        (file(r#"{"a":{"dtype":"F4","shape":[1],"data_offsets":[0,1]}}"#, &[0; 1]), "unknown dtype"),
-        (file(r#"{"__metadata__":{"a":1}}"#, &[]), "non-string metadata"),
+        (
+            file(
+                r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,4]}}"#,
+                &[0; 4],
+            ),
+            "dtype x shape",
+        ),
+        (
+            file(
+                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
+                &[0; 4],
+            ),
+            "shape overflow",
+        ),
+        (
+            file(
+                r#"{"a":{"dtype":"F4","shape":[1],"data_offsets":[0,1]}}"#,
+                &[0; 1],
+            ),
+            "unknown dtype",
+        ),
+        (
+            file(r#"{"__metadata__":{"a":1}}"#, &[]),
+            "non-string metadata",
+        ),
     ];
     for (bytes, what) in cases {
         assert!(parse(&bytes).is_err(), "{what}: accepted");
@@ -56,16 +117,31 @@ fn refuses_every_malformed_header() {
 
 #[test]
 fn error_messages_name_the_problem() {
-    let dup = file(r#"{"x.y":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"x.y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, &[0; 8]);
-    assert_eq!(parse(&dup).unwrap_err(), HeaderError::Duplicate("x.y".into()));
-    let dtype = file(r#"{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#, &[0; 1]);
+    let dup = file(
+        r#"{"x.y":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"x.y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+        &[0; 8],
+    );
+    assert_eq!(
+        parse(&dup).unwrap_err(),
+        HeaderError::Duplicate("x.y".into())
+    );
+    let dtype = file(
+        r#"{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#,
+        &[0; 1],
+    );
     assert!(parse(&dtype).unwrap_err().to_string().contains("\"Q4\""));
 }
 
 #[test]
 fn header_limit_is_enforced_before_reading() {
-    let f = file(r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, &[0]);
-    assert!(matches!(parse_header(&f, f.len() as u64, 10), Err(HeaderError::HeaderTooLarge { .. })));
+    let f = file(
+        r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
+        &[0],
+    );
+    assert!(matches!(
+        parse_header(&f, f.len() as u64, 10),
+        Err(HeaderError::HeaderTooLarge { .. })
+    ));
 }
 
 proptest! {

@@ -8,12 +8,19 @@ async fn check_write_read(store: &BlobStore) {
     assert!(!store.exists(&digest).await.unwrap());
     let mut up = store.begin(&digest).await.unwrap();
     // Nothing is visible before complete.
-    up.put_part(PutPayload::from_bytes(data.slice(..1 << 20))).await.unwrap();
+    up.put_part(PutPayload::from_bytes(data.slice(..1 << 20)))
+        .await
+        .unwrap();
     assert!(!store.exists(&digest).await.unwrap());
-    up.put_part(PutPayload::from_bytes(data.slice(1 << 20..))).await.unwrap();
+    up.put_part(PutPayload::from_bytes(data.slice(1 << 20..)))
+        .await
+        .unwrap();
     up.complete().await.unwrap();
     assert!(store.exists(&digest).await.unwrap());
-    assert_eq!(store.read_range(&digest, 5..9).await.unwrap(), data.slice(5..9));
+    assert_eq!(
+        store.read_range(&digest, 5..9).await.unwrap(),
+        data.slice(5..9)
+    );
     let mut all = Vec::new();
     let mut s = store.stream(&digest).await.unwrap();
     while let Some(b) = s.next().await {
@@ -24,7 +31,9 @@ async fn check_write_read(store: &BlobStore) {
     // An aborted write leaves nothing.
     let other = Digest::of(b"other");
     let mut up = store.begin(&other).await.unwrap();
-    up.put_part(PutPayload::from_static(b"other")).await.unwrap();
+    up.put_part(PutPayload::from_static(b"other"))
+        .await
+        .unwrap();
     up.abort().await.unwrap();
     assert!(!store.exists(&other).await.unwrap());
 
@@ -52,7 +61,12 @@ async fn stale_staging_files_are_removed_after_the_grace_period() {
     let staged = dir.path().join("blobs/blake3/ab/abcd#1");
     std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
     std::fs::write(&staged, b"partial").unwrap();
-    assert_eq!(store.remove_stale_staging(Duration::from_secs(3600)).unwrap(), 0);
+    assert_eq!(
+        store
+            .remove_stale_staging(Duration::from_secs(3600))
+            .unwrap(),
+        0
+    );
     assert!(staged.exists());
     assert_eq!(store.remove_stale_staging(Duration::ZERO).unwrap(), 1);
     assert!(!staged.exists());

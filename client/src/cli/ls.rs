@@ -1,0 +1,95 @@
+//! `delta ls [NAMESPACE] [--base NAME] [--method M] [--annotation k=v]`.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::{Ctx, human_bytes};
+
+/// Arguments.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Only this namespace.
+    pub namespace: Option<String>,
+    /// Every delta (all versions) for this base (name or fingerprint).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Only this method (lora, ia3, bitfit, ...).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Only deltas with this annotation (`key=value`, repeatable).
+    #[arg(long = "annotation")]
+    pub annotations: Vec<String>,
+}
+
+/// Lists.
+pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    let remote = ctx.remote().await?;
+    let ns = args.namespace.clone().unwrap_or_default();
+    if args.base.is_none() && args.method.is_none() && args.annotations.is_empty() {
+        let repos = remote.list_repositories(&ns).await?;
+        if ctx.json {
+            let rows: Vec<_> = repos
+                .iter()
+                .map(|r| json!({"repository": r.repository, "latest_version": r.latest_version, "digest": r.latest_digest,
+                                "base": r.base_fingerprint, "method": r.method, "versions": r.versions}))
+                .collect();
+            return ctx.print_json(&json!(rows));
+        }
+        for r in repos {
+            println!(
+                "{:<40} v{:<4} {:<10} {} versions  base {}",
+                r.repository,
+                r.latest_version,
+                r.method,
+                r.versions,
+                short(&r.base_fingerprint)
+            );
+        }
+        return Ok(());
+    }
+    let base = match &args.base {
+        Some(b) => Some(
+            remote
+                .get_base(b)
+                .await
+                .with_context(|| format!("unknown base {b}"))?
+                .fingerprint,
+        ),
+        None => None,
+    };
+    let mut annotations = BTreeMap::new();
+    for a in &args.annotations {
+        let (k, v) = a
+            .split_once('=')
+            .with_context(|| format!("annotation {a:?} is not key=value"))?;
+        annotations.insert(k.to_owned(), v.to_owned());
+    }
+    let deltas = remote
+        .search(&ns, base, args.method.as_deref().unwrap_or(""), annotations)
+        .await?;
+    if ctx.json {
+        let rows: Vec<_> = deltas
+            .iter()
+            .map(|d| json!({"repository": d.repository, "version": d.version, "digest": d.digest, "base": d.base_fingerprint,
+                            "method": d.method, "size": d.size, "annotations": d.annotations}))
+            .collect();
+        return ctx.print_json(&json!(rows));
+    }
+    for d in deltas {
+        println!(
+            "{:<40} v{:<4} {:<10} {:>10}  {}",
+            d.repository,
+            d.version,
+            d.method,
+            human_bytes(d.size),
+            short(&d.digest)
+        );
+    }
+    Ok(())
+}
+
+fn short(digest: &str) -> &str {
+    digest.get(..19).unwrap_or(digest)
+}

@@ -1,0 +1,135 @@
+//! The `delta` command line: argument types and dispatch. Each subcommand module has an
+//! `Args` and a `run(args, ctx)`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::hub::Cache;
+use crate::remote::Remote;
+
+pub mod base;
+pub mod fingerprint;
+pub mod ls;
+pub mod pull;
+pub mod push;
+pub mod show;
+pub mod tag;
+
+/// Push, pull, compose and apply parameter deltas.
+#[derive(Parser, Debug)]
+#[command(
+    name = "delta",
+    version,
+    about = "Push, pull, compose and apply parameter deltas"
+)]
+pub struct Cli {
+    /// Registry URL.
+    #[arg(
+        long,
+        global = true,
+        env = "DELTA_REGISTRY",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub registry: String,
+    /// Cache directory (default: the user's cache dir + /delta).
+    #[arg(long, global = true, env = "DELTA_CACHE")]
+    pub cache: Option<PathBuf>,
+    /// Machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the base fingerprint of a safetensors file or a folder of shards.
+    Fingerprint(fingerprint::Args),
+    /// Register and list base models.
+    #[command(subcommand)]
+    Base(base::Command),
+    /// Push a delta folder (native or PEFT LoRA) as a new version.
+    Push(push::Args),
+    /// Pull a delta into the cache and materialise it as a folder.
+    Pull(pull::Args),
+    /// List repositories (or every delta of a base).
+    Ls(ls::Args),
+    /// Show a delta: manifest, versions, tags, size, base.
+    Show(show::Args),
+    /// Point a tag at a version.
+    Tag(tag::Args),
+}
+
+/// What every subcommand gets.
+#[derive(Debug)]
+pub struct Ctx {
+    /// Registry URL.
+    pub registry: String,
+    /// The local cache.
+    pub cache: Cache,
+    /// JSON output.
+    pub json: bool,
+}
+
+impl Ctx {
+    /// Connects to the registry.
+    pub async fn remote(&self) -> anyhow::Result<Remote> {
+        Ok(Remote::connect(&self.registry).await?)
+    }
+
+    /// A byte progress bar on stderr when it is a terminal (hidden otherwise, and in
+    /// `--json` mode).
+    pub fn progress(&self, what: &str) -> ProgressBar {
+        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+        if self.json || bar.is_hidden() {
+            return ProgressBar::hidden();
+        }
+        let style = ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_message(what.to_owned());
+        bar
+    }
+
+    /// Prints a value as JSON.
+    pub fn print_json(&self, value: &serde_json::Value) -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string_pretty(value)?);
+        Ok(())
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cache_root = match cli.cache {
+        Some(c) => c,
+        None => dirs::cache_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("delta"),
+    };
+    let ctx = Ctx {
+        registry: cli.registry,
+        cache: Cache::new(&cache_root),
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Fingerprint(a) => fingerprint::run(a, &ctx).await,
+        Command::Base(c) => base::run(c, &ctx).await,
+        Command::Push(a) => push::run(a, &ctx).await,
+        Command::Pull(a) => pull::run(a, &ctx).await,
+        Command::Ls(a) => ls::run(a, &ctx).await,
+        Command::Show(a) => show::run(a, &ctx).await,
+        Command::Tag(a) => tag::run(a, &ctx).await,
+    }
+}
+
+/// Human-readable byte count.
+pub fn human_bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}

@@ -1,0 +1,58 @@
+//! `delta push DIR REPO[:TAG] --base NAME`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::{Ctx, human_bytes};
+use crate::hub;
+
+/// Arguments.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A native delta folder (delta.json) or a PEFT LoRA folder (adapter_config.json).
+    pub dir: PathBuf,
+    /// `namespace/name`, optionally with `:tag`.
+    pub target: String,
+    /// Registered name of the base model the delta was trained on.
+    #[arg(long)]
+    pub base: String,
+    /// More tags to point at the new version.
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+}
+
+/// Pushes.
+pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    let remote = ctx.remote().await?;
+    let progress = ctx.progress("push");
+    let r = hub::push(
+        &remote,
+        &args.dir,
+        &args.target,
+        &args.base,
+        &args.tags,
+        &progress,
+    )
+    .await
+    .with_context(|| format!("cannot push {} to {}", args.dir.display(), args.target))?;
+    if ctx.json {
+        return ctx.print_json(&json!({
+            "repository": r.repository, "version": r.version, "digest": r.digest.to_string(),
+            "created": r.created, "bytes_uploaded": r.bytes_uploaded, "blobs_uploaded": r.blobs_uploaded,
+        }));
+    }
+    let note = if r.created {
+        ""
+    } else {
+        " (unchanged: already the latest version)"
+    };
+    println!("{}:v{} {}{note}", r.repository, r.version, r.digest);
+    eprintln!(
+        "uploaded {} in {} blob(s)",
+        human_bytes(r.bytes_uploaded),
+        r.blobs_uploaded
+    );
+    Ok(())
+}

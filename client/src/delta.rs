@@ -1,0 +1,546 @@
+//! Delta folders on disk: the native format (`delta.json` + `*.safetensors`) and Hugging
+//! Face PEFT LoRA folders (`adapter_config.json` + `adapter_model.safetensors`), read into
+//! a [`Manifest`] plus tensor files, and written back out.
+//!
+//! PEFT tensors are renamed to the native convention (`<base module>.lora_A`, ...; see
+//! `delta_proto::manifest`) with their bytes untouched, and the original key of every
+//! tensor and the original `adapter_config.json` are kept in the manifest
+//! (`config.peft`), so `--format peft` gives back the same keys, config and tensor bytes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use delta_proto::manifest::{
+    BaseRef, FileEntry, LoraConfig, Manifest, MethodConfig, SCHEMA_VERSION, TensorInfo,
+};
+use serde_json::{Value, json};
+
+use crate::error::{Error, IoContext, Result};
+use crate::remote::{Base, hash_file};
+use crate::tensors::TensorFile;
+
+/// The native manifest file in a delta folder.
+pub const NATIVE_MANIFEST: &str = "delta.json";
+/// The native tensor file name the client writes.
+pub const NATIVE_TENSORS: &str = "delta.safetensors";
+/// PEFT's config file.
+pub const PEFT_CONFIG: &str = "adapter_config.json";
+/// PEFT's tensor file.
+pub const PEFT_TENSORS: &str = "adapter_model.safetensors";
+/// PEFT's key prefix.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// A delta ready to push: its manifest and where each file's bytes are.
+#[derive(Debug)]
+pub struct PreparedDelta {
+    /// The manifest (digests and tensor tables filled in).
+    pub manifest: Manifest,
+    /// Local path of each manifest file, in manifest order.
+    pub paths: Vec<PathBuf>,
+    /// Holds converted files alive until the push is done.
+    _staging: Option<tempfile::TempDir>,
+}
+
+/// Which on-disk format a folder is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `delta.json` + safetensors.
+    Native,
+    /// PEFT `adapter_config.json` + `adapter_model.safetensors`.
+    Peft,
+}
+
+/// Detects a folder's format.
+pub fn detect(dir: &Path) -> Result<Format> {
+    if dir.join(NATIVE_MANIFEST).is_file() {
+        Ok(Format::Native)
+    } else if dir.join(PEFT_CONFIG).is_file() {
+        if dir.join(PEFT_TENSORS).is_file() {
+            Ok(Format::Peft)
+        } else if dir.join("adapter_model.bin").is_file() {
+            Err(Error::Invalid(format!(
+                "{}: adapter_model.bin is a pickle; only safetensors is accepted (save with safe_serialization=True)",
+                dir.display()
+            )))
+        } else {
+            Err(Error::Invalid(format!(
+                "{}: {PEFT_CONFIG} without {PEFT_TENSORS}",
+                dir.display()
+            )))
+        }
+    } else {
+        Err(Error::Invalid(format!(
+            "{}: neither a native delta ({NATIVE_MANIFEST}) nor a PEFT folder ({PEFT_CONFIG})",
+            dir.display()
+        )))
+    }
+}
+
+/// Reads a native or PEFT folder as a delta on `base`, checking it fits the base.
+pub fn prepare(dir: &Path, base: &Base) -> Result<PreparedDelta> {
+    let prepared = match detect(dir)? {
+        Format::Native => prepare_native(dir, base)?,
+        Format::Peft => prepare_peft(dir, base)?,
+    };
+    let table: BTreeMap<String, TensorInfo> = base
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.clone()))
+        .collect();
+    prepared.manifest.check_against_base(&table)?;
+    Ok(prepared)
+}
+
+fn file_entry(path: &Path) -> Result<FileEntry> {
+    let file = TensorFile::open(path)?;
+    let mut tensors: Vec<TensorInfo> = file
+        .tensors()
+        .iter()
+        .map(|t| TensorInfo {
+            name: t.name.clone(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(FileEntry {
+        path: name,
+        digest: hash_file(path)?,
+        size: file.bytes().len() as u64,
+        tensors,
+    })
+}
+
+fn prepare_native(dir: &Path, base: &Base) -> Result<PreparedDelta> {
+    let mpath = dir.join(NATIVE_MANIFEST);
+    let text = std::fs::read(&mpath).at(&mpath)?;
+    let mut value: Value = serde_json::from_slice(&text)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", mpath.display())))?;
+    let Value::Object(obj) = &mut value else {
+        return Err(Error::Invalid(format!(
+            "{}: not a JSON object",
+            mpath.display()
+        )));
+    };
+    if let Some(fp) = obj
+        .get("base")
+        .and_then(|b| b.get("fingerprint"))
+        .and_then(Value::as_str)
+    {
+        if fp != base.fingerprint.to_string() {
+            return Err(Error::Invalid(format!(
+                "{} says the delta belongs to base {fp}, but --base {} is {}",
+                mpath.display(),
+                base.name,
+                base.fingerprint
+            )));
+        }
+    }
+    let mut names: Vec<String> = match obj.get("files").and_then(Value::as_array) {
+        Some(files) => files
+            .iter()
+            .filter_map(|f| f.get("path").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect(),
+        None => {
+            let entries = std::fs::read_dir(dir).at(dir)?;
+            let mut names = Vec::new();
+            for e in entries {
+                let name = e.at(dir)?.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".safetensors") {
+                    names.push(name);
+                }
+            }
+            names
+        }
+    };
+    names.sort();
+    let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    let files = paths
+        .iter()
+        .map(|p| file_entry(p))
+        .collect::<Result<Vec<_>>>()?;
+    obj.insert(
+        "files".into(),
+        serde_json::to_value(&files).unwrap_or(Value::Null),
+    );
+    obj.insert(
+        "base".into(),
+        json!({"fingerprint": base.fingerprint.to_string(), "name": base.name}),
+    );
+    obj.entry("schema_version").or_insert(json!(SCHEMA_VERSION));
+    let bytes = serde_json::to_vec(&value).unwrap_or_default();
+    let manifest = Manifest::from_json(&bytes)?;
+    Ok(PreparedDelta {
+        manifest,
+        paths,
+        _staging: None,
+    })
+}
+
+/// Finds which base module a PEFT module path names: the same path, the path without
+/// leading wrapper components (`bert.`), or a unique base path ending with it.
+fn resolve_module(
+    peft_module: &str,
+    base: &BTreeMap<&str, &TensorInfo>,
+    suffix: &str,
+) -> Option<String> {
+    let exact = format!("{peft_module}{suffix}");
+    if base.contains_key(exact.as_str()) {
+        return Some(peft_module.to_owned());
+    }
+    let mut rest = peft_module;
+    while let Some((_, tail)) = rest.split_once('.') {
+        if base.contains_key(format!("{tail}{suffix}").as_str()) {
+            return Some(tail.to_owned());
+        }
+        rest = tail;
+    }
+    let wanted = format!(".{peft_module}{suffix}");
+    let mut found = base.keys().filter(|k| k.ends_with(&wanted));
+    match (found.next(), found.next()) {
+        (Some(k), None) => Some(k[..k.len() - suffix.len()].to_owned()),
+        _ => None,
+    }
+}
+
+fn str_list(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Reads PEFT's LoRA settings from `adapter_config.json`.
+pub fn lora_config_from_peft(cfg: &Value) -> Result<LoraConfig> {
+    let r = cfg
+        .get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| Error::Invalid("adapter_config.json: missing integer r".into()))?;
+    let lora_alpha = cfg.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let map_u = |k: &str| -> BTreeMap<String, u64> {
+        cfg.get(k)
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let map_f = |k: &str| -> BTreeMap<String, f64> {
+        cfg.get(k)
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Ok(LoraConfig {
+        r,
+        lora_alpha,
+        use_rslora: cfg
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        fan_in_fan_out: cfg
+            .get("fan_in_fan_out")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        target_modules: str_list(cfg.get("target_modules")),
+        bias: cfg
+            .get("bias")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_owned(),
+        modules_to_save: str_list(cfg.get("modules_to_save")),
+        rank_pattern: map_u("rank_pattern"),
+        alpha_pattern: map_f("alpha_pattern"),
+        lora_bias: cfg
+            .get("lora_bias")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    })
+}
+
+fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
+    let cpath = dir.join(PEFT_CONFIG);
+    let text = std::fs::read(&cpath).at(&cpath)?;
+    let cfg: Value = serde_json::from_slice(&text)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", cpath.display())))?;
+    let peft_type = cfg
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .unwrap_or("LORA");
+    if peft_type != "LORA" {
+        return Err(Error::Invalid(format!(
+            "{}: peft_type {peft_type} is not supported yet (LORA is)",
+            cpath.display()
+        )));
+    }
+    let lora = lora_config_from_peft(&cfg)?;
+    let tpath = dir.join(PEFT_TENSORS);
+    let file = TensorFile::open(&tpath)?;
+    let table: BTreeMap<&str, &TensorInfo> =
+        base.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+
+    let mut renamed: Vec<(String, &delta_proto::safetensors::TensorEntry)> = Vec::new();
+    let mut keys = serde_json::Map::new();
+    for t in file.tensors() {
+        let Some(path) = t.name.strip_prefix(PEFT_PREFIX) else {
+            return Err(Error::Invalid(format!(
+                "{}: tensor {} does not start with {PEFT_PREFIX}",
+                tpath.display(),
+                t.name
+            )));
+        };
+        let role = [
+            (".lora_A.weight", ".lora_A"),
+            (".lora_B.weight", ".lora_B"),
+            (".lora_B.bias", ".lora_bias"),
+        ]
+        .into_iter()
+        .find_map(|(peft, native)| path.strip_suffix(peft).map(|m| (m, native)));
+        let native = match role {
+            Some((module, suffix)) => {
+                let m = resolve_module(module, &table, ".weight").ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "tensor {}: the base has no {module}.weight (nor a module ending with it)",
+                        t.name
+                    ))
+                })?;
+                format!("{m}{suffix}")
+            }
+            None if path.contains("lora_embedding_") || path.contains("lora_magnitude") => {
+                return Err(Error::Invalid(format!(
+                    "tensor {}: embedding LoRA and DoRA are not supported yet",
+                    t.name
+                )));
+            }
+            None => {
+                // modules_to_save and trained biases: whole tensors.
+                match path.rsplit_once('.').and_then(|(m, leaf)| {
+                    resolve_module(m, &table, &format!(".{leaf}")).map(|m| format!("{m}.{leaf}"))
+                }) {
+                    Some(target) => format!("{target}.replace"),
+                    None => format!("{path}.new"),
+                }
+            }
+        };
+        keys.insert(native.clone(), Value::String(t.name.clone()));
+        renamed.push((native, t));
+    }
+    if renamed.is_empty() {
+        return Err(Error::Invalid(format!("{}: no tensors", tpath.display())));
+    }
+
+    let staging = tempfile::tempdir().at(std::env::temp_dir())?;
+    let out = staging.path().join(NATIVE_TENSORS);
+    write_tensors(
+        &out,
+        renamed
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dtype.clone(), t.shape.clone(), file.data(t))),
+        None,
+    )?;
+
+    let mut config = MethodConfig {
+        lora: Some(lora),
+        ..MethodConfig::default()
+    };
+    config
+        .other
+        .insert("peft".into(), json!({"adapter_config": cfg, "keys": keys}));
+    let manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        method: "lora".into(),
+        config,
+        base: BaseRef {
+            fingerprint: base.fingerprint,
+            name: Some(base.name.clone()),
+        },
+        files: vec![file_entry(&out)?],
+        parents: Vec::new(),
+        provenance: [("imported_from".to_owned(), json!("peft"))].into(),
+        annotations: BTreeMap::new(),
+    };
+    manifest.check_shape()?;
+    Ok(PreparedDelta {
+        manifest,
+        paths: vec![out],
+        _staging: Some(staging),
+    })
+}
+
+/// Writes tensors as a safetensors file (atomically: temp file + rename).
+pub fn write_tensors<'a>(
+    path: &Path,
+    tensors: impl Iterator<Item = (String, String, Vec<u64>, &'a [u8])>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let mut views = Vec::new();
+    for (name, dtype, shape, data) in tensors {
+        let dt = parse_dtype(&dtype)?;
+        let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let view = safetensors::tensor::TensorView::new(dt, shape, data)
+            .map_err(|e| Error::Invalid(format!("tensor {name}: {e}")))?;
+        views.push((name, view));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+    safetensors::serialize_to_file(views, metadata, tmp.path())
+        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    tmp.as_file_mut().sync_all().at(path)?;
+    tmp.persist(path).map_err(|e| Error::Io {
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// A safetensors dtype name as the `safetensors` crate's enum.
+pub fn parse_dtype(d: &str) -> Result<safetensors::Dtype> {
+    use safetensors::Dtype;
+    Ok(match d {
+        "BOOL" => Dtype::BOOL,
+        "U8" => Dtype::U8,
+        "I8" => Dtype::I8,
+        "F8_E4M3" => Dtype::F8_E4M3,
+        "F8_E5M2" => Dtype::F8_E5M2,
+        "I16" => Dtype::I16,
+        "U16" => Dtype::U16,
+        "F16" => Dtype::F16,
+        "BF16" => Dtype::BF16,
+        "I32" => Dtype::I32,
+        "U32" => Dtype::U32,
+        "F32" => Dtype::F32,
+        "I64" => Dtype::I64,
+        "U64" => Dtype::U64,
+        "F64" => Dtype::F64,
+        other => return Err(Error::Invalid(format!("unsupported dtype {other}"))),
+    })
+}
+
+/// Writes a pulled delta as a native folder: `delta.json` and the tensor files (hard links
+/// into the cache where possible).
+pub fn write_native(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<()> {
+    std::fs::create_dir_all(dir).at(dir)?;
+    for (f, blob) in manifest.files.iter().zip(blobs) {
+        place(blob, &dir.join(&f.path))?;
+    }
+    let pretty = serde_json::to_vec_pretty(
+        &serde_json::from_slice::<Value>(&manifest.canonical_json()).unwrap_or(Value::Null),
+    )
+    .unwrap_or_default();
+    write_atomic(&dir.join(NATIVE_MANIFEST), &pretty)
+}
+
+/// Writes a pulled LoRA delta as a PEFT folder.
+pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<()> {
+    let lora = manifest.config.lora.as_ref().ok_or_else(|| {
+        Error::Invalid(format!(
+            "a {} delta cannot be written as a PEFT LoRA folder",
+            manifest.method
+        ))
+    })?;
+    let peft = manifest.config.other.get("peft");
+    let keys = peft.and_then(|p| p.get("keys")).and_then(Value::as_object);
+    let files = blobs
+        .iter()
+        .map(|b| TensorFile::open(b))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::new();
+    for f in &files {
+        for t in f.tensors() {
+            let key = match keys.and_then(|k| k.get(&t.name)).and_then(Value::as_str) {
+                Some(k) => k.to_owned(),
+                None => peft_key(&t.name)?,
+            };
+            out.push((key, t.dtype.clone(), t.shape.clone(), f.data(t)));
+        }
+    }
+    std::fs::create_dir_all(dir).at(dir)?;
+    let metadata = Some(
+        [("format".to_owned(), "pt".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    write_tensors(&dir.join(PEFT_TENSORS), out.into_iter(), metadata)?;
+    let config = match peft.and_then(|p| p.get("adapter_config")) {
+        Some(original) => original.clone(),
+        None => json!({
+            "peft_type": "LORA",
+            "task_type": null,
+            "base_model_name_or_path": manifest.base.name,
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "use_rslora": lora.use_rslora,
+            "fan_in_fan_out": lora.fan_in_fan_out,
+            "target_modules": lora.target_modules,
+            "bias": lora.bias,
+            "modules_to_save": if lora.modules_to_save.is_empty() { Value::Null } else { json!(lora.modules_to_save) },
+            "rank_pattern": lora.rank_pattern,
+            "alpha_pattern": lora.alpha_pattern,
+            "lora_bias": lora.lora_bias,
+            "lora_dropout": 0.0,
+            "inference_mode": true,
+        }),
+    };
+    write_atomic(
+        &dir.join(PEFT_CONFIG),
+        &serde_json::to_vec_pretty(&config).unwrap_or_default(),
+    )
+}
+
+fn peft_key(native: &str) -> Result<String> {
+    use delta_proto::manifest::{Role, classify};
+    let tail = match classify(native) {
+        Role::LoraA(m) => format!("{m}.lora_A.weight"),
+        Role::LoraB(m) => format!("{m}.lora_B.weight"),
+        Role::LoraBias(m) => format!("{m}.lora_B.bias"),
+        Role::Replace(t) | Role::New(t) => t.to_owned(),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "tensor {native} has no PEFT LoRA equivalent"
+            )));
+        }
+    };
+    Ok(format!("{PEFT_PREFIX}{tail}"))
+}
+
+fn place(from: &Path, to: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(to);
+    if std::fs::hard_link(from, to).is_err() {
+        let dir = to.parent().unwrap_or(Path::new("."));
+        let tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+        std::fs::copy(from, tmp.path()).at(to)?;
+        tmp.persist(to).map_err(|e| Error::Io {
+            path: to.to_owned(),
+            source: e.error,
+        })?;
+    }
+    Ok(())
+}
+
+/// Writes a small file atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes).at(path)?;
+    tmp.persist(path).map_err(|e| Error::Io {
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
+}

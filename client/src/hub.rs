@@ -1,0 +1,231 @@
+//! Push and pull: the operations behind `delta push` and `delta pull`, as a library.
+
+use std::path::{Path, PathBuf};
+
+use delta_proto::reference::{Reference, Repository, Selector};
+use delta_proto::{Digest, Manifest};
+use indicatif::ProgressBar;
+
+use crate::delta::{self, Format};
+use crate::error::{Error, IoContext, Result};
+use crate::remote::{Remote, hash_file};
+
+/// The local content-addressed cache (`$DELTA_CACHE`).
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// A cache rooted at `root` (created on first use).
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+        }
+    }
+
+    /// Where a verified blob lives.
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root.join(d.blob_key())
+    }
+
+    fn partial_path(&self, d: &Digest) -> PathBuf {
+        self.root
+            .join("partial")
+            .join(format!("{}.partial", d.hex()))
+    }
+
+    /// Whether a verified copy of the blob is cached.
+    pub fn has(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    /// Downloads a blob into the cache unless it is there. Returns bytes transferred.
+    pub async fn fetch(&self, remote: &Remote, d: Digest, progress: &ProgressBar) -> Result<u64> {
+        let target = self.blob_path(&d);
+        if target.is_file() {
+            return Ok(0);
+        }
+        let partial = self.partial_path(&d);
+        for dir in [target.parent(), partial.parent()].into_iter().flatten() {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
+        let n = remote.download_to(d, &partial, progress).await?;
+        std::fs::rename(&partial, &target).at(&target)?;
+        Ok(n)
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    /// `namespace/name`.
+    pub repository: String,
+    /// The version the delta is at.
+    pub version: u64,
+    /// Manifest digest.
+    pub digest: Digest,
+    /// False when the same delta already was the latest version.
+    pub created: bool,
+    /// Blob bytes actually sent.
+    pub bytes_uploaded: u64,
+    /// Blobs the registry lacked.
+    pub blobs_uploaded: usize,
+}
+
+/// Splits `ns/name[:tag]` into the repository and an optional tag.
+pub fn parse_target(target: &str) -> Result<(Repository, Option<String>)> {
+    let parsed: Reference = target.parse()?;
+    match parsed.selector {
+        Selector::Tag(t) if !target.contains(':') => {
+            debug_assert_eq!(t, delta_proto::reference::LATEST);
+            Ok((parsed.repository, None))
+        }
+        Selector::Tag(t) if t == delta_proto::reference::LATEST => Err(Error::Invalid(
+            "`latest` is moved by the registry itself; push without a tag".into(),
+        )),
+        Selector::Tag(t) => Ok((parsed.repository, Some(t))),
+        Selector::Version(_) | Selector::Digest(_) => Err(Error::Invalid(format!(
+            "{target}: versions and digests are assigned by the registry; push to ns/name or ns/name:tag"
+        ))),
+    }
+}
+
+/// Pushes a native or PEFT delta folder as the next version of `target` (`ns/name[:tag]`),
+/// registered against base `base_name`. Only blobs the registry lacks are sent.
+pub async fn push(
+    remote: &Remote,
+    dir: &Path,
+    target: &str,
+    base_name: &str,
+    tags: &[String],
+    progress: &ProgressBar,
+) -> Result<PushReport> {
+    let (repo, tag) = parse_target(target)?;
+    let base = remote.get_base(base_name).await.map_err(|e| match e {
+        Error::NotFound(_) => Error::Invalid(format!(
+            "base {base_name} is not registered: run `delta base add {base_name} PATH` first"
+        )),
+        other => other,
+    })?;
+    let prepared = delta::prepare(dir, &base)?;
+    let manifest = &prepared.manifest;
+    let digests: Vec<Digest> = manifest.files.iter().map(|f| f.digest).collect();
+    let missing = remote.missing(&digests).await?;
+    let total: u64 = manifest
+        .files
+        .iter()
+        .filter(|f| missing.contains(&f.digest))
+        .map(|f| f.size)
+        .sum();
+    progress.set_length(total);
+    let mut bytes_uploaded = 0;
+    for (f, path) in manifest.files.iter().zip(&prepared.paths) {
+        if missing.contains(&f.digest) {
+            bytes_uploaded += remote.upload_file(path, f.digest, f.size, progress).await?;
+        }
+    }
+    progress.finish_and_clear();
+    let mut all_tags: Vec<String> = tags.to_vec();
+    all_tags.extend(tag);
+    let (version, digest, created) = remote
+        .push_manifest(&repo.to_string(), manifest, &all_tags)
+        .await?;
+    Ok(PushReport {
+        repository: repo.to_string(),
+        version,
+        digest,
+        created,
+        bytes_uploaded,
+        blobs_uploaded: missing.len(),
+    })
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct PullReport {
+    /// `namespace/name`.
+    pub repository: String,
+    /// Version pulled.
+    pub version: u64,
+    /// Manifest digest.
+    pub digest: Digest,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Blob bytes transferred (0 when everything was cached).
+    pub bytes_downloaded: u64,
+    /// Cached path of each manifest file, in manifest order.
+    pub blobs: Vec<PathBuf>,
+}
+
+/// Resolves `reference` and brings its blobs into the cache, verifying every byte.
+pub async fn fetch(
+    remote: &Remote,
+    cache: &Cache,
+    reference: &str,
+    progress: &ProgressBar,
+) -> Result<PullReport> {
+    let resolved = remote.resolve(reference).await?;
+    let manifest = resolved.manifest;
+    let total: u64 = manifest
+        .files
+        .iter()
+        .filter(|f| !cache.has(&f.digest))
+        .map(|f| f.size)
+        .sum();
+    progress.set_length(total);
+    let mut bytes_downloaded = 0;
+    let mut blobs = Vec::new();
+    for f in &manifest.files {
+        bytes_downloaded += cache.fetch(remote, f.digest, progress).await?;
+        let path = cache.blob_path(&f.digest);
+        let size = std::fs::metadata(&path).at(&path)?.len();
+        if size != f.size {
+            return Err(Error::Invalid(format!(
+                "cached blob {} is {size} bytes, manifest says {}",
+                f.digest, f.size
+            )));
+        }
+        blobs.push(path);
+    }
+    progress.finish_and_clear();
+    Ok(PullReport {
+        repository: resolved.repository,
+        version: resolved.version,
+        digest: resolved.digest,
+        manifest,
+        bytes_downloaded,
+        blobs,
+    })
+}
+
+/// Fetches `reference` and writes it to `out` in `format`.
+pub async fn pull(
+    remote: &Remote,
+    cache: &Cache,
+    reference: &str,
+    out: &Path,
+    format: Format,
+    progress: &ProgressBar,
+) -> Result<PullReport> {
+    let report = fetch(remote, cache, reference, progress).await?;
+    match format {
+        Format::Native => delta::write_native(out, &report.manifest, &report.blobs)?,
+        Format::Peft => delta::write_peft(out, &report.manifest, &report.blobs)?,
+    }
+    Ok(report)
+}
+
+/// Re-hashes a cached blob (for `--verify` paths and tests).
+pub fn verify_cached(cache: &Cache, d: &Digest) -> Result<()> {
+    let path = cache.blob_path(d);
+    let actual = hash_file(&path)?;
+    if actual != *d {
+        return Err(Error::Integrity {
+            what: format!("cached blob {}", path.display()),
+            expected: *d,
+            actual,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! The delta hub client: a library over the registry's gRPC API, local safetensors
+//! handling, and the `delta` CLI built on it.
+//!
+//! # Layout
+//! - `remote`: [`Remote`], the typed registry client (resumable uploads and downloads).
+//! - `hub`: push, fetch and pull as library calls, and the content-addressed [`Cache`].
+//! - `delta`: native and PEFT delta folders, read and written.
+//! - `tensors`: memory-mapped safetensors files and models, and the base fingerprint.
+//! - `cli`: the `delta` command line (one module per subcommand).
+//! - `error`: [`Error`].
+
+pub mod cli;
+pub mod delta;
+pub mod error;
+pub mod hub;
+pub mod remote;
+pub mod tensors;
+
+pub use error::{Error, Result};
+pub use hub::Cache;
+pub use remote::Remote;

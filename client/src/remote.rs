@@ -1,0 +1,482 @@
+//! [`Remote`]: a typed wrapper over the generated `RegistryClient`. The only client module
+//! that touches generated types.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use delta_proto::manifest::{Manifest, TensorInfo};
+use delta_proto::registry_client::RegistryClient;
+use delta_proto::{self as pb, CHUNK_SIZE, Digest};
+use futures::Stream;
+use indicatif::ProgressBar;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, IoContext, Result};
+
+/// How many times an upload or download resumes after a broken stream before giving up.
+const RESUMES: usize = 5;
+
+/// A connection to a registry.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    client: RegistryClient<Channel>,
+    url: String,
+}
+
+/// A registered base model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Base {
+    /// Name.
+    pub name: String,
+    /// Fingerprint.
+    pub fingerprint: Digest,
+    /// Tensor table.
+    pub tensors: Vec<TensorInfo>,
+}
+
+/// A resolved reference.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// `namespace/name`.
+    pub repository: String,
+    /// Version number.
+    pub version: u64,
+    /// Manifest digest (checked against the manifest bytes).
+    pub digest: Digest,
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Tags pointing at this version.
+    pub tags: Vec<String>,
+}
+
+fn digest(s: &str) -> Result<Digest> {
+    s.parse()
+        .map_err(|e| Error::Invalid(format!("registry sent a malformed digest: {e}")))
+}
+
+impl Remote {
+    /// Connects to `url` (`http://host:port`).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|source| Error::Connect {
+                url: url.to_owned(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
+        let client = RegistryClient::new(channel)
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20);
+        Ok(Self {
+            client,
+            url: url.to_owned(),
+        })
+    }
+
+    /// The registry URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Which of `digests` the registry lacks.
+    pub async fn missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let req = pb::MissingBlobsRequest {
+            digests: digests.iter().map(ToString::to_string).collect(),
+        };
+        let resp = self.client.clone().missing_blobs(req).await?.into_inner();
+        resp.missing.iter().map(|d| digest(d)).collect()
+    }
+
+    /// Opens an upload session. `None` when the registry already has the blob.
+    pub async fn start_upload(&self, blob: Digest, size: u64) -> Result<Option<(String, u64)>> {
+        let resp = self
+            .client
+            .clone()
+            .start_upload(pb::StartUploadRequest {
+                digest: blob.to_string(),
+                size,
+            })
+            .await?
+            .into_inner();
+        Ok((!resp.present).then_some((resp.upload_id, resp.offset)))
+    }
+
+    /// Where an upload session stands.
+    pub async fn upload_offset(&self, upload_id: &str) -> Result<u64> {
+        let req = pb::GetUploadRequest {
+            upload_id: upload_id.to_owned(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .get_upload(req)
+            .await?
+            .into_inner()
+            .offset)
+    }
+
+    /// Sends a raw stream of chunks to a session. Returns `(committed, offset)`.
+    pub async fn upload_stream(
+        &self,
+        chunks: impl Stream<Item = pb::UploadChunk> + Send + 'static,
+    ) -> Result<(bool, u64)> {
+        let resp = self.client.clone().upload_blob(chunks).await?.into_inner();
+        Ok((resp.committed, resp.offset))
+    }
+
+    /// Uploads a file as blob `blob`, resuming where the registry stands after a broken
+    /// stream. Returns the bytes actually sent (0 when the registry had it).
+    pub async fn upload_file(
+        &self,
+        path: &Path,
+        blob: Digest,
+        size: u64,
+        progress: &ProgressBar,
+    ) -> Result<u64> {
+        let Some((upload_id, mut offset)) = self.start_upload(blob, size).await? else {
+            progress.inc(size);
+            return Ok(0);
+        };
+        progress.inc(offset);
+        let mut sent = 0;
+        for attempt in 0..=RESUMES {
+            let start = offset;
+            let chunks = file_chunks(
+                path.to_owned(),
+                upload_id.clone(),
+                offset,
+                size,
+                progress.clone(),
+            );
+            match self.upload_stream(chunks).await {
+                Ok((true, end)) => return Ok(sent + end - start),
+                Ok((false, at)) => {
+                    sent += at - start;
+                    offset = at;
+                }
+                Err(Error::Rpc(s)) if attempt < RESUMES && is_transient(s.code()) => {
+                    tracing::warn!(blob = %blob, error = %s, "upload interrupted; resuming");
+                    let at = self.upload_offset(&upload_id).await?;
+                    sent += at.saturating_sub(start);
+                    progress.set_position(
+                        progress
+                            .position()
+                            .saturating_sub(offset.saturating_sub(at)),
+                    );
+                    offset = at;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Invalid(format!(
+            "upload of {blob} did not complete after {RESUMES} resumes"
+        )))
+    }
+
+    /// Downloads a blob into `partial`, resuming from its current length, and verifies the
+    /// whole file's blake3 against `blob`. Returns the bytes transferred.
+    pub async fn download_to(
+        &self,
+        blob: Digest,
+        partial: &Path,
+        progress: &ProgressBar,
+    ) -> Result<u64> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(partial)
+            .at(partial)?;
+        let mut received = 0;
+        for attempt in 0..=RESUMES {
+            let offset = file.metadata().at(partial)?.len();
+            progress.set_position(offset);
+            let req = pb::DownloadBlobRequest {
+                digest: blob.to_string(),
+                offset,
+            };
+            let result = async {
+                let mut stream = self.client.clone().download_blob(req).await?.into_inner();
+                while let Some(chunk) = stream.message().await? {
+                    file.write_all(&chunk.data).at(partial)?;
+                    received += chunk.data.len() as u64;
+                    progress.inc(chunk.data.len() as u64);
+                }
+                Ok::<_, Error>(())
+            }
+            .await;
+            match result {
+                Ok(()) => break,
+                Err(Error::Rpc(s)) if attempt < RESUMES && is_transient(s.code()) => {
+                    tracing::warn!(blob = %blob, error = %s, "download interrupted; resuming");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        file.sync_all().at(partial)?;
+        drop(file);
+        let actual = hash_file(partial)?;
+        if actual != blob {
+            // Bad bytes are never kept: the next attempt starts clean.
+            let _ = std::fs::remove_file(partial);
+            return Err(Error::Integrity {
+                what: format!("downloaded blob {}", partial.display()),
+                expected: blob,
+                actual,
+            });
+        }
+        Ok(received)
+    }
+
+    /// Registers a base. Returns whether it was new.
+    pub async fn add_base(
+        &self,
+        name: &str,
+        fingerprint: Digest,
+        tensors: Vec<TensorInfo>,
+    ) -> Result<bool> {
+        let req = pb::AddBaseRequest {
+            name: name.to_owned(),
+            fingerprint: fingerprint.to_string(),
+            tensors: tensors.into_iter().map(Into::into).collect(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .add_base(req)
+            .await?
+            .into_inner()
+            .created)
+    }
+
+    /// A base by name or fingerprint.
+    pub async fn get_base(&self, name_or_fingerprint: &str) -> Result<Base> {
+        let req = pb::GetBaseRequest {
+            name_or_fingerprint: name_or_fingerprint.to_owned(),
+        };
+        base_from_pb(self.client.clone().get_base(req).await?.into_inner())
+    }
+
+    /// Every base.
+    pub async fn list_bases(&self) -> Result<Vec<Base>> {
+        let resp = self
+            .client
+            .clone()
+            .list_bases(pb::ListBasesRequest {})
+            .await?
+            .into_inner();
+        resp.bases.into_iter().map(base_from_pb).collect()
+    }
+
+    /// Pushes a manifest. Returns `(version, digest, created)`.
+    pub async fn push_manifest(
+        &self,
+        repository: &str,
+        manifest: &Manifest,
+        tags: &[String],
+    ) -> Result<(u64, Digest, bool)> {
+        let req = pb::PushManifestRequest {
+            repository: repository.to_owned(),
+            manifest: manifest.canonical_json(),
+            tags: tags.to_vec(),
+        };
+        let resp = self.client.clone().push_manifest(req).await?.into_inner();
+        let d = digest(&resp.digest)?;
+        if d != manifest.digest() {
+            return Err(Error::Integrity {
+                what: "pushed manifest".into(),
+                expected: manifest.digest(),
+                actual: d,
+            });
+        }
+        Ok((resp.version, d, resp.created))
+    }
+
+    /// Resolves a reference and checks the manifest bytes against their digest.
+    pub async fn resolve(&self, reference: &str) -> Result<Resolved> {
+        let resp = self
+            .client
+            .clone()
+            .resolve(pb::ResolveRequest {
+                reference: reference.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let d = digest(&resp.digest)?;
+        let actual = Digest::of(&resp.manifest);
+        if actual != d {
+            return Err(Error::Integrity {
+                what: format!("manifest of {reference}"),
+                expected: d,
+                actual,
+            });
+        }
+        let manifest = Manifest::from_json(&resp.manifest)?;
+        Ok(Resolved {
+            repository: resp.repository,
+            version: resp.version,
+            digest: d,
+            manifest,
+            tags: resp.tags,
+        })
+    }
+
+    /// Repositories, optionally in one namespace.
+    pub async fn list_repositories(&self, namespace: &str) -> Result<Vec<pb::RepositorySummary>> {
+        let req = pb::ListRepositoriesRequest {
+            namespace: namespace.to_owned(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .list_repositories(req)
+            .await?
+            .into_inner()
+            .repositories)
+    }
+
+    /// Versions of a repository, newest first.
+    pub async fn list_versions(&self, repository: &str) -> Result<Vec<pb::VersionInfo>> {
+        let req = pb::ListVersionsRequest {
+            repository: repository.to_owned(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .list_versions(req)
+            .await?
+            .into_inner()
+            .versions)
+    }
+
+    /// Deltas matching filters (empty strings match everything).
+    pub async fn search(
+        &self,
+        namespace: &str,
+        base_fingerprint: Option<Digest>,
+        method: &str,
+        annotations: BTreeMap<String, String>,
+    ) -> Result<Vec<pb::DeltaSummary>> {
+        let req = pb::SearchDeltasRequest {
+            namespace: namespace.to_owned(),
+            base_fingerprint: base_fingerprint.map(|d| d.to_string()).unwrap_or_default(),
+            method: method.to_owned(),
+            annotations: annotations.into_iter().collect(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .search_deltas(req)
+            .await?
+            .into_inner()
+            .deltas)
+    }
+
+    /// Points `tag` at what `reference` resolves to; with `expected`, only if the tag now
+    /// points at that version (0: absent). Returns `(version, previous)`.
+    pub async fn set_tag(
+        &self,
+        reference: &str,
+        tag: &str,
+        expected: Option<u64>,
+    ) -> Result<(u64, u64)> {
+        let req = pb::SetTagRequest {
+            reference: reference.to_owned(),
+            tag: tag.to_owned(),
+            expected_version: expected,
+        };
+        let resp = self.client.clone().set_tag(req).await?.into_inner();
+        Ok((resp.version, resp.previous_version))
+    }
+}
+
+fn base_from_pb(b: pb::BaseRecord) -> Result<Base> {
+    Ok(Base {
+        name: b.name,
+        fingerprint: digest(&b.fingerprint)?,
+        tensors: b.tensors.into_iter().map(Into::into).collect(),
+    })
+}
+
+fn is_transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::Internal
+            | Code::DeadlineExceeded
+    )
+}
+
+/// blake3 of a file, memory-mapped and hashed with every core.
+pub fn hash_file(path: &Path) -> Result<Digest> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(path).at(path)?;
+    Ok(Digest::from_hash(h.finalize()))
+}
+
+/// Reads `path` from `offset` to `size` as upload chunks, on a blocking thread.
+fn file_chunks(
+    path: std::path::PathBuf,
+    upload_id: String,
+    offset: u64,
+    size: u64,
+    progress: ProgressBar,
+) -> impl Stream<Item = pb::UploadChunk> + Send + 'static {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::task::spawn_blocking(move || {
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot read upload source");
+                return;
+            }
+        };
+        if let Err(e) = file.seek(SeekFrom::Start(offset)) {
+            tracing::error!(path = %path.display(), error = %e, "cannot seek upload source");
+            return;
+        }
+        let mut at = offset;
+        let mut first = true;
+        while at < size {
+            let n = CHUNK_SIZE.min((size - at) as usize);
+            let mut buf = vec![0u8; n];
+            if let Err(e) = file.read_exact(&mut buf) {
+                tracing::error!(path = %path.display(), error = %e, "upload source changed while uploading");
+                return;
+            }
+            let id = if first {
+                upload_id.clone()
+            } else {
+                String::new()
+            };
+            first = false;
+            if tx
+                .blocking_send(pb::UploadChunk {
+                    upload_id: id,
+                    offset: at,
+                    data: Bytes::from(buf),
+                })
+                .is_err()
+            {
+                return;
+            }
+            progress.inc(n as u64);
+            at += n as u64;
+        }
+    });
+    ReceiverStream::new(rx)
+}

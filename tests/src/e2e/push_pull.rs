@@ -1,0 +1,313 @@
+//! Push → pull round trips, dedup, caching, listing, tags.
+
+use delta_client::delta::Format;
+use delta_client::hub;
+use serde_json::json;
+
+use super::{Env, hidden};
+use crate::fixtures;
+
+#[tokio::test]
+async fn peft_folder_round_trips_with_identical_tensor_bytes() {
+    let env = Env::start().await;
+    let peft = env.path("peft");
+    fixtures::write_peft_lora(&peft, 7, 4);
+    let pushed = hub::push(
+        &env.remote,
+        &peft,
+        "team-a/sst2-lora:prod",
+        "tiny",
+        &[],
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pushed.version, 1);
+    assert!(pushed.bytes_uploaded > 0);
+
+    let out = env.path("pulled-peft");
+    hub::pull(
+        &env.remote,
+        &env.cache,
+        "team-a/sst2-lora:prod",
+        &out,
+        Format::Peft,
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        fixtures::tensor_bytes(&out.join("adapter_model.safetensors")),
+        fixtures::tensor_bytes(&peft.join("adapter_model.safetensors")),
+    );
+    let original: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(peft.join("adapter_config.json")).unwrap()).unwrap();
+    let back: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(original, back);
+
+    // The PEFT config fields are understood, not only carried.
+    let resolved = env.remote.resolve("team-a/sst2-lora").await.unwrap();
+    let lora = resolved.manifest.config.lora.clone().unwrap();
+    assert!(lora.use_rslora);
+    assert_eq!(lora.lora_alpha, 16.0);
+    assert_eq!(lora.alpha_pattern["value"], 32.0);
+    assert_eq!(
+        lora.scale_for("encoder.layer.0.attention.self.value"),
+        32.0 / 2.0
+    );
+    assert_eq!(resolved.manifest.base.name.as_deref(), Some("tiny"));
+    assert!(
+        resolved
+            .manifest
+            .tensors()
+            .any(|(_, t)| t.name == "encoder.layer.0.attention.self.query.lora_A")
+    );
+}
+
+#[tokio::test]
+async fn native_round_trip_dedup_and_cache() {
+    let env = Env::start().await;
+    let native = env.path("native");
+    fixtures::write_native_lora(&native, 3, 2, json!({"task": "sentiment"}));
+    let first = hub::push(
+        &env.remote,
+        &native,
+        "team-a/native",
+        "tiny",
+        &[],
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((first.version, first.blobs_uploaded), (1, 1));
+
+    // Re-pushing the same delta sends no blob bytes and makes no new version.
+    let again = hub::push(
+        &env.remote,
+        &native,
+        "team-a/native",
+        "tiny",
+        &[],
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            again.version,
+            again.created,
+            again.bytes_uploaded,
+            again.blobs_uploaded
+        ),
+        (1, false, 0, 0)
+    );
+    assert_eq!(again.digest, first.digest);
+
+    let out = env.path("pulled");
+    let pulled = hub::pull(
+        &env.remote,
+        &env.cache,
+        "team-a/native:v1",
+        &out,
+        Format::Native,
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert!(pulled.bytes_downloaded > 0);
+    assert_eq!(
+        std::fs::read(out.join("delta.safetensors")).unwrap(),
+        std::fs::read(native.join("delta.safetensors")).unwrap()
+    );
+    // The pulled folder is itself a pushable native delta with the same digest.
+    let repush = hub::push(&env.remote, &out, "team-a/native", "tiny", &[], &hidden())
+        .await
+        .unwrap();
+    assert_eq!((repush.digest, repush.created), (first.digest, false));
+
+    // Pulling what is cached transfers nothing.
+    let by_digest = format!("team-a/native@{}", first.digest);
+    let cached = hub::pull(
+        &env.remote,
+        &env.cache,
+        &by_digest,
+        &env.path("again"),
+        Format::Native,
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cached.bytes_downloaded, 0);
+
+    // A second version of the same repository; latest follows it.
+    let v2 = env.path("v2");
+    fixtures::write_native_lora(&v2, 4, 2, json!({"task": "topic"}));
+    let second = hub::push(
+        &env.remote,
+        &v2,
+        "team-a/native:candidate",
+        "tiny",
+        &[],
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(second.version, 2);
+    assert_eq!(
+        env.remote.resolve("team-a/native").await.unwrap().version,
+        2
+    );
+    assert_eq!(
+        env.remote
+            .resolve("team-a/native:candidate")
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    assert_eq!(
+        env.remote.resolve("team-a/native:v1").await.unwrap().digest,
+        first.digest
+    );
+}
+
+#[tokio::test]
+async fn listing_search_tags_and_the_cli() {
+    let env = Env::start().await;
+    for (i, (repo, task)) in [
+        ("team-a/one", "sentiment"),
+        ("team-a/two", "topic"),
+        ("team-b/three", "sentiment"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dir = env.path(&format!("d{i}"));
+        fixtures::write_native_lora(&dir, 10 + i as u64, 2, json!({"task": task}));
+        env.cli(&["push", dir.to_str().unwrap(), repo, "--base", "tiny"])
+            .await
+            .unwrap();
+    }
+    let team_a = env.remote.list_repositories("team-a").await.unwrap();
+    assert_eq!(
+        team_a
+            .iter()
+            .map(|r| r.repository.as_str())
+            .collect::<Vec<_>>(),
+        ["team-a/one", "team-a/two"]
+    );
+
+    let fp = env.remote.get_base("tiny").await.unwrap().fingerprint;
+    let for_base = env
+        .remote
+        .search("", Some(fp), "", Default::default())
+        .await
+        .unwrap();
+    assert_eq!(for_base.len(), 3);
+    let sentiment = env
+        .remote
+        .search(
+            "",
+            None,
+            "lora",
+            [("task".to_owned(), "sentiment".to_owned())].into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sentiment
+            .iter()
+            .map(|d| d.repository.as_str())
+            .collect::<Vec<_>>(),
+        ["team-a/one", "team-b/three"]
+    );
+    assert!(
+        env.remote
+            .search("", None, "ia3", Default::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Tags: set, compare-and-swap, refuse reserved names.
+    env.cli(&["tag", "team-a/one:v1", "prod"]).await.unwrap();
+    assert_eq!(
+        env.remote.resolve("team-a/one:prod").await.unwrap().version,
+        1
+    );
+    let lost = env
+        .cli(&["tag", "team-a/one:v1", "prod", "--expect", "none"])
+        .await
+        .unwrap_err();
+    assert!(format!("{lost:#}").contains("points at v1"), "{lost:#}");
+    for reserved in ["latest", "v2"] {
+        assert!(
+            env.cli(&["tag", "team-a/one:v1", reserved]).await.is_err(),
+            "{reserved} accepted"
+        );
+    }
+
+    // Every read-only command runs, in both output modes.
+    for args in [
+        vec!["ls"],
+        vec!["ls", "team-a"],
+        vec!["ls", "--base", "tiny"],
+        vec!["ls", "--method", "lora", "--annotation", "task=topic"],
+        vec!["show", "team-a/one:prod"],
+        vec!["base", "ls"],
+        vec!["fingerprint", env.base.to_str().unwrap()],
+    ] {
+        env.cli(&args).await.unwrap();
+        let mut json = vec!["--json"];
+        json.extend(args.iter());
+        env.cli(&json).await.unwrap();
+    }
+    let out = env.path("cli-pull");
+    env.cli(&[
+        "pull",
+        "team-b/three",
+        "-o",
+        out.to_str().unwrap(),
+        "--format",
+        "peft",
+    ])
+    .await
+    .unwrap();
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert!(out.join("adapter_config.json").is_file());
+}
+
+#[tokio::test]
+async fn restart_on_the_same_data_dir_serves_everything_again() {
+    let env = Env::start().await;
+    let native = env.path("native");
+    fixtures::write_native_lora(&native, 5, 2, json!({}));
+    let pushed = hub::push(&env.remote, &native, "team-a/keep", "tiny", &[], &hidden())
+        .await
+        .unwrap();
+    let Env {
+        registry,
+        work,
+        base,
+        ..
+    } = env;
+    let dir = registry.stop().await;
+    let again = crate::TestRegistry::start_in(dir, delta_registry::RegistryConfig::for_test).await;
+    let remote = again.remote().await;
+    let cache = delta_client::Cache::new(&work.path().join("fresh-cache"));
+    let out = work.path().join("out");
+    let pulled = hub::pull(
+        &remote,
+        &cache,
+        "team-a/keep",
+        &out,
+        Format::Native,
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(pulled.digest, pushed.digest);
+    assert!(base.is_file());
+    assert_eq!(remote.list_bases().await.unwrap().len(), 1);
+}
