@@ -91,7 +91,8 @@ pub fn prepare(dir: &Path, base: &Base) -> Result<PreparedDelta> {
     Ok(prepared)
 }
 
-fn file_entry(path: &Path) -> Result<FileEntry> {
+/// A manifest file entry for a safetensors file: digest, size, sorted tensor table.
+pub fn file_entry(path: &Path) -> Result<FileEntry> {
     let file = TensorFile::open(path)?;
     let mut tensors: Vec<TensorInfo> = file
         .tensors()
@@ -130,15 +131,14 @@ fn prepare_native(dir: &Path, base: &Base) -> Result<PreparedDelta> {
         .get("base")
         .and_then(|b| b.get("fingerprint"))
         .and_then(Value::as_str)
+        && fp != base.fingerprint.to_string()
     {
-        if fp != base.fingerprint.to_string() {
-            return Err(Error::Invalid(format!(
-                "{} says the delta belongs to base {fp}, but --base {} is {}",
-                mpath.display(),
-                base.name,
-                base.fingerprint
-            )));
-        }
+        return Err(Error::Invalid(format!(
+            "{} says the delta belongs to base {fp}, but --base {} is {}",
+            mpath.display(),
+            base.name,
+            base.fingerprint
+        )));
     }
     let mut names: Vec<String> = match obj.get("files").and_then(Value::as_array) {
         Some(files) => files

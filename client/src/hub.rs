@@ -229,3 +229,111 @@ pub fn verify_cached(cache: &Cache, d: &Digest) -> Result<()> {
     }
     Ok(())
 }
+
+/// Loads a delta named by a folder path (native or PEFT) or a registry reference, for
+/// merging onto `base` (the base's fingerprint and tensor table). A folder without a
+/// recorded base is taken to belong to `base`.
+pub async fn load_delta(
+    remote: Option<&Remote>,
+    cache: &Cache,
+    spec: &str,
+    base: &crate::remote::Base,
+    progress: &ProgressBar,
+) -> Result<crate::apply::LoadedDelta> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        let mut own = base.clone();
+        own.name = format!("the base of {spec}");
+        let recorded = std::fs::read(path.join(delta::NATIVE_MANIFEST))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| {
+                v.get("base")?
+                    .get("fingerprint")?
+                    .as_str()?
+                    .parse::<Digest>()
+                    .ok()
+            });
+        if let Some(fp) = recorded {
+            own.fingerprint = fp;
+        }
+        let prepared = delta::prepare(path, &own)?;
+        return crate::apply::LoadedDelta::open(spec, prepared.manifest.clone(), &prepared.paths);
+    }
+    let remote = remote.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{spec} is not a folder, and no registry is reachable to pull it"
+        ))
+    })?;
+    let report = fetch(remote, cache, spec, progress).await?;
+    let label = format!("{}:v{}", report.repository, report.version);
+    crate::apply::LoadedDelta::open(&label, report.manifest, &report.blobs)
+}
+
+/// Puts every delta's parents before it, pulling missing ones from the registry (or
+/// refusing, with `no_deps`). A parent is matched by manifest digest.
+pub async fn with_parents(
+    deltas: Vec<crate::apply::LoadedDelta>,
+    remote: Option<&Remote>,
+    cache: &Cache,
+    no_deps: bool,
+    progress: &ProgressBar,
+) -> Result<Vec<crate::apply::LoadedDelta>> {
+    let mut out: Vec<crate::apply::LoadedDelta> = Vec::new();
+    let mut pending: Vec<crate::apply::LoadedDelta> = deltas.into_iter().rev().collect();
+    let mut fetched = 0;
+    while let Some(d) = pending.pop() {
+        let missing = d
+            .manifest
+            .parents
+            .iter()
+            .find(|p| !out.iter().any(|o| o.digest == p.digest))
+            .cloned();
+        let Some(parent) = missing else {
+            out.push(d);
+            continue;
+        };
+        if no_deps {
+            return Err(Error::Invalid(format!(
+                "{} was trained on top of {} ({}), which must be applied before it; name it first, or drop --no-deps to pull it",
+                d.label,
+                parent.digest,
+                parent
+                    .reference
+                    .as_deref()
+                    .unwrap_or("no reference recorded")
+            )));
+        }
+        fetched += 1;
+        if fetched > 64 {
+            return Err(Error::Invalid(format!(
+                "{}: parent chain longer than 64 or cyclic",
+                d.label
+            )));
+        }
+        let repo = parent
+            .reference
+            .as_deref()
+            .and_then(|r| r.parse::<Reference>().ok())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: parent {} has no reference to pull it from",
+                    d.label, parent.digest
+                ))
+            })?
+            .repository;
+        let remote = remote.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: parent {} must be pulled, but no registry is reachable",
+                d.label, parent.digest
+            ))
+        })?;
+        let spec = format!("{repo}@{}", parent.digest);
+        let report = fetch(remote, cache, &spec, progress).await?;
+        let loaded = crate::apply::LoadedDelta::open(&spec, report.manifest, &report.blobs)?;
+        tracing::info!(parent = %spec, child = %d.label, "pulled a missing parent");
+        pending.push(d);
+        pending.push(loaded);
+    }
+    Ok(out)
+}

@@ -2,6 +2,9 @@
 //! handling, and the `delta` CLI built on it.
 //!
 //! # Layout
+//! - `apply`: merging deltas into a base model ([`apply::apply`]).
+//! - `compose`: combining deltas into a new delta ([`compose::compose`]).
+//! - `numeric`: dtype conversion, the LoRA SGEMM, truncated SVD, seeded RNG.
 //! - `remote`: [`Remote`], the typed registry client (resumable uploads and downloads).
 //! - `hub`: push, fetch and pull as library calls, and the content-addressed [`Cache`].
 //! - `delta`: native and PEFT delta folders, read and written.
@@ -9,10 +12,13 @@
 //! - `cli`: the `delta` command line (one module per subcommand).
 //! - `error`: [`Error`].
 
+pub mod apply;
 pub mod cli;
+pub mod compose;
 pub mod delta;
 pub mod error;
 pub mod hub;
+pub mod numeric;
 pub mod remote;
 pub mod tensors;
 

@@ -310,10 +310,10 @@ impl Manifest {
                 "a lora delta needs its LoRA settings (r, lora_alpha)",
             ));
         }
-        if let Some(l) = &self.config.lora {
-            if l.r == 0 || !l.lora_alpha.is_finite() {
-                return Err(field("config.lora", "r must be ≥ 1 and lora_alpha finite"));
-            }
+        if let Some(l) = &self.config.lora
+            && (l.r == 0 || !l.lora_alpha.is_finite())
+        {
+            return Err(field("config.lora", "r must be ≥ 1 and lora_alpha finite"));
         }
         if self.files.is_empty() {
             return Err(field("files", "a delta has at least one tensor file"));

@@ -567,14 +567,14 @@ impl MetaStore for SqliteMeta {
                 })
                 .optional()?
                 .map_or(0, |v| v as u64);
-            if let Some(expected) = expected {
-                if expected != current {
-                    return Err(Error::FailedPrecondition(format!(
-                        "tag {repo}:{tag} points at {}, not the expected {}",
-                        version_name(current),
-                        version_name(expected)
-                    )));
-                }
+            if let Some(expected) = expected
+                && expected != current
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "tag {repo}:{tag} points at {}, not the expected {}",
+                    version_name(current),
+                    version_name(expected)
+                )));
             }
             tx.execute(
                 "INSERT INTO tags (repository, tag, version, updated_at) VALUES (?1, ?2, ?3, ?4)

@@ -116,10 +116,10 @@ impl Session {
 
     /// Abandons the write; nothing becomes visible.
     pub(crate) async fn abort(&mut self) {
-        if let Some(w) = self.writer.take() {
-            if let Err(e) = w.abort().await {
-                tracing::warn!(upload = %self.id, error = %e, "aborting an upload failed");
-            }
+        if let Some(w) = self.writer.take()
+            && let Err(e) = w.abort().await
+        {
+            tracing::warn!(upload = %self.id, error = %e, "aborting an upload failed");
         }
     }
 }
@@ -152,15 +152,14 @@ impl Uploads {
     ) -> Result<(String, u64)> {
         let candidates: Vec<_> = self.map().values().cloned().collect();
         for s in candidates {
-            if let Ok(mut guard) = s.try_lock() {
-                if guard.parked
-                    && guard.digest == digest
-                    && guard.size == size
-                    && guard.writer.is_some()
-                {
-                    guard.parked = false;
-                    return Ok((guard.id.clone(), guard.received));
-                }
+            if let Ok(mut guard) = s.try_lock()
+                && guard.parked
+                && guard.digest == digest
+                && guard.size == size
+                && guard.writer.is_some()
+            {
+                guard.parked = false;
+                return Ok((guard.id.clone(), guard.received));
             }
         }
         if self.map().len() >= self.max_open {

@@ -26,12 +26,11 @@ pub fn values(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// An f32 tensor: name, shape, values.
+pub type F32Tensor = (String, Vec<usize>, Vec<f32>);
+
 /// Writes f32 tensors `(name, shape, values)` to a safetensors file.
-pub fn write_f32(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    metadata: Option<HashMap<String, String>>,
-) {
+pub fn write_f32(path: &Path, tensors: &[F32Tensor], metadata: Option<HashMap<String, String>>) {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -55,7 +54,7 @@ pub fn write_f32(
 
 /// The tiny base's tensors: per layer, query/value weights `[H, H]` with biases, and an
 /// intermediate weight `[2H, H]`.
-pub fn base_tensors(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn base_tensors(seed: u64) -> Vec<F32Tensor> {
     let mut out = Vec::new();
     for l in 0..LAYERS {
         for (i, m) in ["query", "value"].iter().enumerate() {
@@ -86,7 +85,7 @@ pub fn write_base(path: &Path, seed: u64) {
 }
 
 /// LoRA tensors on query and value of every layer, native names.
-pub fn lora_tensors(seed: u64, r: usize) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn lora_tensors(seed: u64, r: usize) -> Vec<F32Tensor> {
     let mut out = Vec::new();
     for l in 0..LAYERS {
         for (i, m) in ["query", "value"].iter().enumerate() {

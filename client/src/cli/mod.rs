@@ -9,7 +9,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::hub::Cache;
 use crate::remote::Remote;
 
+pub mod apply;
 pub mod base;
+pub mod compose;
 pub mod fingerprint;
 pub mod ls;
 pub mod pull;
@@ -62,6 +64,10 @@ pub enum Command {
     Show(show::Args),
     /// Point a tag at a version.
     Tag(tag::Args),
+    /// Merge deltas into a base model and write safetensors.
+    Apply(apply::Args),
+    /// Combine deltas into a new delta (parallel or sequential; cat, linear, ties, dare, ...).
+    Compose(compose::Args),
 }
 
 /// What every subcommand gets.
@@ -126,6 +132,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ls(a) => ls::run(a, &ctx).await,
         Command::Show(a) => show::run(a, &ctx).await,
         Command::Tag(a) => tag::run(a, &ctx).await,
+        Command::Apply(a) => apply::run(a, &ctx).await,
+        Command::Compose(a) => compose::run(a, &ctx).await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests against real registries on 127.0.0.1.
 
 mod bad_input;
+mod compose_apply;
 mod concurrency;
 mod grpc_python;
 mod push_pull;

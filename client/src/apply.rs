@@ -1,0 +1,635 @@
+//! `apply`: merges deltas into a base model and writes one safetensors file in the base's
+//! dtype (arithmetic in f32).
+//!
+//! Per delta, on each base tensor, in this order: replacements, then additive terms (LoRA
+//! `w·s·B·A`, LoRA bias, dense and sparse diffs), then IA3 scaling. With a weight `w`, a
+//! replacement becomes `T + w·(R − T)` and an IA3 vector `1 + w·(l − 1)`, so `w = 1` is the
+//! delta itself and `w = 0` is the base.
+//!
+//! - *Sequential* (`--sequential`, or any delta with parents): each delta acts on the result
+//!   of the ones before it, so `IA3 then LoRA` is `(W ⊙ l) + BA` and `LoRA then IA3` is
+//!   `(W + BA) ⊙ l`.
+//! - *Parallel* (default): each delta's change is computed against the base and the changes
+//!   are added: `W + Σ (f_i(W) − W)`. For additive deltas both modes give `W + Σ w_i ΔW_i`.
+//!
+//! The output is laid out and filled in a memory-mapped temp file next to `out`, tensors in
+//! parallel, then fsync'd and renamed: a half-written output is never visible.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use delta_proto::Digest;
+use delta_proto::manifest::{Manifest, Role, TensorInfo, classify, module_matches};
+use delta_proto::safetensors::{TensorEntry, dtype_size};
+use memmap2::MmapMut;
+use rayon::prelude::*;
+
+use crate::error::{Error, IoContext, Result};
+use crate::numeric::{LoraShape, add_lora, from_f32, to_f32, to_i64};
+use crate::tensors::{Model, TensorFile};
+
+/// A delta loaded for merging: its manifest and mapped tensor files.
+#[derive(Debug)]
+pub struct LoadedDelta {
+    /// Where it came from (a reference or a folder), for messages.
+    pub label: String,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Its manifest digest.
+    pub digest: Digest,
+    files: Vec<TensorFile>,
+    index: HashMap<String, (usize, usize)>,
+}
+
+impl LoadedDelta {
+    /// Opens the files of `manifest` (in manifest order) and checks they hold what it says.
+    pub fn open(label: &str, manifest: Manifest, paths: &[std::path::PathBuf]) -> Result<Self> {
+        let files = paths
+            .iter()
+            .map(|p| TensorFile::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut index = HashMap::new();
+        for (fi, f) in files.iter().enumerate() {
+            for (ti, t) in f.tensors().iter().enumerate() {
+                index.insert(t.name.clone(), (fi, ti));
+            }
+        }
+        for (_, t) in manifest.tensors() {
+            if !index.contains_key(&t.name) {
+                return Err(Error::Invalid(format!(
+                    "{label}: tensor {} is in the manifest but not in the files",
+                    t.name
+                )));
+            }
+        }
+        Ok(Self {
+            label: label.to_owned(),
+            digest: manifest.digest(),
+            manifest,
+            files,
+            index,
+        })
+    }
+
+    fn entry(&self, name: &str) -> Result<(&TensorEntry, &[u8])> {
+        let &(fi, ti) = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("{}: no tensor {name}", self.label)))?;
+        let f = &self.files[fi];
+        let t = &f.tensors()[ti];
+        Ok((t, f.data(t)))
+    }
+
+    /// A tensor's raw bytes.
+    pub fn raw(&self, name: &str) -> Result<&[u8]> {
+        Ok(self.entry(name)?.1)
+    }
+
+    /// A tensor as f32.
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        let (t, data) = self.entry(name)?;
+        to_f32(&t.dtype, data)
+    }
+
+    /// A tensor's shape.
+    pub fn shape(&self, name: &str) -> Result<Vec<u64>> {
+        Ok(self.entry(name)?.0.shape.clone())
+    }
+
+    /// Names of every tensor.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.manifest.tensors().map(|(_, t)| t.name.as_str())
+    }
+
+    /// Fails if any float tensor holds NaN or ±Inf, naming it.
+    pub fn check_finite(&self) -> Result<()> {
+        for name in self.names() {
+            let (t, data) = self.entry(name)?;
+            if t.dtype == "I64" {
+                continue;
+            }
+            if let Some(pos) = to_f32(&t.dtype, data)?.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "{}: tensor {name} has a non-finite value at index {pos} (use --allow-nonfinite to apply it anyway)",
+                    self.label
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Options for [`apply`].
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// One weight per delta (default 1).
+    pub weights: Vec<f32>,
+    /// Each delta acts on the result of the previous ones.
+    pub sequential: bool,
+    /// Apply even when a delta's base fingerprint differs from the base's.
+    pub force: bool,
+    /// Accept NaN/Inf in deltas.
+    pub allow_nonfinite: bool,
+    /// Replace an existing output file.
+    pub overwrite: bool,
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Base tensors changed.
+    pub changed: usize,
+    /// Tensors added (heads).
+    pub added: usize,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Deltas whose base fingerprint did not match, applied because of `force`.
+    pub forced: Vec<String>,
+}
+
+/// One operation on one base tensor.
+#[derive(Debug, Clone)]
+enum Op {
+    Replace {
+        name: String,
+    },
+    Lora {
+        a: String,
+        b: String,
+        scale: f32,
+        transposed: bool,
+    },
+    LoraBias {
+        name: String,
+        scale: f32,
+    },
+    Diff {
+        name: String,
+    },
+    Sparse {
+        indices: String,
+        values: String,
+    },
+    Ia3 {
+        name: String,
+        input_side: bool,
+    },
+}
+
+impl Op {
+    fn rank(&self) -> u8 {
+        match self {
+            Op::Replace { .. } => 0,
+            Op::Ia3 { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A base tensor's plan: `(delta index, weight, op)` in application order.
+type Plan = Vec<(usize, f32, Op)>;
+/// Plans by base tensor name.
+type Plans = BTreeMap<String, Plan>;
+/// Added tensors: name → (delta index, weight).
+type Added = BTreeMap<String, (usize, f32)>;
+
+fn plan(base: &Model, deltas: &[LoadedDelta], weights: &[f32]) -> Result<(Plans, Added)> {
+    let mut plans = Plans::new();
+    let mut added = Added::new();
+    for (di, d) in deltas.iter().enumerate() {
+        let w = weights[di];
+        let lora = d.manifest.config.lora.as_ref();
+        let fan = lora.is_some_and(|l| l.fan_in_fan_out);
+        let mut ops: Vec<(String, Op)> = Vec::new();
+        for name in d.names() {
+            let op = match classify(name) {
+                Role::LoraA(m) => {
+                    let cfg = lora.ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "{}: {name} but no LoRA settings in the manifest",
+                            d.label
+                        ))
+                    })?;
+                    let target = format!("{m}.weight");
+                    Some((
+                        target,
+                        Op::Lora {
+                            a: name.to_owned(),
+                            b: format!("{m}.lora_B"),
+                            scale: cfg.scale_for(m) as f32,
+                            transposed: fan,
+                        },
+                    ))
+                }
+                Role::LoraBias(m) => {
+                    let cfg = lora.ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "{}: {name} but no LoRA settings in the manifest",
+                            d.label
+                        ))
+                    })?;
+                    Some((
+                        format!("{m}.bias"),
+                        Op::LoraBias {
+                            name: name.to_owned(),
+                            scale: cfg.scale_for(m) as f32,
+                        },
+                    ))
+                }
+                Role::Ia3(m) => {
+                    let target = format!("{m}.weight");
+                    let (entry, _) = base.get(&target).ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "{}: {name} targets {target}, which the base lacks",
+                            d.label
+                        ))
+                    })?;
+                    let len = d.shape(name)?.first().copied().unwrap_or(0);
+                    let ia3 = d.manifest.config.ia3.as_ref();
+                    let ff = ia3.is_some_and(|c| {
+                        c.feedforward_modules.iter().any(|k| module_matches(k, m))
+                    });
+                    let transposed = ia3.is_some_and(|c| c.fan_in_fan_out);
+                    let (out, inp) = match entry.shape.as_slice() {
+                        [o, i] if transposed => (*i, *o),
+                        [o, i] => (*o, *i),
+                        _ => {
+                            return Err(Error::Invalid(format!(
+                                "{}: {name} targets a tensor that is not 2-D",
+                                d.label
+                            )));
+                        }
+                    };
+                    let input_side = if out == inp { ff } else { len == inp };
+                    Some((
+                        target,
+                        Op::Ia3 {
+                            name: name.to_owned(),
+                            input_side: input_side != transposed,
+                        },
+                    ))
+                }
+                Role::Diff(t) => Some((
+                    t.to_owned(),
+                    Op::Diff {
+                        name: name.to_owned(),
+                    },
+                )),
+                Role::DiffIndices(t) => Some((
+                    t.to_owned(),
+                    Op::Sparse {
+                        indices: name.to_owned(),
+                        values: format!("{t}.diff_values"),
+                    },
+                )),
+                Role::Replace(t) => Some((
+                    t.to_owned(),
+                    Op::Replace {
+                        name: name.to_owned(),
+                    },
+                )),
+                Role::New(t) => {
+                    if let Some((other, _)) = added.insert(t.to_owned(), (di, w))
+                        && other != di
+                    {
+                        return Err(Error::Invalid(format!(
+                            "{} and {} both add tensor {t}; apply them separately",
+                            deltas[other].label, d.label
+                        )));
+                    }
+                    None
+                }
+                Role::LoraB(_) | Role::DiffValues(_) => None,
+                Role::Runtime => {
+                    return Err(Error::Invalid(format!(
+                        "{}: tensor {name} belongs to an adapter, prefix or prompt, which runs beside the model and cannot be merged into its weights; run it with `delta-worker predict` instead",
+                        d.label
+                    )));
+                }
+                Role::Unknown => {
+                    return Err(Error::Invalid(format!(
+                        "{}: tensor {name} has no known role",
+                        d.label
+                    )));
+                }
+            };
+            if let Some(op) = op {
+                ops.push(op);
+            }
+        }
+        ops.sort_by_key(|(_, op)| op.rank());
+        for (target, op) in ops {
+            if base.get(&target).is_none() {
+                return Err(Error::Invalid(format!(
+                    "{}: targets {target}, which the base does not have",
+                    d.label
+                )));
+            }
+            plans.entry(target).or_default().push((di, w, op));
+        }
+    }
+    Ok((plans, added))
+}
+
+fn apply_op(w: &mut [f32], shape: &[u64], d: &LoadedDelta, weight: f32, op: &Op) -> Result<()> {
+    match op {
+        Op::Replace { name } => {
+            let r = d.f32(name)?;
+            w.iter_mut()
+                .zip(&r)
+                .for_each(|(x, r)| *x += weight * (r - *x));
+        }
+        Op::Lora {
+            a,
+            b,
+            scale,
+            transposed,
+        } => {
+            let (av, bv) = (d.f32(a)?, d.f32(b)?);
+            let a_shape = d.shape(a)?;
+            let (r, inp) = (a_shape[0] as usize, a_shape[1] as usize);
+            let out = bv.len() / r.max(1);
+            add_lora(
+                w,
+                &bv,
+                &av,
+                LoraShape {
+                    out,
+                    inp,
+                    r,
+                    transposed: *transposed,
+                },
+                weight * scale,
+            )?;
+        }
+        Op::LoraBias { name, scale } => {
+            let b = d.f32(name)?;
+            w.iter_mut()
+                .zip(&b)
+                .for_each(|(x, b)| *x += weight * scale * b);
+        }
+        Op::Diff { name } => {
+            let diff = d.f32(name)?;
+            w.iter_mut().zip(&diff).for_each(|(x, v)| *x += weight * v);
+        }
+        Op::Sparse { indices, values } => {
+            let idx = to_i64(d.entry(indices)?.1);
+            let vals = d.f32(values)?;
+            for (i, v) in idx.iter().zip(&vals) {
+                let slot = usize::try_from(*i)
+                    .ok()
+                    .and_then(|i| w.get_mut(i))
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "{}: sparse index {i} in {indices} is outside the tensor ({} values)",
+                            d.label,
+                            shape.iter().product::<u64>()
+                        ))
+                    })?;
+                *slot += weight * v;
+            }
+        }
+        Op::Ia3 { name, input_side } => {
+            let l: Vec<f32> = d
+                .f32(name)?
+                .iter()
+                .map(|l| 1.0 + weight * (l - 1.0))
+                .collect();
+            let cols = shape.get(1).copied().unwrap_or(1) as usize;
+            for (row, chunk) in w.chunks_mut(cols).enumerate() {
+                if *input_side {
+                    chunk.iter_mut().zip(&l).for_each(|(x, s)| *x *= s);
+                } else {
+                    let s = l.get(row).copied().unwrap_or(1.0);
+                    chunk.iter_mut().for_each(|x| *x *= s);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs one tensor's plan on its f32 values.
+fn run_plan(
+    w: &mut [f32],
+    shape: &[u64],
+    plan: &Plan,
+    deltas: &[LoadedDelta],
+    sequential: bool,
+) -> Result<()> {
+    let additive = plan.iter().all(|(_, _, op)| op.rank() == 1);
+    if sequential || additive {
+        for (di, weight, op) in plan {
+            apply_op(w, shape, &deltas[*di], *weight, op)?;
+        }
+        return Ok(());
+    }
+    // Parallel with replacements or scaling: each delta's change is taken against the base.
+    let base = w.to_vec();
+    let mut i = 0;
+    while i < plan.len() {
+        let di = plan[i].0;
+        let mut own = base.clone();
+        while i < plan.len() && plan[i].0 == di {
+            apply_op(&mut own, shape, &deltas[di], plan[i].1, &plan[i].2)?;
+            i += 1;
+        }
+        w.iter_mut()
+            .zip(own.iter().zip(&base))
+            .for_each(|(x, (o, b))| *x += o - b);
+    }
+    Ok(())
+}
+
+/// Merges `deltas` into `base` and writes `out`.
+pub fn apply(
+    base: &Model,
+    base_fingerprint: Digest,
+    deltas: &[LoadedDelta],
+    opts: &ApplyOptions,
+    out: &Path,
+) -> Result<ApplyReport> {
+    if deltas.is_empty() {
+        return Err(Error::Invalid(
+            "nothing to apply: name at least one delta".into(),
+        ));
+    }
+    let weights: Vec<f32> = match opts.weights.len() {
+        0 => vec![1.0; deltas.len()],
+        n if n == deltas.len() => opts.weights.clone(),
+        n => {
+            return Err(Error::Invalid(format!(
+                "{n} weights for {} deltas",
+                deltas.len()
+            )));
+        }
+    };
+    if out.exists() && !opts.overwrite {
+        return Err(Error::Invalid(format!(
+            "{} exists; pass --overwrite to replace it",
+            out.display()
+        )));
+    }
+    let mut forced = Vec::new();
+    let table: BTreeMap<String, TensorInfo> = base
+        .table()
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    for d in deltas {
+        if d.manifest.base.fingerprint != base_fingerprint {
+            if !opts.force {
+                return Err(Error::Invalid(format!(
+                    "{} belongs to base {}, but the base given has fingerprint {}; refusing (--force applies it anyway)",
+                    d.label, d.manifest.base.fingerprint, base_fingerprint
+                )));
+            }
+            tracing::warn!(delta = %d.label, expected = %d.manifest.base.fingerprint, actual = %base_fingerprint, "applying to a different base because of --force");
+            forced.push(d.label.clone());
+        }
+        d.manifest
+            .check_against_base(&table)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", d.label)))?;
+        if !opts.allow_nonfinite {
+            d.check_finite()?;
+        }
+    }
+    let sequential = opts.sequential || deltas.iter().any(|d| !d.manifest.parents.is_empty());
+    let (plans, added) = plan(base, deltas, &weights)?;
+
+    // Layout: base tensors and added ones, by dtype size (largest first) then name, so
+    // every tensor is aligned to its element size.
+    enum Source<'a> {
+        Base(&'a str),
+        Added(usize, f32, &'a str),
+    }
+    let mut layout: Vec<(String, String, Vec<u64>, Source<'_>)> = Vec::new();
+    for name in base.names() {
+        let (t, _) = base
+            .get(name)
+            .ok_or_else(|| Error::Invalid(format!("base tensor {name} vanished")))?;
+        layout.push((
+            name.to_owned(),
+            t.dtype.clone(),
+            t.shape.clone(),
+            Source::Base(name),
+        ));
+    }
+    for (name, (di, w)) in &added {
+        let t = &deltas[*di].entry(&format!("{name}.new"))?.0;
+        layout.push((
+            name.clone(),
+            t.dtype.clone(),
+            t.shape.clone(),
+            Source::Added(*di, *w, name),
+        ));
+    }
+    layout.sort_by(|a, b| {
+        let (sa, sb) = (dtype_size(&a.1).unwrap_or(1), dtype_size(&b.1).unwrap_or(1));
+        sb.cmp(&sa).then_with(|| a.0.cmp(&b.0))
+    });
+    let mut header = serde_json::Map::new();
+    let metadata: serde_json::Map<String, serde_json::Value> = base
+        .files()
+        .first()
+        .map(|f| {
+            f.metadata()
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::Value::Object(metadata));
+    }
+    let mut offset = 0u64;
+    let mut sizes = Vec::with_capacity(layout.len());
+    for (name, dtype, shape, _) in &layout {
+        let n = shape.iter().product::<u64>() * dtype_size(dtype).unwrap_or(1);
+        header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}));
+        sizes.push(n as usize);
+        offset += n;
+    }
+    let mut header_bytes =
+        serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_default();
+    while !header_bytes.len().is_multiple_of(8) {
+        header_bytes.push(b' ');
+    }
+    let total = 8 + header_bytes.len() as u64 + offset;
+
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+    tmp.as_file().set_len(total).at(out)?;
+    // SAFETY: the temp file was just created by us, is not shared, and is not resized
+    // while the map lives.
+    let mut map = unsafe { MmapMut::map_mut(tmp.as_file()) }.at(out)?;
+    map[..8].copy_from_slice(&(header_bytes.len() as u64).to_le_bytes());
+    map[8..8 + header_bytes.len()].copy_from_slice(&header_bytes);
+    let mut rest = &mut map[8 + header_bytes.len()..];
+    let mut slots = Vec::with_capacity(layout.len());
+    for n in &sizes {
+        let (head, tail) = rest.split_at_mut(*n);
+        slots.push(head);
+        rest = tail;
+    }
+    let changed = layout
+        .par_iter()
+        .zip(slots.into_par_iter())
+        .map(|((name, dtype, shape, source), slot)| -> Result<usize> {
+            match source {
+                Source::Added(di, w, t) => {
+                    let v: Vec<f32> = deltas[*di]
+                        .f32(&format!("{t}.new"))?
+                        .iter()
+                        .map(|x| x * w)
+                        .collect();
+                    from_f32(dtype, &v, slot)?;
+                    Ok(0)
+                }
+                Source::Base(b) => {
+                    let (_, data) = base
+                        .get(b)
+                        .ok_or_else(|| Error::Invalid(format!("base tensor {b} vanished")))?;
+                    match plans.get(*b) {
+                        None => {
+                            slot.copy_from_slice(data);
+                            Ok(0)
+                        }
+                        Some(plan) => {
+                            let mut w = to_f32(dtype, data)
+                                .map_err(|e| Error::Invalid(format!("base tensor {name}: {e}")))?;
+                            run_plan(&mut w, shape, plan, deltas, sequential)?;
+                            from_f32(dtype, &w, slot)?;
+                            Ok(1)
+                        }
+                    }
+                }
+            }
+        })
+        .collect::<Result<Vec<usize>>>()?
+        .into_iter()
+        .sum();
+    map.flush().at(out)?;
+    drop(map);
+    tmp.as_file().sync_all().at(out)?;
+    if out.exists() && !opts.overwrite {
+        return Err(Error::Invalid(format!(
+            "{} appeared while applying; pass --overwrite to replace it",
+            out.display()
+        )));
+    }
+    tmp.persist(out).map_err(|e| Error::Io {
+        path: out.to_owned(),
+        source: e.error,
+    })?;
+    Ok(ApplyReport {
+        changed,
+        added: added.len(),
+        bytes: total,
+        forced,
+    })
+}

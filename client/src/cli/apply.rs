@@ -1,0 +1,130 @@
+//! `delta apply --base PATH REF_OR_DIR... -o OUT.safetensors [--weights ...] [--sequential]`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::{Ctx, human_bytes};
+use crate::apply::{ApplyOptions, apply};
+use crate::hub;
+use crate::remote::Base;
+use crate::tensors::Model;
+
+/// Arguments.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The base model: a safetensors file or a folder of shards.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Deltas: folders (native or PEFT) or registry references, in order.
+    #[arg(required = true)]
+    pub deltas: Vec<String>,
+    /// Output safetensors file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// One weight per delta, comma-separated (default 1 each).
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Vec<f32>,
+    /// Apply each delta to the result of the previous ones (implied when deltas have parents).
+    #[arg(long)]
+    pub sequential: bool,
+    /// Apply even to a base whose fingerprint differs from the deltas' base.
+    #[arg(long)]
+    pub force: bool,
+    /// Accept NaN/Inf values in deltas.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Refuse instead of pulling parents that are missing from the list.
+    #[arg(long)]
+    pub no_deps: bool,
+}
+
+/// Applies.
+pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    if args.output.exists() && !args.overwrite {
+        anyhow::bail!(
+            "{} exists; pass --overwrite to replace it",
+            args.output.display()
+        );
+    }
+    let base_path = args.base.clone();
+    let (model, fingerprint) = tokio::task::spawn_blocking(move || {
+        let model = Model::open(&base_path)?;
+        let fp = model.fingerprint();
+        Ok::<_, crate::Error>((model, fp))
+    })
+    .await?
+    .with_context(|| format!("cannot read base {}", args.base.display()))?;
+    let base = Base {
+        name: args.base.display().to_string(),
+        fingerprint,
+        tensors: model.table(),
+    };
+    let needs_registry = args
+        .deltas
+        .iter()
+        .any(|d| !std::path::Path::new(d).is_dir());
+    let remote = if needs_registry {
+        Some(ctx.remote().await?)
+    } else {
+        None
+    };
+    let progress = ctx.progress("pull");
+    let mut deltas = Vec::new();
+    for spec in &args.deltas {
+        deltas.push(
+            hub::load_delta(remote.as_ref(), &ctx.cache, spec, &base, &progress)
+                .await
+                .with_context(|| format!("cannot load delta {spec}"))?,
+        );
+    }
+    let given = deltas.len();
+    let deltas =
+        hub::with_parents(deltas, remote.as_ref(), &ctx.cache, args.no_deps, &progress).await?;
+    let mut weights = args.weights.clone();
+    if !weights.is_empty() && deltas.len() != given {
+        // Pulled parents are applied in full.
+        let labels: Vec<&str> = args.deltas.iter().map(String::as_str).collect();
+        let mut it = weights.into_iter();
+        weights = deltas
+            .iter()
+            .map(|d| {
+                if labels.contains(&d.label.as_str()) {
+                    it.next().unwrap_or(1.0)
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+    }
+    let opts = ApplyOptions {
+        weights,
+        sequential: args.sequential,
+        force: args.force,
+        allow_nonfinite: args.allow_nonfinite,
+        overwrite: args.overwrite,
+    };
+    let out = args.output.clone();
+    let report =
+        tokio::task::spawn_blocking(move || apply(&model, fingerprint, &deltas, &opts, &out))
+            .await?
+            .with_context(|| format!("cannot apply to {}", args.base.display()))?;
+    for f in &report.forced {
+        eprintln!("warning: {f} was made for a different base; applied anyway because of --force");
+    }
+    if ctx.json {
+        return ctx.print_json(&json!({"output": args.output, "changed": report.changed, "added": report.added, "bytes": report.bytes, "forced": report.forced}));
+    }
+    println!(
+        "{} ({} tensors changed, {} added, {})",
+        args.output.display(),
+        report.changed,
+        report.added,
+        human_bytes(report.bytes)
+    );
+    Ok(())
+}

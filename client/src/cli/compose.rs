@@ -1,0 +1,168 @@
+//! `delta compose REF_OR_DIR... -o DIR --mode parallel|sequential [--merge ...]`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::Ctx;
+use crate::compose::{ComposeOptions, Merge, Mode, compose};
+use crate::hub;
+
+/// Composition mode.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ModeArg {
+    /// Several deltas on one base at once.
+    Parallel,
+    /// Each delta trained on the base plus the earlier ones.
+    Sequential,
+}
+
+/// Merge method.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+#[value(rename_all = "snake_case")]
+pub enum MergeArg {
+    /// LoRA concatenation (exact weighted sum).
+    Cat,
+    /// Weighted sum of dense deltas (re-factorised for LoRA).
+    Linear,
+    /// Weighted sum, re-factorised by SVD.
+    Svd,
+    /// TIES merging.
+    Ties,
+    /// DARE then weighted sum.
+    DareLinear,
+    /// DARE then TIES.
+    DareTies,
+    /// Magnitude pruning then weighted sum.
+    MagnitudePrune,
+}
+
+/// Arguments.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Deltas: folders (native or PEFT, with --base-table) or registry references.
+    #[arg(required = true)]
+    pub deltas: Vec<String>,
+    /// Output folder (a native delta, pushable).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Parallel or sequential.
+    #[arg(long, value_enum, default_value = "parallel")]
+    pub mode: ModeArg,
+    /// Merge method.
+    #[arg(long, value_enum, default_value = "cat")]
+    pub merge: MergeArg,
+    /// One weight per delta, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub weights: Vec<f32>,
+    /// Rank of a re-factorised LoRA (default: the sum of the input ranks).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Fraction kept by ties, dare_* and magnitude_prune.
+    #[arg(long, default_value_t = 1.0)]
+    pub density: f32,
+    /// Seed for DARE and the SVD sketch.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Base model file, needed only to read folder deltas whose names must be resolved (PEFT).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+}
+
+/// Composes.
+pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    let needs_registry = args
+        .deltas
+        .iter()
+        .any(|d| !std::path::Path::new(d).is_dir());
+    let remote = if needs_registry {
+        Some(ctx.remote().await?)
+    } else {
+        None
+    };
+    let base = match &args.base {
+        Some(p) => {
+            let p = p.clone();
+            tokio::task::spawn_blocking(move || {
+                let m = crate::tensors::Model::open(&p)?;
+                Ok::<_, crate::Error>(crate::remote::Base {
+                    name: p.display().to_string(),
+                    fingerprint: m.fingerprint(),
+                    tensors: m.table(),
+                })
+            })
+            .await??
+        }
+        None => match &remote {
+            Some(r) => {
+                let first = r
+                    .resolve(
+                        args.deltas
+                            .iter()
+                            .find(|d| !std::path::Path::new(d).is_dir())
+                            .map_or("", String::as_str),
+                    )
+                    .await?;
+                r.get_base(&first.manifest.base.fingerprint.to_string())
+                    .await?
+            }
+            None => anyhow::bail!(
+                "composing folders needs --base PATH (to check them against the base's tensor table)"
+            ),
+        },
+    };
+    let progress = ctx.progress("pull");
+    let mut deltas = Vec::new();
+    for spec in &args.deltas {
+        deltas.push(
+            hub::load_delta(remote.as_ref(), &ctx.cache, spec, &base, &progress)
+                .await
+                .with_context(|| format!("cannot load delta {spec}"))?,
+        );
+    }
+    let opts = ComposeOptions {
+        mode: match args.mode {
+            ModeArg::Parallel => Mode::Parallel,
+            ModeArg::Sequential => Mode::Sequential,
+        },
+        merge: match args.merge {
+            MergeArg::Cat => Merge::Cat,
+            MergeArg::Linear => Merge::Linear,
+            MergeArg::Svd => Merge::Svd,
+            MergeArg::Ties => Merge::Ties,
+            MergeArg::DareLinear => Merge::DareLinear,
+            MergeArg::DareTies => Merge::DareTies,
+            MergeArg::MagnitudePrune => Merge::MagnitudePrune,
+        },
+        weights: args.weights.clone(),
+        rank: args.rank,
+        density: args.density,
+        seed: args.seed,
+    };
+    let out = args.output.clone();
+    let report = tokio::task::spawn_blocking(move || compose(&deltas, &opts, &out))
+        .await?
+        .context("cannot compose")?;
+    let worst = report
+        .truncation_error
+        .values()
+        .copied()
+        .fold(0.0, f64::max);
+    if ctx.json {
+        return ctx.print_json(&json!({
+            "output": args.output, "digest": report.manifest.digest().to_string(), "method": report.manifest.method,
+            "truncation_error": report.truncation_error, "max_truncation_error": worst,
+        }));
+    }
+    println!(
+        "{} ({}, {})",
+        args.output.display(),
+        report.manifest.method,
+        report.manifest.digest()
+    );
+    for (m, e) in &report.truncation_error {
+        eprintln!("  {m}: relative truncation error {e:.2e}");
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! The `delta` binary as a user runs it: a real process against a real registry.
+
+use std::process::{Command, Output};
+
+use delta_registry::RegistryConfig;
+use tokio::net::TcpListener;
+
+fn delta(registry: &str, cache: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_delta"))
+        .args(["--registry", registry])
+        .arg("--cache")
+        .arg(cache)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn write_f32(path: &std::path::Path, tensors: &[(&str, Vec<usize>)]) {
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, s)| {
+            (0..s.iter().product::<usize>())
+                .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+                .collect()
+        })
+        .collect();
+    let views: Vec<_> = tensors
+        .iter()
+        .zip(&data)
+        .map(|((n, s), d)| {
+            (
+                n.to_string(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_start_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = RegistryConfig::for_test(&dir.path().join("data"));
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(delta_registry::run(config, listener, async {
+        rx.await.ok();
+    }));
+    let cache = dir.path().join("cache");
+
+    let base = dir.path().join("base.safetensors");
+    write_f32(
+        &base,
+        &[("layer.q.weight", vec![4, 6]), ("layer.q.bias", vec![4])],
+    );
+    let delta_dir = dir.path().join("my-delta");
+    std::fs::create_dir(&delta_dir).unwrap();
+    write_f32(
+        &delta_dir.join("delta.safetensors"),
+        &[
+            ("layer.q.lora_A", vec![2, 6]),
+            ("layer.q.lora_B", vec![4, 2]),
+        ],
+    );
+    std::fs::write(
+        delta_dir.join("delta.json"),
+        r#"{"method":"lora","config":{"lora":{"r":2,"lora_alpha":4}}}"#,
+    )
+    .unwrap();
+
+    let (url, cache) = (url.as_str(), cache.as_path());
+    let fp = delta(url, cache, &["fingerprint", base.to_str().unwrap()]);
+    assert!(fp.status.success());
+    let fp = String::from_utf8(fp.stdout).unwrap();
+    assert!(
+        fp.trim().starts_with("blake3:") && fp.trim().len() == 71,
+        "{fp}"
+    );
+
+    let add = delta(url, cache, &["base", "add", "tiny", base.to_str().unwrap()]);
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    assert!(String::from_utf8_lossy(&add.stdout).contains(fp.trim()));
+
+    let push = delta(
+        url,
+        cache,
+        &[
+            "push",
+            delta_dir.to_str().unwrap(),
+            "team/demo:stable",
+            "--base",
+            "tiny",
+        ],
+    );
+    assert!(
+        push.status.success(),
+        "{}",
+        String::from_utf8_lossy(&push.stderr)
+    );
+    assert!(String::from_utf8_lossy(&push.stdout).starts_with("team/demo:v1 blake3:"));
+
+    let out = dir.path().join("pulled");
+    let pull = delta(
+        url,
+        cache,
+        &[
+            "--json",
+            "pull",
+            "team/demo:stable",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        pull.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pull.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&pull.stdout).unwrap();
+    assert_eq!(report["version"], 1);
+    assert!(report["bytes_downloaded"].as_u64().unwrap() > 0);
+    assert_eq!(
+        std::fs::read(out.join("delta.safetensors")).unwrap(),
+        std::fs::read(delta_dir.join("delta.safetensors")).unwrap()
+    );
+
+    let ls = delta(url, cache, &["ls"]);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("team/demo"));
+
+    // Errors: a clear message on stderr and exit code 1.
+    let bad = delta(
+        url,
+        cache,
+        &[
+            "push",
+            delta_dir.to_str().unwrap(),
+            "team/demo",
+            "--base",
+            "unknown",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("base unknown is not registered"),
+        "{stderr}"
+    );
+    let nothing = delta("http://127.0.0.1:1", cache, &["ls"]);
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&nothing.stderr)
+            .contains("cannot connect to the registry at http://127.0.0.1:1")
+    );
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: sets up what the tests need (a Python
+# virtualenv with grpcio for the cross-language client test), then checks formatting and
+# lints and runs every test in the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv="${DELTA_VENV:-target/pyenv}"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+export DELTA_TEST_PYTHON="$PWD/$venv/bin/python"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked

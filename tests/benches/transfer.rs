@@ -1,0 +1,177 @@
+//! Push/pull throughput over loopback, next to the machine's own limits measured in the
+//! same run: single-core blake3, fsync'd sequential disk writes, loopback TCP.
+//!
+//! `cargo bench -p delta-tests --bench transfer` (sizes: `DELTA_BENCH_SIZES=16,256,1024` MiB).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use delta_client::delta::Format;
+use delta_client::{Cache, hub};
+use delta_tests::TestRegistry;
+use indicatif::ProgressBar;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: usize = 1 << 20;
+
+fn rate(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / d.as_secs_f64()
+}
+
+fn blake3_single_core(buf: &[u8]) -> f64 {
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut h = blake3::Hasher::new();
+        h.update(buf);
+        std::hint::black_box(h.finalize());
+        best = best.min(t.elapsed());
+    }
+    rate(buf.len(), best)
+}
+
+fn fsync_write(dir: &Path, buf: &[u8]) -> f64 {
+    let path = dir.join("disk-probe");
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).expect("create probe");
+    for chunk in buf.chunks(8 * MIB) {
+        f.write_all(chunk).expect("write probe");
+    }
+    f.sync_all().expect("fsync probe");
+    let r = rate(buf.len(), t.elapsed());
+    let _ = std::fs::remove_file(path);
+    r
+}
+
+async fn loopback_tcp(total: usize) -> f64 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; MIB];
+        let mut n = 0;
+        while n < total {
+            let r = s.read(&mut buf).await.expect("read");
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        n
+    });
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let buf = vec![1u8; MIB];
+    for _ in 0..total / MIB {
+        s.write_all(&buf).await.expect("write");
+    }
+    s.shutdown().await.expect("shutdown");
+    let n = reader.await.expect("reader");
+    rate(n, t.elapsed())
+}
+
+/// A delta of `size` bytes: one dense diff on a base tensor `w.weight`.
+fn write_delta(dir: &Path, size: usize) -> (Vec<delta_proto::manifest::TensorInfo>, usize) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let floats = (size - 1024) / 4;
+    let data: Vec<u8> = (0..floats * 4)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![floats], &data)
+        .expect("view");
+    safetensors::serialize_to_file(
+        [("w.weight.diff", view)],
+        None,
+        &dir.join("delta.safetensors"),
+    )
+    .expect("write");
+    std::fs::write(dir.join("delta.json"), r#"{"method":"diff"}"#).expect("write");
+    let table = vec![delta_proto::manifest::TensorInfo {
+        name: "w.weight".into(),
+        dtype: "F32".into(),
+        shape: vec![floats as u64],
+    }];
+    (
+        table,
+        std::fs::metadata(dir.join("delta.safetensors"))
+            .expect("stat")
+            .len() as usize,
+    )
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let sizes: Vec<usize> = std::env::var("DELTA_BENCH_SIZES")
+        .unwrap_or_else(|_| "16,256,1024".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let work =
+        tempfile::tempdir_in(std::env::var("DELTA_BENCH_DIR").unwrap_or_else(|_| ".".into()))
+            .expect("tempdir");
+    let probe: Vec<u8> = (0..256 * MIB).map(|i| (i * 31) as u8).collect();
+    let b3 = blake3_single_core(&probe);
+    let disk = fsync_write(work.path(), &probe);
+    let tcp = loopback_tcp(1024 * MIB).await;
+    drop(probe);
+    println!("machine limits (same run):");
+    println!("  blake3, one core:           {b3:8.0} MiB/s");
+    println!("  fsync'd sequential write:   {disk:8.0} MiB/s");
+    println!("  loopback TCP:               {tcp:8.0} MiB/s");
+    println!();
+    println!(
+        "| delta | push MiB/s | push / fsync'd disk | pull MiB/s (verified) | pull / blake3 1-core | round trip |"
+    );
+    println!("|---|---|---|---|---|---|");
+
+    let registry = TestRegistry::start_in(
+        tempfile::tempdir_in(work.path()).expect("tempdir"),
+        delta_registry::RegistryConfig::for_test,
+    )
+    .await;
+    let remote = registry.remote().await;
+    let bar = ProgressBar::hidden();
+    for (i, mib) in sizes.iter().enumerate() {
+        let dir = work.path().join(format!("delta{i}"));
+        let (table, bytes) = write_delta(&dir, mib * MIB);
+        let base = format!("bench-{i}");
+        let fp = delta_proto::Digest::of(base.as_bytes());
+        remote.add_base(&base, fp, table).await.expect("add base");
+
+        let t = Instant::now();
+        let pushed = hub::push(&remote, &dir, &format!("bench/d{i}"), &base, &[], &bar)
+            .await
+            .expect("push");
+        let push_time = t.elapsed();
+        assert_eq!(pushed.bytes_uploaded as usize, bytes);
+
+        let cache = Cache::new(&work.path().join(format!("cache{i}")));
+        let t = Instant::now();
+        let pulled = hub::pull(
+            &remote,
+            &cache,
+            &format!("bench/d{i}"),
+            &work.path().join(format!("out{i}")),
+            Format::Native,
+            &bar,
+        )
+        .await
+        .expect("pull");
+        let pull_time = t.elapsed();
+        assert_eq!(pulled.bytes_downloaded as usize, bytes);
+        let (push, pull) = (rate(bytes, push_time), rate(bytes, pull_time));
+        println!(
+            "| {mib} MiB | {push:.0} | {:.0}% | {pull:.0} | {:.0}% | {:.2} s |",
+            100.0 * push / disk,
+            100.0 * pull / b3,
+            (push_time + pull_time).as_secs_f64()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(work.path().join(format!("cache{i}")));
+        let _ = std::fs::remove_dir_all(work.path().join(format!("out{i}")));
+    }
+    registry.stop().await;
+}
