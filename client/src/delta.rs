@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use delta_proto::manifest::{
-    BaseRef, FileEntry, LoraConfig, Manifest, MethodConfig, SCHEMA_VERSION, TensorInfo,
+    BaseRef, FileEntry, Ia3Config, LoraConfig, Manifest, MethodConfig, SCHEMA_VERSION, TensorInfo,
 };
 use serde_json::{Value, json};
 
@@ -283,20 +283,24 @@ fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
         .get("peft_type")
         .and_then(Value::as_str)
         .unwrap_or("LORA");
-    if peft_type != "LORA" {
-        return Err(Error::Invalid(format!(
-            "{}: peft_type {peft_type} is not supported yet (LORA is)",
-            cpath.display()
-        )));
-    }
-    let lora = lora_config_from_peft(&cfg)?;
+    let ia3 = match peft_type {
+        "LORA" => false,
+        "IA3" => true,
+        other => {
+            return Err(Error::Invalid(format!(
+                "{}: peft_type {other} is not supported (LORA and IA3 are)",
+                cpath.display()
+            )));
+        }
+    };
     let tpath = dir.join(PEFT_TENSORS);
     let file = TensorFile::open(&tpath)?;
     let table: BTreeMap<&str, &TensorInfo> =
         base.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
 
-    let mut renamed: Vec<(String, &delta_proto::safetensors::TensorEntry)> = Vec::new();
+    let mut renamed: Vec<(String, Vec<u64>, &delta_proto::safetensors::TensorEntry)> = Vec::new();
     let mut keys = serde_json::Map::new();
+    let mut shapes = serde_json::Map::new();
     for t in file.tensors() {
         let Some(path) = t.name.strip_prefix(PEFT_PREFIX) else {
             return Err(Error::Invalid(format!(
@@ -312,8 +316,19 @@ fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
         ]
         .into_iter()
         .find_map(|(peft, native)| path.strip_suffix(peft).map(|m| (m, native)));
+        let ia3_module = path.strip_suffix(".ia3_l");
         let native = match role {
-            Some((module, suffix)) => {
+            _ if ia3 && ia3_module.is_some() => {
+                let module = ia3_module.unwrap_or_default();
+                let m = resolve_module(module, &table, ".weight").ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "tensor {}: the base has no {module}.weight (nor a module ending with it)",
+                        t.name
+                    ))
+                })?;
+                format!("{m}.ia3_l")
+            }
+            Some((module, suffix)) if !ia3 => {
                 let m = resolve_module(module, &table, ".weight").ok_or_else(|| {
                     Error::Invalid(format!(
                         "tensor {}: the base has no {module}.weight (nor a module ending with it)",
@@ -321,6 +336,12 @@ fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
                     ))
                 })?;
                 format!("{m}{suffix}")
+            }
+            Some(_) => {
+                return Err(Error::Invalid(format!(
+                    "tensor {} is a LoRA tensor in an IA3 adapter",
+                    t.name
+                )));
             }
             None if path.contains("lora_embedding_") || path.contains("lora_magnitude") => {
                 return Err(Error::Invalid(format!(
@@ -339,7 +360,14 @@ fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
             }
         };
         keys.insert(native.clone(), Value::String(t.name.clone()));
-        renamed.push((native, t));
+        // IA3 vectors are stored (out, 1) or (1, in) by PEFT; natively they are 1-D.
+        let shape = if native.ends_with(".ia3_l") {
+            shapes.insert(native.clone(), json!(t.shape));
+            vec![t.shape.iter().product()]
+        } else {
+            t.shape.clone()
+        };
+        renamed.push((native, shape, t));
     }
     if renamed.is_empty() {
         return Err(Error::Invalid(format!("{}: no tensors", tpath.display())));
@@ -351,20 +379,30 @@ fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
         &out,
         renamed
             .iter()
-            .map(|(n, t)| (n.clone(), t.dtype.clone(), t.shape.clone(), file.data(t))),
+            .map(|(n, shape, t)| (n.clone(), t.dtype.clone(), shape.clone(), file.data(t))),
         None,
     )?;
 
-    let mut config = MethodConfig {
-        lora: Some(lora),
-        ..MethodConfig::default()
-    };
-    config
-        .other
-        .insert("peft".into(), json!({"adapter_config": cfg, "keys": keys}));
+    let mut config = MethodConfig::default();
+    if ia3 {
+        config.ia3 = Some(Ia3Config {
+            target_modules: str_list(cfg.get("target_modules")),
+            feedforward_modules: str_list(cfg.get("feedforward_modules")),
+            fan_in_fan_out: cfg
+                .get("fan_in_fan_out")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        });
+    } else {
+        config.lora = Some(lora_config_from_peft(&cfg)?);
+    }
+    config.other.insert(
+        "peft".into(),
+        json!({"adapter_config": cfg, "keys": keys, "shapes": shapes}),
+    );
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
-        method: "lora".into(),
+        method: if ia3 { "ia3" } else { "lora" }.into(),
         config,
         base: BaseRef {
             fingerprint: base.fingerprint,
@@ -448,14 +486,18 @@ pub fn write_native(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Resul
 
 /// Writes a pulled LoRA delta as a PEFT folder.
 pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<()> {
-    let lora = manifest.config.lora.as_ref().ok_or_else(|| {
-        Error::Invalid(format!(
-            "a {} delta cannot be written as a PEFT LoRA folder",
+    let (lora, ia3) = (manifest.config.lora.as_ref(), manifest.config.ia3.as_ref());
+    if lora.is_none() && ia3.is_none() {
+        return Err(Error::Invalid(format!(
+            "a {} delta has no PEFT equivalent (PEFT folders hold LoRA or IA3)",
             manifest.method
-        ))
-    })?;
+        )));
+    }
     let peft = manifest.config.other.get("peft");
     let keys = peft.and_then(|p| p.get("keys")).and_then(Value::as_object);
+    let shapes = peft
+        .and_then(|p| p.get("shapes"))
+        .and_then(Value::as_object);
     let files = blobs
         .iter()
         .map(|b| TensorFile::open(b))
@@ -467,7 +509,24 @@ pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<
                 Some(k) => k.to_owned(),
                 None => peft_key(&t.name)?,
             };
-            out.push((key, t.dtype.clone(), t.shape.clone(), f.data(t)));
+            let recorded: Option<Vec<u64>> = shapes
+                .and_then(|s| s.get(&t.name))
+                .and_then(|v| serde_json::from_value(v.clone()).ok());
+            let shape = match (recorded, delta_proto::manifest::classify(&t.name)) {
+                (Some(s), _) => s,
+                // PEFT keeps IA3 vectors 2-D: (1, in) for feed-forward modules, else (out, 1).
+                (None, delta_proto::manifest::Role::Ia3(m)) => {
+                    let n = t.shape.iter().product();
+                    let ff = ia3.is_some_and(|c| {
+                        c.feedforward_modules
+                            .iter()
+                            .any(|k| delta_proto::manifest::module_matches(k, m))
+                    });
+                    if ff { vec![1, n] } else { vec![n, 1] }
+                }
+                (None, _) => t.shape.clone(),
+            };
+            out.push((key, t.dtype.clone(), shape, f.data(t)));
         }
     }
     std::fs::create_dir_all(dir).at(dir)?;
@@ -477,9 +536,9 @@ pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<
             .collect(),
     );
     write_tensors(&dir.join(PEFT_TENSORS), out.into_iter(), metadata)?;
-    let config = match peft.and_then(|p| p.get("adapter_config")) {
-        Some(original) => original.clone(),
-        None => json!({
+    let config = match (peft.and_then(|p| p.get("adapter_config")), lora, ia3) {
+        (Some(original), _, _) => original.clone(),
+        (None, Some(lora), _) => json!({
             "peft_type": "LORA",
             "task_type": null,
             "base_model_name_or_path": manifest.base.name,
@@ -496,6 +555,18 @@ pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<
             "lora_dropout": 0.0,
             "inference_mode": true,
         }),
+        (None, None, Some(ia3)) => json!({
+            "peft_type": "IA3",
+            "task_type": null,
+            "base_model_name_or_path": manifest.base.name,
+            "target_modules": ia3.target_modules,
+            "feedforward_modules": ia3.feedforward_modules,
+            "fan_in_fan_out": ia3.fan_in_fan_out,
+            "modules_to_save": null,
+            "init_ia3_weights": true,
+            "inference_mode": true,
+        }),
+        (None, None, None) => Value::Null,
     };
     write_atomic(
         &dir.join(PEFT_CONFIG),
@@ -509,10 +580,11 @@ fn peft_key(native: &str) -> Result<String> {
         Role::LoraA(m) => format!("{m}.lora_A.weight"),
         Role::LoraB(m) => format!("{m}.lora_B.weight"),
         Role::LoraBias(m) => format!("{m}.lora_B.bias"),
+        Role::Ia3(m) => format!("{m}.ia3_l"),
         Role::Replace(t) | Role::New(t) => t.to_owned(),
         _ => {
             return Err(Error::Invalid(format!(
-                "tensor {native} has no PEFT LoRA equivalent"
+                "tensor {native} has no PEFT LoRA or IA3 equivalent"
             )));
         }
     };

@@ -71,6 +71,7 @@ impl Remote {
             .connect_timeout(Duration::from_secs(10))
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
+            .max_frame_size(Some((1 << 20) - 1))
             .tcp_nodelay(true);
         let channel = endpoint.connect().await.map_err(|source| Error::Connect {
             url: url.to_owned(),
@@ -186,7 +187,8 @@ impl Remote {
     }
 
     /// Downloads a blob into `partial`, resuming from its current length, and verifies the
-    /// whole file's blake3 against `blob`. Returns the bytes transferred.
+    /// whole file's blake3 against `blob` (hashing while writing; a resumed prefix is
+    /// re-hashed from disk first). Returns the bytes transferred.
     pub async fn download_to(
         &self,
         blob: Digest,
@@ -198,9 +200,14 @@ impl Remote {
             .append(true)
             .open(partial)
             .at(partial)?;
+        let mut hasher = blake3::Hasher::new();
+        let prefix = file.metadata().at(partial)?.len();
+        if prefix > 0 {
+            hasher.update_mmap_rayon(partial).at(partial)?;
+        }
         let mut received = 0;
         for attempt in 0..=RESUMES {
-            let offset = file.metadata().at(partial)?.len();
+            let offset = prefix + received;
             progress.set_position(offset);
             let req = pb::DownloadBlobRequest {
                 digest: blob.to_string(),
@@ -209,7 +216,15 @@ impl Remote {
             let result = async {
                 let mut stream = self.client.clone().download_blob(req).await?.into_inner();
                 while let Some(chunk) = stream.message().await? {
+                    if chunk.offset != prefix + received {
+                        return Err(Error::Invalid(format!(
+                            "registry sent offset {} while {} was expected",
+                            chunk.offset,
+                            prefix + received
+                        )));
+                    }
                     file.write_all(&chunk.data).at(partial)?;
+                    hasher.update(&chunk.data);
                     received += chunk.data.len() as u64;
                     progress.inc(chunk.data.len() as u64);
                 }
@@ -224,9 +239,10 @@ impl Remote {
                 Err(e) => return Err(e),
             }
         }
-        file.sync_all().at(partial)?;
+        // No fsync: the cache is a re-verifiable copy (`hub::verify_cached`), as cargo's is,
+        // and pull speed would otherwise be the disk's sync rate, not the network's.
         drop(file);
-        let actual = hash_file(partial)?;
+        let actual = Digest::from_hash(hasher.finalize());
         if actual != blob {
             // Bad bytes are never kept: the next attempt starts clean.
             let _ = std::fs::remove_file(partial);

@@ -400,7 +400,7 @@ impl Registry for RegistryService {
             }
             .into());
         }
-        let mut source = self.inner.blobs.stream(&digest).await?;
+        let mut source = self.inner.blobs.stream(&digest, size, 8 << 20);
         let (tx, rx) = mpsc::channel(8);
         let offset = req.offset;
         tokio::spawn(async move {

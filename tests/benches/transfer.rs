@@ -164,9 +164,10 @@ async fn main() {
         assert_eq!(pulled.bytes_downloaded as usize, bytes);
         let (push, pull) = (rate(bytes, push_time), rate(bytes, pull_time));
         println!(
-            "| {mib} MiB | {push:.0} | {:.0}% | {pull:.0} | {:.0}% | {:.2} s |",
+            "| {mib} MiB | {push:.0} | {:.0}% | {pull:.0} | {:.0}% | {:.0}% | {:.2} s |",
             100.0 * push / disk,
             100.0 * pull / b3,
+            100.0 * pull / disk,
             (push_time + pull_time).as_secs_f64()
         );
         let _ = std::fs::remove_dir_all(&dir);

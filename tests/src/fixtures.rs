@@ -165,3 +165,48 @@ pub fn tensor_bytes(path: &Path) -> Vec<(String, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// Writes a PEFT IA3 folder: `(out, 1)` vectors on query/value, a `(1, in)` vector on the
+/// feed-forward intermediate layer.
+pub fn write_peft_ia3(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let mut tensors = Vec::new();
+    for l in 0..LAYERS {
+        for m in ["query", "value"] {
+            let v: Vec<f32> = values(seed + l as u64, HIDDEN)
+                .iter()
+                .map(|x| 1.0 + x)
+                .collect();
+            tensors.push((
+                format!("base_model.model.encoder.layer.{l}.attention.self.{m}.ia3_l"),
+                vec![HIDDEN, 1],
+                v,
+            ));
+        }
+        let v: Vec<f32> = values(seed + 50 + l as u64, HIDDEN)
+            .iter()
+            .map(|x| 1.0 + x)
+            .collect();
+        tensors.push((
+            format!("base_model.model.encoder.layer.{l}.intermediate.dense.ia3_l"),
+            vec![1, HIDDEN],
+            v,
+        ));
+    }
+    let meta = Some(
+        [("format".to_owned(), "pt".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    write_f32(&dir.join("adapter_model.safetensors"), &tensors, meta);
+    let config = json!({
+        "peft_type": "IA3", "task_type": "SEQ_CLS", "base_model_name_or_path": "tiny",
+        "target_modules": ["query", "value", "dense"], "feedforward_modules": ["intermediate.dense"],
+        "fan_in_fan_out": false, "modules_to_save": null, "init_ia3_weights": true, "inference_mode": true,
+    });
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_vec_pretty(&config).expect("json"),
+    )
+    .expect("write");
+}

@@ -12,6 +12,7 @@ use crate::remote::Remote;
 pub mod apply;
 pub mod base;
 pub mod compose;
+pub mod export;
 pub mod fingerprint;
 pub mod ls;
 pub mod pull;
@@ -68,6 +69,9 @@ pub enum Command {
     Apply(apply::Args),
     /// Combine deltas into a new delta (parallel or sequential; cat, linear, ties, dare, ...).
     Compose(compose::Args),
+    /// Write a delta in another tool's format.
+    #[command(subcommand)]
+    Export(export::Command),
 }
 
 /// What every subcommand gets.
@@ -134,6 +138,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tag(a) => tag::run(a, &ctx).await,
         Command::Apply(a) => apply::run(a, &ctx).await,
         Command::Compose(a) => compose::run(a, &ctx).await,
+        Command::Export(c) => export::run(c, &ctx).await,
     }
 }
 

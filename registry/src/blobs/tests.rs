@@ -22,7 +22,7 @@ async fn check_write_read(store: &BlobStore) {
         data.slice(5..9)
     );
     let mut all = Vec::new();
-    let mut s = store.stream(&digest).await.unwrap();
+    let mut s = store.stream(&digest, data.len() as u64, 1 << 20);
     while let Some(b) = s.next().await {
         all.extend_from_slice(&b.unwrap());
     }

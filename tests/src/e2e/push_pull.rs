@@ -311,3 +311,88 @@ async fn restart_on_the_same_data_dir_serves_everything_again() {
     assert!(base.is_file());
     assert_eq!(remote.list_bases().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn peft_ia3_round_trips_exports_and_applies() {
+    let env = Env::start().await;
+    let peft = env.path("ia3");
+    fixtures::write_peft_ia3(&peft, 9);
+    let pushed = hub::push(&env.remote, &peft, "team-a/ia3", "tiny", &[], &hidden())
+        .await
+        .unwrap();
+    let m = env.remote.resolve("team-a/ia3").await.unwrap().manifest;
+    assert_eq!(m.method, "ia3");
+    assert_eq!(
+        m.config.ia3.as_ref().unwrap().feedforward_modules,
+        ["intermediate.dense"]
+    );
+    assert!(
+        m.tensors()
+            .any(|(_, t)| t.name == "encoder.layer.0.intermediate.dense.ia3_l" && t.shape == [8])
+    );
+
+    let out = env.path("exported");
+    env.cli(&["export", "peft", "team-a/ia3", "-o", out.to_str().unwrap()])
+        .await
+        .unwrap();
+    let original = fixtures::tensor_bytes(&peft.join("adapter_model.safetensors"));
+    assert_eq!(
+        fixtures::tensor_bytes(&out.join("adapter_model.safetensors")),
+        original
+    );
+    let st = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let parsed = safetensors::SafeTensors::deserialize(&st).unwrap();
+    assert_eq!(
+        parsed
+            .tensor("base_model.model.encoder.layer.0.intermediate.dense.ia3_l")
+            .unwrap()
+            .shape(),
+        [1, 8]
+    );
+    assert_eq!(
+        parsed
+            .tensor("base_model.model.encoder.layer.0.attention.self.query.ia3_l")
+            .unwrap()
+            .shape(),
+        [8, 1]
+    );
+
+    // apply: the feed-forward vector scales the input side (columns), the others the rows.
+    let merged = env.path("merged.safetensors");
+    let base = env.base.to_str().unwrap().to_owned();
+    env.cli(&[
+        "apply",
+        "--base",
+        &base,
+        peft.to_str().unwrap(),
+        "-o",
+        merged.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let read = |p: &std::path::Path, n: &str| {
+        let b = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&b).unwrap();
+        delta_client::numeric::to_f32("F32", st.tensor(n).unwrap().data()).unwrap()
+    };
+    let ff = "encoder.layer.0.intermediate.dense.weight";
+    let l: Vec<f32> = fixtures::values(9 + 50, 8)
+        .iter()
+        .map(|x| 1.0 + x)
+        .collect();
+    let expected: Vec<f32> = read(&env.base, ff)
+        .iter()
+        .enumerate()
+        .map(|(i, w)| w * l[i % 8])
+        .collect();
+    assert_eq!(read(&merged, ff), expected);
+    let q = "encoder.layer.1.attention.self.query.weight";
+    let lq: Vec<f32> = fixtures::values(9 + 1, 8).iter().map(|x| 1.0 + x).collect();
+    let expected: Vec<f32> = read(&env.base, q)
+        .iter()
+        .enumerate()
+        .map(|(i, w)| w * lq[i / 8])
+        .collect();
+    assert_eq!(read(&merged, q), expected);
+    assert_eq!(pushed.version, 1);
+}
