@@ -25,7 +25,7 @@ use memmap2::MmapMut;
 use rayon::prelude::*;
 
 use crate::error::{Error, IoContext, Result};
-use crate::numeric::{LoraShape, add_lora, from_f32, to_f32, to_i64};
+use crate::numeric::{LoraShape, add_lora, as_f32_mut, from_f32, to_f32, to_i64};
 use crate::tensors::{Model, TensorFile};
 
 /// A delta loaded for merging: its manifest and mapped tensor files.
@@ -600,6 +600,14 @@ pub fn apply(
                             Ok(0)
                         }
                         Some(plan) => {
+                            // f32: merge in place in the output (one pass over the bytes).
+                            if dtype == "F32" {
+                                slot.copy_from_slice(data);
+                                if let Some(w) = as_f32_mut(slot) {
+                                    run_plan(w, shape, plan, deltas, sequential)?;
+                                    return Ok(1);
+                                }
+                            }
                             let mut w = to_f32(dtype, data)
                                 .map_err(|e| Error::Invalid(format!("base tensor {name}: {e}")))?;
                             run_plan(&mut w, shape, plan, deltas, sequential)?;

@@ -2,12 +2,46 @@
 //! place (`W += s·B·A` through an SGEMM), and a truncated SVD for re-factorising merged
 //! deltas. Arithmetic is f32 (f64 inside the SVD); storage keeps the tensor's dtype.
 
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
+/// Views little-endian bytes as `u16`s when they are aligned (the common case: safetensors
+/// writers align tensors to their element size), for the vectorised half conversions.
+fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
+    // SAFETY: every bit pattern is a valid u16; `align_to` only returns the aligned middle.
+    let (pre, mid, post) = unsafe { bytes.align_to::<u16>() };
+    (cfg!(target_endian = "little") && pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+fn as_u16_mut(bytes: &mut [u8]) -> Option<&mut [u16]> {
+    // SAFETY: as in `as_u16`.
+    let (pre, mid, post) = unsafe { bytes.align_to_mut::<u16>() };
+    (cfg!(target_endian = "little") && pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+/// Views little-endian bytes as `f32`s when aligned, to work on them in place.
+pub fn as_f32_mut(bytes: &mut [u8]) -> Option<&mut [f32]> {
+    // SAFETY: every bit pattern is a valid f32; `align_to_mut` only returns the aligned
+    // middle, and the bytes are little-endian like the target.
+    let (pre, mid, post) = unsafe { bytes.align_to_mut::<f32>() };
+    (cfg!(target_endian = "little") && pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
 /// Decodes little-endian tensor bytes into f32.
 pub fn to_f32(dtype: &str, bytes: &[u8]) -> Result<Vec<f32>> {
+    if let (Some(bits), "F16" | "BF16") = (as_u16(bytes), dtype) {
+        let mut out = vec![0f32; bits.len()];
+        if dtype == "F16" {
+            bits.reinterpret_cast::<f16>()
+                .convert_to_f32_slice(&mut out);
+        } else {
+            bits.reinterpret_cast::<bf16>()
+                .convert_to_f32_slice(&mut out);
+        }
+        return Ok(out);
+    }
     Ok(match dtype {
         "F32" => bytes
             .chunks_exact(4)
@@ -39,6 +73,19 @@ pub fn to_i64(bytes: &[u8]) -> Vec<i64> {
 
 /// Encodes f32 values into `out` in `dtype` (round to nearest even for f16/bf16).
 pub fn from_f32(dtype: &str, values: &[f32], out: &mut [u8]) -> Result<()> {
+    if matches!(dtype, "F16" | "BF16")
+        && out.len() == values.len() * 2
+        && let Some(bits) = as_u16_mut(out)
+    {
+        if dtype == "F16" {
+            bits.reinterpret_cast_mut::<f16>()
+                .convert_from_f32_slice(values);
+        } else {
+            bits.reinterpret_cast_mut::<bf16>()
+                .convert_from_f32_slice(values);
+        }
+        return Ok(());
+    }
     match dtype {
         "F32" => out
             .chunks_exact_mut(4)
