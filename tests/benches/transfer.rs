@@ -123,9 +123,9 @@ async fn main() {
     println!("  loopback TCP:               {tcp:8.0} MiB/s");
     println!();
     println!(
-        "| delta | push MiB/s | push / fsync'd disk | pull MiB/s (verified) | pull / blake3 1-core | round trip |"
+        "| delta | push MiB/s | push / fsync'd disk | pull MiB/s (verified) | pull / blake3 1-core | pull / fsync'd disk | round trip |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
 
     let registry = TestRegistry::start_in(
         tempfile::tempdir_in(work.path()).expect("tempdir"),

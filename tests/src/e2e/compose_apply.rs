@@ -879,3 +879,123 @@ async fn apply_pulls_missing_parents_unless_no_deps() {
         "composite"
     );
 }
+
+#[test]
+fn sharded_base_and_composition_records() {
+    let f = Fixture::new();
+    // The same base split over two shards applies identically.
+    let shards = f.path("sharded");
+    std::fs::create_dir_all(&shards).unwrap();
+    let tensors = fixtures::base_tensors(1);
+    let (first, second) = tensors.split_at(3);
+    write_f32(&shards.join("model-1.safetensors"), first, None);
+    write_f32(&shards.join("model-2.safetensors"), second, None);
+    let map: serde_json::Map<String, serde_json::Value> = first
+        .iter()
+        .map(|t| (t.0.clone(), json!("model-1.safetensors")))
+        .chain(
+            second
+                .iter()
+                .map(|t| (t.0.clone(), json!("model-2.safetensors"))),
+        )
+        .collect();
+    std::fs::write(
+        shards.join("model.safetensors.index.json"),
+        serde_json::to_vec(&json!({"weight_map": map})).unwrap(),
+    )
+    .unwrap();
+    let sharded = Model::open(&shards).unwrap();
+    assert_eq!(sharded.fingerprint(), f.base.fingerprint);
+    let (d, _) = lora_delta(&f, "a", 130, 2, 2.0);
+    let one = f.apply(
+        &[f.load(&f.path("a"))],
+        ApplyOptions::default(),
+        "one.safetensors",
+    );
+    let out = f.path("from-shards.safetensors");
+    apply(
+        &sharded,
+        sharded.fingerprint(),
+        &[d],
+        &ApplyOptions::default(),
+        &out,
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&one).unwrap());
+
+    // Adapters compose side by side (parallel) or stacked (sequential), recorded for the runtime.
+    let a1 = f.delta(
+        "ad1",
+        &[(
+            "adapter.layer.0.down".into(),
+            vec![HIDDEN, 2],
+            values(1, 16),
+        )],
+        json!({"method": "adapter"}),
+    );
+    let a2 = f.delta(
+        "ad2",
+        &[(
+            "adapter.layer.0.down".into(),
+            vec![HIDDEN, 2],
+            values(2, 16),
+        )],
+        json!({"method": "adapter"}),
+    );
+    for (mode, layout) in [(Mode::Parallel, "parallel"), (Mode::Sequential, "stack")] {
+        let out = f.path(&format!("adapters-{layout}"));
+        let opts = ComposeOptions {
+            mode,
+            weights: vec![0.25, 0.75],
+            ..compose_opts(Merge::Cat)
+        };
+        let r = compose(
+            &[f.load(&f.path("ad1")), f.load(&f.path("ad2"))],
+            &opts,
+            &out,
+        )
+        .unwrap();
+        let comp = &r.manifest.config.other["composition"];
+        assert_eq!(comp["layout"], layout);
+        assert_eq!(comp["members"][1]["weight"], 0.75);
+        assert_eq!(comp["members"][0]["digest"], a1.digest.to_string());
+        let names: Vec<&str> = r.manifest.tensors().map(|(_, t)| t.name.as_str()).collect();
+        assert_eq!(names, ["adapter.0.layer.0.down", "adapter.1.layer.0.down"]);
+    }
+    let _ = a2;
+
+    // The output manifest records inputs, weights, method, seed and tool version.
+    let r = compose(
+        &[f.load(&f.path("a"))],
+        &ComposeOptions {
+            seed: 42,
+            weights: vec![0.5],
+            ..compose_opts(Merge::Ties)
+        },
+        &f.path("rec"),
+    )
+    .unwrap();
+    let p = &r.manifest.provenance["composed_from"];
+    assert_eq!(p["merge"], "ties");
+    assert_eq!(p["seed"], 42);
+    assert_eq!(p["inputs"][0]["weight"], 0.5);
+    assert!(p["tool"].as_str().unwrap().starts_with("delta "));
+
+    // A sequential chain with IA3 cannot be folded without the base: refused with the way out.
+    f.delta(
+        "ia3",
+        &[(format!("{Q}.ia3_l"), vec![HIDDEN], values(3, HIDDEN))],
+        json!({"method": "ia3"}),
+    );
+    let e = compose(
+        &[f.load(&f.path("a")), f.load(&f.path("ia3"))],
+        &ComposeOptions {
+            mode: Mode::Sequential,
+            ..compose_opts(Merge::Cat)
+        },
+        &f.path("x"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("delta apply --sequential"), "{e}");
+}
