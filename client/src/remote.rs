@@ -15,6 +15,9 @@ use indicatif::ProgressBar;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, IoContext, Result};
@@ -22,10 +25,23 @@ use crate::error::{Error, IoContext, Result};
 /// How many times an upload or download resumes after a broken stream before giving up.
 const RESUMES: usize = 5;
 
+/// Adds `authorization: Bearer <token>` to every call when a token is configured.
+#[derive(Debug, Clone)]
+struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
 /// A connection to a registry.
 #[derive(Debug, Clone)]
 pub struct Remote {
-    client: RegistryClient<Channel>,
+    client: RegistryClient<InterceptedService<Channel, Auth>>,
     url: String,
 }
 
@@ -61,8 +77,23 @@ fn digest(s: &str) -> Result<Digest> {
 }
 
 impl Remote {
-    /// Connects to `url` (`http://host:port`).
+    /// Connects to `url` (`http://host:port`) without a token.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, None).await
+    }
+
+    /// Connects to `url`, sending `token` (if any) with every call.
+    pub async fn connect_with(url: &str, token: Option<&str>) -> Result<Self> {
+        let auth = match token {
+            None => None,
+            Some(t) => Some(
+                format!("Bearer {}", t.trim())
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| {
+                        Error::Invalid("the token has characters a header cannot carry".into())
+                    })?,
+            ),
+        };
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|source| Error::Connect {
                 url: url.to_owned(),
@@ -77,7 +108,7 @@ impl Remote {
             url: url.to_owned(),
             source,
         })?;
-        let client = RegistryClient::new(channel)
+        let client = RegistryClient::with_interceptor(channel, Auth(auth))
             .max_decoding_message_size(8 << 20)
             .max_encoding_message_size(8 << 20);
         Ok(Self {

@@ -10,6 +10,8 @@ fn delta(registry: &str, cache: &std::path::Path, args: &[&str]) -> Output {
         .args(["--registry", registry])
         .arg("--cache")
         .arg(cache)
+        .env("DELTA_CREDENTIALS", cache.join("credentials.json"))
+        .env_remove("DELTA_TOKEN")
         .args(args)
         .output()
         .unwrap()

@@ -57,6 +57,12 @@ pub enum Error {
     /// A configured limit was exceeded.
     #[error("{0}")]
     LimitExceeded(String),
+    /// No valid token where one is needed.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The token does not grant what the call needs.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// Another stream is using the upload session.
     #[error("upload {0} is in use by another stream")]
     Busy(String),
@@ -96,6 +102,8 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Status::already_exists(err.to_string()),
             Error::LimitExceeded(_) => Status::resource_exhausted(err.to_string()),
             Error::Busy(_) => Status::aborted(err.to_string()),
+            Error::Unauthenticated(_) => Status::unauthenticated(err.to_string()),
+            Error::PermissionDenied(_) => Status::permission_denied(err.to_string()),
             Error::Corrupt(_) => {
                 tracing::error!(error = %err, "corrupt blob");
                 Status::data_loss(err.to_string())

@@ -8,6 +8,7 @@
 //! bytes it names are durable.
 //!
 //! # Layout
+//! - `auth`: callers, scopes and the open/closed rule; `admin`: tokens, authentication.
 //! - `config`: [`RegistryConfig`], plain settings.
 //! - `server`: [`run`], the entry point (registry + health + reflection).
 //! - `service`: [`RegistryService`], the gRPC handlers and manifest validation.
@@ -16,6 +17,8 @@
 //! - `meta`: [`MetaStore`] and [`SqliteMeta`].
 //! - `error`: [`Error`] and its mapping to gRPC status codes.
 
+pub mod admin;
+pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod error;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use delta_registry::RegistryConfig;
+use delta_registry::admin::NewToken;
+use delta_registry::auth::Scope;
+use delta_registry::{MetaStore, RegistryConfig, SqliteMeta};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -24,6 +26,67 @@ struct Cli {
 enum Command {
     /// Serve the registry (gRPC, with health and reflection).
     Serve(ServeArgs),
+    /// Manage API tokens (on the data dir; safe while the registry runs).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Mark a namespace public-read, or private again.
+    Namespace(NamespaceArgs),
+    /// Print the audit log of writes.
+    Audit(DataDir),
+}
+
+#[derive(clap::Args, Debug)]
+struct DataDir {
+    /// The registry's data directory.
+    #[arg(long, env = "DELTA_DATA_DIR", default_value = "delta-data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a token; the secret is printed once, as the last line.
+    Create {
+        #[command(flatten)]
+        dir: DataDir,
+        /// The namespace it grants access to, or '*' for all.
+        #[arg(long)]
+        namespace: String,
+        /// read, write or admin.
+        #[arg(long)]
+        scope: String,
+        /// Lifetime, e.g. 30d, 12h (default: until revoked).
+        #[arg(long)]
+        expires: Option<humantime::Duration>,
+        /// A worker token (for delta-worker) instead of a user token.
+        #[arg(long)]
+        worker: bool,
+        /// Free text shown by `token ls`.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (never their secrets).
+    Ls(DataDir),
+    /// Revoke a token by id.
+    Revoke {
+        #[command(flatten)]
+        dir: DataDir,
+        /// Token id (from `token ls`).
+        id: i64,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct NamespaceArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// The namespace.
+    namespace: String,
+    /// Make it readable by anyone.
+    #[arg(long, conflicts_with = "private")]
+    public: bool,
+    /// Make it readable only with a token again.
+    #[arg(long)]
+    private: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -70,6 +133,109 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Token(cmd) => token(cmd),
+        Command::Namespace(args) => {
+            let meta = open_meta(&args.dir)?;
+            delta_registry::admin::check_namespace(&args.namespace)?;
+            if !args.public && !args.private {
+                let public = meta.is_public(&args.namespace)?;
+                println!(
+                    "{} is {}",
+                    args.namespace,
+                    if public { "public-read" } else { "private" }
+                );
+                return Ok(());
+            }
+            meta.set_public(&args.namespace, args.public)?;
+            println!(
+                "{} is now {}",
+                args.namespace,
+                if args.public {
+                    "public-read"
+                } else {
+                    "private"
+                }
+            );
+            Ok(())
+        }
+        Command::Audit(dir) => {
+            for e in open_meta(&dir)?.list_audit()? {
+                let who = e.token.map_or("open".to_owned(), |t| format!("token {t}"));
+                println!("{}\t{who}\t{}\t{}\t{}", e.at, e.action, e.target, e.digest);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn open_meta(dir: &DataDir) -> anyhow::Result<SqliteMeta> {
+    let db = dir.data_dir.join("registry.sqlite");
+    if !db.exists() {
+        anyhow::bail!(
+            "{} has no registry database (start `delta-registry serve --data-dir {}` once first)",
+            dir.data_dir.display(),
+            dir.data_dir.display()
+        );
+    }
+    SqliteMeta::open(&db).with_context(|| format!("cannot open {}", db.display()))
+}
+
+fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create {
+            dir,
+            namespace,
+            scope,
+            expires,
+            worker,
+            description,
+        } => {
+            std::fs::create_dir_all(&dir.data_dir)?;
+            let meta = SqliteMeta::open(&dir.data_dir.join("registry.sqlite"))?;
+            let new = NewToken {
+                namespace,
+                scope: Scope::parse(&scope)?,
+                worker,
+                expires_in: expires.map(Into::into),
+                description,
+            };
+            let (id, secret) = delta_registry::admin::create_token(&meta, &new, now())?;
+            let kind = if worker { "worker" } else { "user" };
+            println!(
+                "created {kind} token {id}: {} on {}",
+                new.scope, new.namespace
+            );
+            println!("{secret}");
+            Ok(())
+        }
+        TokenCommand::Ls(dir) => {
+            for t in open_meta(&dir)?.list_tokens()? {
+                let state = match (t.revoked_at, t.expires_at) {
+                    (Some(_), _) => "revoked".to_owned(),
+                    (None, Some(e)) if e <= now() => "expired".to_owned(),
+                    (None, Some(e)) => format!("expires {e}"),
+                    (None, None) => "active".to_owned(),
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\t{state}\t{}",
+                    t.id, t.kind, t.scope, t.namespace, t.description
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { dir, id } => {
+            if !open_meta(&dir)?.revoke_token(id, now())? {
+                anyhow::bail!("no token {id}");
+            }
+            println!("token {id} revoked");
+            Ok(())
+        }
     }
 }
 

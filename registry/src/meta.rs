@@ -15,7 +15,46 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::{Error, Result};
 
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_auth.sql"),
+];
+
+/// A stored token (never the secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    /// Id.
+    pub id: i64,
+    /// Namespace or `*`.
+    pub namespace: String,
+    /// `read`, `write` or `admin`.
+    pub scope: String,
+    /// `user` or `worker`.
+    pub kind: String,
+    /// Free text.
+    pub description: String,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+    /// Expiry, if any.
+    pub expires_at: Option<i64>,
+    /// Revocation time, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// One audit-log row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    /// When.
+    pub at: i64,
+    /// Which token (`None`: open registry).
+    pub token: Option<i64>,
+    /// What (`push`, `tag`, `upload`, `add-base`, ...).
+    pub action: String,
+    /// On what (repository, tag, blob).
+    pub target: String,
+    /// The digest involved, if any.
+    pub digest: String,
+}
 
 /// A registered base model.
 #[derive(Debug, Clone, PartialEq)]
@@ -165,6 +204,29 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug {
         expected: Option<u64>,
         now: i64,
     ) -> Result<u64>;
+
+    /// How many tokens exist (revoked ones included: once tokens exist, the registry is closed).
+    fn token_count(&self) -> Result<u64>;
+    /// Stores a token hash. Returns its id.
+    fn create_token(&self, hash: &str, record: &TokenRecord) -> Result<i64>;
+    /// A token by the hash of its secret.
+    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>>;
+    /// Every token.
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Revokes a token. `false` if no such token.
+    fn revoke_token(&self, id: i64, now: i64) -> Result<bool>;
+    /// Whether anyone may read `namespace`.
+    fn is_public(&self, namespace: &str) -> Result<bool>;
+    /// Marks a namespace public-read, or private again.
+    fn set_public(&self, namespace: &str, public: bool) -> Result<()>;
+    /// Links a stored blob to a namespace (the uploader's).
+    fn link_blob(&self, digest: &Digest, namespace: &str) -> Result<()>;
+    /// Whether a blob is visible from `namespace` (or from a public namespace).
+    fn blob_visible(&self, digest: &Digest, namespace: &str) -> Result<bool>;
+    /// Appends to the audit log.
+    fn audit(&self, entry: &AuditEntry) -> Result<()>;
+    /// The audit log, oldest first.
+    fn list_audit(&self) -> Result<Vec<AuditEntry>>;
 }
 
 /// The embedded SQLite metadata store.
@@ -378,6 +440,10 @@ impl MetaStore for SqliteMeta {
                     "INSERT INTO manifest_blobs (manifest, blob) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                     params![digest, blob],
                 )?;
+                tx.execute(
+                    "INSERT INTO blob_links (blob, namespace) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    params![blob, repo.namespace()],
+                )?;
             }
             for (k, v) in &manifest.annotations {
                 tx.execute(
@@ -585,6 +651,151 @@ impl MetaStore for SqliteMeta {
             Ok(current)
         })
     }
+
+    fn token_count(&self) -> Result<u64> {
+        self.with(|c| {
+            Ok(c.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get::<_, i64>(0))? as u64)
+        })
+    }
+
+    fn create_token(&self, hash: &str, t: &TokenRecord) -> Result<i64> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (hash, namespace, scope, kind, description, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![hash, t.namespace, t.scope, t.kind, t.description, t.created_at, t.expires_at],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("{TOKEN_COLUMNS} WHERE hash = ?1"),
+                [hash],
+                token_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("{TOKEN_COLUMNS} ORDER BY id"))?;
+            let rows = stmt
+                .query_map([], token_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn revoke_token(&self, id: i64, now: i64) -> Result<bool> {
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now],
+            )? > 0
+                || c.query_row("SELECT 1 FROM tokens WHERE id = ?1", [id], |_| Ok(()))
+                    .optional()?
+                    .is_some())
+        })
+    }
+
+    fn is_public(&self, namespace: &str) -> Result<bool> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT 1 FROM public_namespaces WHERE namespace = ?1",
+                [namespace],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+        })
+    }
+
+    fn set_public(&self, namespace: &str, public: bool) -> Result<()> {
+        self.with(|c| {
+            if public {
+                c.execute(
+                    "INSERT INTO public_namespaces (namespace) VALUES (?1) ON CONFLICT DO NOTHING",
+                    [namespace],
+                )?;
+            } else {
+                c.execute(
+                    "DELETE FROM public_namespaces WHERE namespace = ?1",
+                    [namespace],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn link_blob(&self, digest: &Digest, namespace: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO blob_links (blob, namespace) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                params![digest.to_string(), namespace],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn blob_visible(&self, digest: &Digest, namespace: &str) -> Result<bool> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT 1 FROM blob_links WHERE blob = ?1
+                   AND (namespace = ?2 OR namespace IN (SELECT namespace FROM public_namespaces)) LIMIT 1",
+                params![digest.to_string(), namespace],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+        })
+    }
+
+    fn audit(&self, e: &AuditEntry) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO audit (at, token, action, target, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![e.at, e.token, e.action, e.target, e.digest],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_audit(&self) -> Result<Vec<AuditEntry>> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT at, token, action, target, digest FROM audit ORDER BY id")?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(AuditEntry {
+                        at: r.get(0)?,
+                        token: r.get(1)?,
+                        action: r.get(2)?,
+                        target: r.get(3)?,
+                        digest: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+}
+
+const TOKEN_COLUMNS: &str = "SELECT id, namespace, scope, kind, description, created_at, expires_at, revoked_at FROM tokens";
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: r.get(0)?,
+        namespace: r.get(1)?,
+        scope: r.get(2)?,
+        kind: r.get(3)?,
+        description: r.get(4)?,
+        created_at: r.get(5)?,
+        expires_at: r.get(6)?,
+        revoked_at: r.get(7)?,
+    })
 }
 
 fn version_name(v: u64) -> String {

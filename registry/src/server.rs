@@ -28,6 +28,12 @@ pub async fn run(
 ) -> Result<()> {
     let service = RegistryService::open(&config).await?;
     let addr = listener.local_addr()?;
+    if service.is_open().await? {
+        tracing::warn!(
+            "NO API TOKENS EXIST: this registry is OPEN; anyone who can reach {addr} can read and write everything. \
+             Create a token with `delta-registry token create` to require tokens for writes and private reads."
+        );
+    }
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

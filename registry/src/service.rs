@@ -16,10 +16,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Caller, Scope};
 use crate::blobs::BlobStore;
 use crate::config::RegistryConfig;
 use crate::error::{Error, Result};
-use crate::meta::{BaseRecord, MetaStore, SearchFilter, SqliteMeta};
+use crate::meta::{AuditEntry, BaseRecord, MetaStore, SearchFilter, SqliteMeta};
 use crate::uploads::{Progress, Uploads};
 
 /// The registry's state, shared by every request.
@@ -75,6 +76,11 @@ impl RegistryService {
         &self.inner.config
     }
 
+    /// Whether the registry runs open (no tokens exist).
+    pub async fn is_open(&self) -> Result<bool> {
+        Ok(self.meta(|m| m.token_count()).await? == 0)
+    }
+
     /// Aborts idle upload sessions older than the configured TTL.
     pub async fn expire_uploads(&self) -> usize {
         self.inner
@@ -99,11 +105,93 @@ impl RegistryService {
             .copied())
     }
 
-    async fn commit_blob(&self, digest: Digest, size: u64) -> Result<()> {
-        self.meta(move |m| m.insert_blob(&digest, size, now()))
+    async fn commit_blob(&self, digest: Digest, size: u64, caller: &Caller) -> Result<()> {
+        let ns = caller.blob_namespace().map(str::to_owned);
+        self.meta(move |m| {
+            m.insert_blob(&digest, size, now())?;
+            match ns {
+                Some(ns) => m.link_blob(&digest, &ns),
+                None => Ok(()),
+            }
+        })
+        .await?;
+        self.record(caller, "upload", &digest.to_string(), &digest.to_string())
             .await?;
         tracing::info!(digest = %digest, bytes = size, "blob stored");
         Ok(())
+    }
+
+    /// Who is calling (see `admin::authenticate`).
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
+        let header = match req.metadata().get("authorization") {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| {
+                        Error::Unauthenticated("the authorization header is not text".into())
+                    })?
+                    .to_owned(),
+            ),
+        };
+        self.meta(move |m| crate::admin::authenticate(m, header.as_deref(), now()))
+            .await
+    }
+
+    /// Checks `need` on the namespace of `repo`.
+    async fn authorize(&self, caller: &Caller, namespace: &str, need: Scope) -> Result<()> {
+        if matches!(caller, Caller::Open) {
+            return Ok(());
+        }
+        let ns = namespace.to_owned();
+        let public = self.meta(move |m| m.is_public(&ns)).await?;
+        caller.check(namespace, need, public)
+    }
+
+    /// Whether the caller may read repositories of `namespace` (for filtering listings).
+    async fn readable(&self, caller: &Caller, namespace: &str) -> Result<bool> {
+        Ok(self.authorize(caller, namespace, Scope::Read).await.is_ok())
+    }
+
+    /// Whether the caller may see a stored blob.
+    async fn blob_visible(&self, caller: &Caller, digest: Digest) -> Result<bool> {
+        if caller.sees_all() {
+            return Ok(true);
+        }
+        // Anonymous callers see blobs of public namespaces only ("" matches no namespace).
+        let ns = caller.blob_namespace().unwrap_or("").to_owned();
+        self.meta(move |m| m.blob_visible(&digest, &ns)).await
+    }
+
+    /// Appends to the audit log.
+    async fn record(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: &str,
+        digest: &str,
+    ) -> Result<()> {
+        let entry = AuditEntry {
+            at: now(),
+            token: caller.token_id(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            digest: digest.to_owned(),
+        };
+        self.meta(move |m| m.audit(&entry)).await
+    }
+
+    /// Resolves a reference after checking `need` on its namespace, so a refusal says
+    /// nothing about whether the reference exists.
+    async fn resolve_checked(
+        &self,
+        caller: &Caller,
+        reference: &str,
+        need: Scope,
+    ) -> Result<crate::meta::Resolved> {
+        let parsed: Reference = reference.parse()?;
+        self.authorize(caller, parsed.repository.namespace(), need)
+            .await?;
+        self.resolve_ref(reference).await
     }
 
     async fn resolve_ref(&self, reference: &str) -> Result<crate::meta::Resolved> {
@@ -250,6 +338,8 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::StartUploadRequest>,
     ) -> Result<Response<pb::StartUploadResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        caller.check_any(Scope::Write)?;
         let req = req.into_inner();
         let digest: Digest = req.digest.parse().map_err(Error::from)?;
         if req.size > self.inner.config.max_blob_bytes {
@@ -259,9 +349,13 @@ impl Registry for RegistryService {
             ))
             .into());
         }
-        if self.blob_size(digest).await? == Some(req.size) {
+        // A blob another team stored is not "present" for this caller: it must send the
+        // bytes, so dedup never reveals what others hold.
+        if self.blob_size(digest).await? == Some(req.size)
+            && self.blob_visible(&caller, digest).await?
+        {
             // Refresh: a re-upload counts as a new reference (git's freshen rule).
-            self.commit_blob(digest, req.size).await?;
+            self.commit_blob(digest, req.size, &caller).await?;
             return Ok(Response::new(pb::StartUploadResponse {
                 present: true,
                 upload_id: String::new(),
@@ -277,7 +371,7 @@ impl Registry for RegistryService {
                 .into());
             }
             self.inner.blobs.put_small(&digest, Bytes::new()).await?;
-            self.commit_blob(digest, 0).await?;
+            self.commit_blob(digest, 0, &caller).await?;
             return Ok(Response::new(pb::StartUploadResponse {
                 present: true,
                 upload_id: String::new(),
@@ -287,7 +381,7 @@ impl Registry for RegistryService {
         let (upload_id, offset) = self
             .inner
             .uploads
-            .start(&self.inner.blobs, digest, req.size)
+            .start(&self.inner.blobs, digest, req.size, caller.blob_namespace())
             .await?;
         Ok(Response::new(pb::StartUploadResponse {
             present: false,
@@ -300,6 +394,9 @@ impl Registry for RegistryService {
         &self,
         req: Request<Streaming<pb::UploadChunk>>,
     ) -> Result<Response<pb::UploadBlobResponse>, Status> {
+        // Checked before any byte is read or stored.
+        let caller = self.caller(&req).await?;
+        caller.check_any(Scope::Write)?;
         let mut stream = req.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(Status::invalid_argument(
@@ -307,6 +404,14 @@ impl Registry for RegistryService {
             ));
         };
         let mut session = self.inner.uploads.acquire(&first.upload_id)?;
+        if session.owner.as_deref() != caller.blob_namespace() {
+            session.park();
+            return Err(Error::NotFound {
+                what: "upload",
+                name: first.upload_id.clone(),
+            }
+            .into());
+        }
         let mut chunk = Some(first);
         while let Some(c) = chunk.take() {
             if c.data.len() > delta_proto::CHUNK_SIZE * 4 {
@@ -323,7 +428,7 @@ impl Registry for RegistryService {
                     self.inner.uploads.remove(&id);
                     result?;
                     let (digest, size) = (session.digest, session.size);
-                    self.commit_blob(digest, size).await?;
+                    self.commit_blob(digest, size, &caller).await?;
                     if stream.message().await.ok().flatten().is_some() {
                         tracing::warn!(digest = %digest, "data after the declared size was ignored");
                     }
@@ -368,6 +473,7 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::GetUploadRequest>,
     ) -> Result<Response<pb::GetUploadResponse>, Status> {
+        self.caller(&req).await?.check_any(Scope::Write)?;
         let (digest, size, offset) = self.inner.uploads.status(&req.get_ref().upload_id)?;
         Ok(Response::new(pb::GetUploadResponse {
             digest: digest.to_string(),
@@ -383,15 +489,18 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::DownloadBlobRequest>,
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let digest: Digest = req.digest.parse().map_err(Error::from)?;
-        let size = self
-            .blob_size(digest)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "blob",
-                name: digest.to_string(),
-            })?;
+        let not_found = || Error::NotFound {
+            what: "blob",
+            name: digest.to_string(),
+        };
+        // A blob the caller may not see is answered exactly like one nobody has.
+        let size = self.blob_size(digest).await?.ok_or_else(not_found)?;
+        if !self.blob_visible(&caller, digest).await? {
+            return Err(not_found().into());
+        }
         if req.offset > size {
             return Err(Error::OutOfRange {
                 upload_id: digest.to_string(),
@@ -452,6 +561,8 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::MissingBlobsRequest>,
     ) -> Result<Response<pb::MissingBlobsResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        caller.check_any(Scope::Read)?;
         let digests: Vec<Digest> = req
             .into_inner()
             .digests
@@ -461,11 +572,12 @@ impl Registry for RegistryService {
             .map_err(Error::from)?;
         let query = digests.clone();
         let present = self.meta(move |m| m.blob_sizes(&query)).await?;
-        let missing = digests
-            .iter()
-            .filter(|d| !present.contains_key(d))
-            .map(ToString::to_string)
-            .collect();
+        let mut missing = Vec::new();
+        for d in digests {
+            if !present.contains_key(&d) || !self.blob_visible(&caller, d).await? {
+                missing.push(d.to_string());
+            }
+        }
         Ok(Response::new(pb::MissingBlobsResponse { missing }))
     }
 
@@ -474,6 +586,8 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::AddBaseRequest>,
     ) -> Result<Response<pb::AddBaseResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        caller.check_any(Scope::Write)?;
         let req = req.into_inner();
         check_base_name(&req.name)?;
         let fingerprint: Digest = req.fingerprint.parse().map_err(Error::from)?;
@@ -505,6 +619,7 @@ impl Registry for RegistryService {
                 .into());
             }
         }
+        let name_for_audit = req.name.clone();
         let record = BaseRecord {
             name: req.name,
             fingerprint,
@@ -512,6 +627,13 @@ impl Registry for RegistryService {
             created_at: now(),
         };
         let created = self.meta(move |m| m.add_base(&record)).await?;
+        self.record(
+            &caller,
+            "add-base",
+            &name_for_audit,
+            &fingerprint.to_string(),
+        )
+        .await?;
         Ok(Response::new(pb::AddBaseResponse {
             fingerprint: fingerprint.to_string(),
             created,
@@ -549,8 +671,11 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::PushManifestRequest>,
     ) -> Result<Response<pb::PushManifestResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         let repo: Repository = req.repository.parse().map_err(Error::from)?;
+        self.authorize(&caller, repo.namespace(), Scope::Write)
+            .await?;
         for t in &req.tags {
             check_tag(t).map_err(Error::from)?;
         }
@@ -572,6 +697,13 @@ impl Registry for RegistryService {
             .meta(move |m| m.push_manifest(&r, &manifest, &body, &tags, now()))
             .await?;
         tracing::info!(repository = %repo, version = pushed.version, digest = %digest, created = pushed.created, "manifest pushed");
+        self.record(
+            &caller,
+            "push",
+            &format!("{repo}:v{}", pushed.version),
+            &digest.to_string(),
+        )
+        .await?;
         Ok(Response::new(pb::PushManifestResponse {
             repository: repo.to_string(),
             version: pushed.version,
@@ -584,7 +716,10 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::ResolveRequest>,
     ) -> Result<Response<pb::ResolveResponse>, Status> {
-        let r = self.resolve_ref(&req.get_ref().reference).await?;
+        let caller = self.caller(&req).await?;
+        let r = self
+            .resolve_checked(&caller, &req.get_ref().reference, Scope::Read)
+            .await?;
         Ok(Response::new(pb::ResolveResponse {
             repository: r.repository.to_string(),
             version: r.version,
@@ -599,11 +734,21 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::ListRepositoriesRequest>,
     ) -> Result<Response<pb::ListRepositoriesResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let ns = req.into_inner().namespace;
+        if !ns.is_empty() {
+            self.authorize(&caller, &ns, Scope::Read).await?;
+        }
         let ns = (!ns.is_empty()).then_some(ns);
-        let rows = self
+        let all = self
             .meta(move |m| m.list_repositories(ns.as_deref()))
             .await?;
+        let mut rows = Vec::with_capacity(all.len());
+        for r in all {
+            if self.readable(&caller, r.repository.namespace()).await? {
+                rows.push(r);
+            }
+        }
         let repositories = rows
             .into_iter()
             .map(|r| pb::RepositorySummary {
@@ -623,7 +768,10 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let repo: Repository = req.get_ref().repository.parse().map_err(Error::from)?;
+        self.authorize(&caller, repo.namespace(), Scope::Read)
+            .await?;
         let r = repo.clone();
         let rows = self
             .meta(move |m| m.list_versions(&r))
@@ -649,7 +797,11 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::SearchDeltasRequest>,
     ) -> Result<Response<pb::SearchDeltasResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
+        if !req.namespace.is_empty() {
+            self.authorize(&caller, &req.namespace, Scope::Read).await?;
+        }
         let base = if req.base_fingerprint.is_empty() {
             None
         } else {
@@ -665,7 +817,13 @@ impl Registry for RegistryService {
             method: (!req.method.is_empty()).then_some(req.method),
             annotations: req.annotations.into_iter().collect(),
         };
-        let rows = self.meta(move |m| m.search(&filter)).await?;
+        let all = self.meta(move |m| m.search(&filter)).await?;
+        let mut rows = Vec::with_capacity(all.len());
+        for d in all {
+            if self.readable(&caller, d.repository.namespace()).await? {
+                rows.push(d);
+            }
+        }
         let deltas = rows
             .into_iter()
             .map(|d| pb::DeltaSummary {
@@ -686,15 +844,25 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::SetTagRequest>,
     ) -> Result<Response<pb::SetTagResponse>, Status> {
+        let caller = self.caller(&req).await?;
         let req = req.into_inner();
         check_tag(&req.tag).map_err(Error::from)?;
-        let target = self.resolve_ref(&req.reference).await?;
+        let target = self
+            .resolve_checked(&caller, &req.reference, Scope::Write)
+            .await?;
         let (repo, tag, version) = (target.repository.clone(), req.tag.clone(), target.version);
         let expected = req.expected_version;
         let previous = self
             .meta(move |m| m.set_tag(&repo, &tag, version, expected, now()))
             .await?;
         tracing::info!(version, previous, "tag set");
+        self.record(
+            &caller,
+            "tag",
+            &format!("{}:{} -> v{version}", target.repository, req.tag),
+            &target.digest.to_string(),
+        )
+        .await?;
         Ok(Response::new(pb::SetTagResponse {
             repository: target.repository.to_string(),
             tag: req.tag,

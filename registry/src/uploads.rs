@@ -33,6 +33,9 @@ pub(crate) struct Session {
     hasher: blake3::Hasher,
     writer: Option<WriteMultipart>,
     last_active: Instant,
+    /// The namespace of the token that opened it (`None`: open registry or `*` token). Only
+    /// the same owner may resume it.
+    pub(crate) owner: Option<String>,
     /// True once a stream on it ended before completion: only then may another
     /// `StartUpload` for the same digest pick it up (and claim it, clearing the flag).
     parked: bool,
@@ -149,11 +152,13 @@ impl Uploads {
         store: &BlobStore,
         digest: Digest,
         size: u64,
+        owner: Option<&str>,
     ) -> Result<(String, u64)> {
         let candidates: Vec<_> = self.map().values().cloned().collect();
         for s in candidates {
             if let Ok(mut guard) = s.try_lock()
                 && guard.parked
+                && guard.owner.as_deref() == owner
                 && guard.digest == digest
                 && guard.size == size
                 && guard.writer.is_some()
@@ -179,6 +184,7 @@ impl Uploads {
             writer: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
             last_active: Instant::now(),
             parked: false,
+            owner: owner.map(str::to_owned),
         };
         self.map()
             .insert(id.clone(), Arc::new(AsyncMutex::new(session)));

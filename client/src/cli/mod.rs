@@ -14,6 +14,7 @@ pub mod base;
 pub mod compose;
 pub mod export;
 pub mod fingerprint;
+pub mod login;
 pub mod ls;
 pub mod pull;
 pub mod push;
@@ -42,6 +43,12 @@ pub struct Cli {
     /// Machine-readable JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
+    /// API token (default: what `delta login` saved for this registry).
+    #[arg(long, global = true, env = "DELTA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Credentials file written by `delta login` (default: the user's config dir + /delta/credentials.json).
+    #[arg(long, global = true, env = "DELTA_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
@@ -69,6 +76,10 @@ pub enum Command {
     Apply(apply::Args),
     /// Combine deltas into a new delta (parallel or sequential; cat, linear, ties, dare, ...).
     Compose(compose::Args),
+    /// Save a token for this registry (in a 0600 credentials file).
+    Login(login::Args),
+    /// Forget the saved token for this registry.
+    Logout,
     /// Write a delta in another tool's format.
     #[command(subcommand)]
     Export(export::Command),
@@ -83,12 +94,16 @@ pub struct Ctx {
     pub cache: Cache,
     /// JSON output.
     pub json: bool,
+    /// The token to send, if any.
+    pub token: Option<String>,
+    /// Where `delta login` keeps tokens.
+    pub credentials: PathBuf,
 }
 
 impl Ctx {
     /// Connects to the registry.
     pub async fn remote(&self) -> anyhow::Result<Remote> {
-        Ok(Remote::connect(&self.registry).await?)
+        Ok(Remote::connect_with(&self.registry, self.token.as_deref()).await?)
     }
 
     /// A byte progress bar on stderr when it is a terminal (hidden otherwise, and in
@@ -123,10 +138,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .unwrap_or_else(std::env::temp_dir)
             .join("delta"),
     };
+    let credentials = match cli.credentials {
+        Some(c) => c,
+        None => dirs::config_dir()
+            .unwrap_or_else(std::env::temp_dir)
+            .join("delta")
+            .join("credentials.json"),
+    };
+    let token = match cli.token {
+        Some(t) => Some(t),
+        None => login::saved_token(&credentials, &cli.registry)?,
+    };
     let ctx = Ctx {
         registry: cli.registry,
         cache: Cache::new(&cache_root),
         json: cli.json,
+        token,
+        credentials,
     };
     match cli.command {
         Command::Fingerprint(a) => fingerprint::run(a, &ctx).await,
@@ -139,6 +167,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(a) => apply::run(a, &ctx).await,
         Command::Compose(a) => compose::run(a, &ctx).await,
         Command::Export(c) => export::run(c, &ctx).await,
+        Command::Login(a) => login::login(a, &ctx),
+        Command::Logout => login::logout(&ctx),
     }
 }
 

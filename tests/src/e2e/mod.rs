@@ -1,5 +1,6 @@
 //! End-to-end tests against real registries on 127.0.0.1.
 
+mod auth;
 mod bad_input;
 mod compose_apply;
 mod concurrency;
@@ -58,12 +59,16 @@ impl Env {
     pub(crate) async fn cli(&self, args: &[&str]) -> anyhow::Result<()> {
         let url = self.registry.url();
         let cache = self.path("cache").to_string_lossy().into_owned();
+        // Never the user's own credentials file.
+        let creds = self.path("credentials.json").to_string_lossy().into_owned();
         let mut argv = vec![
             "delta",
             "--registry",
             url.as_str(),
             "--cache",
             cache.as_str(),
+            "--credentials",
+            creds.as_str(),
         ];
         argv.extend_from_slice(args);
         delta_client::cli::run(delta_client::cli::Cli::try_parse_from(argv)?).await

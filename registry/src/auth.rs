@@ -1,0 +1,158 @@
+//! Who is calling, and what they may do.
+//!
+//! A registry with no tokens at all runs *open* (the one-machine quick start) and says so
+//! at start-up. Once any token exists, every write needs one, and a namespace is readable
+//! only with a token for it (or for `*`) unless it is marked public. Tokens are
+//! `dlt_<64 hex>`; only their blake3 hash is stored.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// Token scopes, ordered: admin ⊃ write ⊃ read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Pull, list, resolve.
+    Read,
+    /// Also push, tag, upload, register bases.
+    Write,
+    /// Also delete, gc.
+    Admin,
+}
+
+impl Scope {
+    /// Parses `read`, `write` or `admin`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "read" => Ok(Scope::Read),
+            "write" => Ok(Scope::Write),
+            "admin" => Ok(Scope::Admin),
+            other => Err(Error::InvalidArgument(format!(
+                "scope {other:?} must be read, write or admin"
+            ))),
+        }
+    }
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A valid token's grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Token id (for the audit log).
+    pub token_id: i64,
+    /// Namespace, or `*`.
+    pub namespace: String,
+    /// Scope.
+    pub scope: Scope,
+    /// `user` or `worker`.
+    pub kind: String,
+}
+
+/// The caller of one RPC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// No tokens exist: everything is allowed.
+    Open,
+    /// No token sent, while tokens exist.
+    Anonymous,
+    /// A valid token.
+    Token(Principal),
+}
+
+impl Caller {
+    /// The token id, for the audit log.
+    pub fn token_id(&self) -> Option<i64> {
+        match self {
+            Caller::Token(p) => Some(p.token_id),
+            _ => None,
+        }
+    }
+
+    /// The namespace blobs uploaded by this caller are linked to: `None` for open
+    /// registries and `*` tokens (no link needed: they see everything).
+    pub fn blob_namespace(&self) -> Option<&str> {
+        match self {
+            Caller::Token(p) if p.namespace != "*" => Some(&p.namespace),
+            _ => None,
+        }
+    }
+
+    /// Whether this caller sees every namespace.
+    pub fn sees_all(&self) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Anonymous => false,
+            Caller::Token(p) => p.namespace == "*",
+        }
+    }
+
+    /// Checks `need` on `namespace`; `public` says whether anyone may read it. The
+    /// refusal never depends on whether anything in the namespace exists.
+    pub fn check(&self, namespace: &str, need: Scope, public: bool) -> Result<()> {
+        match self {
+            Caller::Open => Ok(()),
+            _ if need == Scope::Read && public => Ok(()),
+            Caller::Anonymous => Err(Error::Unauthenticated(format!(
+                "{need} access to {namespace} needs a token"
+            ))),
+            Caller::Token(p)
+                if (p.namespace == namespace || p.namespace == "*") && p.scope >= need =>
+            {
+                Ok(())
+            }
+            Caller::Token(p) => Err(Error::PermissionDenied(format!(
+                "token {} ({} on {}) does not grant {need} on {namespace}",
+                p.token_id, p.scope, p.namespace
+            ))),
+        }
+    }
+
+    /// Checks `need` on some namespace (uploads and base registration, which are not
+    /// namespaced).
+    pub fn check_any(&self, need: Scope) -> Result<()> {
+        match self {
+            Caller::Open => Ok(()),
+            Caller::Anonymous => Err(Error::Unauthenticated(format!(
+                "{need} access needs a token"
+            ))),
+            Caller::Token(p) if p.scope >= need => Ok(()),
+            Caller::Token(p) => Err(Error::PermissionDenied(format!(
+                "token {} has {} scope; {need} is needed",
+                p.token_id, p.scope
+            ))),
+        }
+    }
+}
+
+/// A new random token secret.
+pub fn new_secret() -> String {
+    let a = uuid::Uuid::new_v4();
+    let b = uuid::Uuid::new_v4();
+    format!("dlt_{}{}", a.simple(), b.simple())
+}
+
+/// The stored hash of a secret.
+pub fn hash_secret(secret: &str) -> String {
+    blake3::hash(secret.as_bytes()).to_hex().to_string()
+}
+
+/// Whether a string looks like a token at all (checked before any lookup).
+pub fn well_formed(secret: &str) -> bool {
+    secret.len() == 68
+        && secret.starts_with("dlt_")
+        && secret[4..].bytes().all(|b| b.is_ascii_hexdigit())
+}
