@@ -430,6 +430,66 @@ impl Remote {
             .deltas)
     }
 
+    /// Removes a tag. Returns whether it existed.
+    pub async fn delete_tag(&self, repository: &str, tag: &str) -> Result<bool> {
+        let req = pb::DeleteTagRequest {
+            repository: repository.to_owned(),
+            tag: tag.to_owned(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .delete_tag(req)
+            .await?
+            .into_inner()
+            .deleted)
+    }
+
+    /// Yanks (or, with `undo`, restores) a version. Returns `(repository, version)`.
+    pub async fn yank(&self, reference: &str, undo: bool) -> Result<(String, u64)> {
+        let resp = self
+            .client
+            .clone()
+            .yank_version(pb::YankVersionRequest {
+                reference: reference.to_owned(),
+                undo,
+            })
+            .await?
+            .into_inner();
+        Ok((resp.repository, resp.version))
+    }
+
+    /// Deletes a version. Returns `(repository, version)`.
+    pub async fn delete_version(&self, reference: &str) -> Result<(String, u64)> {
+        let resp = self
+            .client
+            .clone()
+            .delete_version(pb::DeleteVersionRequest {
+                reference: reference.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok((resp.repository, resp.version))
+    }
+
+    /// Runs garbage collection on the registry. Returns `(blobs, bytes, digests)`.
+    pub async fn collect_garbage(
+        &self,
+        dry_run: bool,
+        grace_seconds: u64,
+    ) -> Result<(u64, u64, Vec<String>)> {
+        let resp = self
+            .client
+            .clone()
+            .collect_garbage(pb::CollectGarbageRequest {
+                dry_run,
+                grace_seconds,
+            })
+            .await?
+            .into_inner();
+        Ok((resp.blobs, resp.bytes, resp.digests))
+    }
+
     /// Points `tag` at what `reference` resolves to; with `expected`, only if the tag now
     /// points at that version (0: absent). Returns `(version, previous)`.
     pub async fn set_tag(

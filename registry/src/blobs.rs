@@ -147,6 +147,62 @@ impl BlobStore {
         }
     }
 
+    /// Size of the stored object, `None` if absent.
+    pub async fn size(&self, digest: &Digest) -> Result<Option<u64>> {
+        match self.store.head(&key(digest)).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes a blob unless its object was written after `cutoff` (seconds since the
+    /// epoch): a concurrent re-upload of the same content wins over garbage collection.
+    pub async fn delete_unless_newer(&self, digest: &Digest, cutoff: i64) -> Result<()> {
+        match self.store.head(&key(digest)).await {
+            Ok(m) if m.last_modified.timestamp() > cutoff => Ok(()),
+            Ok(_) => self.delete(digest).await,
+            Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Moves a blob's bytes to `quarantine/blake3/<hex>` (kept for inspection).
+    pub async fn quarantine(&self, digest: &Digest) -> Result<()> {
+        let to = StorePath::from(format!("quarantine/blake3/{}", digest.hex()));
+        match self.store.copy(&key(digest), &to).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.delete(digest).await
+    }
+
+    /// Every stored blob object: its key, the digest its name spells (if it does), and its
+    /// modification time (seconds since the epoch).
+    pub async fn list(&self) -> Result<Vec<(String, Option<Digest>, i64)>> {
+        let prefix = StorePath::from("blobs");
+        let mut out = Vec::new();
+        let mut listing = self.store.list(Some(&prefix));
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let key = meta.location.to_string();
+            let digest = key
+                .rsplit('/')
+                .next()
+                .and_then(|hex| format!("blake3:{hex}").parse().ok());
+            out.push((key, digest, meta.last_modified.timestamp()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes an object by key (for orphans whose name is not a digest).
+    pub async fn delete_key(&self, key: &str) -> Result<()> {
+        match self.store.delete(&StorePath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Removes local staging files (`<blob>#N`) older than `grace`, left behind by a process
     /// killed mid-write; `list` cannot see them. Returns how many were removed.
     pub fn remove_stale_staging(&self, grace: Duration) -> Result<usize> {

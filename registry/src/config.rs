@@ -30,6 +30,8 @@ pub struct RegistryConfig {
     pub upload_ttl: Duration,
     /// Staging files (`#N`) older than this are removed at start-up.
     pub staging_grace: Duration,
+    /// Garbage collection keeps blobs referenced more recently than this.
+    pub gc_grace: Duration,
 }
 
 impl RegistryConfig {
@@ -47,6 +49,7 @@ impl RegistryConfig {
             max_open_uploads: 1024,
             upload_ttl: Duration::from_secs(24 * 3600),
             staging_grace: Duration::from_secs(3600),
+            gc_grace: Duration::from_secs(3600),
         }
     }
 

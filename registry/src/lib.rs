@@ -14,6 +14,7 @@
 //! - `service`: [`RegistryService`], the gRPC handlers and manifest validation.
 //! - `uploads`: resumable upload sessions, hashed while they stream.
 //! - `blobs`: [`BlobStore`], content-addressed bytes over `object_store`.
+//! - `maintenance`: garbage collection and fsck.
 //! - `meta`: [`MetaStore`] and [`SqliteMeta`].
 //! - `error`: [`Error`] and its mapping to gRPC status codes.
 
@@ -22,6 +23,7 @@ pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod error;
+pub mod maintenance;
 pub mod meta;
 pub mod server;
 pub mod service;

@@ -33,6 +33,43 @@ enum Command {
     Namespace(NamespaceArgs),
     /// Print the audit log of writes.
     Audit(DataDir),
+    /// Remove blobs no live version references (also an admin RPC: `delta gc`).
+    Gc(GcArgs),
+    /// Re-hash every blob and check the database against the store; exits 1 on any problem.
+    Fsck(FsckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StoreArgs {
+    #[command(flatten)]
+    dir: DataDir,
+    /// The object_store URL the registry serves from (default: the data dir's own store).
+    #[arg(long, env = "DELTA_STORE")]
+    store: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct GcArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// List what would be removed, remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Keep blobs referenced within this period (uploads in flight, racing pushes).
+    #[arg(long, default_value = "1h")]
+    grace: humantime::Duration,
+}
+
+#[derive(clap::Args, Debug)]
+struct FsckArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Quarantine corrupt blobs (a re-push heals them) and delete orphans.
+    #[arg(long)]
+    repair: bool,
+    /// Objects younger than this are uploads in flight, not orphans.
+    #[arg(long, default_value = "1h")]
+    grace: humantime::Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -158,6 +195,56 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Gc(args) => {
+            let (meta, blobs) = open_stores(&args.store)?;
+            let r = delta_registry::maintenance::collect_garbage(
+                meta,
+                &blobs,
+                args.grace.into(),
+                args.dry_run,
+                now(),
+            )
+            .await?;
+            for d in &r.removed {
+                println!("{d}");
+            }
+            let verb = if r.dry_run { "would free" } else { "freed" };
+            println!("{verb} {} bytes in {} blobs", r.bytes, r.removed.len());
+            Ok(())
+        }
+        Command::Fsck(args) => {
+            let (meta, blobs) = open_stores(&args.store)?;
+            let r = delta_registry::maintenance::fsck(
+                meta,
+                &blobs,
+                args.repair,
+                args.grace.into(),
+                now(),
+            )
+            .await?;
+            for d in &r.corrupt {
+                println!("corrupt\t{d}");
+            }
+            for d in &r.missing {
+                println!("missing\t{d}");
+            }
+            for k in &r.orphans {
+                println!("orphan\t{k}");
+            }
+            println!(
+                "checked {} blobs ({} bytes): {} corrupt, {} missing, {} orphans, {} quarantined",
+                r.checked,
+                r.bytes,
+                r.corrupt.len(),
+                r.missing.len(),
+                r.orphans.len(),
+                r.quarantined
+            );
+            if !r.clean() {
+                anyhow::bail!("fsck found problems");
+            }
+            Ok(())
+        }
         Command::Audit(dir) => {
             for e in open_meta(&dir)?.list_audit()? {
                 let who = e.token.map_or("open".to_owned(), |t| format!("token {t}"));
@@ -184,6 +271,26 @@ fn open_meta(dir: &DataDir) -> anyhow::Result<SqliteMeta> {
         );
     }
     SqliteMeta::open(&db).with_context(|| format!("cannot open {}", db.display()))
+}
+
+fn open_stores(
+    args: &StoreArgs,
+) -> anyhow::Result<(std::sync::Arc<dyn MetaStore>, delta_registry::BlobStore)> {
+    let meta = open_meta(&args.dir)?;
+    let mut config = RegistryConfig::local(&args.dir.data_dir);
+    config.store_url = args.store.clone();
+    config.store_options = aws_options();
+    let blobs = delta_registry::BlobStore::open(&config).context("cannot open the blob store")?;
+    Ok((std::sync::Arc::new(meta), blobs))
+}
+
+fn aws_options() -> Vec<(String, String)> {
+    // The S3 backend's settings come from the usual AWS_* variables, read here and nowhere
+    // else (libraries never read the environment).
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("AWS_"))
+        .map(|(k, v)| (k.to_lowercase(), v))
+        .collect()
 }
 
 fn token(cmd: TokenCommand) -> anyhow::Result<()> {
@@ -243,12 +350,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = RegistryConfig::local(&args.data_dir);
     config.max_blob_bytes = args.max_blob_bytes;
     config.store_url = args.store;
-    // The S3 backend's settings come from the usual AWS_* variables, read here and nowhere
-    // else (libraries never read the environment).
-    config.store_options = std::env::vars()
-        .filter(|(k, _)| k.starts_with("AWS_"))
-        .map(|(k, v)| (k.to_lowercase(), v))
-        .collect();
+    config.store_options = aws_options();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -18,7 +18,13 @@ use crate::error::{Error, Result};
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_auth.sql"),
+    include_str!("../migrations/0003_lifecycle.sql"),
 ];
+
+/// `versions.yanked` values.
+const LIVE: i64 = 0;
+const YANKED: i64 = 1;
+const DELETED: i64 = 2;
 
 /// A stored token (never the secret).
 #[derive(Debug, Clone, PartialEq)]
@@ -227,6 +233,23 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug {
     fn audit(&self, entry: &AuditEntry) -> Result<()>;
     /// The audit log, oldest first.
     fn list_audit(&self) -> Result<Vec<AuditEntry>>;
+
+    /// Yanks (or un-yanks) a version: still pullable by version or digest, hidden from
+    /// listings, and `latest` moves to the newest version that is not yanked.
+    fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<()>;
+    /// Deletes a version: unresolvable from now on, its tags removed, its number never
+    /// reused; its blobs become garbage unless other versions use them.
+    fn delete_version(&self, repo: &Repository, version: u64, now: i64) -> Result<()>;
+    /// Deletes a tag. `false` if it did not exist.
+    fn delete_tag(&self, repo: &Repository, tag: &str) -> Result<bool>;
+    /// Blobs no live version references and nobody referenced since `cutoff`. Unless
+    /// `dry_run`, their rows are removed in the same transaction (the caller then deletes
+    /// the bytes).
+    fn collect_garbage(&self, cutoff: i64, dry_run: bool) -> Result<Vec<(Digest, u64)>>;
+    /// Every blob row: digest, size, whether marked corrupt.
+    fn all_blobs(&self) -> Result<Vec<(Digest, u64, bool)>>;
+    /// Marks a blob corrupt (after quarantining its bytes).
+    fn mark_corrupt(&self, digest: &Digest) -> Result<()>;
 }
 
 /// The embedded SQLite metadata store.
@@ -340,7 +363,7 @@ impl MetaStore for SqliteMeta {
         self.with(|c| {
             c.execute(
                 "INSERT INTO blobs (digest, size, created_at, last_referenced) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT (digest) DO UPDATE SET last_referenced = excluded.last_referenced",
+                 ON CONFLICT (digest) DO UPDATE SET last_referenced = excluded.last_referenced, corrupt = 0",
                 params![digest.to_string(), size as i64, now],
             )?;
             Ok(())
@@ -349,7 +372,8 @@ impl MetaStore for SqliteMeta {
 
     fn blob_sizes(&self, digests: &[Digest]) -> Result<HashMap<Digest, u64>> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached("SELECT size FROM blobs WHERE digest = ?1")?;
+            let mut stmt =
+                c.prepare_cached("SELECT size FROM blobs WHERE digest = ?1 AND corrupt = 0")?;
             let mut out = HashMap::new();
             for d in digests {
                 if let Some(size) = stmt
@@ -432,7 +456,7 @@ impl MetaStore for SqliteMeta {
             )?;
             for f in &manifest.files {
                 let blob = f.digest.to_string();
-                let n = tx.execute("UPDATE blobs SET last_referenced = ?2 WHERE digest = ?1", params![blob, now])?;
+                let n = tx.execute("UPDATE blobs SET last_referenced = ?2 WHERE digest = ?1 AND corrupt = 0", params![blob, now])?;
                 if n == 0 {
                     return Err(Error::FailedPrecondition(format!("blob {blob} ({}) is not stored", f.path)));
                 }
@@ -456,17 +480,19 @@ impl MetaStore for SqliteMeta {
                 params![repo.namespace(), repo.name(), now],
             )?;
             let id = repo_id(&tx, repo)?.ok_or_else(|| Error::NotFound { what: "repository", name: repo.to_string() })?;
+            // Version numbers are never reused, even after a delete.
+            let highest: i64 =
+                tx.query_row("SELECT COALESCE(MAX(version), 0) FROM versions WHERE repository = ?1", [id], |r| r.get(0))?;
             let latest: Option<(i64, String)> = tx
                 .query_row(
-                    "SELECT version, manifest FROM versions WHERE repository = ?1 ORDER BY version DESC LIMIT 1",
+                    "SELECT version, manifest FROM versions WHERE repository = ?1 AND yanked = 0 ORDER BY version DESC LIMIT 1",
                     [id],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
             let (version, created) = match latest {
                 Some((v, d)) if d == digest => (v, false),
-                Some((v, _)) => (v + 1, true),
-                None => (1, true),
+                _ => (highest + 1, true),
             };
             if created {
                 tx.execute(
@@ -490,7 +516,7 @@ impl MetaStore for SqliteMeta {
         self.with(|c| {
             let Some(id) = repo_id(c, &reference.repository)? else { return Ok(None) };
             let select = "SELECT v.version, v.manifest, m.body, v.created_at FROM versions v
-                          JOIN manifests m ON m.digest = v.manifest WHERE v.repository = ?1";
+                          JOIN manifests m ON m.digest = v.manifest WHERE v.repository = ?1 AND v.yanked < 2";
             let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, String, Vec<u8>, i64)> {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             };
@@ -530,10 +556,10 @@ impl MetaStore for SqliteMeta {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT r.namespace, r.name, v.version, v.manifest, m.base_fingerprint, m.method, v.created_at,
-                        (SELECT COUNT(*) FROM versions WHERE repository = r.id)
+                        (SELECT COUNT(*) FROM versions WHERE repository = r.id AND yanked = 0)
                  FROM repositories r
                  JOIN versions v ON v.repository = r.id
-                   AND v.version = (SELECT MAX(version) FROM versions WHERE repository = r.id)
+                   AND v.version = (SELECT MAX(version) FROM versions WHERE repository = r.id AND yanked = 0)
                  JOIN manifests m ON m.digest = v.manifest
                  WHERE ?1 IS NULL OR r.namespace = ?1
                  ORDER BY r.namespace, r.name",
@@ -560,7 +586,7 @@ impl MetaStore for SqliteMeta {
             let Some(id) = repo_id(c, repo)? else { return Ok(None) };
             let mut stmt = c.prepare(
                 "SELECT v.version, v.manifest, m.size, v.created_at FROM versions v
-                 JOIN manifests m ON m.digest = v.manifest WHERE v.repository = ?1 ORDER BY v.version DESC",
+                 JOIN manifests m ON m.digest = v.manifest WHERE v.repository = ?1 AND v.yanked = 0 ORDER BY v.version DESC",
             )?;
             let rows: Vec<(i64, String, i64, i64)> = stmt
                 .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
@@ -584,7 +610,7 @@ impl MetaStore for SqliteMeta {
             let mut stmt = c.prepare(
                 "SELECT r.namespace, r.name, v.version, m.digest, m.base_fingerprint, m.method, m.size
                  FROM versions v JOIN repositories r ON r.id = v.repository JOIN manifests m ON m.digest = v.manifest
-                 WHERE (?1 IS NULL OR r.namespace = ?1) AND (?2 IS NULL OR m.base_fingerprint = ?2)
+                 WHERE v.yanked = 0 AND (?1 IS NULL OR r.namespace = ?1) AND (?2 IS NULL OR m.base_fingerprint = ?2)
                    AND (?3 IS NULL OR m.method = ?3)
                  ORDER BY r.namespace, r.name, v.version",
             )?;
@@ -781,6 +807,130 @@ impl MetaStore for SqliteMeta {
             Ok(rows)
         })
     }
+
+    fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let id = existing_version(&tx, repo, version)?;
+            let state = if yanked { YANKED } else { LIVE };
+            tx.execute(
+                "UPDATE versions SET yanked = ?3 WHERE repository = ?1 AND version = ?2",
+                params![id, version as i64, state],
+            )?;
+            refresh_latest(&tx, id)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn delete_version(&self, repo: &Repository, version: u64, now: i64) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let id = existing_version(&tx, repo, version)?;
+            tx.execute("DELETE FROM tags WHERE repository = ?1 AND version = ?2", params![id, version as i64])?;
+            tx.execute("UPDATE versions SET yanked = ?3 WHERE repository = ?1 AND version = ?2", params![id, version as i64, DELETED])?;
+            // Its blobs start their grace period now.
+            tx.execute(
+                "UPDATE blobs SET last_referenced = ?3 WHERE digest IN
+                   (SELECT mb.blob FROM manifest_blobs mb JOIN versions v ON v.manifest = mb.manifest
+                    WHERE v.repository = ?1 AND v.version = ?2)",
+                params![id, version as i64, now],
+            )?;
+            refresh_latest(&tx, id)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn delete_tag(&self, repo: &Repository, tag: &str) -> Result<bool> {
+        self.with(|c| {
+            let Some(id) = repo_id(c, repo)? else {
+                return Ok(false);
+            };
+            Ok(c.execute(
+                "DELETE FROM tags WHERE repository = ?1 AND tag = ?2",
+                params![id, tag],
+            )? > 0)
+        })
+    }
+
+    fn collect_garbage(&self, cutoff: i64, dry_run: bool) -> Result<Vec<(Digest, u64)>> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let rows: Vec<(String, i64)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT b.digest, b.size FROM blobs b WHERE b.last_referenced < ?1 AND NOT EXISTS (
+                       SELECT 1 FROM manifest_blobs mb JOIN versions v ON v.manifest = mb.manifest
+                       WHERE mb.blob = b.digest AND v.yanked < 2)
+                     ORDER BY b.digest",
+                )?;
+                stmt.query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
+            };
+            if !dry_run {
+                for (d, _) in &rows {
+                    tx.execute("DELETE FROM manifest_blobs WHERE blob = ?1", [d])?;
+                    tx.execute("DELETE FROM blob_links WHERE blob = ?1", [d])?;
+                    tx.execute("DELETE FROM blobs WHERE digest = ?1", [d])?;
+                }
+                tx.commit()?;
+            }
+            rows.into_iter().map(|(d, n)| Ok((d.parse()?, n as u64))).collect()
+        })
+    }
+
+    fn all_blobs(&self) -> Result<Vec<(Digest, u64, bool)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT digest, size, corrupt FROM blobs ORDER BY digest")?;
+            let rows: Vec<(String, i64, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.into_iter()
+                .map(|(d, n, k)| Ok((d.parse()?, n as u64, k != 0)))
+                .collect()
+        })
+    }
+
+    fn mark_corrupt(&self, digest: &Digest) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE blobs SET corrupt = 1 WHERE digest = ?1",
+                [digest.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+}
+
+/// The repository id, after checking the version exists (and is not deleted).
+fn existing_version(tx: &Connection, repo: &Repository, version: u64) -> Result<i64> {
+    let not_found = || Error::NotFound {
+        what: "version",
+        name: format!("{repo}:v{version}"),
+    };
+    let id = repo_id(tx, repo)?.ok_or_else(not_found)?;
+    tx.query_row(
+        "SELECT 1 FROM versions WHERE repository = ?1 AND version = ?2 AND yanked < 2",
+        params![id, version as i64],
+        |_| Ok(()),
+    )
+    .optional()?
+    .ok_or_else(not_found)?;
+    Ok(id)
+}
+
+/// Points `latest` at the newest version that is neither yanked nor deleted (or removes it).
+fn refresh_latest(tx: &Connection, repo: i64) -> Result<()> {
+    tx.execute(
+        "DELETE FROM tags WHERE repository = ?1 AND tag = 'latest'",
+        [repo],
+    )?;
+    tx.execute(
+        "INSERT INTO tags (repository, tag, version, updated_at)
+         SELECT ?1, 'latest', MAX(version), strftime('%s','now') FROM versions WHERE repository = ?1 AND yanked = 0
+         HAVING MAX(version) IS NOT NULL",
+        [repo],
+    )?;
+    Ok(())
 }
 
 const TOKEN_COLUMNS: &str = "SELECT id, namespace, scope, kind, description, created_at, expires_at, revoked_at FROM tokens";

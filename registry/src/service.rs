@@ -35,6 +35,9 @@ struct Inner {
     meta: Arc<dyn MetaStore>,
     blobs: BlobStore,
     uploads: Uploads,
+    /// Commits of blob bytes hold it shared; garbage collection holds it exclusively, so
+    /// a collection never deletes bytes a concurrent upload just wrote.
+    gc_lock: tokio::sync::RwLock<()>,
 }
 
 fn now() -> i64 {
@@ -67,6 +70,7 @@ impl RegistryService {
                 meta,
                 blobs,
                 uploads,
+                gc_lock: tokio::sync::RwLock::new(()),
             }),
         }
     }
@@ -423,6 +427,7 @@ impl Registry for RegistryService {
             }
             match session.append(c.offset, c.data).await {
                 Ok(Progress::Complete) => {
+                    let _commit = self.inner.gc_lock.read().await;
                     let id = session.id.clone();
                     let result = session.commit().await;
                     self.inner.uploads.remove(&id);
@@ -868,6 +873,116 @@ impl Registry for RegistryService {
             tag: req.tag,
             version,
             previous_version: previous,
+        }))
+    }
+
+    async fn delete_tag(
+        &self,
+        req: Request<pb::DeleteTagRequest>,
+    ) -> Result<Response<pb::DeleteTagResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let repo: Repository = req.repository.parse().map_err(Error::from)?;
+        self.authorize(&caller, repo.namespace(), Scope::Write)
+            .await?;
+        check_tag(&req.tag).map_err(Error::from)?;
+        let (r, tag) = (repo.clone(), req.tag.clone());
+        let deleted = self.meta(move |m| m.delete_tag(&r, &tag)).await?;
+        if deleted {
+            self.record(&caller, "untag", &format!("{repo}:{}", req.tag), "")
+                .await?;
+        }
+        Ok(Response::new(pb::DeleteTagResponse { deleted }))
+    }
+
+    async fn yank_version(
+        &self,
+        req: Request<pb::YankVersionRequest>,
+    ) -> Result<Response<pb::YankVersionResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let target = self
+            .resolve_checked(&caller, &req.reference, Scope::Admin)
+            .await?;
+        let (repo, version, yanked) = (target.repository.clone(), target.version, !req.undo);
+        self.meta(move |m| m.yank(&repo, version, yanked)).await?;
+        let action = if req.undo { "unyank" } else { "yank" };
+        self.record(
+            &caller,
+            action,
+            &format!("{}:v{version}", target.repository),
+            &target.digest.to_string(),
+        )
+        .await?;
+        Ok(Response::new(pb::YankVersionResponse {
+            repository: target.repository.to_string(),
+            version,
+        }))
+    }
+
+    async fn delete_version(
+        &self,
+        req: Request<pb::DeleteVersionRequest>,
+    ) -> Result<Response<pb::DeleteVersionResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let target = self
+            .resolve_checked(&caller, &req.reference, Scope::Admin)
+            .await?;
+        let (repo, version) = (target.repository.clone(), target.version);
+        self.meta(move |m| m.delete_version(&repo, version, now()))
+            .await?;
+        self.record(
+            &caller,
+            "delete",
+            &format!("{}:v{version}", target.repository),
+            &target.digest.to_string(),
+        )
+        .await?;
+        Ok(Response::new(pb::DeleteVersionResponse {
+            repository: target.repository.to_string(),
+            version,
+        }))
+    }
+
+    async fn collect_garbage(
+        &self,
+        req: Request<pb::CollectGarbageRequest>,
+    ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        // Garbage is global: only an admin of every namespace may collect it.
+        caller.check("*", Scope::Admin, false)?;
+        let req = req.into_inner();
+        let grace = if req.grace_seconds == 0 {
+            self.inner.config.gc_grace
+        } else {
+            std::time::Duration::from_secs(req.grace_seconds)
+        };
+        let report = {
+            let _exclusive = self.inner.gc_lock.write().await;
+            crate::maintenance::collect_garbage(
+                self.inner.meta.clone(),
+                &self.inner.blobs,
+                grace,
+                req.dry_run,
+                now(),
+            )
+            .await?
+        };
+        if !req.dry_run {
+            self.record(
+                &caller,
+                "gc",
+                &format!("{} blobs", report.removed.len()),
+                "",
+            )
+            .await?;
+        }
+        Ok(Response::new(pb::CollectGarbageResponse {
+            blobs: report.removed.len() as u64,
+            bytes: report.bytes,
+            digests: report.removed.iter().map(ToString::to_string).collect(),
+            dry_run: report.dry_run,
         }))
     }
 }

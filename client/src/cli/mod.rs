@@ -14,6 +14,7 @@ pub mod base;
 pub mod compose;
 pub mod export;
 pub mod fingerprint;
+pub mod lifecycle;
 pub mod login;
 pub mod ls;
 pub mod pull;
@@ -76,6 +77,17 @@ pub enum Command {
     Apply(apply::Args),
     /// Combine deltas into a new delta (parallel or sequential; cat, linear, ties, dare, ...).
     Compose(compose::Args),
+    /// Yank a version: still pullable by version or digest, hidden from listings and latest.
+    Yank(lifecycle::YankArgs),
+    /// Delete a version (admin).
+    Delete {
+        /// The version.
+        reference: String,
+    },
+    /// Remove a tag.
+    Untag(lifecycle::UntagArgs),
+    /// Remove unreferenced blobs on the registry (admin of every namespace).
+    Gc(lifecycle::GcArgs),
     /// Save a token for this registry (in a 0600 credentials file).
     Login(login::Args),
     /// Forget the saved token for this registry.
@@ -168,6 +180,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compose(a) => compose::run(a, &ctx).await,
         Command::Export(c) => export::run(c, &ctx).await,
         Command::Login(a) => login::login(a, &ctx),
+        Command::Yank(a) => lifecycle::yank(a, &ctx).await,
+        Command::Delete { reference } => lifecycle::delete(reference, &ctx).await,
+        Command::Untag(a) => lifecycle::untag(a, &ctx).await,
+        Command::Gc(a) => lifecycle::gc(a, &ctx).await,
         Command::Logout => login::logout(&ctx),
     }
 }

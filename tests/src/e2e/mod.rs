@@ -5,6 +5,7 @@ mod bad_input;
 mod compose_apply;
 mod concurrency;
 mod grpc_python;
+mod lifecycle;
 mod push_pull;
 mod resume;
 
