@@ -15,6 +15,8 @@ use crate::service::RegistryService;
 /// HTTP/2 flow-control windows: large enough that one stream can fill loopback.
 const STREAM_WINDOW: u32 = 8 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
+/// How long in-flight calls may take to finish after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
 /// HTTP/2 frames of up to 1 MiB instead of 16 KiB: a 1 MiB chunk is one frame, not 64.
 const MAX_FRAME: u32 = (1 << 20) - 1;
 
@@ -71,7 +73,16 @@ pub async fn run(
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), store = config.store_url.as_deref().unwrap_or("local"), "registry listening");
-    let result = Server::builder()
+    // The shutdown signal stops accepting calls; in-flight ones get DRAIN to finish, so a
+    // client that never closes its connection cannot hold the process forever.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut drain_rx = stop_rx.clone();
+    let mut serve_rx = stop_rx;
+    let serve = Server::builder()
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .max_frame_size(Some(MAX_FRAME))
@@ -80,8 +91,20 @@ pub async fn run(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(registry)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = serve_rx.wait_for(|stop| *stop).await;
+        });
+    let drained = async move {
+        let _ = drain_rx.wait_for(|stop| *stop).await;
+        tokio::time::sleep(DRAIN).await;
+    };
+    let result = tokio::select! {
+        r = serve => r,
+        () = drained => {
+            tracing::warn!("connections still open {DRAIN:?} after shutdown; closing them");
+            Ok(())
+        }
+    };
     janitor.abort();
     tracing::info!("registry stopped");
     Ok(result?)
