@@ -279,3 +279,35 @@ mod tests {
         assert!("a/b:v01".parse::<Reference>().is_err());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        // Any string: no panic; whatever parses prints back to something that parses the same.
+        #[test]
+        fn references_round_trip(s in "\\PC{0,80}") {
+            if let Ok(r) = s.parse::<Reference>() {
+                let again: Reference = r.to_string().parse().unwrap();
+                prop_assert_eq!(again, r);
+            }
+        }
+
+        // Near-misses of valid references (traversal, unicode, separators) never panic and
+        // never produce a name with anything outside the allowed alphabet.
+        #[test]
+        fn near_misses(ns in "[a-z0-9._%/\\-]{0,10}", name in "[a-zA-Zé\\u{0435}0-9._/\\-]{0,10}", tag in "[a-zA-Z0-9.:@_\\-]{0,10}") {
+            let s = format!("{ns}/{name}:{tag}");
+            if let Ok(r) = s.parse::<Reference>() {
+                let repo = r.repository.to_string();
+                prop_assert!(repo.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b)));
+                prop_assert!(!repo.contains(".."));
+            }
+        }
+    }
+}

@@ -32,6 +32,11 @@ pub struct RegistryConfig {
     pub staging_grace: Duration,
     /// Garbage collection keeps blobs referenced more recently than this.
     pub gc_grace: Duration,
+    /// An upload stream that sends nothing for this long is cut (its session stays
+    /// resumable).
+    pub stream_idle_timeout: Duration,
+    /// Most upload sessions one token may hold open.
+    pub max_uploads_per_token: usize,
 }
 
 impl RegistryConfig {
@@ -50,6 +55,8 @@ impl RegistryConfig {
             upload_ttl: Duration::from_secs(24 * 3600),
             staging_grace: Duration::from_secs(3600),
             gc_grace: Duration::from_secs(3600),
+            stream_idle_timeout: Duration::from_secs(60),
+            max_uploads_per_token: 64,
         }
     }
 

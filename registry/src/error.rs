@@ -63,6 +63,9 @@ pub enum Error {
     /// The token does not grant what the call needs.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// A client stopped sending.
+    #[error("{0}")]
+    Timeout(String),
     /// Another stream is using the upload session.
     #[error("upload {0} is in use by another stream")]
     Busy(String),
@@ -102,6 +105,7 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Status::already_exists(err.to_string()),
             Error::LimitExceeded(_) => Status::resource_exhausted(err.to_string()),
             Error::Busy(_) => Status::aborted(err.to_string()),
+            Error::Timeout(_) => Status::deadline_exceeded(err.to_string()),
             Error::Unauthenticated(_) => Status::unauthenticated(err.to_string()),
             Error::PermissionDenied(_) => Status::permission_denied(err.to_string()),
             Error::Corrupt(_) => {

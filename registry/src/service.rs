@@ -385,7 +385,14 @@ impl Registry for RegistryService {
         let (upload_id, offset) = self
             .inner
             .uploads
-            .start(&self.inner.blobs, digest, req.size, caller.blob_namespace())
+            .start(
+                &self.inner.blobs,
+                digest,
+                req.size,
+                caller.blob_namespace(),
+                caller.token_id(),
+                self.inner.config.max_uploads_per_token,
+            )
             .await?;
         Ok(Response::new(pb::StartUploadResponse {
             present: false,
@@ -457,11 +464,20 @@ impl Registry for RegistryService {
                 }
             }
             // A broken stream leaves the session parked for a resume.
-            chunk = match stream.message().await {
-                Ok(c) => c,
-                Err(e) => {
+            let idle = self.inner.config.stream_idle_timeout;
+            chunk = match tokio::time::timeout(idle, stream.message()).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     session.park();
                     return Err(e);
+                }
+                Err(_) => {
+                    session.park();
+                    return Err(Error::Timeout(format!(
+                        "upload {} received nothing for {idle:?}; resume from offset {}",
+                        session.id, session.received
+                    ))
+                    .into());
                 }
             };
         }

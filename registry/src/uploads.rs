@@ -36,6 +36,7 @@ pub(crate) struct Session {
     /// The namespace of the token that opened it (`None`: open registry or `*` token). Only
     /// the same owner may resume it.
     pub(crate) owner: Option<String>,
+
     /// True once a stream on it ended before completion: only then may another
     /// `StartUpload` for the same digest pick it up (and claim it, clearing the flag).
     parked: bool,
@@ -131,6 +132,8 @@ impl Session {
 #[derive(Debug)]
 pub(crate) struct Uploads {
     sessions: Mutex<HashMap<String, Arc<AsyncMutex<Session>>>>,
+    /// The token of each session, readable while the session is busy.
+    tokens: Mutex<HashMap<String, Option<i64>>>,
     max_open: usize,
 }
 
@@ -138,6 +141,7 @@ impl Uploads {
     pub(crate) fn new(max_open: usize) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
             max_open,
         }
     }
@@ -153,6 +157,8 @@ impl Uploads {
         digest: Digest,
         size: u64,
         owner: Option<&str>,
+        token: Option<i64>,
+        per_token: usize,
     ) -> Result<(String, u64)> {
         let candidates: Vec<_> = self.map().values().cloned().collect();
         for s in candidates {
@@ -165,6 +171,20 @@ impl Uploads {
             {
                 guard.parked = false;
                 return Ok((guard.id.clone(), guard.received));
+            }
+        }
+        if let Some(t) = token {
+            let held = self
+                .tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|x| **x == Some(t))
+                .count();
+            if held >= per_token {
+                return Err(Error::LimitExceeded(format!(
+                    "token {t} already has {held} uploads open (limit {per_token})"
+                )));
             }
         }
         if self.map().len() >= self.max_open {
@@ -188,6 +208,10 @@ impl Uploads {
         };
         self.map()
             .insert(id.clone(), Arc::new(AsyncMutex::new(session)));
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), token);
         Ok((id, 0))
     }
 
@@ -213,6 +237,10 @@ impl Uploads {
     /// Forgets a session (after commit or failure).
     pub(crate) fn remove(&self, id: &str) {
         self.map().remove(id);
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// Aborts sessions idle for longer than `ttl`. Returns how many.

@@ -191,7 +191,11 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
     c.add_base(pb::AddBaseRequest {
         name: "b".into(),
         fingerprint: fp.to_string(),
-        tensors: vec![pb::TensorInfo { name: "w.weight".into(), dtype: "F32".into(), shape: vec![4, 4] }],
+        tensors: vec![pb::TensorInfo {
+            name: "w.weight".into(),
+            dtype: "F32".into(),
+            shape: vec![4, 4],
+        }],
     })
     .await
     .unwrap();
@@ -213,7 +217,11 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
                 "files": [{"path": "delta.safetensors", "digest": file_digest, "size": size,
                            "tensors": [{"name": "w.lora_A", "dtype": "F32", "shape": [1, 4]}, {"name": "w.lora_B", "dtype": "F32", "shape": [4, 1]}]}],
             });
-            let req = pb::PushManifestRequest { repository: "t/r".into(), manifest: serde_json::to_vec(&manifest).unwrap(), tags: vec![] };
+            let req = pb::PushManifestRequest {
+                repository: "t/r".into(),
+                manifest: serde_json::to_vec(&manifest).unwrap(),
+                tags: vec![],
+            };
             match c.push_manifest(req).await {
                 Ok(r) => acked.push((r.get_ref().version, r.get_ref().digest.clone())),
                 Err(_) => return acked,
@@ -226,11 +234,23 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
         let mut c = client(&url).await;
         let mut moves = 0u64;
         loop {
-            let current = c.resolve(pb::ResolveRequest { reference: "t/r:moving".into() }).await.map(|r| r.get_ref().version).unwrap_or(0);
-            let req = pb::SetTagRequest { reference: "t/r".into(), tag: "moving".into(), expected_version: Some(current) };
+            let current = c
+                .resolve(pb::ResolveRequest {
+                    reference: "t/r:moving".into(),
+                })
+                .await
+                .map(|r| r.get_ref().version)
+                .unwrap_or(0);
+            let req = pb::SetTagRequest {
+                reference: "t/r".into(),
+                tag: "moving".into(),
+                expected_version: Some(current),
+            };
             match c.set_tag(req).await {
                 Ok(_) => moves += 1,
-                Err(s) if s.code() == tonic::Code::FailedPrecondition || s.code() == tonic::Code::NotFound => {}
+                Err(s)
+                    if s.code() == tonic::Code::FailedPrecondition
+                        || s.code() == tonic::Code::NotFound => {}
                 Err(_) => return moves,
             }
         }
@@ -238,33 +258,70 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
     let url = reg.url.clone();
     let collector = tokio::spawn(async move {
         let mut c = client(&url).await;
-        while c.collect_garbage(pb::CollectGarbageRequest { dry_run: false, grace_seconds: 1 }).await.is_ok() {}
+        while c
+            .collect_garbage(pb::CollectGarbageRequest {
+                dry_run: false,
+                grace_seconds: 1,
+            })
+            .await
+            .is_ok()
+        {}
     });
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     reg.child.kill().unwrap();
-    tokio::task::spawn_blocking(move || reg.child.wait().unwrap()).await.unwrap();
+    tokio::task::spawn_blocking(move || reg.child.wait().unwrap())
+        .await
+        .unwrap();
     let acked = pusher.await.unwrap();
     let _moves = tagger.await.unwrap();
     collector.await.unwrap();
-    assert!(!acked.is_empty(), "no push was acknowledged before the kill");
+    assert!(
+        !acked.is_empty(),
+        "no push was acknowledged before the kill"
+    );
 
     let mut reg = start(dir.path());
     let mut c = client(&reg.url).await;
     for (version, digest) in &acked {
-        let r = c.resolve(pb::ResolveRequest { reference: format!("t/r:v{version}") }).await.unwrap().into_inner();
+        let r = c
+            .resolve(pb::ResolveRequest {
+                reference: format!("t/r:v{version}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(&r.digest, digest, "v{version} changed");
     }
     // Versions are contiguous, and the tag (if any) points at one of them.
-    let versions = c.list_versions(pb::ListVersionsRequest { repository: "t/r".into() }).await.unwrap().into_inner().versions;
+    let versions = c
+        .list_versions(pb::ListVersionsRequest {
+            repository: "t/r".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
     let mut numbers: Vec<u64> = versions.iter().map(|v| v.version).collect();
     numbers.sort();
     assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
     assert!(numbers.len() >= acked.len());
-    if let Ok(t) = c.resolve(pb::ResolveRequest { reference: "t/r:moving".into() }).await {
+    if let Ok(t) = c
+        .resolve(pb::ResolveRequest {
+            reference: "t/r:moving".into(),
+        })
+        .await
+    {
         assert!(numbers.contains(&t.get_ref().version));
     }
     // The blob every version uses survived the collections, and fsck is clean.
-    let mut stream = c.download_blob(pb::DownloadBlobRequest { digest: Digest::of(&file).to_string(), offset: 0 }).await.unwrap().into_inner();
+    let mut stream = c
+        .download_blob(pb::DownloadBlobRequest {
+            digest: Digest::of(&file).to_string(),
+            offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let mut back = Vec::new();
     while let Some(chunk) = stream.message().await.unwrap() {
         back.extend_from_slice(&chunk.data);
@@ -275,9 +332,18 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
     let meta = delta_registry::SqliteMeta::open(&dir.path().join("registry.sqlite")).unwrap();
     assert_eq!(meta.pragma("integrity_check").unwrap(), "ok");
     let blobs = delta_registry::BlobStore::local(&dir.path().join("store")).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    let report = delta_registry::maintenance::fsck(std::sync::Arc::new(meta), &blobs, false, std::time::Duration::from_secs(3600), now)
-        .await
-        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let report = delta_registry::maintenance::fsck(
+        std::sync::Arc::new(meta),
+        &blobs,
+        false,
+        std::time::Duration::from_secs(3600),
+        now,
+    )
+    .await
+    .unwrap();
     assert!(report.clean(), "{report:?}");
 }

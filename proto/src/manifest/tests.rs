@@ -159,3 +159,44 @@ fn self_consistency() {
     assert!(m.check_shape().unwrap_err().to_string().contains("method"));
     assert!(Manifest::from_json(b"{\"schema_version\":1}").is_err());
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        // Arbitrary bytes never panic the manifest parser.
+        #[test]
+        fn random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Manifest::from_json(&bytes);
+        }
+
+        // Mutations of a valid manifest never panic parsing or the base check, and what is
+        // accepted re-serialises to the same digest.
+        #[test]
+        fn mutated_manifests(pos in 0usize..2000, byte in 32u8..127) {
+            let m = lora(vec![ti("enc.q.lora_A", &[2, 4]), ti("enc.q.lora_B", &[8, 2])]);
+            let mut bytes = m.canonical_json();
+            let i = pos % bytes.len();
+            bytes[i] = byte;
+            if let Ok(parsed) = Manifest::from_json(&bytes) {
+                let _ = parsed.check_against_base(&base());
+                let again = Manifest::from_json(&parsed.canonical_json()).unwrap();
+                prop_assert_eq!(again.digest(), parsed.digest());
+            }
+        }
+
+        // Random tensor names and shapes never panic the role and shape checks.
+        #[test]
+        fn random_tensor_tables(names in proptest::collection::vec("[a-z.]{0,12}(lora_A|lora_B|lora_bias|ia3_l|diff|diff_indices|diff_values|replace|new)?", 1..6),
+                                shapes in proptest::collection::vec(proptest::collection::vec(0u64..20, 0..3), 6)) {
+            let tensors: Vec<TensorInfo> = names.iter().zip(&shapes).map(|(n, s)| ti(n, s)).collect();
+            let m = lora(tensors);
+            let _ = m.check_shape();
+            let _ = m.check_against_base(&base());
+        }
+    }
+}

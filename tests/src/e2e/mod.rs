@@ -6,6 +6,7 @@ mod compose_apply;
 mod concurrency;
 mod grpc_python;
 mod lifecycle;
+mod limits;
 mod push_pull;
 mod resume;
 

@@ -1,0 +1,128 @@
+//! Configured limits and misbehaving clients: each gets a clear refusal, nothing hangs.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use delta_client::{Error, Remote, hub};
+use delta_proto::{Digest, UploadChunk};
+use delta_registry::RegistryConfig;
+use futures::StreamExt;
+use serde_json::json;
+use tonic::Code;
+
+use super::hidden;
+use crate::{TestRegistry, fixtures};
+
+fn code(e: &Error) -> Code {
+    match e {
+        Error::Rejected { code, .. } => *code,
+        Error::NotFound(_) => Code::NotFound,
+        Error::Rpc(s) => s.code(),
+        other => panic!("not a gRPC refusal: {other:?}"),
+    }
+}
+
+async fn registry(tune: impl FnOnce(&mut RegistryConfig)) -> (TestRegistry, Remote) {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = TestRegistry::start_in(dir, |p| {
+        let mut c = RegistryConfig::for_test(p);
+        tune(&mut c);
+        c
+    })
+    .await;
+    let remote = reg.remote().await;
+    (reg, remote)
+}
+
+#[tokio::test]
+async fn a_stalled_upload_is_cut_and_stays_resumable() {
+    let (_reg, remote) = registry(|c| c.stream_idle_timeout = Duration::from_millis(300)).await;
+    let data = Bytes::from(vec![1u8; 3000]);
+    let d = Digest::of(&data);
+    let (id, _) = remote.start_upload(d, 3000).await.unwrap().unwrap();
+    let stalled = futures::stream::iter(vec![UploadChunk {
+        upload_id: id.clone(),
+        offset: 0,
+        data: data.slice(..1000),
+    }])
+    .chain(futures::stream::pending());
+    let r = tokio::time::timeout(Duration::from_secs(20), remote.upload_stream(stalled))
+        .await
+        .expect("the registry must cut a stalled stream");
+    assert_eq!(code(&r.unwrap_err()), Code::DeadlineExceeded);
+    assert_eq!(remote.upload_offset(&id).await.unwrap(), 1000);
+}
+
+#[tokio::test]
+async fn oversized_messages_and_blobs_are_refused() {
+    let (_reg, remote) = registry(|c| c.max_blob_bytes = 1 << 20).await;
+    let e = remote
+        .start_upload(Digest::of(b"big"), 2 << 20)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::ResourceExhausted);
+    assert!(e.to_string().contains("limit"), "{e}");
+
+    // A 5 MiB message is over the 4 MiB decoding limit.
+    let data = Bytes::from(vec![2u8; 900 << 10]);
+    let (id, _) = remote
+        .start_upload(Digest::of(&data), data.len() as u64)
+        .await
+        .unwrap()
+        .unwrap();
+    let huge = futures::stream::iter(vec![UploadChunk {
+        upload_id: id,
+        offset: 0,
+        data: Bytes::from(vec![0u8; 5 << 20]),
+    }]);
+    let e = remote.upload_stream(huge).await.unwrap_err();
+    assert!(
+        matches!(code(&e), Code::ResourceExhausted | Code::OutOfRange),
+        "{e:?}"
+    );
+    // The registry still serves.
+    remote.list_bases().await.unwrap();
+}
+
+#[tokio::test]
+async fn manifest_tensor_and_upload_limits() {
+    let (reg, remote) = registry(|c| {
+        c.max_tensors = 3;
+        c.max_uploads_per_token = 2;
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let base = work.path().join("base.safetensors");
+    fixtures::write_base(&base, 1);
+    let model = delta_client::tensors::Model::open(&base).unwrap();
+    remote
+        .add_base("tiny", model.fingerprint(), model.table())
+        .await
+        .unwrap();
+    let dir = work.path().join("d");
+    fixtures::write_native_lora(&dir, 1, 2, json!({})); // 8 tensors
+    let e = hub::push(&remote, &dir, "team/many", "tiny", &[], &hidden())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::ResourceExhausted);
+    assert!(e.to_string().contains("8 tensors"), "{e}");
+
+    // Per-token upload sessions.
+    let meta = delta_registry::SqliteMeta::open(&reg.dir.path().join("registry.sqlite")).unwrap();
+    let new = delta_registry::admin::NewToken {
+        namespace: "team".into(),
+        scope: delta_registry::auth::Scope::Write,
+        worker: false,
+        expires_in: None,
+        description: String::new(),
+    };
+    let (_, secret) = delta_registry::admin::create_token(&meta, &new, 0).unwrap();
+    let t = Remote::connect_with(&reg.url(), Some(&secret))
+        .await
+        .unwrap();
+    for i in 0..2u8 {
+        t.start_upload(Digest::of(&[i]), 1).await.unwrap();
+    }
+    let e = t.start_upload(Digest::of(&[9]), 1).await.unwrap_err();
+    assert_eq!(code(&e), Code::ResourceExhausted);
+}
