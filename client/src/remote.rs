@@ -18,7 +18,7 @@ use tonic::Code;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -36,6 +36,15 @@ impl Interceptor for Auth {
         }
         Ok(req)
     }
+}
+
+/// How to connect.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// API token sent with every call.
+    pub token: Option<String>,
+    /// A PEM CA certificate to trust for `https://` registries (besides the web PKI).
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// A connection to a registry.
@@ -84,6 +93,20 @@ impl Remote {
 
     /// Connects to `url`, sending `token` (if any) with every call.
     pub async fn connect_with(url: &str, token: Option<&str>) -> Result<Self> {
+        Self::connect_opts(
+            url,
+            &ConnectOptions {
+                token: token.map(str::to_owned),
+                ca_cert: None,
+            },
+        )
+        .await
+    }
+
+    /// Connects with explicit options. `https://` URLs use TLS, trusting the public web PKI
+    /// and, if given, a custom CA.
+    pub async fn connect_opts(url: &str, opts: &ConnectOptions) -> Result<Self> {
+        let token = opts.token.as_deref();
         let auth = match token {
             None => None,
             Some(t) => Some(
@@ -104,6 +127,19 @@ impl Remote {
             .initial_connection_window_size(Some(16 << 20))
             .max_frame_size(Some((1 << 20) - 1))
             .tcp_nodelay(true);
+        let endpoint = if url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_webpki_roots();
+            if let Some(ca) = &opts.ca_cert {
+                let pem = std::fs::read(ca).at(ca)?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint.tls_config(tls).map_err(|source| Error::Connect {
+                url: url.to_owned(),
+                source,
+            })?
+        } else {
+            endpoint
+        };
         let channel = endpoint.connect().await.map_err(|source| Error::Connect {
             url: url.to_owned(),
             source,

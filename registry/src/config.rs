@@ -37,6 +37,17 @@ pub struct RegistryConfig {
     pub stream_idle_timeout: Duration,
     /// Most upload sessions one token may hold open.
     pub max_uploads_per_token: usize,
+    /// Serve TLS with this PEM certificate chain and private key (`None`: plain HTTP/2).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
 }
 
 impl RegistryConfig {
@@ -57,6 +68,7 @@ impl RegistryConfig {
             gc_grace: Duration::from_secs(3600),
             stream_idle_timeout: Duration::from_secs(60),
             max_uploads_per_token: 64,
+            tls: None,
         }
     }
 

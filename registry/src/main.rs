@@ -140,6 +140,12 @@ struct ServeArgs {
     /// Largest blob accepted, in bytes.
     #[arg(long, default_value_t = 64 << 30)]
     max_blob_bytes: u64,
+    /// Serve TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -350,6 +356,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = RegistryConfig::local(&args.data_dir);
     config.max_blob_bytes = args.max_blob_bytes;
     config.store_url = args.store;
+    config.tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(delta_registry::config::TlsFiles { cert, key }),
+        _ => None,
+    };
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     config.store_options = aws_options();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -359,7 +374,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // right after start-up is a graceful shutdown, not a kill.
     let shutdown = shutdown_signal()?;
     // The one line on stdout: where to connect (useful with --listen 127.0.0.1:0).
-    println!("delta-registry listening on http://{addr}");
+    println!("delta-registry listening on {scheme}://{addr}");
     delta_registry::run(config, listener, shutdown)
         .await
         .context("registry failed")

@@ -6,7 +6,7 @@ use std::time::Duration;
 use delta_proto::registry_server::RegistryServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::config::RegistryConfig;
 use crate::error::Result;
@@ -82,7 +82,19 @@ pub async fn run(
     });
     let mut drain_rx = stop_rx.clone();
     let mut serve_rx = stop_rx;
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| {
+                crate::Error::InvalidArgument(format!("cannot read {}: {e}", p.display()))
+            })
+        };
+        let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(|e| crate::Error::InvalidArgument(format!("TLS certificate or key: {e}")))?;
+    }
+    let serve = builder
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .max_frame_size(Some(MAX_FRAME))

@@ -47,6 +47,9 @@ pub struct Cli {
     /// API token (default: what `delta login` saved for this registry).
     #[arg(long, global = true, env = "DELTA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A PEM CA certificate to trust for https:// registries.
+    #[arg(long, global = true, env = "DELTA_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Credentials file written by `delta login` (default: the user's config dir + /delta/credentials.json).
     #[arg(long, global = true, env = "DELTA_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
@@ -110,12 +113,18 @@ pub struct Ctx {
     pub token: Option<String>,
     /// Where `delta login` keeps tokens.
     pub credentials: PathBuf,
+    /// Custom CA for TLS.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Ctx {
     /// Connects to the registry.
     pub async fn remote(&self) -> anyhow::Result<Remote> {
-        Ok(Remote::connect_with(&self.registry, self.token.as_deref()).await?)
+        let opts = crate::remote::ConnectOptions {
+            token: self.token.clone(),
+            ca_cert: self.ca_cert.clone(),
+        };
+        Ok(Remote::connect_opts(&self.registry, &opts).await?)
     }
 
     /// A byte progress bar on stderr when it is a terminal (hidden otherwise, and in
@@ -167,6 +176,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         json: cli.json,
         token,
         credentials,
+        ca_cert: cli.ca_cert,
     };
     match cli.command {
         Command::Fingerprint(a) => fingerprint::run(a, &ctx).await,
