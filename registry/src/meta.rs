@@ -322,11 +322,8 @@ fn parse_repo(ns: String, name: String) -> rusqlite::Result<Repository> {
 
 fn repo_id(tx: &Connection, repo: &Repository) -> Result<Option<i64>> {
     Ok(tx
-        .query_row(
-            "SELECT id FROM repositories WHERE namespace = ?1 AND name = ?2",
-            params![repo.namespace(), repo.name()],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT id FROM repositories WHERE namespace = ?1 AND name = ?2")?
+        .query_row(params![repo.namespace(), repo.name()], |r| r.get(0))
         .optional()?)
 }
 
@@ -521,22 +518,19 @@ impl MetaStore for SqliteMeta {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             };
             let found = match &reference.selector {
-                Selector::Version(v) => {
-                    c.query_row(&format!("{select} AND v.version = ?2"), params![id, *v as i64], row).optional()?
-                }
+                Selector::Version(v) => c
+                    .prepare_cached(&format!("{select} AND v.version = ?2"))?
+                    .query_row(params![id, *v as i64], row)
+                    .optional()?,
                 Selector::Digest(d) => c
-                    .query_row(
-                        &format!("{select} AND v.manifest = ?2 ORDER BY v.version DESC LIMIT 1"),
-                        params![id, d.to_string()],
-                        row,
-                    )
+                    .prepare_cached(&format!("{select} AND v.manifest = ?2 ORDER BY v.version DESC LIMIT 1"))?
+                    .query_row(params![id, d.to_string()], row)
                     .optional()?,
                 Selector::Tag(t) => c
-                    .query_row(
-                        &format!("{select} AND v.version = (SELECT version FROM tags WHERE repository = ?1 AND tag = ?2)"),
-                        params![id, t],
-                        row,
-                    )
+                    .prepare_cached(&format!(
+                        "{select} AND v.version = (SELECT version FROM tags WHERE repository = ?1 AND tag = ?2)"
+                    ))?
+                    .query_row(params![id, t], row)
                     .optional()?,
             };
             let Some((version, digest, manifest, created_at)) = found else { return Ok(None) };

@@ -1,0 +1,123 @@
+//! A bounded loopback load test: 10 000 resolves and 200 concurrent pulls against one
+//! registry, reporting error rate and p50/p99 latency.
+//!
+//! `cargo bench -p delta-tests --bench load`
+
+use std::time::{Duration, Instant};
+
+use delta_client::{Remote, hub};
+use delta_tests::{TestRegistry, fixtures};
+use indicatif::ProgressBar;
+use serde_json::json;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report(what: &str, mut lat: Vec<Duration>, errors: usize, wall: Duration) {
+    lat.sort();
+    let n = lat.len() + errors;
+    println!(
+        "| {what} | {n} | {:.2}% | {:.2} ms | {:.2} ms | {:.0}/s |",
+        100.0 * errors as f64 / n as f64,
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        n as f64 / wall.as_secs_f64()
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let registry = TestRegistry::start().await;
+    let remote = registry.remote().await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let base = work.path().join("base.safetensors");
+    fixtures::write_base(&base, 1);
+    let model = delta_client::tensors::Model::open(&base).expect("base");
+    remote
+        .add_base("tiny", model.fingerprint(), model.table())
+        .await
+        .expect("add base");
+    let dir = work.path().join("d");
+    fixtures::write_native_lora(&dir, 1, 8, json!({}));
+    hub::push(
+        &remote,
+        &dir,
+        "load/delta:prod",
+        "tiny",
+        &[],
+        &ProgressBar::hidden(),
+    )
+    .await
+    .expect("push");
+    let blob = remote
+        .resolve("load/delta")
+        .await
+        .expect("resolve")
+        .manifest
+        .files[0]
+        .digest;
+
+    println!("| operation | requests | errors | p50 | p99 | throughput |");
+    println!("|---|---|---|---|---|---|");
+
+    // 10 000 resolves from 32 concurrent callers over 8 connections.
+    let url = registry.url();
+    let mut clients: Vec<Remote> = Vec::new();
+    for _ in 0..8 {
+        clients.push(Remote::connect(&url).await.expect("connect"));
+    }
+    let callers: usize = std::env::var("DELTA_LOAD_CALLERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..callers {
+        let c = clients[w % clients.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors) = (Vec::new(), 0);
+            for _ in 0..10_000 / callers + usize::from(w < 10_000 % callers) {
+                let t = Instant::now();
+                match c.resolve("load/delta:prod").await {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.expect("task");
+        lat.extend(l);
+        errors += e;
+    }
+    report("resolve", lat, errors, start.elapsed());
+
+    // 200 concurrent pulls of the delta's blob, each into its own file, verified.
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let c = clients[i % clients.len()].clone();
+        let path = work.path().join(format!("pull-{i}"));
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            let r = c.download_to(blob, &path, &ProgressBar::hidden()).await;
+            (t.elapsed(), r.is_ok())
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (d, ok) = t.await.expect("task");
+        if ok {
+            lat.push(d);
+        } else {
+            errors += 1;
+        }
+    }
+    report("pull (verified)", lat, errors, start.elapsed());
+    drop(clients);
+    registry.stop().await;
+}
