@@ -120,6 +120,15 @@ impl LoadedDelta {
     }
 }
 
+/// One weight per delta: `given`, or 1 each when none are given.
+pub fn per_delta_weights(given: &[f32], deltas: usize) -> Result<Vec<f32>> {
+    match given.len() {
+        0 => Ok(vec![1.0; deltas]),
+        n if n == deltas => Ok(given.to_vec()),
+        n => Err(Error::Invalid(format!("{n} weights for {deltas} deltas"))),
+    }
+}
+
 /// Options for [`apply`].
 #[derive(Debug, Clone, Default)]
 pub struct ApplyOptions {
@@ -455,16 +464,7 @@ pub fn apply(
             "nothing to apply: name at least one delta".into(),
         ));
     }
-    let weights: Vec<f32> = match opts.weights.len() {
-        0 => vec![1.0; deltas.len()],
-        n if n == deltas.len() => opts.weights.clone(),
-        n => {
-            return Err(Error::Invalid(format!(
-                "{n} weights for {} deltas",
-                deltas.len()
-            )));
-        }
-    };
+    let weights = per_delta_weights(&opts.weights, deltas.len())?;
     if out.exists() && !opts.overwrite {
         return Err(Error::Invalid(format!(
             "{} exists; pass --overwrite to replace it",

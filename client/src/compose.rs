@@ -35,7 +35,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::numeric::{SplitMix, f32_bytes, lora_dense, to_i64, truncated_svd};
 
 /// Parallel (simultaneous) or sequential composition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// Several deltas on one base at once.
     Parallel,
@@ -44,7 +44,8 @@ pub enum Mode {
 }
 
 /// How deltas are merged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum Merge {
     /// LoRA concatenation: exact.
     Cat,
@@ -288,16 +289,7 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
     let first = deltas
         .first()
         .ok_or_else(|| Error::Invalid("nothing to compose: name at least one delta".into()))?;
-    let weights: Vec<f32> = match opts.weights.len() {
-        0 => vec![1.0; deltas.len()],
-        n if n == deltas.len() => opts.weights.clone(),
-        n => {
-            return Err(Error::Invalid(format!(
-                "{n} weights for {} deltas",
-                deltas.len()
-            )));
-        }
-    };
+    let weights = crate::apply::per_delta_weights(&opts.weights, deltas.len())?;
     if !(opts.density > 0.0 && opts.density <= 1.0) {
         return Err(Error::Invalid(format!(
             "--density {} must be in (0, 1]",
@@ -428,44 +420,49 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
         ranks.insert(m.clone(), k as u64);
     }
 
-    // LoRA biases: their scaled weighted sum, at scale 1.
+    // LoRA biases (their scaled weighted sum, at scale 1) and dense diffs.
+    let dense_merge = if merge == Merge::Cat {
+        Merge::Linear
+    } else {
+        merge
+    };
+    let mut merge_vectors =
+        |target: &str, suffix: &str, parts: Vec<(usize, &str, f32)>| -> Result<()> {
+            let mut dense = Vec::new();
+            for (di, name, scale) in &parts {
+                dense.push((weights[*di] * scale, deltas[*di].f32(name)?));
+            }
+            let shape = deltas[parts[0].0].shape(parts[0].1)?;
+            let merged = merge_dense(
+                dense,
+                dense_merge,
+                opts.density,
+                target_seed(opts.seed, target),
+            );
+            tensors.push((
+                format!("{target}.{suffix}"),
+                shape,
+                f32_bytes(&merged),
+                "F32",
+            ));
+            Ok(())
+        };
     for (m, parts) in &t.lora_bias {
-        let mut dense = Vec::new();
-        for (di, name, s) in parts {
-            dense.push((weights[*di] * s, deltas[*di].f32(name)?));
-        }
-        let shape = deltas[parts[0].0].shape(&parts[0].1)?;
-        let merged = merge_dense(
-            dense,
-            if merge == Merge::Cat {
-                Merge::Linear
-            } else {
-                merge
-            },
-            opts.density,
-            target_seed(opts.seed, m),
-        );
-        tensors.push((format!("{m}.lora_bias"), shape, f32_bytes(&merged), "F32"));
+        merge_vectors(
+            m,
+            "lora_bias",
+            parts
+                .iter()
+                .map(|(di, n, s)| (*di, n.as_str(), *s))
+                .collect(),
+        )?;
     }
-
-    // Dense diffs.
     for (x, parts) in &t.diff {
-        let mut dense = Vec::new();
-        for (di, name) in parts {
-            dense.push((weights[*di], deltas[*di].f32(name)?));
-        }
-        let shape = deltas[parts[0].0].shape(&parts[0].1)?;
-        let merged = merge_dense(
-            dense,
-            if merge == Merge::Cat {
-                Merge::Linear
-            } else {
-                merge
-            },
-            opts.density,
-            target_seed(opts.seed, x),
-        );
-        tensors.push((format!("{x}.diff"), shape, f32_bytes(&merged), "F32"));
+        merge_vectors(
+            x,
+            "diff",
+            parts.iter().map(|(di, n)| (*di, n.as_str(), 1.0)).collect(),
+        )?;
     }
 
     // Sparse diffs: exact sums by concatenation (linear and cat only).

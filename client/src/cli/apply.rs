@@ -64,27 +64,17 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         fingerprint,
         tensors: model.table(),
     };
-    let needs_registry = args
-        .deltas
-        .iter()
-        .any(|d| !std::path::Path::new(d).is_dir());
-    let remote = if needs_registry {
-        Some(ctx.remote().await?)
-    } else {
-        None
-    };
-    let progress = ctx.progress("pull");
-    let mut deltas = Vec::new();
-    for spec in &args.deltas {
-        deltas.push(
-            hub::load_delta(remote.as_ref(), &ctx.cache, spec, &base, &progress)
-                .await
-                .with_context(|| format!("cannot load delta {spec}"))?,
-        );
-    }
+    let remote = super::remote_if_needed(ctx, &args.deltas).await?;
+    let deltas = super::load_deltas(ctx, remote.as_ref(), &args.deltas, &base).await?;
     let given = deltas.len();
-    let deltas =
-        hub::with_parents(deltas, remote.as_ref(), &ctx.cache, args.no_deps, &progress).await?;
+    let deltas = hub::with_parents(
+        deltas,
+        remote.as_ref(),
+        &ctx.cache,
+        args.no_deps,
+        &ctx.progress("pull"),
+    )
+    .await?;
     let mut weights = args.weights.clone();
     if !weights.is_empty() && deltas.len() != given {
         // Pulled parents are applied in full.

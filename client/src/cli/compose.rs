@@ -7,36 +7,6 @@ use serde_json::json;
 
 use super::Ctx;
 use crate::compose::{ComposeOptions, Merge, Mode, compose};
-use crate::hub;
-
-/// Composition mode.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-pub enum ModeArg {
-    /// Several deltas on one base at once.
-    Parallel,
-    /// Each delta trained on the base plus the earlier ones.
-    Sequential,
-}
-
-/// Merge method.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-#[value(rename_all = "snake_case")]
-pub enum MergeArg {
-    /// LoRA concatenation (exact weighted sum).
-    Cat,
-    /// Weighted sum of dense deltas (re-factorised for LoRA).
-    Linear,
-    /// Weighted sum, re-factorised by SVD.
-    Svd,
-    /// TIES merging.
-    Ties,
-    /// DARE then weighted sum.
-    DareLinear,
-    /// DARE then TIES.
-    DareTies,
-    /// Magnitude pruning then weighted sum.
-    MagnitudePrune,
-}
 
 /// Arguments.
 #[derive(clap::Args, Debug)]
@@ -49,10 +19,10 @@ pub struct Args {
     pub output: PathBuf,
     /// Parallel or sequential.
     #[arg(long, value_enum, default_value = "parallel")]
-    pub mode: ModeArg,
+    pub mode: Mode,
     /// Merge method.
     #[arg(long, value_enum, default_value = "cat")]
-    pub merge: MergeArg,
+    pub merge: Merge,
     /// One weight per delta, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub weights: Vec<f32>,
@@ -72,15 +42,7 @@ pub struct Args {
 
 /// Composes.
 pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
-    let needs_registry = args
-        .deltas
-        .iter()
-        .any(|d| !std::path::Path::new(d).is_dir());
-    let remote = if needs_registry {
-        Some(ctx.remote().await?)
-    } else {
-        None
-    };
+    let remote = super::remote_if_needed(ctx, &args.deltas).await?;
     let base = match &args.base {
         Some(p) => {
             let p = p.clone();
@@ -112,29 +74,10 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             ),
         },
     };
-    let progress = ctx.progress("pull");
-    let mut deltas = Vec::new();
-    for spec in &args.deltas {
-        deltas.push(
-            hub::load_delta(remote.as_ref(), &ctx.cache, spec, &base, &progress)
-                .await
-                .with_context(|| format!("cannot load delta {spec}"))?,
-        );
-    }
+    let deltas = super::load_deltas(ctx, remote.as_ref(), &args.deltas, &base).await?;
     let opts = ComposeOptions {
-        mode: match args.mode {
-            ModeArg::Parallel => Mode::Parallel,
-            ModeArg::Sequential => Mode::Sequential,
-        },
-        merge: match args.merge {
-            MergeArg::Cat => Merge::Cat,
-            MergeArg::Linear => Merge::Linear,
-            MergeArg::Svd => Merge::Svd,
-            MergeArg::Ties => Merge::Ties,
-            MergeArg::DareLinear => Merge::DareLinear,
-            MergeArg::DareTies => Merge::DareTies,
-            MergeArg::MagnitudePrune => Merge::MagnitudePrune,
-        },
+        mode: args.mode,
+        merge: args.merge,
         weights: args.weights.clone(),
         rank: args.rank,
         density: args.density,

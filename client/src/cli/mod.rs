@@ -198,6 +198,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A registry connection when any of `specs` is a reference rather than a folder.
+pub async fn remote_if_needed(ctx: &Ctx, specs: &[String]) -> anyhow::Result<Option<Remote>> {
+    if specs.iter().all(|d| std::path::Path::new(d).is_dir()) {
+        return Ok(None);
+    }
+    Ok(Some(ctx.remote().await?))
+}
+
+/// Loads every delta named by `specs` (folders or references) for `base`.
+pub async fn load_deltas(
+    ctx: &Ctx,
+    remote: Option<&Remote>,
+    specs: &[String],
+    base: &crate::remote::Base,
+) -> anyhow::Result<Vec<crate::apply::LoadedDelta>> {
+    use anyhow::Context;
+    let progress = ctx.progress("pull");
+    let mut deltas = Vec::new();
+    for spec in specs {
+        let d = crate::hub::load_delta(remote, &ctx.cache, spec, base, &progress)
+            .await
+            .with_context(|| format!("cannot load delta {spec}"))?;
+        deltas.push(d);
+    }
+    Ok(deltas)
+}
+
 /// Human-readable byte count.
 pub fn human_bytes(n: u64) -> String {
     indicatif::HumanBytes(n).to_string()

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use delta_client::{Error, Remote, hub};
+use delta_client::{Remote, hub};
 use delta_proto::Digest;
 use delta_registry::admin::{NewToken, create_token};
 use delta_registry::auth::Scope;
@@ -10,7 +10,7 @@ use delta_registry::{MetaStore, SqliteMeta};
 use serde_json::json;
 use tonic::Code;
 
-use super::{Env, hidden};
+use super::{Env, code, hidden};
 use crate::fixtures;
 
 fn meta(env: &Env) -> SqliteMeta {
@@ -39,15 +39,6 @@ async fn as_token(env: &Env, secret: Option<&str>) -> Remote {
     Remote::connect_with(&env.registry.url(), secret)
         .await
         .unwrap()
-}
-
-fn code(e: &Error) -> Code {
-    match e {
-        Error::Rejected { code, .. } => *code,
-        Error::NotFound(_) => Code::NotFound,
-        Error::Rpc(s) => s.code(),
-        other => panic!("not a gRPC refusal: {other:?}"),
-    }
 }
 
 #[tokio::test]

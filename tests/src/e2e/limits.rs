@@ -3,24 +3,15 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use delta_client::{Error, Remote, hub};
+use delta_client::{Remote, hub};
 use delta_proto::{Digest, UploadChunk};
 use delta_registry::RegistryConfig;
 use futures::StreamExt;
 use serde_json::json;
 use tonic::Code;
 
-use super::hidden;
+use super::{code, hidden};
 use crate::{TestRegistry, fixtures};
-
-fn code(e: &Error) -> Code {
-    match e {
-        Error::Rejected { code, .. } => *code,
-        Error::NotFound(_) => Code::NotFound,
-        Error::Rpc(s) => s.code(),
-        other => panic!("not a gRPC refusal: {other:?}"),
-    }
-}
 
 async fn registry(tune: impl FnOnce(&mut RegistryConfig)) -> (TestRegistry, Remote) {
     let dir = tempfile::tempdir().unwrap();

@@ -110,6 +110,17 @@ pub(crate) fn count_files(dir: &std::path::Path) -> usize {
         .sum()
 }
 
+/// The gRPC code of a refusal.
+pub(crate) fn code(e: &delta_client::Error) -> tonic::Code {
+    use delta_client::Error;
+    match e {
+        Error::Rejected { code, .. } => *code,
+        Error::NotFound(_) => tonic::Code::NotFound,
+        Error::Rpc(s) => s.code(),
+        other => panic!("not a gRPC refusal: {other:?}"),
+    }
+}
+
 pub(crate) fn hidden() -> ProgressBar {
     ProgressBar::hidden()
 }
