@@ -394,7 +394,21 @@ fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
                 .unwrap_or(false),
         });
     } else {
-        config.lora = Some(lora_config_from_peft(&cfg)?);
+        let mut lora = lora_config_from_peft(&cfg)?;
+        // Pattern keys name PEFT modules; where one names a whole module, rewrite it to the
+        // base's name for it (suffix keys like "value" already match both).
+        let rename = |k: &String| resolve_module(k, &table, ".weight").unwrap_or_else(|| k.clone());
+        lora.rank_pattern = lora
+            .rank_pattern
+            .iter()
+            .map(|(k, v)| (rename(k), *v))
+            .collect();
+        lora.alpha_pattern = lora
+            .alpha_pattern
+            .iter()
+            .map(|(k, v)| (rename(k), *v))
+            .collect();
+        config.lora = Some(lora);
     }
     config.other.insert(
         "peft".into(),

@@ -389,6 +389,17 @@ impl Manifest {
                         (out, inp)
                     };
                     let [r, a_in] = two_d(name, &t.shape, "lora_A")?;
+                    if let Some(cfg) = &self.config.lora {
+                        let declared = cfg.rank_for(m);
+                        if declared != r {
+                            return Err(tensor_err(
+                                name,
+                                format!(
+                                    "has rank {r} but the LoRA config declares {declared} for {m} (r / rank_pattern)"
+                                ),
+                            ));
+                        }
+                    }
                     let [b_out, b_r] = two_d(&b_name, &b.shape, "lora_B")?;
                     if a_in != inp || b_out != out || b_r != r || r == 0 {
                         return Err(tensor_err(

@@ -105,6 +105,29 @@ fn lora_shapes_are_checked_against_the_base() {
 
     let unpaired = lora(vec![ti("enc.q.lora_A", &[2, 4])]);
     assert!(unpaired.check_against_base(&base()).is_err());
+
+    // The config's rank must match the tensors (RELIABILITY C29).
+    let wrong_rank = lora(vec![
+        ti("enc.q.lora_A", &[3, 4]),
+        ti("enc.q.lora_B", &[8, 3]),
+    ]);
+    let err = wrong_rank
+        .check_against_base(&base())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rank 3") && err.contains("declares 2"),
+        "{err}"
+    );
+    let mut patterned = wrong_rank.clone();
+    patterned
+        .config
+        .lora
+        .as_mut()
+        .unwrap()
+        .rank_pattern
+        .insert("q".into(), 3);
+    patterned.check_against_base(&base()).unwrap();
 }
 
 #[test]

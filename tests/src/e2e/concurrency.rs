@@ -46,3 +46,71 @@ async fn sixteen_concurrent_pushes_of_overlapping_deltas() {
     }
     assert_eq!(reports.len(), 16);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_tag_moves_with_compare_and_swap_lose_no_update() {
+    let env = Env::start().await;
+    // 41 versions of one repository.
+    let dir = env.path("d");
+    for i in 0..41u64 {
+        fixtures::write_native_lora(&dir, 500 + i, 2, json!({"n": i.to_string()}));
+        hub::push(&env.remote, &dir, "team/counter", "tiny", &[], &hidden())
+            .await
+            .unwrap();
+    }
+    env.remote
+        .set_tag("team/counter:v1", "at", Some(0))
+        .await
+        .unwrap();
+
+    // 8 clients each advance the tag 5 times by compare-and-swap (retrying when another
+    // client moved it first), while 8 others pull and list the same repository.
+    let mut movers = Vec::new();
+    for _ in 0..8 {
+        let url = env.registry.url();
+        movers.push(tokio::spawn(async move {
+            let remote = delta_client::Remote::connect(&url).await.unwrap();
+            let mut done = 0;
+            while done < 5 {
+                let current = remote.resolve("team/counter:at").await.unwrap().version;
+                let next = format!("team/counter:v{}", current + 1);
+                if remote.set_tag(&next, "at", Some(current)).await.is_ok() {
+                    done += 1;
+                }
+            }
+        }));
+    }
+    let mut readers = Vec::new();
+    for i in 0..8 {
+        let url = env.registry.url();
+        let cache = delta_client::Cache::new(&env.path(&format!("cache-{i}")));
+        let out = env.path(&format!("out-{i}"));
+        readers.push(tokio::spawn(async move {
+            let remote = delta_client::Remote::connect(&url).await.unwrap();
+            for _ in 0..5 {
+                hub::pull(
+                    &remote,
+                    &cache,
+                    "team/counter",
+                    &out,
+                    delta_client::delta::Format::Native,
+                    &hidden(),
+                )
+                .await
+                .unwrap();
+                assert_eq!(
+                    remote.list_versions("team/counter").await.unwrap().len(),
+                    41
+                );
+            }
+        }));
+    }
+    for t in movers.into_iter().chain(readers) {
+        t.await.unwrap();
+    }
+    // 40 successful moves from v1: any lost update would leave the tag short of v41.
+    assert_eq!(
+        env.remote.resolve("team/counter:at").await.unwrap().version,
+        41
+    );
+}
