@@ -264,3 +264,57 @@ impl Uploads {
         n
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_sessions_expire_and_leave_nothing_visible() {
+        let store = BlobStore::in_memory();
+        let uploads = Uploads::new(8);
+        let data = Bytes::from_static(b"some bytes of a blob");
+        let digest = Digest::of(&data);
+        let (id, _) = uploads
+            .start(&store, digest, data.len() as u64, None, None, 4)
+            .await
+            .unwrap();
+        {
+            let mut s = uploads.acquire(&id).unwrap();
+            assert_eq!(
+                s.append(0, data.slice(..5)).await.unwrap(),
+                Progress::Partial
+            );
+            s.park();
+        }
+        // Not idle long enough: kept.
+        assert_eq!(uploads.expire(Duration::from_secs(3600)).await, 0);
+        assert_eq!(uploads.status(&id).unwrap().2, 5);
+        // Idle past the TTL: aborted and forgotten.
+        assert_eq!(uploads.expire(Duration::ZERO).await, 1);
+        assert!(matches!(uploads.status(&id), Err(Error::NotFound { .. })));
+        assert!(!store.exists(&digest).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_parked_session_is_resumed_only_by_its_owner() {
+        let store = BlobStore::in_memory();
+        let uploads = Uploads::new(8);
+        let digest = Digest::of(b"x");
+        let (id, _) = uploads
+            .start(&store, digest, 10, Some("team-a"), Some(1), 4)
+            .await
+            .unwrap();
+        uploads.acquire(&id).unwrap().park();
+        let (other, _) = uploads
+            .start(&store, digest, 10, Some("team-b"), Some(2), 4)
+            .await
+            .unwrap();
+        assert_ne!(other, id);
+        let (same, _) = uploads
+            .start(&store, digest, 10, Some("team-a"), Some(1), 4)
+            .await
+            .unwrap();
+        assert_eq!(same, id);
+    }
+}
