@@ -140,6 +140,30 @@ struct ServeArgs {
     /// Largest blob accepted, in bytes.
     #[arg(long, default_value_t = 64 << 30)]
     max_blob_bytes: u64,
+    /// Largest manifest accepted, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_manifest_bytes: usize,
+    /// Most tensors in one delta.
+    #[arg(long, default_value_t = 100_000)]
+    max_tensors: usize,
+    /// Largest safetensors header accepted, in bytes.
+    #[arg(long, default_value_t = 100_000_000)]
+    max_header_bytes: u64,
+    /// Largest gRPC message accepted, in bytes (uploads stream in 1 MiB chunks).
+    #[arg(long, default_value_t = 4 << 20)]
+    max_message_bytes: usize,
+    /// Most upload sessions open at once.
+    #[arg(long, default_value_t = 1024)]
+    max_open_uploads: usize,
+    /// Most upload sessions one token may hold open.
+    #[arg(long, default_value_t = 64)]
+    max_uploads_per_token: usize,
+    /// Cut an upload stream that sends nothing for this long (it stays resumable).
+    #[arg(long, default_value = "60s")]
+    idle_timeout: humantime::Duration,
+    /// Abort upload sessions idle for this long.
+    #[arg(long, default_value = "24h")]
+    upload_ttl: humantime::Duration,
     /// Serve TLS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -355,6 +379,14 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = RegistryConfig::local(&args.data_dir);
     config.max_blob_bytes = args.max_blob_bytes;
+    config.max_manifest_bytes = args.max_manifest_bytes;
+    config.max_tensors = args.max_tensors;
+    config.max_header_bytes = args.max_header_bytes;
+    config.max_message_bytes = args.max_message_bytes;
+    config.max_open_uploads = args.max_open_uploads;
+    config.max_uploads_per_token = args.max_uploads_per_token;
+    config.stream_idle_timeout = args.idle_timeout.into();
+    config.upload_ttl = args.upload_ttl.into();
     config.store_url = args.store;
     config.tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => Some(delta_registry::config::TlsFiles { cert, key }),
