@@ -454,7 +454,8 @@ impl Registry for RegistryService {
                     result?;
                     let (digest, size) = (session.digest, session.size);
                     self.commit_blob(digest, size, &caller).await?;
-                    if stream.message().await.ok().flatten().is_some() {
+                    let idle = self.inner.config.stream_idle_timeout;
+                    if let Ok(Ok(Some(_))) = tokio::time::timeout(idle, stream.message()).await {
                         tracing::warn!(digest = %digest, "data after the declared size was ignored");
                     }
                     return Ok(Response::new(pb::UploadBlobResponse {
@@ -536,11 +537,10 @@ impl Registry for RegistryService {
             return Err(not_found().into());
         }
         if req.offset > size {
-            return Err(Error::OutOfRange {
-                upload_id: digest.to_string(),
-                expected: size,
-                got: req.offset,
-            }
+            return Err(Error::InvalidArgument(format!(
+                "offset {} is past the end of blob {digest} ({size} bytes)",
+                req.offset
+            ))
             .into());
         }
         let mut source = self.inner.blobs.stream(&digest, size, 8 << 20);
