@@ -277,6 +277,33 @@ fn merge_dense(parts: Vec<(f32, Vec<f32>)>, merge: Merge, density: f32, seed: u6
     }
 }
 
+/// An output tensor: name, shape, little-endian bytes, dtype.
+type OutTensor = (String, Vec<u64>, Vec<u8>, &'static str);
+
+/// Appends `M.lora_A` (`[r, inp]`) and `M.lora_B` (`[out, r]`) as f32.
+fn push_lora(
+    tensors: &mut Vec<OutTensor>,
+    m: &str,
+    a: &[f32],
+    b: &[f32],
+    out: usize,
+    inp: usize,
+    r: usize,
+) {
+    tensors.push((
+        format!("{m}.lora_A"),
+        vec![r as u64, inp as u64],
+        f32_bytes(a),
+        "F32",
+    ));
+    tensors.push((
+        format!("{m}.lora_B"),
+        vec![out as u64, r as u64],
+        f32_bytes(b),
+        "F32",
+    ));
+}
+
 fn target_seed(seed: u64, name: &str) -> u64 {
     let h = blake3::hash(name.as_bytes());
     let mut b = [0u8; 8];
@@ -336,7 +363,7 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
         opts.merge
     };
 
-    let mut tensors: Vec<(String, Vec<u64>, Vec<u8>, &'static str)> = Vec::new();
+    let mut tensors: Vec<OutTensor> = Vec::new();
     let mut truncation_error = BTreeMap::new();
     let mut ranks: BTreeMap<String, u64> = BTreeMap::new();
     let mut ia3_cfg = None;
@@ -365,18 +392,7 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
                 }
                 col += r;
             }
-            tensors.push((
-                format!("{m}.lora_A"),
-                vec![r_total as u64, inp as u64],
-                f32_bytes(&a_cat),
-                "F32",
-            ));
-            tensors.push((
-                format!("{m}.lora_B"),
-                vec![out_dim as u64, r_total as u64],
-                f32_bytes(&b_cat),
-                "F32",
-            ));
+            push_lora(&mut tensors, m, &a_cat, &b_cat, out_dim, inp, r_total);
             ranks.insert(m.clone(), r_total as u64);
             continue;
         }
@@ -405,18 +421,7 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
             .max(1);
         let (b, a, err) = truncated_svd(&merged, out_dim, inp, k, target_seed(opts.seed, m));
         truncation_error.insert(m.clone(), err);
-        tensors.push((
-            format!("{m}.lora_A"),
-            vec![k as u64, inp as u64],
-            f32_bytes(&a),
-            "F32",
-        ));
-        tensors.push((
-            format!("{m}.lora_B"),
-            vec![out_dim as u64, k as u64],
-            f32_bytes(&b),
-            "F32",
-        ));
+        push_lora(&mut tensors, m, &a, &b, out_dim, inp, k);
         ranks.insert(m.clone(), k as u64);
     }
 

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use delta_registry::admin::NewToken;
 use delta_registry::auth::Scope;
+use delta_registry::service::now;
 use delta_registry::{MetaStore, RegistryConfig, SqliteMeta};
 use tracing_subscriber::EnvFilter;
 
@@ -283,12 +284,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn open_meta(dir: &DataDir) -> anyhow::Result<SqliteMeta> {

@@ -43,7 +43,8 @@ struct Inner {
     closed: std::sync::atomic::AtomicBool,
 }
 
-fn now() -> i64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)

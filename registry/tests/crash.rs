@@ -74,13 +74,9 @@ async fn upload(
         .into_inner()
 }
 
-#[tokio::test]
-async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut reg = start(dir.path());
-    let mut c = client(&reg.url).await;
-
-    // Committed before the crash: a base, a blob and a manifest.
+/// Registers a base with one `[4, 4]` weight and uploads a rank-1 LoRA file for it.
+/// Returns the base fingerprint and the file.
+async fn base_and_lora_blob(c: &mut RegistryClient<Channel>) -> (Digest, Vec<u8>) {
     let fp = Digest::of(b"the base");
     c.add_base(pb::AddBaseRequest {
         name: "b".into(),
@@ -94,7 +90,18 @@ async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
     .await
     .unwrap();
     let file = lora_file();
-    assert!(upload(&mut c, &file, file.len()).await.committed);
+    assert!(upload(c, &file, file.len()).await.committed);
+    (fp, file)
+}
+
+#[tokio::test]
+async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = start(dir.path());
+    let mut c = client(&reg.url).await;
+
+    // Committed before the crash: a base, a blob and a manifest.
+    let (fp, file) = base_and_lora_blob(&mut c).await;
     let manifest = serde_json::json!({
         "schema_version": 1, "method": "lora", "config": {"lora": {"r": 1, "lora_alpha": 1.0}},
         "base": {"fingerprint": fp.to_string()},
@@ -172,13 +179,19 @@ async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
 async fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let mut reg = start(dir.path());
-    let _ = client(&reg.url).await;
+    let mut c = client(&reg.url).await;
+    c.list_bases(pb::ListBasesRequest {}).await.unwrap();
+    drop(c);
     let status = Command::new("kill")
         .args(["-TERM", &reg.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let exit = reg.child.wait().unwrap();
+    // Wait off the runtime, so the client side can answer the server's GOAWAY (a blocked
+    // runtime would only end when the registry's drain timeout expired).
+    let exit = tokio::task::spawn_blocking(move || reg.child.wait().unwrap())
+        .await
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
 
@@ -187,20 +200,7 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
     let dir = tempfile::tempdir().unwrap();
     let mut reg = start(dir.path());
     let mut c = client(&reg.url).await;
-    let fp = Digest::of(b"the base");
-    c.add_base(pb::AddBaseRequest {
-        name: "b".into(),
-        fingerprint: fp.to_string(),
-        tensors: vec![pb::TensorInfo {
-            name: "w.weight".into(),
-            dtype: "F32".into(),
-            shape: vec![4, 4],
-        }],
-    })
-    .await
-    .unwrap();
-    let file = lora_file();
-    assert!(upload(&mut c, &file, file.len()).await.committed);
+    let (fp, file) = base_and_lora_blob(&mut c).await;
 
     // Three clients: one pushes versions, one moves a tag with compare-and-swap, one runs
     // gc; each records what the registry acknowledged.
