@@ -6,6 +6,7 @@
 //! - `compose`: combining deltas into a new delta ([`compose::compose`]).
 //! - `numeric`: dtype conversion, the LoRA SGEMM, truncated SVD, seeded RNG.
 //! - `remote`: [`Remote`], the typed registry client (resumable uploads and downloads).
+//! - `jobs`: training and verification job specs shared with `delta-worker`.
 //! - `hub`: push, fetch and pull as library calls, and the content-addressed [`Cache`].
 //! - `delta`: native and PEFT delta folders, read and written.
 //! - `tensors`: memory-mapped safetensors files and models, and the base fingerprint.
@@ -18,6 +19,7 @@ pub mod compose;
 pub mod delta;
 pub mod error;
 pub mod hub;
+pub mod jobs;
 pub mod numeric;
 pub mod remote;
 pub mod tensors;

@@ -1,7 +1,21 @@
-//! The delta hub worker: trains and verifies deltas with candle (issue 4).
-//!
-//! Not built yet. It will depend on `delta-client` for pulling, applying and pushing, and
-//! is the only crate that links `candle-*`.
+//! The delta worker: trains, verifies and runs deltas with candle, on CPU or CUDA.
 //!
 //! # Layout
-//! - (empty)
+//! - `bert`: the BERT-family encoder, written against tensor names with injection points.
+//! - `mounts`: deltas mounted on a frozen base (what the injection points consult).
+//! - `methods`: delta methods as trainable tensors named like the native delta format.
+//! - `train`: AdamW, schedule, accumulation, evaluation, best checkpoint.
+//! - `data`: JSONL examples, tokenisation, batches, the synthetic sentiment task.
+//! - `run`: whole runs (train a delta into a folder, load deltas, predict, verify).
+//! - `serve`: the job loop against a registry (lease, renew, report, complete).
+//! - `tiny`: tiny random bases for tests.
+//! - `rng`: the seeded generator.
+
+pub mod bert;
+pub mod data;
+pub mod methods;
+pub mod mounts;
+pub mod rng;
+pub mod run;
+pub mod tiny;
+pub mod train;

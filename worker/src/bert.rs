@@ -1,0 +1,367 @@
+//! A BERT-family encoder written against tensor *names*, with injection points for deltas.
+//!
+//! The backbone never knows which delta methods exist: every weight is looked up by its
+//! Hugging Face name through [`Mounts::tensor`] (which applies replacements and
+//! differences), every linear layer goes through [`Mounts::linear`] (which adds LoRA
+//! branches), and three hooks take run-time modules: adapters after a sub-layer's output
+//! projection, per-layer key/value prefixes, and soft prompt tokens. A new method plugs in
+//! by filling [`Mounts`]; a decoder family would reuse it with its own forward.
+//!
+//! candle traps avoided here (see `CANDLE-NOTES.md`): layer norm is built from basic ops
+//! (the fused one has no backward), softmax is `ops::softmax` (not `softmax_last_dim`),
+//! and BERT's `gelu` is the erf form.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{D, DType, Device, Tensor};
+
+use crate::mounts::Mounts;
+
+/// The fields of a Hugging Face BERT `config.json` the encoder uses.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Feed-forward size.
+    pub intermediate_size: usize,
+    /// Longest input.
+    pub max_position_embeddings: usize,
+    /// Segment vocabulary.
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    /// Layer-norm epsilon.
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    /// Activation; only `gelu` (erf form) and `gelu_new`/`relu` are supported.
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    /// `bert` (others of the family, such as `roberta`, differ in position ids).
+    #[serde(default = "bert")]
+    pub model_type: String,
+}
+
+fn two() -> usize {
+    2
+}
+fn eps() -> f64 {
+    1e-12
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+fn bert() -> String {
+    "bert".into()
+}
+
+impl BertConfig {
+    /// Reads `config.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: Self = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not a BERT config.json", path.display()))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Refuses configurations the encoder cannot run.
+    pub fn check(&self) -> Result<()> {
+        if self.model_type != "bert" {
+            bail!(
+                "model_type {:?} is not supported (only bert)",
+                self.model_type
+            );
+        }
+        if self.hidden_size == 0 || self.num_attention_heads == 0 {
+            bail!("hidden_size and num_attention_heads must be positive");
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            bail!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "relu") {
+            bail!("hidden_act {:?} is not supported", self.hidden_act);
+        }
+        Ok(())
+    }
+
+    /// Every tensor name and shape a BERT checkpoint of this config holds (without pooler).
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let mut out = vec![
+            (
+                "embeddings.word_embeddings.weight".into(),
+                vec![self.vocab_size, h],
+            ),
+            (
+                "embeddings.position_embeddings.weight".into(),
+                vec![self.max_position_embeddings, h],
+            ),
+            (
+                "embeddings.token_type_embeddings.weight".into(),
+                vec![self.type_vocab_size, h],
+            ),
+            ("embeddings.LayerNorm.weight".into(), vec![h]),
+            ("embeddings.LayerNorm.bias".into(), vec![h]),
+        ];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            for (m, o, n) in [
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("intermediate.dense", i, h),
+                ("output.dense", h, i),
+            ] {
+                out.push((format!("{p}.{m}.weight"), vec![o, n]));
+                out.push((format!("{p}.{m}.bias"), vec![o]));
+            }
+            for m in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                out.push((format!("{p}.{m}.weight"), vec![h]));
+                out.push((format!("{p}.{m}.bias"), vec![h]));
+            }
+        }
+        out
+    }
+
+    /// The linear modules (names without `.weight`), in forward order.
+    pub fn linear_modules(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for l in 0..self.num_hidden_layers {
+            for m in [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            ] {
+                out.push(format!("encoder.layer.{l}.{m}"));
+            }
+        }
+        out
+    }
+}
+
+/// Frozen base weights by name, on one device.
+#[derive(Debug, Clone)]
+pub struct BaseWeights {
+    /// The configuration.
+    pub config: BertConfig,
+    /// Tensors by Hugging Face name (f32).
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl BaseWeights {
+    /// Loads `config.json` and `model.safetensors` from a folder. Extra tensors (a pooler,
+    /// a classifier of an applied delta) are kept; missing ones are an error naming them.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = BertConfig::load(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let raw = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        delta_proto::safetensors::parse_header(&raw, raw.len() as u64, 100 << 20)
+            .with_context(|| format!("{} is not valid safetensors", path.display()))?;
+        let loaded = candle_core::safetensors::load_buffer(&raw, device)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let mut tensors = HashMap::with_capacity(loaded.len());
+        for (name, t) in loaded {
+            // Strip a `bert.` prefix (checkpoints saved from BertFor* heads).
+            let name = name
+                .strip_prefix("bert.")
+                .map(str::to_owned)
+                .unwrap_or(name);
+            let t = if t.dtype().is_float() {
+                t.to_dtype(DType::F32)?
+            } else {
+                t
+            };
+            tensors.insert(name, t);
+        }
+        let w = Self { config, tensors };
+        w.check()?;
+        Ok(w)
+    }
+
+    /// Checks every tensor the config needs is present with its shape.
+    pub fn check(&self) -> Result<()> {
+        for (name, shape) in self.config.tensor_shapes() {
+            match self.tensors.get(&name) {
+                None => bail!("the base has no tensor {name}"),
+                Some(t) if t.dims() != shape.as_slice() => bail!(
+                    "base tensor {name} has shape {:?}, the config implies {shape:?}",
+                    t.dims()
+                ),
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A base of random weights for tests (seeded, N(0, 0.02), layer norms at 1/0).
+    pub fn random(config: BertConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut tensors = HashMap::new();
+        for (name, shape) in config.tensor_shapes() {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if name.contains("LayerNorm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| rng.normal() * 0.02).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(values, shape, device)?);
+        }
+        Ok(Self { config, tensors })
+    }
+}
+
+/// One tokenised batch: `[batch, len]` ids, segment ids and the padding mask (1 = token).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids (u32).
+    pub ids: Tensor,
+    /// Segment ids (u32).
+    pub type_ids: Tensor,
+    /// Padding mask (f32, 1 for real tokens).
+    pub mask: Tensor,
+}
+
+/// Layer norm from basic ops (candle's fused one has no backward pass).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// Runs the encoder: the last hidden state `[batch, prompt + len, hidden]` and the mask
+/// over it (prompt positions are 0 there, so pooling sees only the input's tokens).
+pub fn encode(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<(Tensor, Tensor)> {
+    let (b, len) = batch.ids.dims2()?;
+    if len > cfg.max_position_embeddings {
+        bail!(
+            "sequence of {len} tokens is longer than the model's {}",
+            cfg.max_position_embeddings
+        );
+    }
+    let h = cfg.hidden_size;
+    let word = m.tensor("embeddings.word_embeddings.weight")?;
+    let pos = m
+        .tensor("embeddings.position_embeddings.weight")?
+        .narrow(0, 0, len)?;
+    let typ = m.tensor("embeddings.token_type_embeddings.weight")?;
+    let x = word
+        .embedding(&batch.ids.flatten_all()?)?
+        .reshape((b, len, h))?
+        .broadcast_add(&pos)?
+        .add(
+            &typ.embedding(&batch.type_ids.flatten_all()?)?
+                .reshape((b, len, h))?,
+        )?;
+    let mut x = layer_norm(
+        &x,
+        &m.tensor("embeddings.LayerNorm.weight")?,
+        &m.tensor("embeddings.LayerNorm.bias")?,
+        cfg.layer_norm_eps,
+    )?;
+    let mut mask = batch.mask.clone();
+    let mut pool_mask = batch.mask.clone();
+    if let Some(prompt) = m.prompt()? {
+        let n = prompt.dim(0)?;
+        let p = prompt.unsqueeze(0)?.broadcast_as((b, n, h))?;
+        x = Tensor::cat(&[&p, &x], 1)?;
+        let ones = Tensor::ones((b, n), DType::F32, x.device())?;
+        mask = Tensor::cat(&[&ones, &mask], 1)?;
+        pool_mask = Tensor::cat(&[&ones.zeros_like()?, &pool_mask], 1)?;
+    }
+    for l in 0..cfg.num_hidden_layers {
+        x = layer(cfg, m, l, &x, &mask)?;
+    }
+    Ok((x, pool_mask))
+}
+
+fn layer(cfg: &BertConfig, m: &Mounts<'_>, l: usize, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let p = format!("encoder.layer.{l}");
+    let (b, len, h) = x.dims3()?;
+    let heads = cfg.num_attention_heads;
+    let d = h / heads;
+    let split = |t: Tensor, n: usize| -> Result<Tensor> {
+        Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
+    };
+    let q = split(m.linear(&format!("{p}.attention.self.query"), x)?, len)?;
+    let mut k = m.linear(&format!("{p}.attention.self.key"), x)?;
+    let mut v = m.linear(&format!("{p}.attention.self.value"), x)?;
+    let mut key_mask = mask.clone();
+    if let Some((pk, pv)) = m.prefix(l)? {
+        let n = pk.dim(0)?;
+        k = Tensor::cat(&[&pk.unsqueeze(0)?.broadcast_as((b, n, h))?, &k], 1)?;
+        v = Tensor::cat(&[&pv.unsqueeze(0)?.broadcast_as((b, n, h))?, &v], 1)?;
+        let ones = Tensor::ones((b, n), DType::F32, x.device())?;
+        key_mask = Tensor::cat(&[&ones, &key_mask], 1)?;
+    }
+    let kv_len = k.dim(1)?;
+    let k = split(k, kv_len)?;
+    let v = split(v, kv_len)?;
+    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+    // HF adds the dtype's minimum where the mask is 0; any large negative gives the same
+    // softmax in f32.
+    let bias = ((key_mask - 1.0)? * 1e9)?.reshape((b, 1, 1, kv_len))?;
+    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, D::Minus1)?;
+    let ctx = probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, len, h))?;
+    let a = m.linear(&format!("{p}.attention.output.dense"), &ctx)?;
+    let a = m.adapt(&format!("{p}.attention.output"), &a)?;
+    let x1 = layer_norm(
+        &(a + x)?,
+        &m.tensor(&format!("{p}.attention.output.LayerNorm.weight"))?,
+        &m.tensor(&format!("{p}.attention.output.LayerNorm.bias"))?,
+        cfg.layer_norm_eps,
+    )?;
+    let i = m.linear(&format!("{p}.intermediate.dense"), &x1)?;
+    let i = match cfg.hidden_act.as_str() {
+        "gelu" => i.gelu_erf()?,
+        "gelu_new" => i.gelu()?,
+        _ => i.relu()?,
+    };
+    let o = m.linear(&format!("{p}.output.dense"), &i)?;
+    let o = m.adapt(&format!("{p}.output"), &o)?;
+    Ok(layer_norm(
+        &(o + x1)?,
+        &m.tensor(&format!("{p}.output.LayerNorm.weight"))?,
+        &m.tensor(&format!("{p}.output.LayerNorm.bias"))?,
+        cfg.layer_norm_eps,
+    )?)
+}
+
+/// Mean of the hidden states over the mask's tokens: `[batch, hidden]`.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+    Ok(sum.broadcast_div(&count)?)
+}
+
+/// Encoder, mean pooling and the classification head: logits `[batch, labels]`.
+pub fn classify(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<Tensor> {
+    let (h, mask) = encode(cfg, m, batch)?;
+    let pooled = mean_pool(&h, &mask)?;
+    let w = m.tensor(crate::mounts::HEAD_WEIGHT)?;
+    let b = m.tensor(crate::mounts::HEAD_BIAS)?;
+    Ok(pooled.matmul(&w.t()?)?.broadcast_add(&b)?)
+}

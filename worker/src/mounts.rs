@@ -1,0 +1,438 @@
+//! Deltas mounted on a frozen base: what the encoder's injection points consult.
+//!
+//! Native delta tensor names map one to one onto the fields here (see
+//! `delta_proto::manifest`): `.replace`/`.new` → [`Mounts::replace`], `.diff` and sparse
+//! `.diff_indices/.diff_values` → [`Mounts::diff`], `.lora_A/.lora_B` → [`Mounts::lora`],
+//! `.ia3_l` → [`Mounts::ia3`], and the run-time modules `adapter.*`, `prefix.*`,
+//! `prompt.*`. Several deltas mount side by side; additive parts add up, run-time modules
+//! stack in mount order.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use delta_proto::manifest::MethodConfig;
+
+use crate::bert::BaseWeights;
+
+/// Name of the classification head's weight (`[labels, hidden]`); part of every delta.
+pub const HEAD_WEIGHT: &str = "classifier.weight";
+/// Name of the classification head's bias.
+pub const HEAD_BIAS: &str = "classifier.bias";
+
+/// A LoRA branch: `y += scale · (x Aᵀ) Bᵀ`.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    /// `alpha / r` (or `alpha / sqrt(r)`).
+    pub scale: f64,
+}
+
+/// A bottleneck adapter: `x + up(relu(down(x)))`.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// `[bottleneck, hidden]`.
+    pub down_w: Tensor,
+    /// `[bottleneck]`.
+    pub down_b: Tensor,
+    /// `[hidden, bottleneck]`.
+    pub up_w: Tensor,
+    /// `[hidden]`.
+    pub up_b: Tensor,
+}
+
+/// Everything mounted on one base.
+#[derive(Debug, Clone)]
+pub struct Mounts<'a> {
+    base: &'a BaseWeights,
+    /// Tensors replaced whole, or added (a head).
+    pub replace: HashMap<String, Tensor>,
+    /// Differences added to base tensors.
+    pub diff: HashMap<String, Vec<Tensor>>,
+    /// LoRA branches by module.
+    pub lora: HashMap<String, Vec<Lora>>,
+    /// IA3 vectors by module, with whether they scale the input side.
+    pub ia3: HashMap<String, Vec<(Tensor, bool)>>,
+    /// Adapters by hook point (`encoder.layer.N.attention.output`, `encoder.layer.N.output`).
+    pub adapters: HashMap<String, Vec<Adapter>>,
+    /// Key/value prefixes by layer, each `[n, hidden]`.
+    pub prefix: BTreeMap<usize, Vec<(Tensor, Tensor)>>,
+    /// Soft prompt tokens, each `[n, hidden]`.
+    pub prompt: Vec<Tensor>,
+}
+
+impl<'a> Mounts<'a> {
+    /// Nothing mounted: the base as it is.
+    pub fn new(base: &'a BaseWeights) -> Self {
+        Self {
+            base,
+            replace: HashMap::new(),
+            diff: HashMap::new(),
+            lora: HashMap::new(),
+            ia3: HashMap::new(),
+            adapters: HashMap::new(),
+            prefix: BTreeMap::new(),
+            prompt: Vec::new(),
+        }
+    }
+
+    /// The base these mounts sit on.
+    pub fn base(&self) -> &'a BaseWeights {
+        self.base
+    }
+
+    /// A tensor by name, with replacements and differences applied.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let t = match self.replace.get(name) {
+            Some(t) => t.clone(),
+            None => self
+                .base
+                .tensors
+                .get(name)
+                .cloned()
+                .with_context(|| format!("no tensor {name} in the base or its deltas"))?,
+        };
+        match self.diff.get(name) {
+            None => Ok(t),
+            Some(ds) => ds.iter().try_fold(t, |acc, d| Ok(acc.add(d)?)),
+        }
+    }
+
+    /// Whether a base tensor is used as it is (no replacement, no difference).
+    fn untouched(&self, name: &str) -> bool {
+        !self.replace.contains_key(name) && !self.diff.contains_key(name)
+    }
+
+    /// A linear layer `x Wᵀ + b` of `module`, with its LoRA branches and IA3 vectors.
+    pub fn linear(&self, module: &str, x: &Tensor) -> Result<Tensor> {
+        let wname = format!("{module}.weight");
+        let w = self.tensor(&wname)?;
+        let dims = x.dims().to_vec();
+        let (last, lead) = dims
+            .split_last()
+            .context("linear input has no dimensions")?;
+        let n: usize = lead.iter().product();
+        let mut x2 = x.reshape((n, *last))?;
+        let ia3 = self.ia3.get(module);
+        for (l, input_side) in ia3.into_iter().flatten() {
+            if *input_side {
+                x2 = x2.broadcast_mul(l)?;
+            }
+        }
+        let mut y = if self.untouched(&wname) && x2.device().is_cpu() && x2.track_op() {
+            frozen_matmul(&x2, &w)?
+        } else {
+            x2.matmul(&w.t()?)?
+        };
+        for (l, input_side) in ia3.into_iter().flatten() {
+            if !*input_side {
+                y = y.broadcast_mul(l)?;
+            }
+        }
+        if let Some(b) = self.maybe(&format!("{module}.bias"))? {
+            y = y.broadcast_add(&b)?;
+        }
+        for lora in self.lora.get(module).into_iter().flatten() {
+            let branch = x2.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
+            y = (y + (branch * lora.scale)?)?;
+        }
+        let mut out_dims = lead.to_vec();
+        out_dims.push(y.dim(1)?);
+        Ok(y.reshape(out_dims)?)
+    }
+
+    fn maybe(&self, name: &str) -> Result<Option<Tensor>> {
+        if self.replace.contains_key(name) || self.base.tensors.contains_key(name) {
+            Ok(Some(self.tensor(name)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The adapters at a hook point, applied in mount order.
+    pub fn adapt(&self, point: &str, x: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        for a in self.adapters.get(point).into_iter().flatten() {
+            let down = x
+                .broadcast_matmul(&a.down_w.t()?)?
+                .broadcast_add(&a.down_b)?
+                .relu()?;
+            let up = down
+                .broadcast_matmul(&a.up_w.t()?)?
+                .broadcast_add(&a.up_b)?;
+            x = (x + up)?;
+        }
+        Ok(x)
+    }
+
+    /// The key and value prefixes of a layer (all mounted ones, concatenated).
+    pub fn prefix(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        match self.prefix.get(&layer) {
+            None => Ok(None),
+            Some(ps) if ps.is_empty() => Ok(None),
+            Some(ps) => {
+                let ks: Vec<&Tensor> = ps.iter().map(|(k, _)| k).collect();
+                let vs: Vec<&Tensor> = ps.iter().map(|(_, v)| v).collect();
+                Ok(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)))
+            }
+        }
+    }
+
+    /// The soft prompt (all mounted ones, concatenated).
+    pub fn prompt(&self) -> Result<Option<Tensor>> {
+        if self.prompt.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::cat(&self.prompt, 0)?))
+    }
+
+    /// Mounts a native delta: its manifest's method settings and its tensors by name (any
+    /// float dtype).
+    pub fn mount(&mut self, config: &MethodConfig, tensors: HashMap<String, Tensor>) -> Result<()> {
+        let device = self
+            .base
+            .tensors
+            .values()
+            .next()
+            .map(|t| t.device().clone())
+            .context("the base has no tensors")?;
+        let mut tensors: BTreeMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if v.dtype().is_float() {
+                    v.to_dtype(candle_core::DType::F32)?
+                } else {
+                    v
+                };
+                Ok((k, v.to_device(&device)?))
+            })
+            .collect::<Result<_>>()?;
+        let names: Vec<String> = tensors.keys().cloned().collect();
+        let mut take = |name: &str| -> Result<Tensor> {
+            tensors
+                .remove(name)
+                .with_context(|| format!("the delta lacks tensor {name}"))
+        };
+        let mut adapters: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+        for name in &names {
+            if let Some(module) = name.strip_suffix(".lora_A") {
+                let lc = config
+                    .lora
+                    .as_ref()
+                    .context("the delta has LoRA tensors but no LoRA settings")?;
+                if lc.fan_in_fan_out {
+                    bail!("fan_in_fan_out LoRA does not fit a BERT base");
+                }
+                let lora = Lora {
+                    a: take(name)?,
+                    b: take(&format!("{module}.lora_B"))?,
+                    scale: lc.scale_for(module),
+                };
+                self.lora.entry(module.to_owned()).or_default().push(lora);
+            } else if name.ends_with(".lora_B") {
+                if !names.contains(&format!("{}.lora_A", &name[..name.len() - 7])) {
+                    bail!("tensor {name} has no matching lora_A");
+                }
+            } else if let Some(module) = name.strip_suffix(".lora_bias") {
+                let t = take(name)?;
+                self.diff
+                    .entry(format!("{module}.bias"))
+                    .or_default()
+                    .push(t);
+            } else if let Some(module) = name.strip_suffix(".ia3_l") {
+                let input_side = config.ia3.as_ref().is_some_and(|c| {
+                    c.feedforward_modules
+                        .iter()
+                        .any(|k| delta_proto::manifest::module_matches(k, module))
+                });
+                let t = take(name)?;
+                self.ia3
+                    .entry(module.to_owned())
+                    .or_default()
+                    .push((t, input_side));
+            } else if let Some(t) = name.strip_suffix(".diff") {
+                let d = take(name)?;
+                self.diff.entry(t.to_owned()).or_default().push(d);
+            } else if let Some(t) = name.strip_suffix(".diff_indices") {
+                let idx = take(name)?
+                    .to_dtype(candle_core::DType::I64)?
+                    .to_vec1::<i64>()?;
+                let vals = take(&format!("{t}.diff_values"))?.to_vec1::<f32>()?;
+                let shape = self.tensor(t)?.dims().to_vec();
+                let n: usize = shape.iter().product();
+                let mut dense = vec![0f32; n];
+                for (i, v) in idx.iter().zip(vals) {
+                    let i = usize::try_from(*i)
+                        .ok()
+                        .filter(|i| *i < n)
+                        .with_context(|| format!("{name}: index {i} is outside {t}"))?;
+                    dense[i] += v;
+                }
+                let d = Tensor::from_vec(dense, shape, &device)?;
+                self.diff.entry(t.to_owned()).or_default().push(d);
+            } else if name.ends_with(".diff_values") {
+                continue;
+            } else if let Some(t) = name
+                .strip_suffix(".replace")
+                .or_else(|| name.strip_suffix(".new"))
+            {
+                let v = take(name)?;
+                self.replace.insert(t.to_owned(), v);
+            } else if let Some(rest) = name.strip_prefix("adapter.") {
+                let (point, part) = rest
+                    .rsplit_once('.')
+                    .and_then(|(p, last)| {
+                        let (point, which) = p.rsplit_once('.')?;
+                        Some((point.to_owned(), format!("{which}.{last}")))
+                    })
+                    .with_context(|| {
+                        format!(
+                            "adapter tensor {name} is not adapter.POINT.(down|up).(weight|bias)"
+                        )
+                    })?;
+                adapters.entry(point).or_default().insert(part, take(name)?);
+            } else if let Some(rest) = name.strip_prefix("prefix.layer.") {
+                if let Some(layer) = rest.strip_suffix(".key") {
+                    let l: usize = layer
+                        .parse()
+                        .with_context(|| format!("bad prefix tensor {name}"))?;
+                    let k = take(name)?;
+                    let v = take(&format!("prefix.layer.{l}.value"))?;
+                    self.prefix.entry(l).or_default().push((k, v));
+                } else if !rest.ends_with(".value") {
+                    bail!("prefix tensor {name} is not prefix.layer.N.(key|value)");
+                }
+            } else if name == "prompt.embeddings" {
+                let p = take(name)?;
+                self.prompt.push(p);
+            } else {
+                bail!("tensor {name} has no role this runtime knows");
+            }
+        }
+        for (point, mut parts) in adapters {
+            let mut part = |p: &str| {
+                parts
+                    .remove(p)
+                    .with_context(|| format!("adapter at {point} lacks {p}"))
+            };
+            let a = Adapter {
+                down_w: part("down.weight")?,
+                down_b: part("down.bias")?,
+                up_w: part("up.weight")?,
+                up_b: part("up.bias")?,
+            };
+            self.adapters.entry(point).or_default().push(a);
+        }
+        Ok(())
+    }
+
+    /// Every tensor detached from the autograd graph (for evaluation: no graph is kept).
+    pub fn detached(&self) -> Self {
+        let d = |t: &Tensor| t.detach();
+        Self {
+            base: self.base,
+            replace: self
+                .replace
+                .iter()
+                .map(|(k, v)| (k.clone(), d(v)))
+                .collect(),
+            diff: self
+                .diff
+                .iter()
+                .map(|(k, v)| (k.clone(), v.iter().map(d).collect()))
+                .collect(),
+            lora: self
+                .lora
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .iter()
+                        .map(|l| Lora {
+                            a: d(&l.a),
+                            b: d(&l.b),
+                            scale: l.scale,
+                        })
+                        .collect();
+                    (k.clone(), v)
+                })
+                .collect(),
+            ia3: self
+                .ia3
+                .iter()
+                .map(|(k, v)| (k.clone(), v.iter().map(|(t, s)| (d(t), *s)).collect()))
+                .collect(),
+            adapters: self
+                .adapters
+                .iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .iter()
+                        .map(|a| Adapter {
+                            down_w: d(&a.down_w),
+                            down_b: d(&a.down_b),
+                            up_w: d(&a.up_w),
+                            up_b: d(&a.up_b),
+                        })
+                        .collect();
+                    (k.clone(), v)
+                })
+                .collect(),
+            prefix: self
+                .prefix
+                .iter()
+                .map(|(k, v)| (*k, v.iter().map(|(a, b)| (d(a), d(b))).collect()))
+                .collect(),
+            prompt: self.prompt.iter().map(d).collect(),
+        }
+    }
+}
+
+/// `x Wᵀ` for a frozen `W`: candle's matmul backward computes the gradient of both sides,
+/// which for a frozen base weight is a wasted `[out, in]` product per layer and step. This
+/// op computes the product without a graph and attaches a backward that returns only the
+/// input's gradient, `g W`.
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = x.detach().matmul(&w.t()?)?;
+    Ok(x.apply_op2(&y, FrozenLinear { w: w.clone() })?)
+}
+
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        // The product was computed outside; this op only carries it into the graph.
+        match (y, yl.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((start, end))) => {
+                Ok((CpuStorage::F32(v[start..end].to_vec()), yl.shape().clone()))
+            }
+            _ => Err(candle_core::Error::Msg(
+                "frozen-linear expects a contiguous f32 product".into(),
+            )),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.w)?), None))
+    }
+}
