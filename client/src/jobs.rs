@@ -286,7 +286,7 @@ pub struct TrainJob {
     /// Digest of the evaluation JSONL blob.
     #[serde(default)]
     pub eval: Option<String>,
-    /// Frozen deltas to train on top of (manifest digests, application order).
+    /// Frozen deltas to train on top of (`repo@digest`, application order).
     #[serde(default)]
     pub parents: Vec<String>,
     /// What to train.

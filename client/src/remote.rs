@@ -623,3 +623,132 @@ fn file_chunks(
     });
     ReceiverStream::new(rx)
 }
+
+/// Jobs: submission (`delta train`, `delta verify`) and the worker's side (lease, renew,
+/// report, complete).
+impl Remote {
+    /// Uploads a local file as a blob unless the registry already has it (for datasets).
+    /// Returns its digest.
+    pub async fn upload_blob_file(&self, path: &Path, progress: &ProgressBar) -> Result<Digest> {
+        let digest = hash_file(path)?;
+        let size = std::fs::metadata(path).at(path)?.len();
+        if !self.missing(&[digest]).await?.is_empty() {
+            progress.set_length(size);
+            self.upload_file(path, digest, size, progress).await?;
+        }
+        Ok(digest)
+    }
+
+    /// Queues a job.
+    pub async fn submit_job(
+        &self,
+        kind: &str,
+        spec: &serde_json::Value,
+        repository: &str,
+        tags: &[String],
+        blobs: &[Digest],
+    ) -> Result<pb::JobInfo> {
+        let req = pb::SubmitJobRequest {
+            kind: kind.to_owned(),
+            spec: spec.to_string(),
+            repository: repository.to_owned(),
+            tags: tags.to_vec(),
+            blobs: blobs.iter().map(ToString::to_string).collect(),
+        };
+        Ok(self.client.clone().submit_job(req).await?.into_inner())
+    }
+
+    /// A job and its progress events after sequence number `after`.
+    pub async fn get_job(&self, id: u64, after: u64) -> Result<(pb::JobInfo, Vec<pb::JobEvent>)> {
+        let resp = self
+            .client
+            .clone()
+            .get_job(pb::GetJobRequest { id, after })
+            .await?
+            .into_inner();
+        let job = resp
+            .job
+            .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+        Ok((job, resp.events))
+    }
+
+    /// Leases a waiting job, if any: the job and the lease token.
+    pub async fn lease_job(
+        &self,
+        worker: &str,
+        kinds: &[String],
+        lease_seconds: u32,
+    ) -> Result<Option<(pb::JobInfo, String)>> {
+        let resp = self
+            .client
+            .clone()
+            .lease_job(pb::LeaseJobRequest {
+                worker: worker.to_owned(),
+                lease_seconds,
+                kinds: kinds.to_vec(),
+            })
+            .await?
+            .into_inner();
+        Ok(resp.job.map(|j| (j, resp.lease)))
+    }
+
+    /// Extends a held lease.
+    pub async fn renew_lease(&self, id: u64, lease: &str, lease_seconds: u32) -> Result<i64> {
+        let req = pb::RenewLeaseRequest {
+            id,
+            lease: lease.to_owned(),
+            lease_seconds,
+        };
+        Ok(self
+            .client
+            .clone()
+            .renew_lease(req)
+            .await?
+            .into_inner()
+            .expires)
+    }
+
+    /// Appends a progress event to a held job.
+    pub async fn report_progress(&self, id: u64, lease: &str, body: &str) -> Result<()> {
+        let req = pb::ReportProgressRequest {
+            id,
+            lease: lease.to_owned(),
+            body: body.to_owned(),
+        };
+        self.client.clone().report_progress(req).await?;
+        Ok(())
+    }
+
+    /// Completes a held job: failed (`error`), trained (`manifest`) or verified (`report`).
+    pub async fn complete_job(
+        &self,
+        id: u64,
+        lease: &str,
+        error: Option<&str>,
+        manifest: Option<&Manifest>,
+        report: Option<&str>,
+    ) -> Result<pb::JobInfo> {
+        let req = pb::CompleteJobRequest {
+            id,
+            lease: lease.to_owned(),
+            error: error.unwrap_or_default().to_owned(),
+            manifest: manifest.map(Manifest::canonical_json).unwrap_or_default(),
+            report: report.unwrap_or_default().to_owned(),
+        };
+        Ok(self.client.clone().complete_job(req).await?.into_inner())
+    }
+
+    /// Verification reports on a delta.
+    pub async fn list_reports(&self, reference: &str) -> Result<Vec<pb::Report>> {
+        let req = pb::ListReportsRequest {
+            reference: reference.to_owned(),
+        };
+        Ok(self
+            .client
+            .clone()
+            .list_reports(req)
+            .await?
+            .into_inner()
+            .reports)
+    }
+}

@@ -121,6 +121,27 @@ impl Caller {
         }
     }
 
+    /// Whether the caller may run jobs: open registries, and worker tokens.
+    pub fn check_worker(&self) -> Result<()> {
+        match self {
+            Caller::Open => Ok(()),
+            Caller::Token(p) if p.kind == "worker" => Ok(()),
+            Caller::Anonymous => Err(Error::Unauthenticated(
+                "job leases need a worker token".into(),
+            )),
+            Caller::Token(p) => Err(Error::PermissionDenied(format!(
+                "token {} is a {} token; only worker tokens lease and complete jobs",
+                p.token_id, p.kind
+            ))),
+        }
+    }
+
+    /// Whether this is a worker token (workers upload trained deltas' blobs whatever
+    /// their scope; they publish only through a job they hold).
+    pub fn is_worker(&self) -> bool {
+        matches!(self, Caller::Token(p) if p.kind == "worker")
+    }
+
     /// Checks `need` on some namespace (uploads and base registration, which are not
     /// namespaced).
     pub fn check_any(&self, need: Scope) -> Result<()> {

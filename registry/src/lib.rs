@@ -23,6 +23,7 @@ pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod error;
+pub mod jobs;
 pub mod maintenance;
 pub mod meta;
 pub mod server;

@@ -19,6 +19,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_auth.sql"),
     include_str!("../migrations/0003_lifecycle.sql"),
+    include_str!("../migrations/0004_jobs.sql"),
 ];
 
 /// `versions.yanked` values.
@@ -169,7 +170,7 @@ pub struct Pushed {
 
 /// The metadata operations the registry needs. Implementations must make every write
 /// atomic and must refuse to record anything that names a blob without a row.
-pub trait MetaStore: Send + Sync + std::fmt::Debug {
+pub trait MetaStore: crate::jobs::JobStore + Send + Sync + std::fmt::Debug {
     /// Records a durable blob, or refreshes its `last_referenced` time.
     fn insert_blob(&self, digest: &Digest, size: u64, now: i64) -> Result<()>;
     /// Sizes of the given blobs that have rows.
@@ -286,7 +287,7 @@ impl SqliteMeta {
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         // A poisoned lock means a panic mid-call; SQLite rolled back the transaction, so
         // the connection itself is still consistent.
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -443,69 +444,11 @@ impl MetaStore for SqliteMeta {
         tags: &[String],
         now: i64,
     ) -> Result<Pushed> {
-        let digest = Digest::of(body).to_string();
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
-                "INSERT INTO manifests (digest, body, base_fingerprint, method, size, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (digest) DO NOTHING",
-                params![digest, body, manifest.base.fingerprint.to_string(), manifest.method, manifest.size() as i64, now],
-            )?;
-            for f in &manifest.files {
-                let blob = f.digest.to_string();
-                let n = tx.execute("UPDATE blobs SET last_referenced = ?2 WHERE digest = ?1 AND corrupt = 0", params![blob, now])?;
-                if n == 0 {
-                    return Err(Error::FailedPrecondition(format!("blob {blob} ({}) is not stored", f.path)));
-                }
-                tx.execute(
-                    "INSERT INTO manifest_blobs (manifest, blob) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                    params![digest, blob],
-                )?;
-                tx.execute(
-                    "INSERT INTO blob_links (blob, namespace) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                    params![blob, repo.namespace()],
-                )?;
-            }
-            for (k, v) in &manifest.annotations {
-                tx.execute(
-                    "INSERT INTO annotations (manifest, key, value) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                    params![digest, k, v],
-                )?;
-            }
-            tx.execute(
-                "INSERT INTO repositories (namespace, name, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                params![repo.namespace(), repo.name(), now],
-            )?;
-            let id = repo_id(&tx, repo)?.ok_or_else(|| Error::NotFound { what: "repository", name: repo.to_string() })?;
-            // Version numbers are never reused, even after a delete.
-            let highest: i64 =
-                tx.query_row("SELECT COALESCE(MAX(version), 0) FROM versions WHERE repository = ?1", [id], |r| r.get(0))?;
-            let latest: Option<(i64, String)> = tx
-                .query_row(
-                    "SELECT version, manifest FROM versions WHERE repository = ?1 AND yanked = 0 ORDER BY version DESC LIMIT 1",
-                    [id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let (version, created) = match latest {
-                Some((v, d)) if d == digest => (v, false),
-                _ => (highest + 1, true),
-            };
-            if created {
-                tx.execute(
-                    "INSERT INTO versions (repository, version, manifest, created_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![id, version, digest, now],
-                )?;
-            }
-            for tag in tags.iter().map(String::as_str).chain([LATEST]) {
-                tx.execute(
-                    "INSERT INTO tags (repository, tag, version, updated_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (repository, tag) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-                    params![id, tag, version, now],
-                )?;
-            }
+            let pushed = push_in(&tx, repo, manifest, body, tags, now)?;
             tx.commit()?;
-            Ok(Pushed { version: version as u64, created })
+            Ok(pushed)
         })
     }
 
@@ -952,3 +895,97 @@ fn version_name(v: u64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// Publishes a manifest inside an open write transaction: the version (a new number, or
+/// the latest one when the same manifest is pushed again), `latest` and `tags`.
+pub(crate) fn push_in(
+    tx: &rusqlite::Transaction<'_>,
+    repo: &Repository,
+    manifest: &Manifest,
+    body: &[u8],
+    tags: &[String],
+    now: i64,
+) -> Result<Pushed> {
+    let digest = Digest::of(body).to_string();
+    tx.execute(
+        "INSERT INTO manifests (digest, body, base_fingerprint, method, size, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (digest) DO NOTHING",
+        params![
+            digest,
+            body,
+            manifest.base.fingerprint.to_string(),
+            manifest.method,
+            manifest.size() as i64,
+            now
+        ],
+    )?;
+    for f in &manifest.files {
+        let blob = f.digest.to_string();
+        let n = tx.execute(
+            "UPDATE blobs SET last_referenced = ?2 WHERE digest = ?1 AND corrupt = 0",
+            params![blob, now],
+        )?;
+        if n == 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "blob {blob} ({}) is not stored",
+                f.path
+            )));
+        }
+        tx.execute(
+            "INSERT INTO manifest_blobs (manifest, blob) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![digest, blob],
+        )?;
+        tx.execute(
+            "INSERT INTO blob_links (blob, namespace) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![blob, repo.namespace()],
+        )?;
+    }
+    for (k, v) in &manifest.annotations {
+        tx.execute(
+                "INSERT INTO annotations (manifest, key, value) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![digest, k, v],
+            )?;
+    }
+    tx.execute(
+            "INSERT INTO repositories (namespace, name, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            params![repo.namespace(), repo.name(), now],
+        )?;
+    let id = repo_id(tx, repo)?.ok_or_else(|| Error::NotFound {
+        what: "repository",
+        name: repo.to_string(),
+    })?;
+    // Version numbers are never reused, even after a delete.
+    let highest: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM versions WHERE repository = ?1",
+        [id],
+        |r| r.get(0),
+    )?;
+    let latest: Option<(i64, String)> = tx
+            .query_row(
+                "SELECT version, manifest FROM versions WHERE repository = ?1 AND yanked = 0 ORDER BY version DESC LIMIT 1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+    let (version, created) = match latest {
+        Some((v, d)) if d == digest => (v, false),
+        _ => (highest + 1, true),
+    };
+    if created {
+        tx.execute(
+                "INSERT INTO versions (repository, version, manifest, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, version, digest, now],
+            )?;
+    }
+    for tag in tags.iter().map(String::as_str).chain([LATEST]) {
+        tx.execute(
+                "INSERT INTO tags (repository, tag, version, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (repository, tag) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+                params![id, tag, version, now],
+            )?;
+    }
+    Ok(Pushed {
+        version: version as u64,
+        created,
+    })
+}

@@ -20,6 +20,7 @@ use crate::auth::{Caller, Scope};
 use crate::blobs::BlobStore;
 use crate::config::RegistryConfig;
 use crate::error::{Error, Result};
+use crate::jobs::{Completion, JobRow};
 use crate::meta::{AuditEntry, BaseRecord, MetaStore, SearchFilter, SqliteMeta};
 use crate::uploads::{Progress, Uploads};
 
@@ -357,7 +358,9 @@ impl Registry for RegistryService {
         req: Request<pb::StartUploadRequest>,
     ) -> Result<Response<pb::StartUploadResponse>, Status> {
         let caller = self.caller(&req).await?;
-        caller.check_any(Scope::Write)?;
+        if !caller.is_worker() {
+            caller.check_any(Scope::Write)?;
+        }
         let req = req.into_inner();
         let digest: Digest = req.digest.parse().map_err(Error::from)?;
         if req.size > self.inner.config.max_blob_bytes {
@@ -1014,5 +1017,267 @@ impl Registry for RegistryService {
             digests: report.removed.iter().map(ToString::to_string).collect(),
             dry_run: report.dry_run,
         }))
+    }
+
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        if req.spec.len() > self.inner.config.max_manifest_bytes {
+            return Err(Error::LimitExceeded(format!(
+                "job spec is {} bytes; the limit is {}",
+                req.spec.len(),
+                self.inner.config.max_manifest_bytes
+            ))
+            .into());
+        }
+        let mut spec: serde_json::Value = serde_json::from_str(&req.spec)
+            .ok()
+            .filter(serde_json::Value::is_object)
+            .ok_or_else(|| Error::InvalidArgument("job spec is not a JSON object".into()))?;
+        let repository = match req.kind.as_str() {
+            "train" => {
+                let repo: Repository = req.repository.parse().map_err(Error::from)?;
+                self.authorize(&caller, repo.namespace(), Scope::Write)
+                    .await?;
+                for t in &req.tags {
+                    check_tag(t).map_err(Error::from)?;
+                }
+                repo.to_string()
+            }
+            "verify" => {
+                let r = self
+                    .resolve_checked(&caller, &req.repository, Scope::Read)
+                    .await?;
+                spec["manifest"] = serde_json::Value::String(r.digest.to_string());
+                format!("{}:v{}", r.repository, r.version)
+            }
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "job kind {other:?} is not train or verify"
+                ))
+                .into());
+            }
+        };
+        for b in &req.blobs {
+            let d: Digest = b.parse().map_err(Error::from)?;
+            if self.blob_size(d).await?.is_none() || !self.blob_visible(&caller, d).await? {
+                return Err(Error::NotFound {
+                    what: "blob",
+                    name: d.to_string(),
+                }
+                .into());
+            }
+        }
+        let (kind, tags, submitter) = (req.kind.clone(), req.tags.clone(), caller.token_id());
+        let spec = spec.to_string();
+        let job = self
+            .meta(move |m| m.submit_job(&kind, &spec, &repository, &tags, submitter, now()))
+            .await?;
+        tracing::info!(job = job.id, kind = %job.kind, repository = %job.repository, "job queued");
+        self.record(&caller, "submit-job", &job.repository, &job.id.to_string())
+            .await?;
+        Ok(Response::new(job_info(job)))
+    }
+
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let id = req.id;
+        let job = self.meta(move |m| m.get_job(id)).await?;
+        // Jobs are visible to their submitter, workers and `*` tokens; to anyone else a
+        // job looks missing, whether it exists or not.
+        let job = job
+            .filter(|j| {
+                caller.sees_all()
+                    || caller.is_worker()
+                    || (j.submitter.is_some() && j.submitter == caller.token_id())
+            })
+            .ok_or_else(|| Error::NotFound {
+                what: "job",
+                name: id.to_string(),
+            })?;
+        let after = req.after;
+        let events = self.meta(move |m| m.job_events(id, after)).await?;
+        Ok(Response::new(pb::GetJobResponse {
+            job: Some(job_info(job)),
+            events: events
+                .into_iter()
+                .map(|(seq, at, body)| pb::JobEvent { seq, at, body })
+                .collect(),
+        }))
+    }
+
+    async fn lease_job(
+        &self,
+        req: Request<pb::LeaseJobRequest>,
+    ) -> Result<Response<pb::LeaseJobResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        caller.check_worker()?;
+        let req = req.into_inner();
+        let secs = i64::from(lease_seconds(req.lease_seconds));
+        let lease = uuid::Uuid::new_v4().to_string();
+        let (worker, kinds, l) = (req.worker.clone(), req.kinds.clone(), lease.clone());
+        let t = now();
+        let job = self
+            .meta(move |m| m.lease_job(&worker, &kinds, &l, t, t + secs))
+            .await?;
+        if let Some(j) = &job {
+            tracing::info!(job = j.id, worker = %req.worker, attempt = j.attempts, "job leased");
+        }
+        Ok(Response::new(pb::LeaseJobResponse {
+            job: job.map(job_info),
+            lease: lease.to_string(),
+        }))
+    }
+
+    async fn renew_lease(
+        &self,
+        req: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        caller.check_worker()?;
+        let req = req.into_inner();
+        let t = now();
+        let expires = t + i64::from(lease_seconds(req.lease_seconds));
+        self.meta(move |m| m.renew_lease(req.id, &req.lease, t, expires))
+            .await?;
+        Ok(Response::new(pb::RenewLeaseResponse { expires }))
+    }
+
+    async fn report_progress(
+        &self,
+        req: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        caller.check_worker()?;
+        let req = req.into_inner();
+        if req.body.len() > 64 << 10 {
+            return Err(Error::LimitExceeded("progress events are at most 64 KiB".into()).into());
+        }
+        self.meta(move |m| m.report_progress(req.id, &req.lease, &req.body, now()))
+            .await?;
+        Ok(Response::new(pb::ReportProgressResponse {}))
+    }
+
+    async fn complete_job(
+        &self,
+        req: Request<pb::CompleteJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let caller = self.caller(&req).await?;
+        caller.check_worker()?;
+        let req = req.into_inner();
+        let id = req.id;
+        let job = self
+            .meta(move |m| m.get_job(id))
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                what: "job",
+                name: id.to_string(),
+            })?;
+        let lease = req.lease.clone();
+        let done = if !req.error.is_empty() {
+            let msg = req.error.clone();
+            self.meta(move |m| m.complete_job(id, &lease, &Completion::Failed(&msg), now()))
+                .await?
+        } else if job.kind == "train" {
+            if req.manifest.len() > self.inner.config.max_manifest_bytes {
+                return Err(Error::LimitExceeded("manifest too large".into()).into());
+            }
+            let manifest = Manifest::from_json(&req.manifest).map_err(Error::from)?;
+            self.validate(&manifest).await?;
+            let body = manifest.canonical_json();
+            self.meta(move |m| {
+                m.complete_job(
+                    id,
+                    &lease,
+                    &Completion::Trained {
+                        manifest: &manifest,
+                        body: &body,
+                    },
+                    now(),
+                )
+            })
+            .await?
+        } else {
+            let spec: serde_json::Value = serde_json::from_str(&job.spec).unwrap_or_default();
+            let digest = spec["manifest"].as_str().unwrap_or_default().to_owned();
+            serde_json::from_str::<serde_json::Value>(&req.report)
+                .map_err(|e| Error::InvalidArgument(format!("report is not JSON: {e}")))?;
+            let report = req.report.clone();
+            self.meta(move |m| {
+                m.complete_job(
+                    id,
+                    &lease,
+                    &Completion::Verified {
+                        manifest: &digest,
+                        report: &report,
+                    },
+                    now(),
+                )
+            })
+            .await?
+        };
+        tracing::info!(job = id, state = %done.state, error = %done.error, "job completed");
+        self.record(
+            &caller,
+            "complete-job",
+            &done.repository,
+            &done.id.to_string(),
+        )
+        .await?;
+        Ok(Response::new(job_info(done)))
+    }
+
+    async fn list_reports(
+        &self,
+        req: Request<pb::ListReportsRequest>,
+    ) -> Result<Response<pb::ListReportsResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        let r = self
+            .resolve_checked(&caller, &req.reference, Scope::Read)
+            .await?;
+        let digest = r.digest.to_string();
+        let rows = self.meta(move |m| m.list_reports(&digest)).await?;
+        Ok(Response::new(pb::ListReportsResponse {
+            reports: rows
+                .into_iter()
+                .map(|r| pb::Report {
+                    manifest: r.manifest,
+                    at: r.at,
+                    job: r.job,
+                    body: r.body,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// A lease length: the worker's request within 1 s..1 h (default 60 s).
+fn lease_seconds(asked: u32) -> u32 {
+    if asked == 0 { 60 } else { asked.clamp(1, 3600) }
+}
+
+fn job_info(j: JobRow) -> pb::JobInfo {
+    pb::JobInfo {
+        id: j.id,
+        kind: j.kind,
+        state: j.state,
+        spec: j.spec,
+        repository: j.repository,
+        tags: j.tags,
+        attempts: j.attempts,
+        worker: j.worker,
+        result: j.result,
+        error: j.error,
+        created: j.created,
+        updated: j.updated,
+        lease_expires: j.lease_expires,
     }
 }

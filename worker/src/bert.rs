@@ -82,7 +82,7 @@ impl BertConfig {
         if self.hidden_size == 0 || self.num_attention_heads == 0 {
             bail!("hidden_size and num_attention_heads must be positive");
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size,
@@ -341,12 +341,12 @@ fn layer(cfg: &BertConfig, m: &Mounts<'_>, l: usize, x: &Tensor, mask: &Tensor) 
     };
     let o = m.linear(&format!("{p}.output.dense"), &i)?;
     let o = m.adapt(&format!("{p}.output"), &o)?;
-    Ok(layer_norm(
+    layer_norm(
         &(o + x1)?,
         &m.tensor(&format!("{p}.output.LayerNorm.weight"))?,
         &m.tensor(&format!("{p}.output.LayerNorm.bias"))?,
         cfg.layer_norm_eps,
-    )?)
+    )
 }
 
 /// Mean of the hidden states over the mask's tokens: `[batch, hidden]`.

@@ -22,7 +22,8 @@ pub struct Example {
     pub label: String,
 }
 
-/// Parses JSONL; an error names the line and what is wrong with it.
+/// Parses JSONL; an error names the line and what is wrong with it. A missing label is
+/// empty (allowed for prediction; training refuses it).
 pub fn parse_jsonl(bytes: &[u8], what: &str) -> Result<Vec<Example>> {
     let text = std::str::from_utf8(bytes).with_context(|| format!("{what} is not UTF-8"))?;
     let mut out = Vec::new();
@@ -38,6 +39,7 @@ pub fn parse_jsonl(bytes: &[u8], what: &str) -> Result<Vec<Example>> {
         let label = match v.get("label") {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+            None => String::new(),
             _ => bail!(
                 "{what} line {}: \"label\" must be a string or an integer",
                 i + 1

@@ -17,5 +17,6 @@ pub mod methods;
 pub mod mounts;
 pub mod rng;
 pub mod run;
+pub mod serve;
 pub mod tiny;
 pub mod train;

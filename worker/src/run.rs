@@ -58,6 +58,9 @@ pub struct Delta {
     pub manifest: Manifest,
     /// Its tensors by name (on the CPU).
     pub tensors: HashMap<String, Tensor>,
+    /// Where it came from (`repo@digest`), recorded as the parent reference of deltas
+    /// trained on top of it.
+    pub reference: Option<String>,
 }
 
 impl Delta {
@@ -90,7 +93,11 @@ impl Delta {
                     .with_context(|| format!("loading {}", path.display()))?,
             );
         }
-        Ok(Self { manifest, tensors })
+        Ok(Self {
+            manifest,
+            tensors,
+            reference: None,
+        })
     }
 
     /// The labels of its classification head.
@@ -185,6 +192,9 @@ pub fn train_to_dir(
 ) -> Result<Trained> {
     let spec = req.spec;
     spec.check().map_err(anyhow::Error::msg)?;
+    if let Some(i) = req.train.iter().position(|e| e.label.is_empty()) {
+        bail!("training example {} has no label", i + 1);
+    }
     let labels = match labels_of(req.parents) {
         Some(l) if spec.has("full") => l,
         _ => label_set(req.train),
@@ -229,7 +239,7 @@ pub fn train_to_dir(
             .iter()
             .map(|p| Parent {
                 digest: p.manifest.digest(),
-                reference: None,
+                reference: p.reference.clone(),
             })
             .collect(),
         provenance: req.provenance.clone(),
@@ -384,7 +394,7 @@ pub fn predict(
     let known = labels.clone().unwrap_or_default();
     let data = tok.encode_all(examples, &known)?;
     let m = mount_all(base, chain)?;
-    if m.replace.get(crate::mounts::HEAD_WEIGHT).is_none()
+    if !m.replace.contains_key(crate::mounts::HEAD_WEIGHT)
         && !base
             .weights
             .tensors

@@ -37,14 +37,19 @@ struct Reference {
 
 #[test]
 fn matches_the_hugging_face_reference() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/minilm-reference.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/minilm-reference.json");
     let r: Reference = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let base = LocalBase::open(&minilm(), &Device::Cpu).unwrap();
     let tok = base.tokenizer(512).unwrap();
     let examples: Vec<_> = r
         .sentences
         .iter()
-        .map(|s| Example { text: s.clone(), text_pair: None, label: String::new() })
+        .map(|s| Example {
+            text: s.clone(),
+            text_pair: None,
+            label: String::new(),
+        })
         .collect();
     let enc = tok.encode_all(&examples, &[]).unwrap();
     for (e, ids) in enc.iter().zip(&r.input_ids) {
@@ -63,11 +68,17 @@ fn matches_the_hugging_face_reference() {
             worst = worst.max((a - b).abs());
         }
     }
-    assert!(worst < 1e-4, "mean-pooled embeddings differ by up to {worst}");
+    assert!(
+        worst < 1e-4,
+        "mean-pooled embeddings differ by up to {worst}"
+    );
     let h = h.to_vec3::<f32>().unwrap();
     for (i, want) in r.last_hidden_state_token0_first4.iter().enumerate() {
         for (a, b) in h[i][0][..4].iter().zip(want) {
-            assert!((a - b).abs() < 1e-4, "[CLS] state of sentence {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() < 1e-4,
+                "[CLS] state of sentence {i}: {a} vs {b}"
+            );
         }
     }
 }

@@ -99,10 +99,14 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         overwrite: args.overwrite,
     };
     let out = args.output.clone();
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let report =
         tokio::task::spawn_blocking(move || apply(&model, fingerprint, &deltas, &opts, &out))
             .await?
             .with_context(|| format!("cannot apply to {}", args.base.display()))?;
+    copy_companions(&args.base, &args.output)?;
     for f in &report.forced {
         eprintln!("warning: {f} was made for a different base; applied anyway because of --force");
     }
@@ -116,5 +120,29 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         report.added,
         human_bytes(report.bytes)
     );
+    Ok(())
+}
+
+/// Files a model folder carries besides its weights; copied next to the output (when
+/// absent there), as `save_pretrained` would, so the applied model runs as it is.
+const COMPANIONS: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+];
+
+fn copy_companions(base: &std::path::Path, output: &std::path::Path) -> anyhow::Result<()> {
+    let (true, Some(dir)) = (base.is_dir(), output.parent()) else {
+        return Ok(());
+    };
+    for name in COMPANIONS {
+        let (from, to) = (base.join(name), dir.join(name));
+        if from.is_file() && !to.exists() {
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+    }
     Ok(())
 }

@@ -14,6 +14,7 @@ pub mod base;
 pub mod compose;
 pub mod export;
 pub mod fingerprint;
+pub mod jobs;
 pub mod lifecycle;
 pub mod login;
 pub mod ls;
@@ -98,6 +99,12 @@ pub enum Command {
     /// Write a delta in another tool's format.
     #[command(subcommand)]
     Export(export::Command),
+    /// Train a delta on a worker: upload the data, queue a job, push the result.
+    Train(Box<jobs::TrainArgs>),
+    /// Verify a delta on a worker and attach the report to it.
+    Verify(jobs::VerifyArgs),
+    /// Show (or follow) a job.
+    Job(jobs::JobArgs),
 }
 
 /// What every subcommand gets.
@@ -185,6 +192,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull(a) => pull::run(a, &ctx).await,
         Command::Ls(a) => ls::run(a, &ctx).await,
         Command::Show(a) => show::run(a, &ctx).await,
+        Command::Train(a) => jobs::train(*a, &ctx).await,
+        Command::Verify(a) => jobs::verify(a, &ctx).await,
+        Command::Job(a) => jobs::job(a, &ctx).await,
         Command::Tag(a) => tag::run(a, &ctx).await,
         Command::Apply(a) => apply::run(a, &ctx).await,
         Command::Compose(a) => compose::run(a, &ctx).await,

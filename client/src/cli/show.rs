@@ -20,13 +20,21 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot resolve {}", args.reference))?;
     let versions = remote.list_versions(&r.repository).await?;
+    let reports = remote.list_reports(&args.reference).await?;
+    let reports: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap_or(json!(null));
+            json!({"at": r.at, "job": r.job, "report": body})
+        })
+        .collect();
     let m = &r.manifest;
     if ctx.json {
         let manifest: serde_json::Value = serde_json::from_slice(&m.canonical_json())?;
         let versions: Vec<_> = versions.iter().map(|v| json!({"version": v.version, "digest": v.digest, "tags": v.tags, "size": v.size})).collect();
         return ctx.print_json(&json!({
             "repository": r.repository, "version": r.version, "digest": r.digest.to_string(), "tags": r.tags,
-            "size": m.size(), "manifest": manifest, "versions": versions,
+            "size": m.size(), "manifest": manifest, "versions": versions, "reports": reports,
         }));
     }
     println!("{}:v{}  {}", r.repository, r.version, r.digest);
@@ -65,6 +73,31 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             human_bytes(f.size),
             f.digest,
             f.tensors.len()
+        );
+    }
+    if let Some(metrics) = m.provenance.get("metrics") {
+        println!("metrics:  {metrics}");
+    }
+    for r in &reports {
+        let rep = &r["report"];
+        println!(
+            "report:   job {} {} on {} ({}): {} metrics {} matches recorded: {}",
+            r["job"],
+            if rep["passed"] == json!(true) {
+                "passed"
+            } else {
+                "FAILED"
+            },
+            rep["worker"].as_str().unwrap_or("?"),
+            rep["device"].as_str().unwrap_or("?"),
+            rep["checks"]
+                .as_array()
+                .map(|c| c.len())
+                .unwrap_or(0)
+                .to_string()
+                + " checks,",
+            rep["metrics"],
+            rep["matches_recorded"]
         );
     }
     println!("versions:");

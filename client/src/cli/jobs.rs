@@ -1,0 +1,241 @@
+//! `delta train`, `delta verify` and `delta job`: submit jobs to the registry's queue and
+//! follow them (step, loss, eval metric, steps/s) until a worker finishes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use super::Ctx;
+use crate::jobs::{KIND_TRAIN, KIND_VERIFY, Progress, TrainJob, TrainSpec, VerifyJob};
+use crate::remote::Remote;
+use delta_proto::Digest;
+
+/// Arguments of `delta train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// The registered base model (name or fingerprint).
+    #[arg(long)]
+    pub base: String,
+    /// Training data (JSONL: {"text": …, "label": …}, optional "text_pair").
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Evaluation data (same format); the best checkpoint on it is kept.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Where the trained delta is pushed: NAMESPACE/NAME[:TAG].
+    #[arg(long)]
+    pub push: String,
+    /// Train on top of these frozen deltas (references, application order).
+    #[arg(long = "parent")]
+    pub parents: Vec<String>,
+    /// Stream progress until the job ends.
+    #[arg(long)]
+    pub follow: bool,
+    /// Methods and hyper-parameters.
+    #[command(flatten)]
+    pub spec: TrainSpec,
+}
+
+/// Arguments of `delta verify`.
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// The delta to verify.
+    pub reference: String,
+    /// Evaluation data (JSONL).
+    #[arg(long)]
+    pub eval: PathBuf,
+    /// Wait for the report and print it.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+/// Arguments of `delta job`.
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    /// Job id.
+    pub id: u64,
+    /// Stream progress until the job ends.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+/// `delta train`.
+pub async fn train(args: TrainArgs, ctx: &Ctx) -> anyhow::Result<()> {
+    args.spec.check().map_err(anyhow::Error::msg)?;
+    let (repo, tag) = crate::hub::parse_target(&args.push)?;
+    let remote = ctx.remote().await?;
+    let base = remote
+        .get_base(&args.base)
+        .await
+        .with_context(|| format!("base {} is not registered (delta base add)", args.base))?;
+    let mut blobs = Vec::new();
+    let train = upload(&remote, ctx, &args.train).await?;
+    blobs.push(train);
+    let eval = match &args.eval {
+        Some(p) => {
+            let d = upload(&remote, ctx, p).await?;
+            blobs.push(d);
+            Some(d)
+        }
+        None => None,
+    };
+    let mut parents = Vec::new();
+    for p in &args.parents {
+        let r = remote
+            .resolve(p)
+            .await
+            .with_context(|| format!("cannot resolve parent {p}"))?;
+        if r.manifest.base.fingerprint != base.fingerprint {
+            bail!(
+                "parent {p} belongs to another base ({})",
+                r.manifest.base.fingerprint
+            );
+        }
+        parents.push(format!("{}@{}", r.repository, r.digest));
+    }
+    let job = TrainJob {
+        base: base.fingerprint.to_string(),
+        base_name: Some(base.name.clone()),
+        train: train.to_string(),
+        eval: eval.map(|d| d.to_string()),
+        parents,
+        spec: args.spec,
+    };
+    let info = remote
+        .submit_job(
+            KIND_TRAIN,
+            &serde_json::to_value(&job)?,
+            &repo.to_string(),
+            &tag.into_iter().collect::<Vec<_>>(),
+            &blobs,
+        )
+        .await?;
+    finish(&remote, ctx, info, args.follow).await
+}
+
+/// `delta verify`.
+pub async fn verify(args: VerifyArgs, ctx: &Ctx) -> anyhow::Result<()> {
+    let remote = ctx.remote().await?;
+    let eval = upload(&remote, ctx, &args.eval).await?;
+    let r = remote
+        .resolve(&args.reference)
+        .await
+        .with_context(|| format!("cannot resolve {}", args.reference))?;
+    let job = VerifyJob {
+        manifest: r.digest.to_string(),
+        reference: Some(args.reference.clone()),
+        eval: eval.to_string(),
+    };
+    let info = remote
+        .submit_job(
+            KIND_VERIFY,
+            &serde_json::to_value(&job)?,
+            &args.reference,
+            &[],
+            &[eval],
+        )
+        .await?;
+    finish(&remote, ctx, info, args.follow).await
+}
+
+/// `delta job`.
+pub async fn job(args: JobArgs, ctx: &Ctx) -> anyhow::Result<()> {
+    let remote = ctx.remote().await?;
+    let (info, _) = remote.get_job(args.id, u64::MAX).await?;
+    finish(&remote, ctx, info, args.follow).await
+}
+
+async fn upload(remote: &Remote, ctx: &Ctx, path: &std::path::Path) -> anyhow::Result<Digest> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    check_jsonl(&bytes, &path.display().to_string())?;
+    let bar = ctx.progress(&format!("uploading {}", path.display()));
+    let d = remote.upload_blob_file(path, &bar).await?;
+    bar.finish_and_clear();
+    Ok(d)
+}
+
+/// Refuses data a worker would refuse, before anything is queued.
+fn check_jsonl(bytes: &[u8], what: &str) -> anyhow::Result<()> {
+    let text = std::str::from_utf8(bytes).with_context(|| format!("{what} is not UTF-8"))?;
+    let mut n = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{what} line {}: not JSON", i + 1))?;
+        if !v.get("text").is_some_and(serde_json::Value::is_string) || v.get("label").is_none() {
+            bail!(
+                "{what} line {}: needs \"text\" (string) and \"label\"",
+                i + 1
+            );
+        }
+        n += 1;
+    }
+    if n == 0 {
+        bail!("{what} has no examples");
+    }
+    Ok(())
+}
+
+fn info_json(info: &delta_proto::JobInfo) -> serde_json::Value {
+    let result: serde_json::Value = serde_json::from_str(&info.result).unwrap_or(json!(null));
+    json!({
+        "id": info.id, "kind": info.kind, "state": info.state, "repository": info.repository,
+        "attempts": info.attempts, "worker": info.worker, "result": result, "error": info.error,
+    })
+}
+
+/// Prints the job, and with `follow` streams its events until it ends; a failed job is an
+/// error (exit 1).
+async fn finish(
+    remote: &Remote,
+    ctx: &Ctx,
+    mut info: delta_proto::JobInfo,
+    follow: bool,
+) -> anyhow::Result<()> {
+    if !ctx.json {
+        eprintln!("job {} ({}) {}", info.id, info.kind, info.state);
+    }
+    let mut seen = 0u64;
+    while follow && matches!(info.state.as_str(), "queued" | "running") {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (now, events) = remote.get_job(info.id, seen).await?;
+        if now.state != info.state && !ctx.json {
+            eprintln!("job {} {} {}", now.id, now.state, now.worker);
+        }
+        for e in events {
+            seen = e.seq;
+            let p: Progress = serde_json::from_str(&e.body).unwrap_or_default();
+            if ctx.json {
+                println!("{}", e.body);
+            } else {
+                eprintln!("{p}");
+            }
+        }
+        info = now;
+    }
+    if ctx.json {
+        ctx.print_json(&info_json(&info))?;
+    } else if info.state == "succeeded" {
+        let result: serde_json::Value = serde_json::from_str(&info.result).unwrap_or(json!(null));
+        if info.kind == KIND_TRAIN {
+            println!(
+                "pushed {}:v{}  {}",
+                result["repository"].as_str().unwrap_or("?"),
+                result["version"],
+                result["digest"].as_str().unwrap_or("?")
+            );
+        } else {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        }
+    } else if !follow {
+        println!("job {} is {}", info.id, info.state);
+    }
+    if info.state == "failed" {
+        bail!("job {} failed: {}", info.id, info.error);
+    }
+    Ok(())
+}

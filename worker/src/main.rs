@@ -1,0 +1,249 @@
+//! `delta-worker`: serve jobs from a registry, or train, predict and make data locally.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+use delta_client::jobs::TrainSpec;
+use delta_worker::data::{load_jsonl, sentiment, sentiment_simple, to_jsonl};
+use delta_worker::run::{Delta, LocalBase, TrainRequest, predict, train_to_dir};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "delta-worker",
+    version,
+    about = "Train, verify and run deltas with candle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+// Parsed once per process: the size of the training variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Lease jobs from a registry and run them.
+    Serve {
+        /// Registry URL.
+        #[arg(long, env = "DELTA_REGISTRY", default_value = "http://127.0.0.1:50051")]
+        registry: String,
+        /// A worker token (`delta-registry token create --kind worker`).
+        #[arg(long, env = "DELTA_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// CA certificate for a TLS registry.
+        #[arg(long, env = "DELTA_CA_CERT")]
+        ca_cert: Option<PathBuf>,
+        /// Folder of base model folders.
+        #[arg(long)]
+        models: PathBuf,
+        /// `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Cache for datasets and deltas.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Name recorded on jobs (default: host and process id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Lease length in seconds (renewed every third of it).
+        #[arg(long, default_value_t = 60)]
+        lease_seconds: u32,
+        /// Stop after this many jobs.
+        #[arg(long)]
+        max_jobs: Option<usize>,
+    },
+    /// Train a delta locally, without a registry.
+    Train {
+        /// Base model folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// Training JSONL.
+        #[arg(long)]
+        train: PathBuf,
+        /// Evaluation JSONL.
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// Output folder (native delta).
+        #[arg(long)]
+        out: PathBuf,
+        /// Frozen native delta folders to train on top of, in order.
+        #[arg(long = "parent")]
+        parents: Vec<PathBuf>,
+        /// `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[command(flatten)]
+        spec: TrainSpec,
+    },
+    /// Run a base with deltas mounted (native folders, in order) and print predictions.
+    Predict {
+        /// Base model folder (an applied model folder works too).
+        #[arg(long)]
+        base: PathBuf,
+        /// Native delta folders, mounted in order.
+        deltas: Vec<PathBuf>,
+        /// Input JSONL ({"text": …}; labels optional).
+        #[arg(long)]
+        input: PathBuf,
+        /// Truncate inputs to this many tokens.
+        #[arg(long, default_value_t = 128)]
+        max_len: usize,
+        /// `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Write the synthetic sentiment dataset as JSONL.
+    GenData {
+        /// Examples.
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        /// Seed (use different seeds for train and held-out splits).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The easy variant (no negation) that tiny random models can learn.
+        #[arg(long)]
+        simple: bool,
+    },
+    /// Write a tiny random base model folder (for tests and experiments).
+    TinyBase {
+        /// Output folder.
+        out: PathBuf,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn device(spec: &str) -> Result<(Device, String)> {
+    if spec == "cpu" {
+        return Ok((Device::Cpu, "cpu".into()));
+    }
+    if let Some(n) = spec.strip_prefix("cuda:") {
+        let n: usize = n.parse().with_context(|| format!("bad device {spec}"))?;
+        if !candle_core::utils::cuda_is_available() {
+            bail!("device {spec}: this build has no CUDA support (build with --features cuda)");
+        }
+        return Ok((Device::new_cuda(n)?, spec.to_owned()));
+    }
+    bail!("device {spec:?} is not cpu or cuda:N")
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve {
+            registry,
+            token,
+            ca_cert,
+            models,
+            device: dev,
+            cache,
+            name,
+            lease_seconds,
+            max_jobs,
+        } => {
+            let (device, device_name) = device(&dev)?;
+            let opts = delta_client::remote::ConnectOptions { token, ca_cert };
+            let remote = delta_client::Remote::connect_opts(&registry, &opts).await?;
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
+            let serve = delta_worker::serve::ServeOptions {
+                models,
+                cache: cache.unwrap_or_else(|| std::env::temp_dir().join("delta-worker-cache")),
+                device,
+                device_name,
+                name: name.unwrap_or_else(|| format!("{host}/{}", std::process::id())),
+                lease_seconds,
+                poll: Duration::from_millis(250),
+                max_jobs,
+            };
+            delta_worker::serve::serve(remote, serve).await
+        }
+        Command::Train {
+            base,
+            train,
+            eval,
+            out,
+            parents,
+            device: dev,
+            spec,
+        } => {
+            let (device, _) = device(&dev)?;
+            let base = LocalBase::open(&base, &device)?;
+            let train = load_jsonl(&train)?;
+            let eval = eval.as_deref().map(load_jsonl).transpose()?;
+            let parents = parents
+                .iter()
+                .map(|p| Delta::load_dir(p))
+                .collect::<Result<Vec<_>>>()?;
+            let req = TrainRequest {
+                spec: &spec,
+                parents: &parents,
+                train: &train,
+                eval: eval.as_deref(),
+                base_name: None,
+                provenance: Default::default(),
+            };
+            let trained = tokio::task::block_in_place(|| {
+                train_to_dir(&base, &req, &out, &mut |p| {
+                    eprintln!("{p}");
+                    Ok(())
+                })
+            })?;
+            println!("{}", serde_json::to_string_pretty(&trained.metrics)?);
+            eprintln!("wrote {} ({})", out.display(), trained.manifest.digest());
+            Ok(())
+        }
+        Command::Predict {
+            base,
+            deltas,
+            input,
+            max_len,
+            device: dev,
+        } => {
+            let (device, _) = device(&dev)?;
+            let base = LocalBase::open(&base, &device)?;
+            let chain = deltas
+                .iter()
+                .map(|p| Delta::load_dir(p))
+                .collect::<Result<Vec<_>>>()?;
+            let examples = load_jsonl(&input)?;
+            let out =
+                tokio::task::block_in_place(|| predict(&base, &chain, &examples, max_len, 32))?;
+            let mut stdout = std::io::stdout().lock();
+            for v in out {
+                writeln!(stdout, "{v}")?;
+            }
+            Ok(())
+        }
+        Command::GenData { n, seed, simple } => {
+            let ex = if simple {
+                sentiment_simple(n, seed)
+            } else {
+                sentiment(n, seed)
+            };
+            print!("{}", to_jsonl(&ex));
+            Ok(())
+        }
+        Command::TinyBase { out, seed } => delta_worker::tiny::write_base(&out, seed),
+    }
+}

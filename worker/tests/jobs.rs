@@ -1,0 +1,321 @@
+//! Registry + worker processes on loopback: `delta train --follow`, pull, apply, the same
+//! predictions as the worker's; verification; a worker killed mid-job.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use delta_tests::TestRegistry;
+use delta_worker::data::{sentiment_simple, to_jsonl};
+
+struct Env {
+    registry: TestRegistry,
+    work: tempfile::TempDir,
+}
+
+impl Env {
+    async fn start() -> Self {
+        let registry = TestRegistry::start().await;
+        let work = tempfile::tempdir().unwrap();
+        let env = Self { registry, work };
+        delta_worker::tiny::write_base(&env.path("models/tiny"), 1).unwrap();
+        std::fs::write(
+            env.path("train.jsonl"),
+            to_jsonl(&sentiment_simple(480, 11)),
+        )
+        .unwrap();
+        std::fs::write(env.path("eval.jsonl"), to_jsonl(&sentiment_simple(160, 12))).unwrap();
+        let base = env.path("models/tiny");
+        env.cli(&["base", "add", "tiny", base.to_str().unwrap()])
+            .await
+            .unwrap();
+        env
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.work.path().join(p)
+    }
+
+    async fn cli(&self, args: &[&str]) -> anyhow::Result<()> {
+        let url = self.registry.url();
+        let cache = self.path("cache");
+        let creds = self.path("credentials.json");
+        let mut argv = vec![
+            "delta",
+            "--registry",
+            &url,
+            "--cache",
+            cache.to_str().unwrap(),
+            "--credentials",
+            creds.to_str().unwrap(),
+        ];
+        argv.extend_from_slice(args);
+        delta_client::cli::run(delta_client::cli::Cli::try_parse_from(argv)?).await
+    }
+
+    fn worker(&self, extra: &[&str]) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_delta-worker"))
+            .args(["serve", "--registry", &self.registry.url(), "--models"])
+            .arg(self.path("models"))
+            .arg("--cache")
+            .arg(self.path("worker-cache"))
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+}
+
+fn predict(base: &Path, deltas: &[&Path], input: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_delta-worker"))
+        .arg("predict")
+        .arg("--base")
+        .arg(base)
+        .args(deltas)
+        .arg("--input")
+        .arg(input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn wait(child: &mut Child, limit: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "worker exited with {status}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("worker did not finish within {limit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_follow_pull_apply_predicts_like_the_worker() {
+    let env = Env::start().await;
+    let mut worker = env.worker(&["--max-jobs", "2"]);
+    let (train, eval) = (env.path("train.jsonl"), env.path("eval.jsonl"));
+    env.cli(&[
+        "train",
+        "--base",
+        "tiny",
+        "--method",
+        "lora",
+        "--rank",
+        "4",
+        "--lr",
+        "0.01",
+        "--epochs",
+        "3",
+        "--eval-every",
+        "20",
+        "--train",
+        train.to_str().unwrap(),
+        "--eval",
+        eval.to_str().unwrap(),
+        "--push",
+        "team/sentiment:best",
+        "--follow",
+    ])
+    .await
+    .unwrap();
+    let remote = env.registry.remote().await;
+    let r = remote.resolve("team/sentiment:best").await.unwrap();
+    let m = &r.manifest;
+    assert_eq!(m.method, "lora");
+    let metrics = &m.provenance["metrics"];
+    assert!(
+        metrics["eval_accuracy"].as_f64().unwrap() >= 0.7,
+        "{metrics}"
+    );
+    assert!(
+        m.provenance["datasets"]["train"].is_string(),
+        "dataset digests recorded"
+    );
+    assert_eq!(m.provenance["spec"]["rank"], 4);
+
+    // Pull, apply, and run the applied model: the same predictions as the worker's
+    // runtime with the delta mounted.
+    let pulled = env.path("pulled");
+    let applied = env.path("applied/model.safetensors");
+    env.cli(&[
+        "pull",
+        "team/sentiment:best",
+        "-o",
+        pulled.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let base = env.path("models/tiny");
+    env.cli(&[
+        "apply",
+        "--base",
+        base.to_str().unwrap(),
+        "team/sentiment:best",
+        "-o",
+        applied.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let mounted = predict(&base, &[&pulled], &eval);
+    let merged = predict(applied.parent().unwrap(), &[], &eval);
+    assert_eq!(mounted.len(), 160);
+    let same = mounted
+        .iter()
+        .zip(&merged)
+        .filter(|(a, b)| a["label_index"] == b["label_index"])
+        .count();
+    assert_eq!(same, 160, "merged and mounted predictions differ");
+
+    // Verification on the worker reproduces the recorded metrics exactly and is listed.
+    env.cli(&[
+        "verify",
+        "team/sentiment:best",
+        "--eval",
+        eval.to_str().unwrap(),
+        "--follow",
+    ])
+    .await
+    .unwrap();
+    let reports = remote.list_reports("team/sentiment:best").await.unwrap();
+    assert_eq!(reports.len(), 1);
+    let report: serde_json::Value = serde_json::from_str(&reports[0].body).unwrap();
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["matches_recorded"], true, "{report}");
+    assert_eq!(report["metrics"]["eval_accuracy"], metrics["eval_accuracy"]);
+    env.cli(&["show", "team/sentiment:best"]).await.unwrap();
+    wait(&mut worker, Duration::from_secs(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_leaves_nothing_and_the_job_finishes_elsewhere() {
+    let env = Env::start().await;
+    let train = env.path("train.jsonl");
+    env.cli(&[
+        "train",
+        "--base",
+        "tiny",
+        "--method",
+        "lora",
+        "--max-steps",
+        "600",
+        "--eval-every",
+        "1000",
+        "--train",
+        train.to_str().unwrap(),
+        "--push",
+        "team/long",
+    ])
+    .await
+    .unwrap();
+    let remote = env.registry.remote().await;
+    let mut first = env.worker(&["--lease-seconds", "2"]);
+    // Wait until the first worker is training, then kill it (SIGKILL).
+    let start = Instant::now();
+    loop {
+        let (job, events) = remote.get_job(1, 0).await.unwrap();
+        if job.state == "running" && events.iter().any(|e| e.body.contains("\"step\":1")) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "job never started: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (job, _) = remote.get_job(1, 0).await.unwrap();
+    assert_eq!(job.state, "running");
+    assert!(
+        remote.list_versions("team/long").await.is_err(),
+        "nothing half-pushed"
+    );
+
+    // A second worker picks the job up once the dead worker's lease expires.
+    let mut second = env.worker(&["--lease-seconds", "2", "--max-jobs", "1"]);
+    wait(&mut second, Duration::from_secs(120));
+    let (job, _) = remote.get_job(1, 0).await.unwrap();
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.attempts, 2);
+    let versions = remote.list_versions("team/long").await.unwrap();
+    assert_eq!(versions.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jobs_fail_with_a_clear_error() {
+    let env = Env::start().await;
+    let bad = env.path("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"x\"}\nnot json\n").unwrap();
+    let err = env
+        .cli(&[
+            "train",
+            "--base",
+            "tiny",
+            "--method",
+            "lora",
+            "--train",
+            bad.to_str().unwrap(),
+            "--push",
+            "team/x",
+        ])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("line 1"), "{err:#}");
+    let train = env.path("train.jsonl");
+    let err = env
+        .cli(&[
+            "train",
+            "--base",
+            "tiny",
+            "--method",
+            "nope",
+            "--train",
+            train.to_str().unwrap(),
+            "--push",
+            "team/x",
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("\"nope\" is not one of"),
+        "{err:#}"
+    );
+    // A job the worker cannot run (no such target module) fails and says why.
+    let mut worker = env.worker(&["--max-jobs", "1"]);
+    let err = env
+        .cli(&[
+            "train",
+            "--base",
+            "tiny",
+            "--method",
+            "lora",
+            "--targets",
+            "nosuchmodule",
+            "--train",
+            train.to_str().unwrap(),
+            "--push",
+            "team/x",
+            "--follow",
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("\"nosuchmodule\" matches no module"),
+        "{err:#}"
+    );
+    wait(&mut worker, Duration::from_secs(30));
+}
