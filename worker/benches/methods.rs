@@ -1,0 +1,169 @@
+//! Per-method training cost on MiniLM (batch 16, sequence 64): median step time, peak
+//! memory, trainable values and delta size, next to full fine-tuning in the same run; and
+//! peak memory at batch 1 for LoRA against full fine-tuning.
+//!
+//! `cargo bench -p delta-worker --bench methods` (fetches MiniLM through
+//! scripts/fetch-minilm.sh). Each method runs in its own process so peak RSS is its own.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::Device;
+use delta_client::jobs::TrainSpec;
+use delta_worker::data::{Example, sentiment};
+use delta_worker::methods::Trainable;
+use delta_worker::mounts::Mounts;
+use delta_worker::run::LocalBase;
+
+const METHODS: &[&str] = &[
+    "full",
+    "lora",
+    "adapter",
+    "bitfit",
+    "prefix",
+    "prompt",
+    "last-layer",
+    "selective",
+    "diff",
+];
+
+fn minilm() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("scripts/fetch-minilm.sh"))
+        .output()
+        .expect("fetch script");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    root.join(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// One method in this process: prints a JSON line.
+fn one(method: &str, batch: usize, steps: usize) {
+    let base = LocalBase::open(&minilm(), &Device::Cpu).expect("MiniLM");
+    // Sentences joined until they fill 64 tokens.
+    let train: Vec<Example> = sentiment(batch * (steps + 1) * 4, 3)
+        .chunks(4)
+        .map(|c| Example {
+            text: c
+                .iter()
+                .map(|e| e.text.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            text_pair: None,
+            label: c[0].label.clone(),
+        })
+        .collect();
+    let mut spec = TrainSpec::new(&[method]);
+    spec.batch_size = batch;
+    spec.max_steps = Some(steps + 1);
+    spec.eval_every = 1_000_000;
+    spec.max_len = 64;
+    spec.modules = vec!["intermediate.dense".into(), "output.dense".into()];
+    spec.targets = if method == "diff" {
+        vec!["query".into(), "value".into()]
+    } else {
+        spec.targets
+    };
+    let labels = vec!["negative".to_owned(), "positive".to_owned()];
+    let tok = base.tokenizer(64).expect("tokenizer");
+    let data = tok.encode_all(&train, &labels).expect("encode");
+    let t = Trainable::new(&spec, &base.weights, &labels).expect("trainable");
+    let frozen = Mounts::new(&base.weights);
+    let mut times = Vec::new();
+    let mut last = Instant::now();
+    delta_worker::train::train(&t, &frozen, &data, None, &mut |p| {
+        let now = Instant::now();
+        if p.step > 1 {
+            times.push((now - last).as_secs_f64() * 1000.0);
+        }
+        last = now;
+        Ok(())
+    })
+    .expect("train");
+    times.sort_by(f64::total_cmp);
+    let (tensors, _) = t.export().expect("export");
+    let bytes: usize = tensors
+        .values()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "method": method, "batch": batch, "median_ms": times[times.len() / 2],
+            "peak_rss_mb": peak_rss_mb(), "trainable": t.parameters(), "delta_bytes": bytes,
+        })
+    );
+}
+
+fn run(method: &str, batch: usize, steps: usize) -> BTreeMap<String, serde_json::Value> {
+    let out = Command::new(std::env::current_exe().expect("exe"))
+        .args(["--one", method, &batch.to_string(), &steps.to_string()])
+        .output()
+        .expect("run one method");
+    assert!(
+        out.status.success(),
+        "{method}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.lines().last().unwrap_or("{}")).expect("json line")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--one") {
+        let n = |k: usize| args[i + k].parse::<usize>().expect("number");
+        one(&args[i + 1], n(2), n(3));
+        return;
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!("MiniLM-L6 (22.7M values), batch 16, sequence 64, {threads} threads, CPU");
+    println!(
+        "| method | step (median of 4) | vs full | peak RSS | trainable values | delta size |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let full = run("full", 16, 4);
+    let full_ms = full["median_ms"].as_f64().unwrap_or(f64::NAN);
+    for m in METHODS {
+        let r = if *m == "full" {
+            full.clone()
+        } else {
+            run(m, 16, 4)
+        };
+        let ms = r["median_ms"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {m} | {ms:.0} ms | {:.2}x | {:.0} MB | {} | {:.1} MB |",
+            ms / full_ms,
+            r["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+            r["trainable"],
+            r["delta_bytes"].as_f64().unwrap_or(0.0) / 1e6
+        );
+    }
+    let (l1, f1) = (run("lora", 1, 4), run("full", 1, 4));
+    let (lm, fm) = (
+        l1["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+        f1["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+    );
+    println!(
+        "\nbatch 1 peak RSS: lora {lm:.0} MB, full {fm:.0} MB ({:.0}% of full)",
+        100.0 * lm / fm
+    );
+}
