@@ -55,6 +55,7 @@ fn peak_rss_mb() -> f64 {
 
 /// One method in this process: prints a JSON line.
 fn one(method: &str, batch: usize, steps: usize) {
+    delta_worker::alloc::tune_for_training();
     let base = LocalBase::open(&minilm(), &Device::Cpu).expect("MiniLM");
     // Sentences joined until they fill 64 tokens.
     let train: Vec<Example> = sentiment(batch * (steps + 1) * 4, 3)

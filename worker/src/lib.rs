@@ -9,8 +9,9 @@
 //! - `run`: whole runs (train a delta into a folder, load deltas, predict, verify).
 //! - `serve`: the job loop against a registry (lease, renew, report, complete).
 //! - `tiny`: tiny random bases for tests.
-//! - `rng`: the seeded generator.
+//! - `rng`: the seeded generator; `alloc`: glibc allocator settings for training.
 
+pub mod alloc;
 pub mod bert;
 pub mod data;
 pub mod methods;

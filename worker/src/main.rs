@@ -84,8 +84,18 @@ enum Command {
         /// Base model folder (an applied model folder works too).
         #[arg(long)]
         base: PathBuf,
-        /// Native delta folders, mounted in order.
-        deltas: Vec<PathBuf>,
+        /// Deltas, mounted in order: native folders, or registry references (pulled with
+        /// their parents, which mount first).
+        deltas: Vec<String>,
+        /// Registry for references.
+        #[arg(long, env = "DELTA_REGISTRY", default_value = "http://127.0.0.1:50051")]
+        registry: String,
+        /// Token for references in private namespaces.
+        #[arg(long, env = "DELTA_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Cache for pulled deltas.
+        #[arg(long)]
+        cache: Option<PathBuf>,
         /// Input JSONL ({"text": …}; labels optional).
         #[arg(long)]
         input: PathBuf,
@@ -134,6 +144,7 @@ fn device(spec: &str) -> Result<(Device, String)> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    delta_worker::alloc::tune_for_training();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -216,16 +227,36 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Predict {
             base,
             deltas,
+            registry,
+            token,
+            cache,
             input,
             max_len,
             device: dev,
         } => {
             let (device, _) = device(&dev)?;
             let base = LocalBase::open(&base, &device)?;
-            let chain = deltas
-                .iter()
-                .map(|p| Delta::load_dir(p))
-                .collect::<Result<Vec<_>>>()?;
+            let mut chain = Vec::new();
+            let mut remote = None;
+            let cache = delta_client::Cache::new(
+                &cache.unwrap_or_else(|| std::env::temp_dir().join("delta-worker-cache")),
+            );
+            for d in &deltas {
+                if std::path::Path::new(d).is_dir() {
+                    chain.push(Delta::load_dir(std::path::Path::new(d))?);
+                    continue;
+                }
+                if remote.is_none() {
+                    let opts = delta_client::remote::ConnectOptions {
+                        token: token.clone(),
+                        ca_cert: None,
+                    };
+                    remote = Some(delta_client::Remote::connect_opts(&registry, &opts).await?);
+                }
+                if let Some(r) = &remote {
+                    chain.extend(delta_worker::serve::fetch_chain(r, &cache, d).await?);
+                }
+            }
             let examples = load_jsonl(&input)?;
             let out =
                 tokio::task::block_in_place(|| predict(&base, &chain, &examples, max_len, 32))?;

@@ -154,7 +154,7 @@ async fn blob(remote: &Remote, cache: &Cache, digest: &str) -> Result<Vec<u8>> {
 
 /// Fetches a delta and, first, every parent it names (recursively), into a chain in
 /// application order.
-async fn fetch_chain(remote: &Remote, cache: &Cache, reference: &str) -> Result<Vec<Delta>> {
+pub async fn fetch_chain(remote: &Remote, cache: &Cache, reference: &str) -> Result<Vec<Delta>> {
     let mut chain = Vec::new();
     let mut pending = vec![reference.to_owned()];
     while let Some(r) = pending.pop() {

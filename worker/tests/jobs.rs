@@ -68,7 +68,7 @@ impl Env {
     }
 }
 
-fn predict(base: &Path, deltas: &[&Path], input: &Path) -> Vec<serde_json::Value> {
+fn predict(base: &Path, deltas: &[&str], input: &Path) -> Vec<serde_json::Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_delta-worker"))
         .arg("predict")
         .arg("--base")
@@ -170,7 +170,14 @@ async fn train_follow_pull_apply_predicts_like_the_worker() {
     ])
     .await
     .unwrap();
-    let mounted = predict(&base, &[&pulled], &eval);
+    let mounted = predict(&base, &[pulled.to_str().unwrap()], &eval);
+    // A registry reference mounts the same delta.
+    let by_ref = predict(
+        &base,
+        &["--registry", &env.registry.url(), "team/sentiment:best"],
+        &eval,
+    );
+    assert_eq!(by_ref, mounted);
     let merged = predict(applied.parent().unwrap(), &[], &eval);
     assert_eq!(mounted.len(), 160);
     let same = mounted

@@ -9,6 +9,7 @@ mod lifecycle;
 mod limits;
 mod push_pull;
 mod resume;
+mod storage;
 mod tls;
 
 use std::path::PathBuf;
