@@ -73,8 +73,25 @@ pub enum Error {
 /// Client results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The request id (`x-request-id`) of the last call the registry refused or failed, for
+/// the CLI to print with the error (one command is one operation, so "the last" is the
+/// one that failed). Operators find the call in the registry's logs by it.
+pub fn last_request_id() -> Option<String> {
+    LAST_REQUEST_ID.lock().ok().and_then(|g| g.clone())
+}
+
+static LAST_REQUEST_ID: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 impl From<Status> for Error {
     fn from(s: Status) -> Self {
+        if let Some(id) = s
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            && let Ok(mut g) = LAST_REQUEST_ID.lock()
+        {
+            *g = Some(id.to_owned());
+        }
         match s.code() {
             Code::NotFound => Error::NotFound(s.message().to_owned()),
             Code::InvalidArgument

@@ -24,6 +24,31 @@ impl Cache {
         }
     }
 
+    /// The cache's root folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Every cached blob's digest (from the file names), sorted.
+    pub fn blobs(&self) -> Vec<Digest> {
+        let mut out = Vec::new();
+        let top = self.root.join("blobs").join("blake3");
+        for dir in std::fs::read_dir(&top).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if let Ok(d) = format!("blake3:{name}").parse::<Digest>() {
+                    out.push(d);
+                }
+            }
+        }
+        out.sort_by_key(|d| d.to_string());
+        out
+    }
+
     /// Where a verified blob lives.
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.root.join(d.blob_key())

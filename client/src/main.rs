@@ -17,6 +17,9 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(id) = delta_client::error::last_request_id() {
+                eprintln!("request id: {id} (the registry's logs carry it)");
+            }
             ExitCode::FAILURE
         }
     }

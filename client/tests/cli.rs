@@ -163,3 +163,49 @@ async fn quick_start_through_the_binary() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+#[test]
+fn shell_completions_and_request_ids_on_errors() {
+    let cache = tempfile::tempdir().unwrap();
+    for (shell, marker) in [
+        ("bash", "_delta()"),
+        ("zsh", "#compdef delta"),
+        ("fish", "complete -c delta"),
+    ] {
+        let out = delta("http://127.0.0.1:1", cache.path(), &["completions", shell]);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(marker),
+            "{shell}: {}",
+            &text[..text.len().min(200)]
+        );
+        assert!(text.contains("train") && text.contains("doctor"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_print_the_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(delta_registry::run(
+        RegistryConfig::for_test(dir.path()),
+        listener,
+        async {
+            rx.await.ok();
+        },
+    ));
+    let cache = tempfile::tempdir().unwrap();
+    let cache_path = cache.path().to_owned();
+    let out =
+        tokio::task::spawn_blocking(move || delta(&url, &cache_path, &["show", "team/none:v1"]))
+            .await
+            .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("request id: "), "{err}");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

@@ -39,6 +39,8 @@ pub struct RegistryConfig {
     pub max_uploads_per_token: usize,
     /// Serve TLS with this PEM certificate chain and private key (`None`: plain HTTP/2).
     pub tls: Option<TlsFiles>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// PEM files for TLS.
@@ -57,6 +59,7 @@ impl RegistryConfig {
             data_dir: data_dir.to_owned(),
             store_url: None,
             store_options: Vec::new(),
+            metrics_addr: None,
             max_blob_bytes: 64 << 30,
             max_manifest_bytes: 4 << 20,
             max_header_bytes: delta_proto::safetensors::DEFAULT_MAX_HEADER,

@@ -123,6 +123,8 @@ pub trait JobStore {
     ) -> Result<JobRow>;
     /// Reports on a manifest, oldest first.
     fn list_reports(&self, manifest: &str) -> Result<Vec<ReportRow>>;
+    /// Jobs by state, and how many running jobs hold a live lease at `now`.
+    fn job_counts(&self, now: i64) -> Result<(std::collections::BTreeMap<String, u64>, u64)>;
 }
 
 const COLUMNS: &str = "id, kind, spec, repository, tags, state, submitter, attempts, worker, \
@@ -354,6 +356,23 @@ impl JobStore for SqliteMeta {
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
+        })
+    }
+
+    fn job_counts(&self, now: i64) -> Result<(std::collections::BTreeMap<String, u64>, u64)> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+            let states = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let leases: i64 = c.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires >= ?1",
+                [now],
+                |r| r.get(0),
+            )?;
+            Ok((states, leases as u64))
         })
     }
 }

@@ -28,6 +28,7 @@ pub mod maintenance;
 pub mod meta;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 mod uploads;
 
 pub use blobs::BlobStore;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use delta_registry::admin::NewToken;
 use delta_registry::auth::Scope;
 use delta_registry::service::now;
@@ -27,6 +27,9 @@ struct Cli {
 enum Command {
     /// Serve the registry (gRPC, with health and reflection).
     Serve(ServeArgs),
+    /// Print the configuration `serve` would run with (file, environment and flags
+    /// merged; secrets redacted) and check it; exits 1 if it is unusable.
+    CheckConfig(ServeArgs),
     /// Manage API tokens (on the data dir; safe while the registry runs).
     #[command(subcommand)]
     Token(TokenCommand),
@@ -129,6 +132,16 @@ struct NamespaceArgs {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
+    /// A TOML file with any of these settings (same names, with underscores); the
+    /// environment overrides it, flags override both.
+    #[arg(long, env = "DELTA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    #[arg(long, env = "DELTA_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format: `text` or `json` (one JSON object per line).
+    #[arg(long, env = "DELTA_LOG_FORMAT", default_value = "text")]
+    log_format: String,
     /// Directory for the SQLite database, and the blobs unless --store says otherwise.
     #[arg(long, env = "DELTA_DATA_DIR", default_value = "delta-data")]
     data_dir: PathBuf,
@@ -174,11 +187,36 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // The configuration file fills what neither a flag nor the environment set.
+    let sub = matches
+        .subcommand_matches("serve")
+        .or_else(|| matches.subcommand_matches("check-config"));
+    if let (Command::Serve(args) | Command::CheckConfig(args), Some(sub)) = (&mut cli.command, sub)
+        && let Err(e) = merge_file(args, sub)
+    {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let json = matches!(&cli.command, Command::Serve(a) | Command::CheckConfig(a) if a.log_format == "json");
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -201,6 +239,13 @@ fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::CheckConfig(args) => {
+            let config = build_config(&args)?;
+            print!("{}", describe(&args, &config));
+            check(&config)?;
+            println!("configuration OK");
+            Ok(())
+        }
         Command::Token(cmd) => token(cmd),
         Command::Namespace(args) => {
             let meta = open_meta(&args.dir)?;
@@ -371,7 +416,100 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+/// The settings a TOML file may hold (the serve flags' names).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    store: Option<String>,
+    /// object_store options (`aws_endpoint`, `aws_region`, ...), beside AWS_* variables.
+    store_options: Option<std::collections::BTreeMap<String, String>>,
+    max_blob_bytes: Option<u64>,
+    max_manifest_bytes: Option<usize>,
+    max_tensors: Option<usize>,
+    max_header_bytes: Option<u64>,
+    max_message_bytes: Option<usize>,
+    max_open_uploads: Option<usize>,
+    max_uploads_per_token: Option<usize>,
+    idle_timeout: Option<String>,
+    upload_ttl: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
+    log_format: Option<String>,
+}
+
+/// Store options from the file, kept for `build_config`.
+static FILE_STORE_OPTIONS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Fills every setting that no flag or environment variable gave from `args.config`.
+fn merge_file(args: &mut ServeArgs, m: &clap::ArgMatches) -> anyhow::Result<()> {
+    let Some(path) = args.config.clone() else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let file: FileConfig =
+        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
+    let unset = |id: &str| {
+        matches!(
+            m.value_source(id),
+            None | Some(clap::parser::ValueSource::DefaultValue)
+        )
+    };
+    macro_rules! take {
+        ($($field:ident),*) => {$(
+            if unset(stringify!($field)) && let Some(v) = file.$field.clone() {
+                args.$field = v.into();
+            }
+        )*};
+    }
+    take!(
+        data_dir,
+        listen,
+        max_blob_bytes,
+        max_manifest_bytes,
+        max_tensors,
+        max_header_bytes,
+        max_message_bytes,
+        max_open_uploads,
+        max_uploads_per_token,
+        log_format
+    );
+    macro_rules! take_opt {
+        ($($field:ident),*) => {$(
+            if unset(stringify!($field)) && file.$field.is_some() {
+                args.$field = file.$field.clone();
+            }
+        )*};
+    }
+    take_opt!(store, tls_cert, tls_key, metrics_listen);
+    let duration = |s: &str, name: &str| -> anyhow::Result<humantime::Duration> {
+        s.parse()
+            .with_context(|| format!("config file {}: {name} {s:?}", path.display()))
+    };
+    if unset("idle_timeout")
+        && let Some(d) = &file.idle_timeout
+    {
+        args.idle_timeout = duration(d, "idle_timeout")?;
+    }
+    if unset("upload_ttl")
+        && let Some(d) = &file.upload_ttl
+    {
+        args.upload_ttl = duration(d, "upload_ttl")?;
+    }
+    let _ = FILE_STORE_OPTIONS.set(file.store_options.unwrap_or_default().into_iter().collect());
+    Ok(())
+}
+
+fn build_config(args: &ServeArgs) -> anyhow::Result<RegistryConfig> {
+    if !matches!(args.log_format.as_str(), "text" | "json") {
+        anyhow::bail!(
+            "--log-format must be text or json, not {:?}",
+            args.log_format
+        );
+    }
     let mut config = RegistryConfig::local(&args.data_dir);
     config.max_blob_bytes = args.max_blob_bytes;
     config.max_manifest_bytes = args.max_manifest_bytes;
@@ -382,17 +520,95 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_uploads_per_token = args.max_uploads_per_token;
     config.stream_idle_timeout = args.idle_timeout.into();
     config.upload_ttl = args.upload_ttl.into();
-    config.store_url = args.store;
-    config.tls = match (args.tls_cert, args.tls_key) {
+    config.store_url = args.store.clone();
+    config.tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
         (Some(cert), Some(key)) => Some(delta_registry::config::TlsFiles { cert, key }),
-        _ => None,
+        (None, None) => None,
+        _ => anyhow::bail!("TLS needs both tls_cert and tls_key"),
     };
+    // File options first, AWS_* variables override them.
+    config.store_options = FILE_STORE_OPTIONS.get().cloned().unwrap_or_default();
+    config.store_options.extend(aws_options());
+    config.metrics_addr = args.metrics_listen;
+    Ok(config)
+}
+
+/// The effective configuration, one `key = value` line each, secrets redacted.
+fn describe(args: &ServeArgs, c: &RegistryConfig) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+    line("config", format!("{:?}", args.config));
+    line("listen", args.listen.to_string());
+    line("data_dir", c.data_dir.display().to_string());
+    line(
+        "store",
+        c.store_url
+            .clone()
+            .unwrap_or_else(|| "local (data_dir/store)".into()),
+    );
+    for (k, v) in &c.store_options {
+        let secret = ["secret", "token", "password", "session"]
+            .iter()
+            .any(|s| k.to_lowercase().contains(s));
+        line(
+            &format!("store_options.{k}"),
+            if secret {
+                "<redacted>".into()
+            } else {
+                v.clone()
+            },
+        );
+    }
+    line("max_blob_bytes", c.max_blob_bytes.to_string());
+    line("max_manifest_bytes", c.max_manifest_bytes.to_string());
+    line("max_tensors", c.max_tensors.to_string());
+    line("max_header_bytes", c.max_header_bytes.to_string());
+    line("max_message_bytes", c.max_message_bytes.to_string());
+    line("max_open_uploads", c.max_open_uploads.to_string());
+    line("max_uploads_per_token", c.max_uploads_per_token.to_string());
+    line(
+        "idle_timeout",
+        humantime::format_duration(c.stream_idle_timeout).to_string(),
+    );
+    line(
+        "upload_ttl",
+        humantime::format_duration(c.upload_ttl).to_string(),
+    );
+    line(
+        "tls",
+        c.tls
+            .as_ref()
+            .map_or("off".into(), |t| t.cert.display().to_string()),
+    );
+    line(
+        "metrics_listen",
+        c.metrics_addr.map_or("off".into(), |a| a.to_string()),
+    );
+    line("log_format", args.log_format.clone());
+    out
+}
+
+/// What `check-config` checks beyond parsing: the store opens, TLS files read.
+fn check(config: &RegistryConfig) -> anyhow::Result<()> {
+    delta_registry::BlobStore::open(config).context("the blob store does not open")?;
+    if let Some(t) = &config.tls {
+        for p in [&t.cert, &t.key] {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = build_config(&args)?;
+    for l in describe(&args, &config).lines() {
+        tracing::info!(setting = l, "config");
+    }
     let scheme = if config.tls.is_some() {
         "https"
     } else {
         "http"
     };
-    config.store_options = aws_options();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -69,6 +69,21 @@ pub async fn run(
         })
     };
 
+    let metrics = match config.metrics_addr {
+        None => None,
+        Some(a) => {
+            let l = TcpListener::bind(a).await?;
+            tracing::info!(addr = %l.local_addr()?, "metrics on /metrics");
+            let service = service.clone();
+            Some(tokio::spawn(crate::telemetry::serve_metrics(
+                l,
+                move || {
+                    let service = service.clone();
+                    async move { service.gauges().await.unwrap_or_default() }
+                },
+            )))
+        }
+    };
     let registry = RegistryServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -95,6 +110,7 @@ pub async fn run(
             .map_err(|e| crate::Error::InvalidArgument(format!("TLS certificate or key: {e}")))?;
     }
     let serve = builder
+        .layer(crate::telemetry::RequestLayer)
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .max_frame_size(Some(MAX_FRAME))
@@ -124,6 +140,9 @@ pub async fn run(
         }
     };
     janitor.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     tracing::info!("registry stopped");
     Ok(result?)
 }

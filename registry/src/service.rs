@@ -99,6 +99,22 @@ impl RegistryService {
             .await
     }
 
+    /// What the metrics endpoint reports besides counters: stored blobs and bytes, jobs
+    /// by state, live leases.
+    pub async fn gauges(&self) -> Result<crate::telemetry::Gauges> {
+        self.meta(|m| {
+            let blobs = m.all_blobs()?;
+            let (jobs, leases) = m.job_counts(now())?;
+            Ok(crate::telemetry::Gauges {
+                blobs: blobs.len() as u64,
+                blob_bytes: blobs.iter().map(|b| b.1).sum(),
+                jobs,
+                leases,
+            })
+        })
+        .await
+    }
+
     async fn meta<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn MetaStore) -> Result<T> + Send + 'static,
@@ -449,6 +465,9 @@ impl Registry for RegistryService {
                 ))
                 .into());
             }
+            crate::telemetry::metrics()
+                .bytes_in
+                .fetch_add(c.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
             match session.append(c.offset, c.data).await {
                 Ok(Progress::Complete) => {
                     let _commit = self.inner.gc_lock.read().await;
@@ -585,6 +604,9 @@ impl Registry for RegistryService {
                     {
                         return; // the client went away
                     }
+                    crate::telemetry::metrics()
+                        .bytes_out
+                        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     at += n;
                 }
             }

@@ -12,6 +12,7 @@ use crate::remote::Remote;
 pub mod apply;
 pub mod base;
 pub mod compose;
+pub mod doctor;
 pub mod export;
 pub mod fingerprint;
 pub mod jobs;
@@ -105,6 +106,13 @@ pub enum Command {
     Verify(jobs::VerifyArgs),
     /// Show (or follow) a job.
     Job(jobs::JobArgs),
+    /// Check connectivity, auth, the cache and local bases' fingerprints.
+    Doctor(doctor::Args),
+    /// Print a shell completion script: `delta completions bash > /etc/bash_completion.d/delta`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// What every subcommand gets.
@@ -195,6 +203,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => jobs::train(*a, &ctx).await,
         Command::Verify(a) => jobs::verify(a, &ctx).await,
         Command::Job(a) => jobs::job(a, &ctx).await,
+        Command::Doctor(a) => doctor::run(a, &ctx).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "delta", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Tag(a) => tag::run(a, &ctx).await,
         Command::Apply(a) => apply::run(a, &ctx).await,
         Command::Compose(a) => compose::run(a, &ctx).await,

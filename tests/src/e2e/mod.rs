@@ -7,6 +7,7 @@ mod concurrency;
 mod grpc_python;
 mod lifecycle;
 mod limits;
+mod operate;
 mod push_pull;
 mod resume;
 mod storage;

@@ -1,0 +1,106 @@
+//! `delta-registry check-config`: a TOML file, the environment and flags merge (flags win,
+//! then the environment, then the file), secrets are redacted, mistakes are named.
+
+use std::process::{Command, Output};
+
+fn check_config(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_delta-registry"));
+    c.arg("check-config").args(args);
+    for k in [
+        "DELTA_LISTEN",
+        "DELTA_DATA_DIR",
+        "DELTA_STORE",
+        "DELTA_CONFIG",
+        "DELTA_LOG_FORMAT",
+    ] {
+        c.env_remove(k);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn line<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(&format!("{key} = ")))
+        .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+}
+
+#[test]
+fn file_environment_and_flags_merge_in_that_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("registry.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+data_dir = "{}"
+listen = "127.0.0.1:6000"
+max_tensors = 7
+max_open_uploads = 11
+idle_timeout = "5s"
+metrics_listen = "127.0.0.1:9464"
+log_format = "json"
+
+[store_options]
+aws_region = "eu-west-1"
+aws_secret_access_key = "very-secret"
+"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    let out = check_config(
+        &["--config", file.to_str().unwrap(), "--max-tensors", "9"],
+        &[("DELTA_LISTEN", "127.0.0.1:7000")],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(line(&text, "max_tensors"), "max_tensors = 9", "flag wins");
+    assert_eq!(
+        line(&text, "listen"),
+        "listen = 127.0.0.1:7000",
+        "environment beats the file"
+    );
+    assert_eq!(line(&text, "max_open_uploads"), "max_open_uploads = 11");
+    assert_eq!(line(&text, "idle_timeout"), "idle_timeout = 5s");
+    assert_eq!(
+        line(&text, "metrics_listen"),
+        "metrics_listen = 127.0.0.1:9464"
+    );
+    assert_eq!(line(&text, "log_format"), "log_format = json");
+    assert_eq!(
+        line(&text, "store_options.aws_region"),
+        "store_options.aws_region = eu-west-1"
+    );
+    assert_eq!(
+        line(&text, "store_options.aws_secret_access_key"),
+        "store_options.aws_secret_access_key = <redacted>"
+    );
+    assert!(!text.contains("very-secret"));
+    assert!(text.contains("configuration OK"));
+}
+
+#[test]
+fn mistakes_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "max_tensor = 3\n").unwrap();
+    let out = check_config(&["--config", file.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("max_tensor"), "{err}");
+    let out = check_config(&["--config", "/nonexistent/registry.toml"], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+    let out = check_config(&["--log-format", "yaml"], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log-format must be text or json"));
+    let out = check_config(&["--store", "nosuch://x"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("blob store"));
+}
