@@ -114,3 +114,68 @@ async fn concurrent_tag_moves_with_compare_and_swap_lose_no_update() {
         41
     );
 }
+
+/// Workers racing for jobs: every job goes to exactly one of them, and a lease another
+/// worker took cannot be renewed, reported on or completed by the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_workers_never_share_a_job() {
+    let env = Env::start().await;
+    let spec = serde_json::json!({"note": "not run: the test leases only"});
+    for _ in 0..3 {
+        env.remote
+            .submit_job("train", &spec, "team/raced", &[], &[])
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let remote = env.remote.clone();
+        tasks.push(tokio::spawn(async move {
+            remote
+                .lease_job(&format!("w{w}"), &[], 60)
+                .await
+                .unwrap()
+                .map(|(j, lease)| (j.id, lease))
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        if let Some(x) = t.await.unwrap() {
+            got.push(x);
+        }
+    }
+    let mut ids: Vec<u64> = got.iter().map(|g| g.0).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2, 3], "each job leased exactly once");
+    // A wrong lease token is refused everywhere, and nothing is published with it.
+    let (id, lease) = &got[0];
+    let e = env
+        .remote
+        .renew_lease(*id, "not-the-lease", 60)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no longer holds its lease"), "{e}");
+    let e = env
+        .remote
+        .complete_job(*id, "not-the-lease", Some("x"), None, None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no longer holds its lease"), "{e}");
+    env.remote.renew_lease(*id, lease, 60).await.unwrap();
+    let done = env
+        .remote
+        .complete_job(*id, lease, Some("gave up"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.state.as_str(), done.error.as_str()),
+        ("failed", "gave up")
+    );
+    // A finished job cannot be completed again.
+    assert!(
+        env.remote
+            .complete_job(*id, lease, Some("again"), None, None)
+            .await
+            .is_err()
+    );
+}
