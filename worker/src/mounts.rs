@@ -42,6 +42,11 @@ pub struct Adapter {
     pub up_w: Tensor,
     /// `[hidden]`.
     pub up_b: Tensor,
+    /// Scale of its output (a composed delta's member weight; 1 otherwise).
+    pub weight: f64,
+    /// Runs on the hook point's input beside the others (a parallel composition) rather
+    /// than on the previous adapter's output.
+    pub parallel: bool,
 }
 
 /// Everything mounted on one base.
@@ -154,15 +159,20 @@ impl<'a> Mounts<'a> {
 
     /// The adapters at a hook point, applied in mount order.
     pub fn adapt(&self, point: &str, x: &Tensor) -> Result<Tensor> {
+        let input = x.clone();
         let mut x = x.clone();
         for a in self.adapters.get(point).into_iter().flatten() {
-            let down = x
+            let src = if a.parallel { &input } else { &x };
+            let down = src
                 .broadcast_matmul(&a.down_w.t()?)?
                 .broadcast_add(&a.down_b)?
                 .relu()?;
-            let up = down
+            let mut up = down
                 .broadcast_matmul(&a.up_w.t()?)?
                 .broadcast_add(&a.up_b)?;
+            if a.weight != 1.0 {
+                up = (up * a.weight)?;
+            }
             x = (x + up)?;
         }
         Ok(x)
@@ -190,8 +200,50 @@ impl<'a> Mounts<'a> {
     }
 
     /// Mounts a native delta: its manifest's method settings and its tensors by name (any
-    /// float dtype).
+    /// float dtype). A composed delta (`delta compose`) keeps each member's run-time
+    /// modules under `adapter.<i>.`, `prefix.<i>.`, `prompt.<i>.` with the layout and
+    /// member weights in `config.composition`: members mount in order, adapters stacked
+    /// or side by side (parallel) and scaled by their weight; prefixes and prompts are
+    /// concatenated either way.
     pub fn mount(&mut self, config: &MethodConfig, tensors: HashMap<String, Tensor>) -> Result<()> {
+        let Some(composition) = config.other.get("composition") else {
+            return self.mount_group(config, tensors, 1.0, false);
+        };
+        let parallel = composition["layout"].as_str() == Some("parallel");
+        let weights: Vec<f64> = composition["members"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|x| x["weight"].as_f64().unwrap_or(1.0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut groups: BTreeMap<Option<usize>, HashMap<String, Tensor>> = BTreeMap::new();
+        for (name, t) in tensors {
+            let member = ["adapter.", "prefix.", "prompt."].iter().find_map(|kind| {
+                let rest = name.strip_prefix(kind)?;
+                let (i, tail) = rest.split_once('.')?;
+                Some((i.parse::<usize>().ok()?, format!("{kind}{tail}")))
+            });
+            match member {
+                Some((i, renamed)) => groups.entry(Some(i)).or_default().insert(renamed, t),
+                None => groups.entry(None).or_default().insert(name, t),
+            };
+        }
+        for (member, group) in groups {
+            let weight = member.and_then(|i| weights.get(i).copied()).unwrap_or(1.0);
+            self.mount_group(config, group, weight, parallel && member.is_some())?;
+        }
+        Ok(())
+    }
+
+    fn mount_group(
+        &mut self,
+        config: &MethodConfig,
+        tensors: HashMap<String, Tensor>,
+        weight: f64,
+        parallel: bool,
+    ) -> Result<()> {
         let device = self
             .base
             .tensors
@@ -323,6 +375,8 @@ impl<'a> Mounts<'a> {
                 down_b: part("down.bias")?,
                 up_w: part("up.weight")?,
                 up_b: part("up.bias")?,
+                weight,
+                parallel,
             };
             self.adapters.entry(point).or_default().push(a);
         }
@@ -375,6 +429,8 @@ impl<'a> Mounts<'a> {
                             down_b: d(&a.down_b),
                             up_w: d(&a.up_w),
                             up_b: d(&a.up_b),
+                            weight: a.weight,
+                            parallel: a.parallel,
                         })
                         .collect();
                     (k.clone(), v)
