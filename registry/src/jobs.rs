@@ -161,13 +161,16 @@ fn load(c: &rusqlite::Connection, id: u64) -> Result<Option<JobRow>> {
 
 /// Checks that `lease` is the live lease of job `id`.
 fn check_lease(c: &rusqlite::Connection, id: u64, lease: &str, now: i64) -> Result<JobRow> {
-    let job = load(c, id)?.ok_or_else(|| Error::NotFound {
-        what: "job",
-        name: id.to_string(),
-    })?;
-    let held: Option<String> =
-        c.query_row("SELECT lease FROM jobs WHERE id = ?1", [id as i64], |r| {
-            r.get(0)
+    let (job, held) = c
+        .query_row(
+            &format!("SELECT {COLUMNS}, lease FROM jobs WHERE id = ?1"),
+            [id as i64],
+            |r| Ok((row(r)?, r.get::<_, Option<String>>(14)?)),
+        )
+        .optional()?
+        .ok_or_else(|| Error::NotFound {
+            what: "job",
+            name: id.to_string(),
         })?;
     if job.state != "running" || held.as_deref() != Some(lease) || job.lease_expires < now {
         return Err(Error::FailedPrecondition(format!(

@@ -161,6 +161,8 @@ pub struct BaseWeights {
     pub config: BertConfig,
     /// Tensors by Hugging Face name (f32).
     pub tensors: HashMap<String, Tensor>,
+    /// The device every tensor is on.
+    pub device: Device,
 }
 
 impl BaseWeights {
@@ -188,7 +190,11 @@ impl BaseWeights {
             };
             tensors.insert(name, t);
         }
-        let w = Self { config, tensors };
+        let w = Self {
+            config,
+            tensors,
+            device: device.clone(),
+        };
         w.check()?;
         Ok(w)
     }
@@ -223,7 +229,11 @@ impl BaseWeights {
             };
             tensors.insert(name, Tensor::from_vec(values, shape, device)?);
         }
-        Ok(Self { config, tensors })
+        Ok(Self {
+            config,
+            tensors,
+            device: device.clone(),
+        })
     }
 }
 

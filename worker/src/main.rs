@@ -128,6 +128,11 @@ enum Command {
     },
 }
 
+/// Where datasets and pulled deltas are cached unless `--cache` says otherwise.
+fn default_cache() -> PathBuf {
+    std::env::temp_dir().join("delta-worker-cache")
+}
+
 fn device(spec: &str) -> Result<(Device, String)> {
     if spec == "cpu" {
         return Ok((Device::Cpu, "cpu".into()));
@@ -179,7 +184,7 @@ async fn run(cli: Cli) -> Result<()> {
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
             let serve = delta_worker::serve::ServeOptions {
                 models,
-                cache: cache.unwrap_or_else(|| std::env::temp_dir().join("delta-worker-cache")),
+                cache: cache.unwrap_or_else(default_cache),
                 device,
                 device_name,
                 name: name.unwrap_or_else(|| format!("{host}/{}", std::process::id())),
@@ -238,9 +243,7 @@ async fn run(cli: Cli) -> Result<()> {
             let base = LocalBase::open(&base, &device)?;
             let mut chain = Vec::new();
             let mut remote = None;
-            let cache = delta_client::Cache::new(
-                &cache.unwrap_or_else(|| std::env::temp_dir().join("delta-worker-cache")),
-            );
+            let cache = delta_client::Cache::new(&cache.unwrap_or_else(default_cache));
             for d in &deltas {
                 if std::path::Path::new(d).is_dir() {
                     chain.push(Delta::load_dir(std::path::Path::new(d))?);

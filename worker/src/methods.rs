@@ -90,12 +90,7 @@ impl Trainable {
         }
         let cfg = &base.config;
         let (h, layers) = (cfg.hidden_size, cfg.num_hidden_layers);
-        let device = base
-            .tensors
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .context("the base has no tensors")?;
+        let device = base.device.clone();
         let mut rng = Rng::new(spec.seed);
         let mut vars: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut other: BTreeMap<String, serde_json::Value> = BTreeMap::new();

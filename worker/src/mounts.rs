@@ -244,13 +244,7 @@ impl<'a> Mounts<'a> {
         weight: f64,
         parallel: bool,
     ) -> Result<()> {
-        let device = self
-            .base
-            .tensors
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .context("the base has no tensors")?;
+        let device = self.base.device.clone();
         let mut tensors: BTreeMap<String, Tensor> = tensors
             .into_iter()
             .map(|(k, v)| {

@@ -37,6 +37,13 @@ pub fn minilm_dir() -> Result<PathBuf> {
     Ok(root.join(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
+/// The fingerprint of the weights in a base model folder.
+pub fn fingerprint(dir: &Path) -> Result<Digest> {
+    Ok(delta_client::tensors::Model::open(dir)
+        .with_context(|| format!("opening the base model in {}", dir.display()))?
+        .fingerprint())
+}
+
 /// A base model folder opened for running: weights, fingerprint, tokenizer path.
 #[derive(Debug)]
 pub struct LocalBase {
@@ -51,10 +58,12 @@ pub struct LocalBase {
 impl LocalBase {
     /// Opens `config.json`, `model.safetensors` and checks `tokenizer.json` is there.
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
-        let model = delta_client::tensors::Model::open(dir)
-            .with_context(|| format!("opening the base model in {}", dir.display()))?;
-        let fingerprint = model.fingerprint();
-        drop(model);
+        Self::open_known(dir, device, fingerprint(dir)?)
+    }
+
+    /// [`LocalBase::open`] for a folder whose fingerprint is already known (the worker
+    /// hashes its bases once at start-up, not once per job).
+    pub fn open_known(dir: &Path, device: &Device, fingerprint: Digest) -> Result<Self> {
         if !dir.join("tokenizer.json").is_file() {
             bail!("{} has no tokenizer.json", dir.display());
         }

@@ -53,9 +53,7 @@ pub fn scan_models(models: &Path) -> Result<HashMap<Digest, PathBuf>> {
     for e in entries {
         let dir = e?.path();
         if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
-            let fp = delta_client::tensors::Model::open(&dir)
-                .with_context(|| format!("opening {}", dir.display()))?
-                .fingerprint();
+            let fp = crate::run::fingerprint(&dir)?;
             tracing::info!(base = %dir.display(), fingerprint = %fp, "base available");
             out.insert(fp, dir);
         }
@@ -226,7 +224,7 @@ async fn run_job(
             let train_spec = spec.spec.clone();
             let stop = lost.clone();
             let handle = tokio::task::spawn_blocking(move || -> Result<_> {
-                let base = LocalBase::open(&dir, &device)?;
+                let base = LocalBase::open_known(&dir, &device, fp)?;
                 let req = TrainRequest {
                     spec: &train_spec,
                     parents: &parents,
@@ -300,7 +298,7 @@ async fn run_job(
                 opts.device_name.clone(),
             );
             let report = tokio::task::spawn_blocking(move || -> Result<_> {
-                let base = LocalBase::open(&dir, &device)?;
+                let base = LocalBase::open_known(&dir, &device, fp)?;
                 verify(&base, &chain, &eval, &name, &device_name)
             })
             .await??;

@@ -30,13 +30,7 @@ pub struct Evaluation {
 pub fn evaluate(m: &Mounts<'_>, data: &[Encoded], batch_size: usize) -> Result<Evaluation> {
     let m = m.detached();
     let cfg = &m.base().config;
-    let device = m
-        .base()
-        .tensors
-        .values()
-        .next()
-        .map(|t| t.device().clone())
-        .unwrap_or(candle_core::Device::Cpu);
+    let device = m.base().device.clone();
     let (mut correct, mut loss_sum, mut labelled) = (0usize, 0f64, 0usize);
     let mut predictions = Vec::with_capacity(data.len());
     for chunk in data.chunks(batch_size.max(1)) {
@@ -188,12 +182,7 @@ pub fn train(
         bail!("every training example needs a label");
     }
     let base: &BaseWeights = frozen.base();
-    let device = base
-        .tensors
-        .values()
-        .next()
-        .map(|x| x.device().clone())
-        .unwrap_or(candle_core::Device::Cpu);
+    let device = base.device.clone();
     let per_step = spec.batch_size * spec.grad_accum;
     let steps_per_epoch = train.len().div_ceil(per_step);
     let total = spec
