@@ -75,6 +75,12 @@ pub enum Error {
     /// SQLite failed.
     #[error("metadata database error")]
     Db(#[from] rusqlite::Error),
+    /// PostgreSQL failed.
+    #[error("metadata database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The metadata database returned something the schema does not allow.
+    #[error("metadata database error: {0}")]
+    Database(String),
     /// The object store failed.
     #[error("object store error")]
     Blob(#[from] object_store::Error),
@@ -116,7 +122,20 @@ impl From<Error> for Status {
                 tracing::error!(error = ?err, "blob row without stored bytes");
                 Status::data_loss("a stored blob is missing from the object store")
             }
-            Error::Db(_) | Error::Blob(_) | Error::Io(_) | Error::Transport(_) | Error::Join(_) => {
+            Error::Postgres(e)
+                if e.is_closed()
+                    || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()) =>
+            {
+                tracing::error!(error = ?err, "metadata database unreachable");
+                Status::unavailable("the metadata database is unreachable; retry")
+            }
+            Error::Db(_)
+            | Error::Postgres(_)
+            | Error::Database(_)
+            | Error::Blob(_)
+            | Error::Io(_)
+            | Error::Transport(_)
+            | Error::Join(_) => {
                 tracing::error!(error = ?err, "internal error");
                 Status::internal("internal error")
             }

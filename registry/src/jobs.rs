@@ -8,10 +8,10 @@
 
 use delta_proto::manifest::Manifest;
 use delta_proto::reference::Repository;
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use crate::error::{Error, Result};
-use crate::meta::{Pushed, SqliteMeta, push_in};
+use crate::meta::{Pushed, SqlMeta, push_in};
+use crate::sql::{Row, Sql, Value, p};
 
 /// Leases lost before a job fails for good.
 pub const MAX_ATTEMPTS: u32 = 3;
@@ -130,48 +130,46 @@ pub trait JobStore {
 const COLUMNS: &str = "id, kind, spec, repository, tags, state, submitter, attempts, worker, \
                        lease_expires, result, error, created_at, updated_at";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
-    let tags: String = r.get(4)?;
+fn job_row(r: &Row) -> Result<JobRow> {
     Ok(JobRow {
-        id: r.get::<_, i64>(0)? as u64,
-        kind: r.get(1)?,
-        spec: r.get(2)?,
-        repository: r.get(3)?,
-        tags: serde_json::from_str(&tags).unwrap_or_default(),
-        state: r.get(5)?,
-        submitter: r.get(6)?,
-        attempts: r.get::<_, i64>(7)? as u32,
-        worker: r.get(8)?,
-        lease_expires: r.get(9)?,
-        result: r.get(10)?,
-        error: r.get(11)?,
-        created: r.get(12)?,
-        updated: r.get(13)?,
+        id: r.uint(0)?,
+        kind: r.text(1)?,
+        spec: r.text(2)?,
+        repository: r.text(3)?,
+        tags: serde_json::from_str(&r.text(4)?).unwrap_or_default(),
+        state: r.text(5)?,
+        submitter: r.opt_int(6)?,
+        attempts: r.uint(7)? as u32,
+        worker: r.text(8)?,
+        lease_expires: r.int(9)?,
+        result: r.text(10)?,
+        error: r.text(11)?,
+        created: r.int(12)?,
+        updated: r.int(13)?,
     })
 }
 
-fn load(c: &rusqlite::Connection, id: u64) -> Result<Option<JobRow>> {
-    Ok(c.query_row(
-        &format!("SELECT {COLUMNS} FROM jobs WHERE id = ?1"),
-        [id as i64],
-        row,
-    )
-    .optional()?)
+fn load(c: &mut dyn Sql, id: u64) -> Result<Option<JobRow>> {
+    c.opt(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1"), p![id])?
+        .as_ref()
+        .map(job_row)
+        .transpose()
 }
 
-/// Checks that `lease` is the live lease of job `id`.
-fn check_lease(c: &rusqlite::Connection, id: u64, lease: &str, now: i64) -> Result<JobRow> {
-    let (job, held) = c
-        .query_row(
-            &format!("SELECT {COLUMNS}, lease FROM jobs WHERE id = ?1"),
-            [id as i64],
-            |r| Ok((row(r)?, r.get::<_, Option<String>>(14)?)),
-        )
-        .optional()?
+/// Checks that `lease` is the live lease of job `id`, and locks the job's row until the
+/// transaction ends.
+fn check_lease(c: &mut dyn Sql, id: u64, lease: &str, now: i64) -> Result<JobRow> {
+    let lock = c.engine().for_update();
+    let r = c
+        .opt(
+            &format!("SELECT {COLUMNS}, lease FROM jobs WHERE id = $1{lock}"),
+            p![id],
+        )?
         .ok_or_else(|| Error::NotFound {
             what: "job",
             name: id.to_string(),
         })?;
+    let (job, held) = (job_row(&r)?, r.opt_text(14)?);
     if job.state != "running" || held.as_deref() != Some(lease) || job.lease_expires < now {
         return Err(Error::FailedPrecondition(format!(
             "job {id}: this worker no longer holds its lease (state {}, lease {}); the job may have been handed to another worker",
@@ -186,7 +184,7 @@ fn check_lease(c: &rusqlite::Connection, id: u64, lease: &str, now: i64) -> Resu
     Ok(job)
 }
 
-impl JobStore for SqliteMeta {
+impl JobStore for SqlMeta {
     fn submit_job(
         &self,
         kind: &str,
@@ -197,32 +195,34 @@ impl JobStore for SqliteMeta {
         now: i64,
     ) -> Result<JobRow> {
         let tags = serde_json::to_string(tags).unwrap_or_else(|_| "[]".into());
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO jobs (kind, spec, repository, tags, state, submitter, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?6)",
-                params![kind, spec, repository, tags, submitter, now],
-            )?;
-            let id = c.last_insert_rowid() as u64;
-            load(c, id)?.ok_or_else(|| Error::NotFound { what: "job", name: id.to_string() })
+        self.db.write(|c| {
+            let id = c
+                .one(
+                    "INSERT INTO jobs (kind, spec, repository, tags, state, submitter, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, 'queued', $5, $6, $6) RETURNING id",
+                    p![kind, spec, repository, &tags, submitter, now],
+                )?
+                .uint(0)?;
+            load(c, id)?.ok_or_else(|| Error::NotFound {
+                what: "job",
+                name: id.to_string(),
+            })
         })
     }
 
     fn get_job(&self, id: u64) -> Result<Option<JobRow>> {
-        self.with(|c| load(c, id))
+        self.db.read(|c| load(c, id))
     }
 
     fn job_events(&self, id: u64, after: u64) -> Result<Vec<(u64, i64, String)>> {
-        self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT seq, at, body FROM job_events WHERE job = ?1 AND seq > ?2 ORDER BY seq",
-            )?;
-            let rows = stmt
-                .query_map(params![id as i64, after as i64], |r| {
-                    Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
+        self.db.read(|c| {
+            c.query(
+                "SELECT seq, at, body FROM job_events WHERE job = $1 AND seq > $2 ORDER BY seq",
+                p![id, after],
+            )?
+            .iter()
+            .map(|r| Ok((r.uint(0)?, r.int(1)?, r.text(2)?)))
+            .collect()
         })
     }
 
@@ -234,70 +234,70 @@ impl JobStore for SqliteMeta {
         now: i64,
         expires: i64,
     ) -> Result<Option<JobRow>> {
-        let kinds = serde_json::to_string(kinds).unwrap_or_else(|_| "[]".into());
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // `kind IN ($2, $3, ...)`, or no filter.
+        let filter = if kinds.is_empty() {
+            String::new()
+        } else {
+            let slots: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 2)).collect();
+            format!(" AND kind IN ({})", slots.join(", "))
+        };
+        let mut params = vec![Value::from(now)];
+        params.extend(kinds.iter().map(Value::from));
+        self.db.write(|c| {
+            // Another replica leasing at the same moment skips the row this one holds.
+            let lock = c.engine().skip_locked();
             loop {
-                let id: Option<i64> = tx
-                    .query_row(
-                        "SELECT id FROM jobs
-                         WHERE (state = 'queued' OR (state = 'running' AND lease_expires < ?1))
-                           AND (json_array_length(?2) = 0 OR kind IN (SELECT value FROM json_each(?2)))
-                         ORDER BY id LIMIT 1",
-                        params![now, kinds],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                let Some(id) = id else {
-                    tx.commit()?;
+                let Some(r) = c.opt(
+                    &format!(
+                        "SELECT id, attempts FROM jobs
+                         WHERE (state = 'queued' OR (state = 'running' AND lease_expires < $1)){filter}
+                         ORDER BY id LIMIT 1{lock}"
+                    ),
+                    &params,
+                )?
+                else {
                     return Ok(None);
                 };
-                let attempts: i64 =
-                    tx.query_row("SELECT attempts FROM jobs WHERE id = ?1", [id], |r| r.get(0))?;
-                if attempts >= i64::from(MAX_ATTEMPTS) {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'failed', lease = NULL, updated_at = ?2,
-                         error = 'the job lost its worker ' || attempts || ' times (each stopped renewing its lease)'
-                         WHERE id = ?1",
-                        params![id, now],
+                let (id, attempts) = (r.uint(0)?, r.uint(1)?);
+                if attempts >= u64::from(MAX_ATTEMPTS) {
+                    let error = format!(
+                        "the job lost its worker {attempts} times (each stopped renewing its lease)"
+                    );
+                    c.exec(
+                        "UPDATE jobs SET state = 'failed', lease = NULL, updated_at = $2, error = $3 WHERE id = $1",
+                        p![id, now, &error],
                     )?;
                     continue;
                 }
-                tx.execute(
-                    "UPDATE jobs SET state = 'running', lease = ?2, lease_expires = ?3, worker = ?4,
-                     attempts = attempts + 1, updated_at = ?5 WHERE id = ?1",
-                    params![id, lease, expires, worker, now],
+                c.exec(
+                    "UPDATE jobs SET state = 'running', lease = $2, lease_expires = $3, worker = $4,
+                     attempts = attempts + 1, updated_at = $5 WHERE id = $1",
+                    p![id, lease, expires, worker, now],
                 )?;
-                let job = load(&tx, id as u64)?;
-                tx.commit()?;
-                return Ok(job);
+                return load(c, id);
             }
         })
     }
 
     fn renew_lease(&self, id: u64, lease: &str, now: i64, expires: i64) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            check_lease(&tx, id, lease, now)?;
-            tx.execute(
-                "UPDATE jobs SET lease_expires = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id as i64, expires, now],
+        self.db.write(|c| {
+            check_lease(c, id, lease, now)?;
+            c.exec(
+                "UPDATE jobs SET lease_expires = $2, updated_at = $3 WHERE id = $1",
+                p![id, expires, now],
             )?;
-            tx.commit()?;
             Ok(())
         })
     }
 
     fn report_progress(&self, id: u64, lease: &str, body: &str, now: i64) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            check_lease(&tx, id, lease, now)?;
-            tx.execute(
+        self.db.write(|c| {
+            check_lease(c, id, lease, now)?;
+            c.exec(
                 "INSERT INTO job_events (job, seq, at, body)
-                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job = ?1), ?2, ?3)",
-                params![id as i64, now, body],
+                 VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job = $1), $2, $3)",
+                p![id, now, body],
             )?;
-            tx.commit()?;
             Ok(())
         })
     }
@@ -309,14 +309,13 @@ impl JobStore for SqliteMeta {
         completion: &Completion<'_>,
         now: i64,
     ) -> Result<JobRow> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let job = check_lease(&tx, id, lease, now)?;
+        self.db.write(|c| {
+            let job = check_lease(c, id, lease, now)?;
             let (state, result, error) = match completion {
                 Completion::Failed(msg) => ("failed", String::new(), (*msg).to_owned()),
                 Completion::Trained { manifest, body } => {
                     let repo: Repository = job.repository.parse().map_err(Error::from)?;
-                    let Pushed { version, .. } = push_in(&tx, &repo, manifest, body, &job.tags, now)?;
+                    let Pushed { version, .. } = push_in(c, &repo, manifest, body, &job.tags, now)?;
                     let result = serde_json::json!({
                         "repository": repo.to_string(),
                         "version": version,
@@ -325,57 +324,58 @@ impl JobStore for SqliteMeta {
                     ("succeeded", result.to_string(), String::new())
                 }
                 Completion::Verified { manifest, report } => {
-                    tx.execute(
-                        "INSERT INTO reports (manifest, job, at, body) VALUES (?1, ?2, ?3, ?4)",
-                        params![manifest, id as i64, now, report],
+                    c.exec(
+                        "INSERT INTO reports (manifest, job, at, body) VALUES ($1, $2, $3, $4)",
+                        p![*manifest, id, now, *report],
                     )?;
                     ("succeeded", (*report).to_owned(), String::new())
                 }
             };
-            tx.execute(
-                "UPDATE jobs SET state = ?2, result = ?3, error = ?4, lease = NULL, lease_expires = 0,
-                 updated_at = ?5 WHERE id = ?1",
-                params![id as i64, state, result, error, now],
+            c.exec(
+                "UPDATE jobs SET state = $2, result = $3, error = $4, lease = NULL, lease_expires = 0,
+                 updated_at = $5 WHERE id = $1",
+                p![id, state, &result, &error, now],
             )?;
-            let job = load(&tx, id)?;
-            tx.commit()?;
-            job.ok_or_else(|| Error::NotFound { what: "job", name: id.to_string() })
+            load(c, id)?.ok_or_else(|| Error::NotFound {
+                what: "job",
+                name: id.to_string(),
+            })
         })
     }
 
     fn list_reports(&self, manifest: &str) -> Result<Vec<ReportRow>> {
-        self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT manifest, job, at, body FROM reports WHERE manifest = ?1 ORDER BY id",
-            )?;
-            let rows = stmt
-                .query_map([manifest], |r| {
-                    Ok(ReportRow {
-                        manifest: r.get(0)?,
-                        job: r.get::<_, i64>(1)? as u64,
-                        at: r.get(2)?,
-                        body: r.get(3)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
+        self.db.read(|c| {
+            c.query(
+                "SELECT manifest, job, at, body FROM reports WHERE manifest = $1 ORDER BY id",
+                p![manifest],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(ReportRow {
+                    manifest: r.text(0)?,
+                    job: r.uint(1)?,
+                    at: r.int(2)?,
+                    body: r.text(3)?,
+                })
+            })
+            .collect()
         })
     }
 
     fn job_counts(&self, now: i64) -> Result<(std::collections::BTreeMap<String, u64>, u64)> {
-        self.with(|c| {
-            let mut stmt = c.prepare("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
-            let states = stmt
-                .query_map([], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let leases: i64 = c.query_row(
-                "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires >= ?1",
-                [now],
-                |r| r.get(0),
-            )?;
-            Ok((states, leases as u64))
+        self.db.read(|c| {
+            let states = c
+                .query("SELECT state, COUNT(*) FROM jobs GROUP BY state", &[])?
+                .iter()
+                .map(|r| Ok((r.text(0)?, r.uint(1)?)))
+                .collect::<Result<_>>()?;
+            let leases = c
+                .one(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires >= $1",
+                    p![now],
+                )?
+                .uint(0)?;
+            Ok((states, leases))
         })
     }
 }

@@ -15,7 +15,7 @@
 //! - `uploads`: resumable upload sessions, hashed while they stream.
 //! - `blobs`: [`BlobStore`], content-addressed bytes over `object_store`.
 //! - `maintenance`: garbage collection and fsck.
-//! - `meta`: [`MetaStore`] and [`SqliteMeta`].
+//! - `meta`: [`MetaStore`] and [`SqlMeta`].
 //! - `error`: [`Error`] and its mapping to gRPC status codes.
 
 pub mod admin;
@@ -28,12 +28,13 @@ pub mod maintenance;
 pub mod meta;
 pub mod server;
 pub mod service;
+mod sql;
 pub mod telemetry;
 mod uploads;
 
 pub use blobs::BlobStore;
 pub use config::RegistryConfig;
 pub use error::{Error, Result};
-pub use meta::{MetaStore, SqliteMeta};
+pub use meta::{MetaStore, SqlMeta};
 pub use server::run;
 pub use service::RegistryService;

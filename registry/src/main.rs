@@ -9,7 +9,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use delta_registry::admin::NewToken;
 use delta_registry::auth::Scope;
 use delta_registry::service::now;
-use delta_registry::{MetaStore, RegistryConfig, SqliteMeta};
+use delta_registry::{MetaStore, RegistryConfig, SqlMeta};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -331,7 +331,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn open_meta(dir: &DataDir) -> anyhow::Result<SqliteMeta> {
+fn open_meta(dir: &DataDir) -> anyhow::Result<SqlMeta> {
     let db = dir.data_dir.join("registry.sqlite");
     if !db.exists() {
         anyhow::bail!(
@@ -340,7 +340,7 @@ fn open_meta(dir: &DataDir) -> anyhow::Result<SqliteMeta> {
             dir.data_dir.display()
         );
     }
-    SqliteMeta::open(&db).with_context(|| format!("cannot open {}", db.display()))
+    SqlMeta::open(&db).with_context(|| format!("cannot open {}", db.display()))
 }
 
 fn open_stores(
@@ -374,7 +374,7 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
             description,
         } => {
             std::fs::create_dir_all(&dir.data_dir)?;
-            let meta = SqliteMeta::open(&dir.data_dir.join("registry.sqlite"))?;
+            let meta = SqlMeta::open(&dir.data_dir.join("registry.sqlite"))?;
             let new = NewToken {
                 namespace,
                 scope: Scope::parse(&scope)?,

@@ -1,26 +1,20 @@
 //! Metadata: bases, manifests, repositories, versions, tags and the blob index.
 //!
-//! [`MetaStore`] is the trait the service talks to; [`SqliteMeta`] is the embedded
-//! implementation (WAL, `synchronous=FULL`, foreign keys, `BEGIN IMMEDIATE` for every
-//! write). Its methods are blocking: the service calls them inside `spawn_blocking`.
+//! [`MetaStore`] is the trait the service talks to; [`SqlMeta`] implements it once, in SQL
+//! both engines share ([`crate::sql`]): on SQLite (embedded: WAL, `synchronous=FULL`,
+//! foreign keys, `BEGIN IMMEDIATE` for every write) or on PostgreSQL (shared by replicas:
+//! row locks where a write decides something). Its methods are blocking: the service calls
+//! them inside `spawn_blocking`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
 
 use delta_proto::Digest;
 use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::reference::{LATEST, Reference, Repository, Selector};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::{Error, Result};
-
-const MIGRATIONS: &[&str] = &[
-    include_str!("../migrations/0001_init.sql"),
-    include_str!("../migrations/0002_auth.sql"),
-    include_str!("../migrations/0003_lifecycle.sql"),
-    include_str!("../migrations/0004_jobs.sql"),
-];
+use crate::sql::{Db, Row, Sql, p};
 
 /// `versions.yanked` values.
 const LIVE: i64 = 0;
@@ -253,132 +247,136 @@ pub trait MetaStore: crate::jobs::JobStore + Send + Sync + std::fmt::Debug {
     fn mark_corrupt(&self, digest: &Digest) -> Result<()>;
 }
 
-/// The embedded SQLite metadata store.
+/// The metadata store, on SQLite or PostgreSQL.
 #[derive(Debug)]
-pub struct SqliteMeta {
-    conn: Mutex<Connection>,
+pub struct SqlMeta {
+    pub(crate) db: Db,
 }
 
-impl SqliteMeta {
-    /// Opens (creating and migrating) the database at `path`.
+/// Connections one registry process opens to PostgreSQL at most.
+pub const POSTGRES_POOL: usize = 16;
+
+impl SqlMeta {
+    /// Opens (creating and migrating) the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::init(Connection::open(path)?)
+        Self::sqlite(rusqlite::Connection::open(path)?)
     }
 
-    /// An in-memory database, for tests.
+    /// An in-memory SQLite database, for tests.
     pub fn in_memory() -> Result<Self> {
-        Self::init(Connection::open_in_memory()?)
+        Self::sqlite(rusqlite::Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> Result<Self> {
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        // journal_mode returns a row, so it is a query, not an execute.
-        let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
-        let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            conn.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;",
-                i + 1
-            ))?;
-        }
+    fn sqlite(conn: rusqlite::Connection) -> Result<Self> {
         Ok(Self {
-            conn: Mutex::new(conn),
+            db: crate::sql::open_sqlite(conn)?,
         })
     }
 
-    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
-        // A poisoned lock means a panic mid-call; SQLite rolled back the transaction, so
-        // the connection itself is still consistent.
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut conn)
+    /// Connects to PostgreSQL (`postgres://user:password@host:port/database`) and applies
+    /// missing migrations. Blocking.
+    pub fn connect_postgres(url: &str) -> Result<Self> {
+        Ok(Self {
+            db: Db::Postgres(Box::new(crate::sql::postgres::Pool::connect(
+                url,
+                POSTGRES_POOL,
+            )?)),
+        })
     }
 
-    /// `PRAGMA` values, for tests that assert the durability settings.
+    /// Opens the database `url` names: `postgres://...` (or `postgresql://...`), or a SQLite
+    /// file (`sqlite://PATH` or a plain path). Blocking.
+    pub fn open_url(url: &str) -> Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Self::connect_postgres(url)
+        } else {
+            Self::open(Path::new(url.strip_prefix("sqlite://").unwrap_or(url)))
+        }
+    }
+
+    /// `PRAGMA` values (SQLite only), for tests that assert the durability settings.
     pub fn pragma(&self, name: &str) -> Result<String> {
-        self.with(|c| {
-            Ok(c.query_row(&format!("PRAGMA {name}"), [], |r| {
-                r.get::<_, rusqlite::types::Value>(0)
-            })?)
-        })
-        .map(|v| match v {
-            rusqlite::types::Value::Integer(i) => i.to_string(),
-            rusqlite::types::Value::Text(t) => t,
-            other => format!("{other:?}"),
+        let Db::Sqlite(_) = &self.db else {
+            return Err(Error::FailedPrecondition("PRAGMA is SQLite's".into()));
+        };
+        self.db.read(|c| {
+            let row = c.one(&format!("PRAGMA {name}"), &[])?;
+            Ok(match row.0.first() {
+                Some(crate::sql::Value::Int(i)) => i.to_string(),
+                Some(crate::sql::Value::Text(t)) => t.clone(),
+                other => format!("{other:?}"),
+            })
         })
     }
 }
 
-fn parse_digest(s: String) -> rusqlite::Result<Digest> {
-    s.parse().map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+fn repo_id(c: &mut dyn Sql, repo: &Repository) -> Result<Option<i64>> {
+    c.opt(
+        "SELECT id FROM repositories WHERE namespace = $1 AND name = $2",
+        p![repo.namespace(), repo.name()],
+    )?
+    .map(|r| r.int(0))
+    .transpose()
 }
 
-fn parse_repo(ns: String, name: String) -> rusqlite::Result<Repository> {
-    Repository::new(&ns, &name).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+/// The repository's id, its row locked until the transaction ends: every write that
+/// decides a version number or moves a tag takes this lock first.
+fn lock_repo(c: &mut dyn Sql, repo: &Repository) -> Result<Option<i64>> {
+    let lock = c.engine().for_update();
+    c.opt(
+        &format!("SELECT id FROM repositories WHERE namespace = $1 AND name = $2{lock}"),
+        p![repo.namespace(), repo.name()],
+    )?
+    .map(|r| r.int(0))
+    .transpose()
 }
 
-fn repo_id(tx: &Connection, repo: &Repository) -> Result<Option<i64>> {
-    Ok(tx
-        .prepare_cached("SELECT id FROM repositories WHERE namespace = ?1 AND name = ?2")?
-        .query_row(params![repo.namespace(), repo.name()], |r| r.get(0))
-        .optional()?)
+fn tags_of(c: &mut dyn Sql, repo: i64, version: u64) -> Result<Vec<String>> {
+    c.query(
+        "SELECT tag FROM tags WHERE repository = $1 AND version = $2 ORDER BY tag",
+        p![repo, version],
+    )?
+    .iter()
+    .map(|r| r.text(0))
+    .collect()
 }
 
-fn tags_of(conn: &Connection, repo: i64, version: u64) -> Result<Vec<String>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT tag FROM tags WHERE repository = ?1 AND version = ?2 ORDER BY tag",
-    )?;
-    let tags = stmt
-        .query_map(params![repo, version as i64], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(tags)
-}
+const BASE_COLUMNS: &str = "SELECT name, fingerprint, tensors, created_at FROM bases";
 
-fn base_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String, i64)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-}
-
-fn base_record(
-    (name, fp, tensors, created_at): (String, String, String, i64),
-) -> Result<BaseRecord> {
-    let tensors: Vec<TensorInfo> = serde_json::from_str(&tensors).map_err(|e| {
+fn base_record(r: &Row) -> Result<BaseRecord> {
+    let name = r.text(0)?;
+    let tensors: Vec<TensorInfo> = serde_json::from_str(&r.text(2)?).map_err(|e| {
         Error::FailedPrecondition(format!("base {name}: corrupt tensor table: {e}"))
     })?;
     Ok(BaseRecord {
-        name,
-        fingerprint: fp.parse()?,
+        fingerprint: r.digest(1)?,
         tensors,
-        created_at,
+        created_at: r.int(3)?,
+        name,
     })
 }
 
-impl MetaStore for SqliteMeta {
+impl MetaStore for SqlMeta {
     fn insert_blob(&self, digest: &Digest, size: u64, now: i64) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO blobs (digest, size, created_at, last_referenced) VALUES (?1, ?2, ?3, ?3)
+        self.db.read(|c| {
+            c.exec(
+                "INSERT INTO blobs (digest, size, created_at, last_referenced) VALUES ($1, $2, $3, $3)
                  ON CONFLICT (digest) DO UPDATE SET last_referenced = excluded.last_referenced, corrupt = 0",
-                params![digest.to_string(), size as i64, now],
+                p![digest, size, now],
             )?;
             Ok(())
         })
     }
 
     fn blob_sizes(&self, digests: &[Digest]) -> Result<HashMap<Digest, u64>> {
-        self.with(|c| {
-            let mut stmt =
-                c.prepare_cached("SELECT size FROM blobs WHERE digest = ?1 AND corrupt = 0")?;
+        self.db.read(|c| {
             let mut out = HashMap::new();
             for d in digests {
-                if let Some(size) = stmt
-                    .query_row([d.to_string()], |r| r.get::<_, i64>(0))
-                    .optional()?
-                {
-                    out.insert(*d, size as u64);
+                if let Some(r) = c.opt(
+                    "SELECT size FROM blobs WHERE digest = $1 AND corrupt = 0",
+                    p![d],
+                )? {
+                    out.insert(*d, r.uint(0)?);
                 }
             }
             Ok(out)
@@ -388,52 +386,53 @@ impl MetaStore for SqliteMeta {
     fn add_base(&self, base: &BaseRecord) -> Result<bool> {
         let tensors = serde_json::to_string(&base.tensors)
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let existing: Option<String> =
-                tx.query_row("SELECT fingerprint FROM bases WHERE name = ?1", [&base.name], |r| r.get(0)).optional()?;
-            match existing {
-                Some(fp) if fp == base.fingerprint.to_string() => Ok(false),
-                Some(fp) => Err(Error::AlreadyExists(format!(
+        self.db.write(|c| {
+            let added = c.exec(
+                "INSERT INTO bases (name, fingerprint, tensors, created_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO NOTHING",
+                p![&base.name, &base.fingerprint, &tensors, base.created_at],
+            )? > 0;
+            if added {
+                return Ok(true);
+            }
+            let fp = c
+                .one(
+                    "SELECT fingerprint FROM bases WHERE name = $1",
+                    p![&base.name],
+                )?
+                .text(0)?;
+            if fp == base.fingerprint.to_string() {
+                Ok(false)
+            } else {
+                Err(Error::AlreadyExists(format!(
                     "base {} is already registered with fingerprint {fp}, not {}",
                     base.name, base.fingerprint
-                ))),
-                None => {
-                    tx.execute(
-                        "INSERT INTO bases (name, fingerprint, tensors, created_at) VALUES (?1, ?2, ?3, ?4)",
-                        params![base.name, base.fingerprint.to_string(), tensors, base.created_at],
-                    )?;
-                    tx.commit()?;
-                    Ok(true)
-                }
+                )))
             }
         })
     }
 
     fn get_base(&self, key: &str) -> Result<Option<BaseRecord>> {
-        let row = self.with(|c| {
-            Ok(c.query_row(
-                "SELECT name, fingerprint, tensors, created_at FROM bases WHERE name = ?1 OR fingerprint = ?1
-                 ORDER BY created_at LIMIT 1",
-                [key],
-                base_from_row,
-            )
-            .optional()?)
-        })?;
-        row.map(base_record).transpose()
+        self.db.read(|c| {
+            c.opt(
+                &format!(
+                    "{BASE_COLUMNS} WHERE name = $1 OR fingerprint = $1 ORDER BY created_at LIMIT 1"
+                ),
+                p![key],
+            )?
+            .as_ref()
+            .map(base_record)
+            .transpose()
+        })
     }
 
     fn list_bases(&self) -> Result<Vec<BaseRecord>> {
-        let rows = self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT name, fingerprint, tensors, created_at FROM bases ORDER BY name",
-            )?;
-            let rows = stmt
-                .query_map([], base_from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })?;
-        rows.into_iter().map(base_record).collect()
+        self.db.read(|c| {
+            c.query(&format!("{BASE_COLUMNS} ORDER BY name"), &[])?
+                .iter()
+                .map(base_record)
+                .collect()
+        })
     }
 
     fn push_manifest(
@@ -444,98 +443,92 @@ impl MetaStore for SqliteMeta {
         tags: &[String],
         now: i64,
     ) -> Result<Pushed> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let pushed = push_in(&tx, repo, manifest, body, tags, now)?;
-            tx.commit()?;
-            Ok(pushed)
-        })
+        self.db
+            .write(|c| push_in(c, repo, manifest, body, tags, now))
     }
 
     fn resolve(&self, reference: &Reference) -> Result<Option<Resolved>> {
-        self.with(|c| {
-            let Some(id) = repo_id(c, &reference.repository)? else { return Ok(None) };
+        self.db.read(|c| {
+            let Some(id) = repo_id(c, &reference.repository)? else {
+                return Ok(None);
+            };
             let select = "SELECT v.version, v.manifest, m.body, v.created_at FROM versions v
-                          JOIN manifests m ON m.digest = v.manifest WHERE v.repository = ?1 AND v.yanked < 2";
-            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(i64, String, Vec<u8>, i64)> {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            };
+                          JOIN manifests m ON m.digest = v.manifest WHERE v.repository = $1 AND v.yanked < 2";
             let found = match &reference.selector {
-                Selector::Version(v) => c
-                    .prepare_cached(&format!("{select} AND v.version = ?2"))?
-                    .query_row(params![id, *v as i64], row)
-                    .optional()?,
-                Selector::Digest(d) => c
-                    .prepare_cached(&format!("{select} AND v.manifest = ?2 ORDER BY v.version DESC LIMIT 1"))?
-                    .query_row(params![id, d.to_string()], row)
-                    .optional()?,
-                Selector::Tag(t) => c
-                    .prepare_cached(&format!(
-                        "{select} AND v.version = (SELECT version FROM tags WHERE repository = ?1 AND tag = ?2)"
-                    ))?
-                    .query_row(params![id, t], row)
-                    .optional()?,
+                Selector::Version(v) => c.opt(&format!("{select} AND v.version = $2"), p![id, *v])?,
+                Selector::Digest(d) => c.opt(
+                    &format!("{select} AND v.manifest = $2 ORDER BY v.version DESC LIMIT 1"),
+                    p![id, d],
+                )?,
+                Selector::Tag(t) => c.opt(
+                    &format!(
+                        "{select} AND v.version = (SELECT version FROM tags WHERE repository = $1 AND tag = $2)"
+                    ),
+                    p![id, t],
+                )?,
             };
-            let Some((version, digest, manifest, created_at)) = found else { return Ok(None) };
-            let tags = tags_of(c, id, version as u64)?;
+            let Some(r) = found else { return Ok(None) };
+            let version = r.uint(0)?;
             Ok(Some(Resolved {
                 repository: reference.repository.clone(),
-                version: version as u64,
-                digest: digest.parse()?,
-                manifest,
-                tags,
-                created_at,
+                version,
+                digest: r.digest(1)?,
+                manifest: r.bytes(2)?,
+                tags: tags_of(c, id, version)?,
+                created_at: r.int(3)?,
             }))
         })
     }
 
     fn list_repositories(&self, namespace: Option<&str>) -> Result<Vec<RepoSummary>> {
-        self.with(|c| {
-            let mut stmt = c.prepare(
+        self.db.read(|c| {
+            c.query(
                 "SELECT r.namespace, r.name, v.version, v.manifest, m.base_fingerprint, m.method, v.created_at,
                         (SELECT COUNT(*) FROM versions WHERE repository = r.id AND yanked = 0)
                  FROM repositories r
                  JOIN versions v ON v.repository = r.id
                    AND v.version = (SELECT MAX(version) FROM versions WHERE repository = r.id AND yanked = 0)
                  JOIN manifests m ON m.digest = v.manifest
-                 WHERE ?1 IS NULL OR r.namespace = ?1
+                 WHERE CAST($1 AS TEXT) IS NULL OR r.namespace = $1
                  ORDER BY r.namespace, r.name",
-            )?;
-            let rows = stmt
-                .query_map([namespace], |r| {
-                    Ok(RepoSummary {
-                        repository: parse_repo(r.get(0)?, r.get(1)?)?,
-                        latest_version: r.get::<_, i64>(2)? as u64,
-                        latest_digest: parse_digest(r.get(3)?)?,
-                        base_fingerprint: parse_digest(r.get(4)?)?,
-                        method: r.get(5)?,
-                        updated_at: r.get(6)?,
-                        versions: r.get::<_, i64>(7)? as u64,
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
+                p![namespace],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(RepoSummary {
+                    repository: r.repo(0)?,
+                    latest_version: r.uint(2)?,
+                    latest_digest: r.digest(3)?,
+                    base_fingerprint: r.digest(4)?,
+                    method: r.text(5)?,
+                    updated_at: r.int(6)?,
+                    versions: r.uint(7)?,
+                })
+            })
+            .collect()
         })
     }
 
     fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionRow>>> {
-        self.with(|c| {
-            let Some(id) = repo_id(c, repo)? else { return Ok(None) };
-            let mut stmt = c.prepare(
+        self.db.read(|c| {
+            let Some(id) = repo_id(c, repo)? else {
+                return Ok(None);
+            };
+            let rows = c.query(
                 "SELECT v.version, v.manifest, m.size, v.created_at FROM versions v
-                 JOIN manifests m ON m.digest = v.manifest WHERE v.repository = ?1 AND v.yanked = 0 ORDER BY v.version DESC",
+                 JOIN manifests m ON m.digest = v.manifest WHERE v.repository = $1 AND v.yanked = 0
+                 ORDER BY v.version DESC",
+                p![id],
             )?;
-            let rows: Vec<(i64, String, i64, i64)> = stmt
-                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                .collect::<rusqlite::Result<_>>()?;
             let mut out = Vec::with_capacity(rows.len());
-            for (version, digest, size, created_at) in rows {
+            for r in rows {
+                let version = r.uint(0)?;
                 out.push(VersionRow {
-                    version: version as u64,
-                    digest: digest.parse()?,
-                    tags: tags_of(c, id, version as u64)?,
-                    size: size as u64,
-                    created_at,
+                    version,
+                    digest: r.digest(1)?,
+                    tags: tags_of(c, id, version)?,
+                    size: r.uint(2)?,
+                    created_at: r.int(3)?,
                 });
             }
             Ok(Some(out))
@@ -543,36 +536,34 @@ impl MetaStore for SqliteMeta {
     }
 
     fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaRow>> {
-        self.with(|c| {
-            let mut stmt = c.prepare(
+        self.db.read(|c| {
+            let rows = c.query(
                 "SELECT r.namespace, r.name, v.version, m.digest, m.base_fingerprint, m.method, m.size
                  FROM versions v JOIN repositories r ON r.id = v.repository JOIN manifests m ON m.digest = v.manifest
-                 WHERE v.yanked = 0 AND (?1 IS NULL OR r.namespace = ?1) AND (?2 IS NULL OR m.base_fingerprint = ?2)
-                   AND (?3 IS NULL OR m.method = ?3)
+                 WHERE v.yanked = 0 AND (CAST($1 AS TEXT) IS NULL OR r.namespace = $1)
+                   AND (CAST($2 AS TEXT) IS NULL OR m.base_fingerprint = $2)
+                   AND (CAST($3 AS TEXT) IS NULL OR m.method = $3)
                  ORDER BY r.namespace, r.name, v.version",
+                p![filter.namespace.as_deref(), filter.base.as_ref(), filter.method.as_deref()],
             )?;
-            let base = filter.base.map(|d| d.to_string());
-            let rows: Vec<DeltaRow> = stmt
-                .query_map(params![filter.namespace, base, filter.method], |r| {
-                    Ok(DeltaRow {
-                        repository: parse_repo(r.get(0)?, r.get(1)?)?,
-                        version: r.get::<_, i64>(2)? as u64,
-                        digest: parse_digest(r.get(3)?)?,
-                        base_fingerprint: parse_digest(r.get(4)?)?,
-                        method: r.get(5)?,
-                        size: r.get::<_, i64>(6)? as u64,
-                        annotations: BTreeMap::new(),
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut ann = c.prepare_cached("SELECT key, value FROM annotations WHERE manifest = ?1")?;
             let mut out = Vec::new();
-            for mut row in rows {
-                row.annotations = ann
-                    .query_map([row.digest.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<rusqlite::Result<_>>()?;
-                if filter.annotations.iter().all(|(k, v)| row.annotations.get(k) == Some(v)) {
-                    out.push(row);
+            for r in rows {
+                let digest = r.digest(3)?;
+                let annotations = c
+                    .query("SELECT key, value FROM annotations WHERE manifest = $1", p![&digest])?
+                    .iter()
+                    .map(|a| Ok((a.text(0)?, a.text(1)?)))
+                    .collect::<Result<BTreeMap<_, _>>>()?;
+                if filter.annotations.iter().all(|(k, v)| annotations.get(k) == Some(v)) {
+                    out.push(DeltaRow {
+                        repository: r.repo(0)?,
+                        version: r.uint(2)?,
+                        digest,
+                        base_fingerprint: r.digest(4)?,
+                        method: r.text(5)?,
+                        size: r.uint(6)?,
+                        annotations,
+                    });
                 }
             }
             Ok(out)
@@ -587,15 +578,19 @@ impl MetaStore for SqliteMeta {
         expected: Option<u64>,
         now: i64,
     ) -> Result<u64> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let id = repo_id(&tx, repo)?.ok_or_else(|| Error::NotFound { what: "repository", name: repo.to_string() })?;
-            let current: u64 = tx
-                .query_row("SELECT version FROM tags WHERE repository = ?1 AND tag = ?2", params![id, tag], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .optional()?
-                .map_or(0, |v| v as u64);
+        self.db.write(|c| {
+            let id = lock_repo(c, repo)?.ok_or_else(|| Error::NotFound {
+                what: "repository",
+                name: repo.to_string(),
+            })?;
+            let current = c
+                .opt(
+                    "SELECT version FROM tags WHERE repository = $1 AND tag = $2",
+                    p![id, tag],
+                )?
+                .map(|r| r.uint(0))
+                .transpose()?
+                .unwrap_or(0);
             if let Some(expected) = expected
                 && expected != current
             {
@@ -605,88 +600,77 @@ impl MetaStore for SqliteMeta {
                     version_name(expected)
                 )));
             }
-            tx.execute(
-                "INSERT INTO tags (repository, tag, version, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (repository, tag) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-                params![id, tag, version as i64, now],
-            )?;
-            tx.commit()?;
+            upsert_tag(c, id, tag, version, now)?;
             Ok(current)
         })
     }
 
     fn token_count(&self) -> Result<u64> {
-        self.with(|c| {
-            Ok(c.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get::<_, i64>(0))? as u64)
-        })
+        self.db
+            .read(|c| c.one("SELECT COUNT(*) FROM tokens", &[])?.uint(0))
     }
 
     fn create_token(&self, hash: &str, t: &TokenRecord) -> Result<i64> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO tokens (hash, namespace, scope, kind, description, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![hash, t.namespace, t.scope, t.kind, t.description, t.created_at, t.expires_at],
-            )?;
-            Ok(c.last_insert_rowid())
+        self.db.read(|c| {
+            c.one(
+                "INSERT INTO tokens (hash, namespace, scope, kind, description, created_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                p![hash, &t.namespace, &t.scope, &t.kind, &t.description, t.created_at, t.expires_at],
+            )?
+            .int(0)
         })
     }
 
     fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
-        self.with(|c| {
-            Ok(c.query_row(
-                &format!("{TOKEN_COLUMNS} WHERE hash = ?1"),
-                [hash],
-                token_row,
-            )
-            .optional()?)
+        self.db.read(|c| {
+            c.opt(&format!("{TOKEN_COLUMNS} WHERE hash = $1"), p![hash])?
+                .as_ref()
+                .map(token_row)
+                .transpose()
         })
     }
 
     fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
-        self.with(|c| {
-            let mut stmt = c.prepare(&format!("{TOKEN_COLUMNS} ORDER BY id"))?;
-            let rows = stmt
-                .query_map([], token_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
+        self.db.read(|c| {
+            c.query(&format!("{TOKEN_COLUMNS} ORDER BY id"), &[])?
+                .iter()
+                .map(token_row)
+                .collect()
         })
     }
 
     fn revoke_token(&self, id: i64, now: i64) -> Result<bool> {
-        self.with(|c| {
-            Ok(c.execute(
-                "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id, now],
-            )? > 0
-                || c.query_row("SELECT 1 FROM tokens WHERE id = ?1", [id], |_| Ok(()))
-                    .optional()?
-                    .is_some())
+        self.db.read(|c| {
+            c.exec(
+                "UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                p![id, now],
+            )?;
+            Ok(c.opt("SELECT 1 FROM tokens WHERE id = $1", p![id])?
+                .is_some())
         })
     }
 
     fn is_public(&self, namespace: &str) -> Result<bool> {
-        self.with(|c| {
-            Ok(c.query_row(
-                "SELECT 1 FROM public_namespaces WHERE namespace = ?1",
-                [namespace],
-                |_| Ok(()),
-            )
-            .optional()?
+        self.db.read(|c| {
+            Ok(c.opt(
+                "SELECT 1 FROM public_namespaces WHERE namespace = $1",
+                p![namespace],
+            )?
             .is_some())
         })
     }
 
     fn set_public(&self, namespace: &str, public: bool) -> Result<()> {
-        self.with(|c| {
+        self.db.read(|c| {
             if public {
-                c.execute(
-                    "INSERT INTO public_namespaces (namespace) VALUES (?1) ON CONFLICT DO NOTHING",
-                    [namespace],
+                c.exec(
+                    "INSERT INTO public_namespaces (namespace) VALUES ($1) ON CONFLICT DO NOTHING",
+                    p![namespace],
                 )?;
             } else {
-                c.execute(
-                    "DELETE FROM public_namespaces WHERE namespace = ?1",
-                    [namespace],
+                c.exec(
+                    "DELETE FROM public_namespaces WHERE namespace = $1",
+                    p![namespace],
                 )?;
             }
             Ok(())
@@ -694,194 +678,212 @@ impl MetaStore for SqliteMeta {
     }
 
     fn link_blob(&self, digest: &Digest, namespace: &str) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO blob_links (blob, namespace) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                params![digest.to_string(), namespace],
+        self.db.read(|c| {
+            c.exec(
+                "INSERT INTO blob_links (blob, namespace) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                p![digest, namespace],
             )?;
             Ok(())
         })
     }
 
     fn blob_visible(&self, digest: &Digest, namespace: &str) -> Result<bool> {
-        self.with(|c| {
-            Ok(c.query_row(
-                "SELECT 1 FROM blob_links WHERE blob = ?1
-                   AND (namespace = ?2 OR namespace IN (SELECT namespace FROM public_namespaces)) LIMIT 1",
-                params![digest.to_string(), namespace],
-                |_| Ok(()),
-            )
-            .optional()?
+        self.db.read(|c| {
+            Ok(c.opt(
+                "SELECT 1 FROM blob_links WHERE blob = $1
+                   AND (namespace = $2 OR namespace IN (SELECT namespace FROM public_namespaces)) LIMIT 1",
+                p![digest, namespace],
+            )?
             .is_some())
         })
     }
 
     fn audit(&self, e: &AuditEntry) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO audit (at, token, action, target, digest) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![e.at, e.token, e.action, e.target, e.digest],
+        self.db.read(|c| {
+            c.exec(
+                "INSERT INTO audit (at, token, action, target, digest) VALUES ($1, $2, $3, $4, $5)",
+                p![e.at, e.token, &e.action, &e.target, &e.digest],
             )?;
             Ok(())
         })
     }
 
     fn list_audit(&self) -> Result<Vec<AuditEntry>> {
-        self.with(|c| {
-            let mut stmt =
-                c.prepare("SELECT at, token, action, target, digest FROM audit ORDER BY id")?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok(AuditEntry {
-                        at: r.get(0)?,
-                        token: r.get(1)?,
-                        action: r.get(2)?,
-                        target: r.get(3)?,
-                        digest: r.get(4)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
+        self.db.read(|c| {
+            c.query(
+                "SELECT at, token, action, target, digest FROM audit ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    at: r.int(0)?,
+                    token: r.opt_int(1)?,
+                    action: r.text(2)?,
+                    target: r.text(3)?,
+                    digest: r.text(4)?,
+                })
+            })
+            .collect()
         })
     }
 
     fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let id = existing_version(&tx, repo, version)?;
+        let now = crate::service::now();
+        self.db.write(|c| {
+            let id = existing_version(c, repo, version)?;
             let state = if yanked { YANKED } else { LIVE };
-            tx.execute(
-                "UPDATE versions SET yanked = ?3 WHERE repository = ?1 AND version = ?2",
-                params![id, version as i64, state],
+            c.exec(
+                "UPDATE versions SET yanked = $3 WHERE repository = $1 AND version = $2",
+                p![id, version, state],
             )?;
-            refresh_latest(&tx, id)?;
-            tx.commit()?;
-            Ok(())
+            refresh_latest(c, id, now)
         })
     }
 
     fn delete_version(&self, repo: &Repository, version: u64, now: i64) -> Result<()> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let id = existing_version(&tx, repo, version)?;
-            tx.execute("DELETE FROM tags WHERE repository = ?1 AND version = ?2", params![id, version as i64])?;
-            tx.execute("UPDATE versions SET yanked = ?3 WHERE repository = ?1 AND version = ?2", params![id, version as i64, DELETED])?;
-            // Its blobs start their grace period now.
-            tx.execute(
-                "UPDATE blobs SET last_referenced = ?3 WHERE digest IN
-                   (SELECT mb.blob FROM manifest_blobs mb JOIN versions v ON v.manifest = mb.manifest
-                    WHERE v.repository = ?1 AND v.version = ?2)",
-                params![id, version as i64, now],
+        self.db.write(|c| {
+            let id = existing_version(c, repo, version)?;
+            c.exec(
+                "DELETE FROM tags WHERE repository = $1 AND version = $2",
+                p![id, version],
             )?;
-            refresh_latest(&tx, id)?;
-            tx.commit()?;
-            Ok(())
+            c.exec(
+                "UPDATE versions SET yanked = $3 WHERE repository = $1 AND version = $2",
+                p![id, version, DELETED],
+            )?;
+            // Its blobs start their grace period now.
+            c.exec(
+                "UPDATE blobs SET last_referenced = $3 WHERE digest IN
+                   (SELECT mb.blob FROM manifest_blobs mb JOIN versions v ON v.manifest = mb.manifest
+                    WHERE v.repository = $1 AND v.version = $2)",
+                p![id, version, now],
+            )?;
+            refresh_latest(c, id, now)
         })
     }
 
     fn delete_tag(&self, repo: &Repository, tag: &str) -> Result<bool> {
-        self.with(|c| {
+        self.db.read(|c| {
             let Some(id) = repo_id(c, repo)? else {
                 return Ok(false);
             };
-            Ok(c.execute(
-                "DELETE FROM tags WHERE repository = ?1 AND tag = ?2",
-                params![id, tag],
+            Ok(c.exec(
+                "DELETE FROM tags WHERE repository = $1 AND tag = $2",
+                p![id, tag],
             )? > 0)
         })
     }
 
     fn collect_garbage(&self, cutoff: i64, dry_run: bool) -> Result<Vec<(Digest, u64)>> {
-        self.with(|c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let rows: Vec<(String, i64)> = {
-                let mut stmt = tx.prepare(
-                    "SELECT b.digest, b.size FROM blobs b WHERE b.last_referenced < ?1 AND NOT EXISTS (
+        let collect = |c: &mut dyn Sql| -> Result<Vec<(Digest, u64)>> {
+            // Locking the candidates makes a concurrent push (which refreshes
+            // `last_referenced` on the blobs it names) either finish first, and then the
+            // row no longer qualifies, or find the row gone and refuse.
+            let lock = c.engine().for_update();
+            let rows = c.query(
+                &format!(
+                    "SELECT b.digest, b.size FROM blobs b WHERE b.last_referenced < $1 AND NOT EXISTS (
                        SELECT 1 FROM manifest_blobs mb JOIN versions v ON v.manifest = mb.manifest
                        WHERE mb.blob = b.digest AND v.yanked < 2)
-                     ORDER BY b.digest",
-                )?;
-                stmt.query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<_>>()?
-            };
+                     ORDER BY b.digest{lock}"
+                ),
+                p![cutoff],
+            )?;
+            let rows = rows
+                .iter()
+                .map(|r| Ok((r.digest(0)?, r.uint(1)?)))
+                .collect::<Result<Vec<_>>>()?;
             if !dry_run {
                 for (d, _) in &rows {
-                    tx.execute("DELETE FROM manifest_blobs WHERE blob = ?1", [d])?;
-                    tx.execute("DELETE FROM blob_links WHERE blob = ?1", [d])?;
-                    tx.execute("DELETE FROM blobs WHERE digest = ?1", [d])?;
+                    c.exec("DELETE FROM manifest_blobs WHERE blob = $1", p![d])?;
+                    c.exec("DELETE FROM blob_links WHERE blob = $1", p![d])?;
+                    c.exec("DELETE FROM blobs WHERE digest = $1", p![d])?;
                 }
-                tx.commit()?;
             }
-            rows.into_iter().map(|(d, n)| Ok((d.parse()?, n as u64))).collect()
-        })
+            Ok(rows)
+        };
+        if dry_run {
+            self.db.read(collect)
+        } else {
+            self.db.write(collect)
+        }
     }
 
     fn all_blobs(&self) -> Result<Vec<(Digest, u64, bool)>> {
-        self.with(|c| {
-            let mut stmt = c.prepare("SELECT digest, size, corrupt FROM blobs ORDER BY digest")?;
-            let rows: Vec<(String, i64, i64)> = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            rows.into_iter()
-                .map(|(d, n, k)| Ok((d.parse()?, n as u64, k != 0)))
-                .collect()
+        self.db.read(|c| {
+            c.query(
+                "SELECT digest, size, corrupt FROM blobs ORDER BY digest",
+                &[],
+            )?
+            .iter()
+            .map(|r| Ok((r.digest(0)?, r.uint(1)?, r.int(2)? != 0)))
+            .collect()
         })
     }
 
     fn mark_corrupt(&self, digest: &Digest) -> Result<()> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE blobs SET corrupt = 1 WHERE digest = ?1",
-                [digest.to_string()],
-            )?;
+        self.db.read(|c| {
+            c.exec("UPDATE blobs SET corrupt = 1 WHERE digest = $1", p![digest])?;
             Ok(())
         })
     }
 }
 
-/// The repository id, after checking the version exists (and is not deleted).
-fn existing_version(tx: &Connection, repo: &Repository, version: u64) -> Result<i64> {
+/// The repository id (locked), after checking the version exists and is not deleted.
+fn existing_version(c: &mut dyn Sql, repo: &Repository, version: u64) -> Result<i64> {
     let not_found = || Error::NotFound {
         what: "version",
         name: format!("{repo}:v{version}"),
     };
-    let id = repo_id(tx, repo)?.ok_or_else(not_found)?;
-    tx.query_row(
-        "SELECT 1 FROM versions WHERE repository = ?1 AND version = ?2 AND yanked < 2",
-        params![id, version as i64],
-        |_| Ok(()),
-    )
-    .optional()?
+    let id = lock_repo(c, repo)?.ok_or_else(not_found)?;
+    c.opt(
+        "SELECT 1 FROM versions WHERE repository = $1 AND version = $2 AND yanked < 2",
+        p![id, version],
+    )?
     .ok_or_else(not_found)?;
     Ok(id)
 }
 
 /// Points `latest` at the newest version that is neither yanked nor deleted (or removes it).
-fn refresh_latest(tx: &Connection, repo: i64) -> Result<()> {
-    tx.execute(
-        "DELETE FROM tags WHERE repository = ?1 AND tag = 'latest'",
-        [repo],
+fn refresh_latest(c: &mut dyn Sql, repo: i64, now: i64) -> Result<()> {
+    c.exec(
+        "DELETE FROM tags WHERE repository = $1 AND tag = 'latest'",
+        p![repo],
     )?;
-    tx.execute(
-        "INSERT INTO tags (repository, tag, version, updated_at)
-         SELECT ?1, 'latest', MAX(version), strftime('%s','now') FROM versions WHERE repository = ?1 AND yanked = 0
-         HAVING MAX(version) IS NOT NULL",
-        [repo],
+    let newest = c
+        .one(
+            "SELECT MAX(version) FROM versions WHERE repository = $1 AND yanked = 0",
+            p![repo],
+        )?
+        .opt_int(0)?;
+    if let Some(v) = newest {
+        upsert_tag(c, repo, LATEST, v as u64, now)?;
+    }
+    Ok(())
+}
+
+fn upsert_tag(c: &mut dyn Sql, repo: i64, tag: &str, version: u64, now: i64) -> Result<()> {
+    c.exec(
+        "INSERT INTO tags (repository, tag, version, updated_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (repository, tag) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+        p![repo, tag, version, now],
     )?;
     Ok(())
 }
 
 const TOKEN_COLUMNS: &str = "SELECT id, namespace, scope, kind, description, created_at, expires_at, revoked_at FROM tokens";
 
-fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+fn token_row(r: &Row) -> Result<TokenRecord> {
     Ok(TokenRecord {
-        id: r.get(0)?,
-        namespace: r.get(1)?,
-        scope: r.get(2)?,
-        kind: r.get(3)?,
-        description: r.get(4)?,
-        created_at: r.get(5)?,
-        expires_at: r.get(6)?,
-        revoked_at: r.get(7)?,
+        id: r.int(0)?,
+        namespace: r.text(1)?,
+        scope: r.text(2)?,
+        kind: r.text(3)?,
+        description: r.text(4)?,
+        created_at: r.int(5)?,
+        expires_at: r.opt_int(6)?,
+        revoked_at: r.opt_int(7)?,
     })
 }
 
@@ -893,99 +895,96 @@ fn version_name(v: u64) -> String {
     }
 }
 
+#[cfg(any(test, feature = "conformance"))]
+#[doc(hidden)]
+pub mod conformance;
 #[cfg(test)]
 mod tests;
 
 /// Publishes a manifest inside an open write transaction: the version (a new number, or
 /// the latest one when the same manifest is pushed again), `latest` and `tags`.
 pub(crate) fn push_in(
-    tx: &rusqlite::Transaction<'_>,
+    c: &mut dyn Sql,
     repo: &Repository,
     manifest: &Manifest,
     body: &[u8],
     tags: &[String],
     now: i64,
 ) -> Result<Pushed> {
-    let digest = Digest::of(body).to_string();
-    tx.execute(
+    let digest = Digest::of(body);
+    c.exec(
         "INSERT INTO manifests (digest, body, base_fingerprint, method, size, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (digest) DO NOTHING",
-        params![
-            digest,
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (digest) DO NOTHING",
+        p![
+            &digest,
             body,
-            manifest.base.fingerprint.to_string(),
-            manifest.method,
-            manifest.size() as i64,
+            &manifest.base.fingerprint,
+            &manifest.method,
+            manifest.size(),
             now
         ],
     )?;
-    for f in &manifest.files {
-        let blob = f.digest.to_string();
-        let n = tx.execute(
-            "UPDATE blobs SET last_referenced = ?2 WHERE digest = ?1 AND corrupt = 0",
-            params![blob, now],
+    // In digest order, so two pushes naming the same blobs lock them in the same order.
+    let mut files: Vec<_> = manifest.files.iter().collect();
+    files.sort_by_key(|f| f.digest.to_string());
+    for f in files {
+        let n = c.exec(
+            "UPDATE blobs SET last_referenced = $2 WHERE digest = $1 AND corrupt = 0",
+            p![&f.digest, now],
         )?;
         if n == 0 {
             return Err(Error::FailedPrecondition(format!(
-                "blob {blob} ({}) is not stored",
-                f.path
+                "blob {} ({}) is not stored",
+                f.digest, f.path
             )));
         }
-        tx.execute(
-            "INSERT INTO manifest_blobs (manifest, blob) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-            params![digest, blob],
+        c.exec(
+            "INSERT INTO manifest_blobs (manifest, blob) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            p![&digest, &f.digest],
         )?;
-        tx.execute(
-            "INSERT INTO blob_links (blob, namespace) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-            params![blob, repo.namespace()],
+        c.exec(
+            "INSERT INTO blob_links (blob, namespace) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            p![&f.digest, repo.namespace()],
         )?;
     }
     for (k, v) in &manifest.annotations {
-        tx.execute(
-                "INSERT INTO annotations (manifest, key, value) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-                params![digest, k, v],
-            )?;
-    }
-    tx.execute(
-            "INSERT INTO repositories (namespace, name, created_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
-            params![repo.namespace(), repo.name(), now],
+        c.exec(
+            "INSERT INTO annotations (manifest, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            p![&digest, k, v],
         )?;
-    let id = repo_id(tx, repo)?.ok_or_else(|| Error::NotFound {
+    }
+    c.exec(
+        "INSERT INTO repositories (namespace, name, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        p![repo.namespace(), repo.name(), now],
+    )?;
+    let id = lock_repo(c, repo)?.ok_or_else(|| Error::NotFound {
         what: "repository",
         name: repo.to_string(),
     })?;
     // Version numbers are never reused, even after a delete.
-    let highest: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(version), 0) FROM versions WHERE repository = ?1",
-        [id],
-        |r| r.get(0),
+    let highest = c
+        .one(
+            "SELECT COALESCE(MAX(version), 0) FROM versions WHERE repository = $1",
+            p![id],
+        )?
+        .uint(0)?;
+    let latest = c.opt(
+        "SELECT version, manifest FROM versions WHERE repository = $1 AND yanked = 0
+         ORDER BY version DESC LIMIT 1",
+        p![id],
     )?;
-    let latest: Option<(i64, String)> = tx
-            .query_row(
-                "SELECT version, manifest FROM versions WHERE repository = ?1 AND yanked = 0 ORDER BY version DESC LIMIT 1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
     let (version, created) = match latest {
-        Some((v, d)) if d == digest => (v, false),
+        Some(r) if r.digest(1)? == digest => (r.uint(0)?, false),
         _ => (highest + 1, true),
     };
     if created {
-        tx.execute(
-                "INSERT INTO versions (repository, version, manifest, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![id, version, digest, now],
-            )?;
+        c.exec(
+            "INSERT INTO versions (repository, version, manifest, created_at) VALUES ($1, $2, $3, $4)",
+            p![id, version, &digest, now],
+        )?;
     }
     for tag in tags.iter().map(String::as_str).chain([LATEST]) {
-        tx.execute(
-                "INSERT INTO tags (repository, tag, version, updated_at) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (repository, tag) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-                params![id, tag, version, now],
-            )?;
+        upsert_tag(c, id, tag, version, now)?;
     }
-    Ok(Pushed {
-        version: version as u64,
-        created,
-    })
+    Ok(Pushed { version, created })
 }

@@ -21,7 +21,7 @@ use crate::blobs::BlobStore;
 use crate::config::RegistryConfig;
 use crate::error::{Error, Result};
 use crate::jobs::{Completion, JobRow};
-use crate::meta::{AuditEntry, BaseRecord, MetaStore, SearchFilter, SqliteMeta};
+use crate::meta::{AuditEntry, BaseRecord, MetaStore, SearchFilter, SqlMeta};
 use crate::uploads::{Progress, Uploads};
 
 /// The registry's state, shared by every request.
@@ -57,7 +57,7 @@ impl RegistryService {
     pub async fn open(config: &RegistryConfig) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir)?;
         let db = config.data_dir.join("registry.sqlite");
-        let meta = tokio::task::spawn_blocking(move || SqliteMeta::open(&db)).await??;
+        let meta = tokio::task::spawn_blocking(move || SqlMeta::open(&db)).await??;
         let blobs = BlobStore::open(config)?;
         let removed = blobs.remove_stale_staging(config.staging_grace)?;
         if removed > 0 {

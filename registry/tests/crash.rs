@@ -171,7 +171,7 @@ async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
 
     reg.child.kill().unwrap();
     reg.child.wait().unwrap();
-    let meta = delta_registry::SqliteMeta::open(&dir.path().join("registry.sqlite")).unwrap();
+    let meta = delta_registry::SqlMeta::open(&dir.path().join("registry.sqlite")).unwrap();
     assert_eq!(meta.pragma("integrity_check").unwrap(), "ok");
 }
 
@@ -329,7 +329,7 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
     assert_eq!(back, file);
     reg.child.kill().unwrap();
     reg.child.wait().unwrap();
-    let meta = delta_registry::SqliteMeta::open(&dir.path().join("registry.sqlite")).unwrap();
+    let meta = delta_registry::SqlMeta::open(&dir.path().join("registry.sqlite")).unwrap();
     assert_eq!(meta.pragma("integrity_check").unwrap(), "ok");
     let blobs = delta_registry::BlobStore::local(&dir.path().join("store")).unwrap();
     let now = std::time::SystemTime::now()

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub mod fixtures;
+pub mod postgres;
 pub mod s3;
 
 #[cfg(test)]

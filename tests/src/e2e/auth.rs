@@ -6,15 +6,15 @@ use delta_client::{Remote, hub};
 use delta_proto::Digest;
 use delta_registry::admin::{NewToken, create_token};
 use delta_registry::auth::Scope;
-use delta_registry::{MetaStore, SqliteMeta};
+use delta_registry::{MetaStore, SqlMeta};
 use serde_json::json;
 use tonic::Code;
 
 use super::{Env, code, hidden};
 use crate::fixtures;
 
-fn meta(env: &Env) -> SqliteMeta {
-    SqliteMeta::open(&env.registry.dir.path().join("registry.sqlite")).unwrap()
+fn meta(env: &Env) -> SqlMeta {
+    SqlMeta::open(&env.registry.dir.path().join("registry.sqlite")).unwrap()
 }
 
 fn token(env: &Env, namespace: &str, scope: Scope, expires_in: Option<Duration>) -> (i64, String) {

@@ -8,14 +8,14 @@ use delta_client::delta::Format;
 use delta_client::{Error, hub};
 use delta_proto::{Digest, UploadChunk};
 use delta_registry::maintenance::{collect_garbage, fsck};
-use delta_registry::{BlobStore, MetaStore, SqliteMeta};
+use delta_registry::{BlobStore, MetaStore, SqlMeta};
 use serde_json::json;
 
 use super::{Env, hidden};
 use crate::fixtures;
 
 fn stores(env: &Env) -> (Arc<dyn MetaStore>, BlobStore) {
-    let meta = SqliteMeta::open(&env.registry.dir.path().join("registry.sqlite")).unwrap();
+    let meta = SqlMeta::open(&env.registry.dir.path().join("registry.sqlite")).unwrap();
     (
         Arc::new(meta),
         BlobStore::local(&env.registry.dir.path().join("store")).unwrap(),

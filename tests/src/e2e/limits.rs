@@ -99,7 +99,7 @@ async fn manifest_tensor_and_upload_limits() {
     assert!(e.to_string().contains("8 tensors"), "{e}");
 
     // Per-token upload sessions.
-    let meta = delta_registry::SqliteMeta::open(&reg.dir.path().join("registry.sqlite")).unwrap();
+    let meta = delta_registry::SqlMeta::open(&reg.dir.path().join("registry.sqlite")).unwrap();
     let new = delta_registry::admin::NewToken {
         namespace: "team".into(),
         scope: delta_registry::auth::Scope::Write,

@@ -8,6 +8,7 @@ mod grpc_python;
 mod lifecycle;
 mod limits;
 mod operate;
+mod postgres;
 mod push_pull;
 mod resume;
 mod storage;

@@ -1,0 +1,568 @@
+//! MetaStore conformance: each behaviour once, for every engine. The registry's unit tests
+//! run it on SQLite (in memory and on a file); `delta-tests` runs it on PostgreSQL.
+//! Test support: it panics on the first difference.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use delta_proto::Digest;
+use delta_proto::manifest::{Manifest, TensorInfo};
+use delta_proto::reference::Repository;
+
+use delta_proto::manifest::{BaseRef, FileEntry, MethodConfig, SCHEMA_VERSION};
+
+use crate::error::{Error, Result};
+use crate::jobs::{Completion, MAX_ATTEMPTS};
+use crate::meta::{AuditEntry, BaseRecord, MetaStore, Pushed, SearchFilter, TokenRecord};
+
+fn base() -> BaseRecord {
+    BaseRecord {
+        name: "tiny".into(),
+        fingerprint: Digest::of(b"tiny-weights"),
+        tensors: vec![TensorInfo {
+            name: "w".into(),
+            dtype: "F32".into(),
+            shape: vec![2, 2],
+        }],
+        created_at: 1,
+    }
+}
+
+fn manifest(blob: Digest, note: &str) -> Manifest {
+    Manifest {
+        schema_version: SCHEMA_VERSION,
+        method: "diff".into(),
+        config: MethodConfig::default(),
+        base: BaseRef {
+            fingerprint: base().fingerprint,
+            name: None,
+        },
+        files: vec![FileEntry {
+            path: "delta.safetensors".into(),
+            digest: blob,
+            size: 10,
+            tensors: vec![TensorInfo {
+                name: "w.diff".into(),
+                dtype: "F32".into(),
+                shape: vec![2, 2],
+            }],
+        }],
+        parents: vec![],
+        provenance: BTreeMap::new(),
+        annotations: [("task".to_owned(), note.to_owned())].into(),
+    }
+}
+
+fn push(m: &dyn MetaStore, repo: &Repository, man: &Manifest, tags: &[&str]) -> Result<Pushed> {
+    let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+    m.push_manifest(repo, man, &man.canonical_json(), &tags, 5)
+}
+
+/// Bases, pushes, versions, tags (with compare-and-swap), resolve and search.
+pub fn versions_tags_and_search(m: &dyn MetaStore) {
+    assert!(m.add_base(&base()).unwrap());
+    assert!(!m.add_base(&base()).unwrap());
+    let mut other = base();
+    other.fingerprint = Digest::of(b"other");
+    assert!(matches!(m.add_base(&other), Err(Error::AlreadyExists(_))));
+    assert_eq!(
+        m.get_base("tiny").unwrap().unwrap().fingerprint,
+        base().fingerprint
+    );
+    assert_eq!(
+        m.get_base(&base().fingerprint.to_string())
+            .unwrap()
+            .unwrap()
+            .name,
+        "tiny"
+    );
+
+    let blob = Digest::of(b"blob");
+    let repo: Repository = "team/sst2".parse().unwrap();
+    // A manifest naming a blob without a row is refused, and nothing is recorded.
+    assert!(matches!(
+        push(m, &repo, &manifest(blob, "a"), &[]),
+        Err(Error::FailedPrecondition(_))
+    ));
+    assert!(m.list_repositories(None).unwrap().is_empty());
+
+    m.insert_blob(&blob, 10, 2).unwrap();
+    assert_eq!(
+        push(m, &repo, &manifest(blob, "a"), &["prod"]).unwrap(),
+        Pushed {
+            version: 1,
+            created: true
+        }
+    );
+    assert_eq!(
+        push(m, &repo, &manifest(blob, "a"), &[]).unwrap(),
+        Pushed {
+            version: 1,
+            created: false
+        }
+    );
+    assert_eq!(
+        push(m, &repo, &manifest(blob, "b"), &[]).unwrap(),
+        Pushed {
+            version: 2,
+            created: true
+        }
+    );
+
+    let latest = m.resolve(&"team/sst2".parse().unwrap()).unwrap().unwrap();
+    assert_eq!(latest.version, 2);
+    assert_eq!(latest.tags, vec!["latest"]);
+    let prod = m
+        .resolve(&"team/sst2:prod".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(prod.version, 1);
+    let by_digest = m
+        .resolve(
+            &format!("team/sst2@{}", manifest(blob, "b").digest())
+                .parse()
+                .unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_digest.version, 2);
+    assert!(
+        m.resolve(&"team/sst2:v9".parse().unwrap())
+            .unwrap()
+            .is_none()
+    );
+
+    // Compare-and-swap on tags.
+    assert_eq!(m.set_tag(&repo, "prod", 2, Some(1), 6).unwrap(), 1);
+    assert!(matches!(
+        m.set_tag(&repo, "prod", 1, Some(1), 7),
+        Err(Error::FailedPrecondition(_))
+    ));
+    assert_eq!(m.set_tag(&repo, "new", 1, Some(0), 7).unwrap(), 0);
+
+    let versions = m.list_versions(&repo).unwrap().unwrap();
+    assert_eq!(
+        versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+    assert_eq!(versions[0].tags, vec!["latest", "prod"]);
+
+    let all = m
+        .search(&SearchFilter {
+            base: Some(base().fingerprint),
+            ..SearchFilter::default()
+        })
+        .unwrap();
+    assert_eq!(all.len(), 2);
+    let b = m
+        .search(&SearchFilter {
+            annotations: [("task".into(), "b".into())].into(),
+            ..SearchFilter::default()
+        })
+        .unwrap();
+    assert_eq!(b.len(), 1);
+    assert!(
+        m.search(&SearchFilter {
+            method: Some("lora".into()),
+            ..SearchFilter::default()
+        })
+        .unwrap()
+        .is_empty()
+    );
+    assert_eq!(m.list_repositories(Some("team")).unwrap()[0].versions, 2);
+    assert!(m.list_repositories(Some("other")).unwrap().is_empty());
+}
+
+/// Opens another handle on the same database: another connection, as another replica or
+/// process would have.
+pub type Open<'a> = &'a (dyn Fn() -> Arc<dyn MetaStore> + Sync);
+
+fn repo(s: &str) -> Repository {
+    s.parse().unwrap()
+}
+
+fn stored_blob(m: &dyn MetaStore, name: &str) -> Digest {
+    let blob = Digest::of(name.as_bytes());
+    m.insert_blob(&blob, 10, 2).unwrap();
+    blob
+}
+
+/// Yank, delete (numbers never reused), `latest`, garbage collection, corrupt marks.
+pub fn lifecycle(m: &dyn MetaStore) {
+    m.add_base(&base()).unwrap();
+    let (kept, dropped) = (stored_blob(m, "kept"), stored_blob(m, "dropped"));
+    let r = repo("team/life");
+    push(m, &r, &manifest(kept, "1"), &[]).unwrap();
+    push(m, &r, &manifest(dropped, "2"), &["prod"]).unwrap();
+
+    m.yank(&r, 2, true).unwrap();
+    let latest = m.resolve(&"team/life".parse().unwrap()).unwrap().unwrap();
+    assert_eq!(latest.version, 1, "latest skips a yanked version");
+    assert!(
+        m.resolve(&"team/life:v2".parse().unwrap())
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(m.list_versions(&r).unwrap().unwrap().len(), 1);
+    m.yank(&r, 2, false).unwrap();
+    assert_eq!(
+        m.resolve(&"team/life".parse().unwrap())
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+
+    m.delete_version(&r, 2, 100).unwrap();
+    assert!(
+        m.resolve(&"team/life:v2".parse().unwrap())
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        m.resolve(&"team/life:prod".parse().unwrap())
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        m.delete_version(&r, 2, 100),
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(
+        push(m, &r, &manifest(kept, "3"), &[]).unwrap().version,
+        3,
+        "a deleted version's number is not reused"
+    );
+    assert!(m.delete_tag(&r, "latest").unwrap());
+    assert!(!m.delete_tag(&r, "nope").unwrap());
+
+    // The deleted version's blob is garbage once its grace period ends.
+    assert!(m.collect_garbage(100, false).unwrap().is_empty());
+    let dry = m.collect_garbage(101, true).unwrap();
+    assert_eq!(dry, vec![(dropped, 10)]);
+    assert_eq!(m.collect_garbage(101, false).unwrap(), dry);
+    assert!(m.blob_sizes(&[dropped]).unwrap().is_empty());
+    assert_eq!(m.blob_sizes(&[kept]).unwrap()[&kept], 10);
+
+    m.mark_corrupt(&kept).unwrap();
+    assert_eq!(m.all_blobs().unwrap(), vec![(kept, 10, true)]);
+    assert!(m.blob_sizes(&[kept]).unwrap().is_empty());
+    m.insert_blob(&kept, 10, 200).unwrap();
+    assert_eq!(m.all_blobs().unwrap(), vec![(kept, 10, false)]);
+}
+
+/// Tokens, public namespaces, blob visibility and the audit log.
+pub fn access(m: &dyn MetaStore) {
+    assert_eq!(m.token_count().unwrap(), 0);
+    let record = TokenRecord {
+        id: 0,
+        namespace: "team".into(),
+        scope: "write".into(),
+        kind: "user".into(),
+        description: "ci".into(),
+        created_at: 1,
+        expires_at: Some(99),
+        revoked_at: None,
+    };
+    let id = m.create_token("hash-a", &record).unwrap();
+    let found = m.find_token("hash-a").unwrap().unwrap();
+    assert_eq!(
+        found,
+        TokenRecord {
+            id,
+            ..record.clone()
+        }
+    );
+    assert!(m.find_token("hash-b").unwrap().is_none());
+    assert!(m.revoke_token(id, 5).unwrap());
+    assert!(!m.revoke_token(id + 100, 5).unwrap());
+    assert_eq!(m.list_tokens().unwrap()[0].revoked_at, Some(5));
+    assert_eq!(m.token_count().unwrap(), 1);
+
+    let blob = stored_blob(m, "shared");
+    assert!(!m.blob_visible(&blob, "team").unwrap());
+    m.link_blob(&blob, "team").unwrap();
+    m.link_blob(&blob, "team").unwrap();
+    assert!(m.blob_visible(&blob, "team").unwrap());
+    assert!(!m.blob_visible(&blob, "other").unwrap());
+    assert!(!m.is_public("team").unwrap());
+    m.set_public("team", true).unwrap();
+    m.set_public("team", true).unwrap();
+    assert!(m.is_public("team").unwrap());
+    assert!(m.blob_visible(&blob, "other").unwrap());
+    m.set_public("team", false).unwrap();
+    assert!(!m.blob_visible(&blob, "other").unwrap());
+
+    let entry = AuditEntry {
+        at: 3,
+        token: Some(id),
+        action: "push".into(),
+        target: "team/x".into(),
+        digest: blob.to_string(),
+    };
+    m.audit(&entry).unwrap();
+    m.audit(&AuditEntry {
+        token: None,
+        ..entry.clone()
+    })
+    .unwrap();
+    let log = m.list_audit().unwrap();
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0], entry);
+    assert_eq!(log[1].token, None);
+}
+
+/// The job queue: leases, renewals, refusals of lost leases, progress, completion that
+/// publishes, reports, and failure after [`MAX_ATTEMPTS`] lost leases.
+pub fn jobs(m: &dyn MetaStore) {
+    m.add_base(&base()).unwrap();
+    let blob = stored_blob(m, "trained");
+    let tags = vec!["nightly".to_owned()];
+    let train = m
+        .submit_job("train", "{}", "team/jobs", &tags, Some(7), 10)
+        .unwrap();
+    assert_eq!((train.state.as_str(), train.submitter), ("queued", Some(7)));
+    let verify = m
+        .submit_job("verify", "{}", "team/jobs:v1", &[], None, 11)
+        .unwrap();
+    assert!(verify.id > train.id);
+
+    // Kinds filter; oldest first.
+    let got = m
+        .lease_job("w1", &["verify".into()], "L1", 20, 80)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.id, verify.id);
+    let got = m.lease_job("w2", &[], "L2", 20, 80).unwrap().unwrap();
+    assert_eq!(
+        (got.id, got.attempts, got.worker.as_str()),
+        (train.id, 1, "w2")
+    );
+    assert!(m.lease_job("w3", &[], "L3", 20, 80).unwrap().is_none());
+
+    assert!(matches!(
+        m.renew_lease(train.id, "wrong", 21, 90),
+        Err(Error::FailedPrecondition(_))
+    ));
+    m.renew_lease(train.id, "L2", 21, 90).unwrap();
+    m.report_progress(train.id, "L2", r#"{"step":1}"#, 22)
+        .unwrap();
+    m.report_progress(train.id, "L2", r#"{"step":2}"#, 23)
+        .unwrap();
+    let events = m.job_events(train.id, 0).unwrap();
+    assert_eq!(events.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(m.job_events(train.id, 1).unwrap()[0].2, r#"{"step":2}"#);
+
+    let (states, leases) = m.job_counts(30).unwrap();
+    assert_eq!((states.get("running"), leases), (Some(&2), 2));
+
+    let man = manifest(blob, "trained");
+    let body = man.canonical_json();
+    let done = m
+        .complete_job(
+            train.id,
+            "L2",
+            &Completion::Trained {
+                manifest: &man,
+                body: &body,
+            },
+            30,
+        )
+        .unwrap();
+    assert_eq!(done.state, "succeeded");
+    let pushed = m
+        .resolve(&"team/jobs:nightly".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(pushed.version, 1);
+    assert!(
+        m.complete_job(train.id, "L2", &Completion::Failed("late"), 31)
+            .is_err(),
+        "a finished job takes no second completion"
+    );
+
+    let digest = pushed.digest.to_string();
+    m.complete_job(
+        verify.id,
+        "L1",
+        &Completion::Verified {
+            manifest: &digest,
+            report: r#"{"accuracy":1.0}"#,
+        },
+        32,
+    )
+    .unwrap();
+    let reports = m.list_reports(&digest).unwrap();
+    assert_eq!((reports.len(), reports[0].job), (1, verify.id));
+
+    // A job whose workers keep vanishing fails after MAX_ATTEMPTS leases.
+    let flaky = m
+        .submit_job("train", "{}", "team/flaky", &[], None, 40)
+        .unwrap();
+    let mut t = 40;
+    for attempt in 1..=MAX_ATTEMPTS {
+        let got = m
+            .lease_job("w", &[], &format!("F{attempt}"), t, t + 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.id, got.attempts), (flaky.id, attempt));
+        // The lease runs out: its holder is refused from then on.
+        t += 10;
+        assert!(
+            m.renew_lease(flaky.id, &format!("F{attempt}"), t, t + 5)
+                .is_err()
+        );
+    }
+    assert!(m.lease_job("w", &[], "F-last", t, t + 5).unwrap().is_none());
+    let failed = m.get_job(flaky.id).unwrap().unwrap();
+    assert_eq!(failed.state, "failed");
+    assert!(failed.error.contains("lost its worker"), "{}", failed.error);
+}
+
+/// Pushes to one repository through separate handles never share a version number, and
+/// compare-and-swap tag moves never lose an update.
+pub fn concurrent_writers(open: Open<'_>) {
+    let m = open();
+    m.add_base(&base()).unwrap();
+    let blob = stored_blob(m.as_ref(), "race");
+    let r = repo("team/race");
+    let versions: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let r = &r;
+                s.spawn(move || {
+                    let m = open();
+                    (0..3)
+                        .map(|k| {
+                            push(m.as_ref(), r, &manifest(blob, &format!("{i}-{k}")), &[])
+                                .unwrap()
+                                .version
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let mut sorted = versions.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (1..=24).collect::<Vec<_>>(),
+        "version numbers: {versions:?}"
+    );
+
+    // Four writers move `counter` one version up at a time, each move conditional on the
+    // version it read: 20 moves from v1 must end at v21, each starting version used once.
+    m.set_tag(&r, "counter", 1, None, 1).unwrap();
+    let moved_from: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let r = &r;
+                s.spawn(move || {
+                    let m = open();
+                    let mut from = Vec::new();
+                    while from.len() < 5 {
+                        let now = m
+                            .resolve(&format!("{r}:counter").parse().unwrap())
+                            .unwrap()
+                            .unwrap()
+                            .version;
+                        match m.set_tag(r, "counter", now + 1, Some(now), 2) {
+                            Ok(prev) => from.push(prev),
+                            Err(Error::FailedPrecondition(_)) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    from
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let mut sorted = moved_from;
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=20).collect::<Vec<_>>());
+    let end = m
+        .resolve(&"team/race:counter".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(end.version, 21);
+}
+
+/// Workers leasing through separate handles never get the same job.
+pub fn racing_leases(open: Open<'_>) {
+    let m = open();
+    let jobs: Vec<u64> = (0..24)
+        .map(|i| {
+            m.submit_job("train", "{}", &format!("team/j{i}"), &[], None, 1)
+                .unwrap()
+                .id
+        })
+        .collect();
+    let leased: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|w| {
+                s.spawn(move || {
+                    let m = open();
+                    let mut got = Vec::new();
+                    while let Some(job) = m
+                        .lease_job(
+                            &format!("w{w}"),
+                            &[],
+                            &format!("lease-{w}-{}", got.len()),
+                            2,
+                            1000,
+                        )
+                        .unwrap()
+                    {
+                        got.push(job.id);
+                    }
+                    got
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let mut sorted = leased;
+    sorted.sort_unstable();
+    assert_eq!(sorted, jobs, "every job leased exactly once");
+}
+
+/// Every check, each on a fresh database from `fresh`.
+pub fn all(fresh: &dyn Fn() -> Box<dyn Fn() -> Arc<dyn MetaStore> + Sync>) {
+    versions_tags_and_search(fresh()().as_ref());
+    lifecycle(fresh()().as_ref());
+    access(fresh()().as_ref());
+    jobs(fresh()().as_ref());
+    concurrent_writers(fresh().as_ref());
+    racing_leases(fresh().as_ref());
+}
+
+#[cfg(test)]
+mod sqlite {
+    #[test]
+    fn conformance_on_sqlite_files() {
+        let dirs = std::sync::Mutex::new(Vec::new());
+        super::all(&|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("registry.sqlite");
+            dirs.lock().unwrap().push(dir);
+            Box::new(move || {
+                std::sync::Arc::new(crate::meta::SqlMeta::open(&path).unwrap())
+                    as std::sync::Arc<dyn crate::meta::MetaStore>
+            })
+        });
+    }
+}

@@ -1,0 +1,358 @@
+//! One SQL layer over the two engines metadata lives in: SQLite (embedded, the default)
+//! and PostgreSQL (one database shared by many registry replicas).
+//!
+//! The metadata logic ([`crate::meta`], [`crate::jobs`]) is written once, against [`Sql`],
+//! in the subset of SQL both engines share, with `$1`-style placeholders. What differs is
+//! handled here and nowhere else:
+//!
+//! - placeholders: `$N` becomes `?N` on SQLite;
+//! - locking: a write transaction on SQLite is `BEGIN IMMEDIATE` (the database file is the
+//!   lock, so writers are serialised); on PostgreSQL it is `READ COMMITTED`, and the
+//!   statements that decide something (the next version number, a tag's compare-and-swap,
+//!   which job a worker gets) lock the rows they read with [`Engine::for_update`] /
+//!   [`Engine::skip_locked`], which are empty on SQLite. Deadlocks and serialisation
+//!   failures are retried;
+//! - migrations: written once in SQLite's types; [`postgres_ddl`] maps them.
+
+use std::sync::Mutex;
+
+use delta_proto::Digest;
+use delta_proto::reference::Repository;
+use rusqlite::types::{ToSqlOutput, ValueRef};
+
+use crate::error::{Error, Result};
+
+pub(crate) mod postgres;
+
+/// The migrations, in order, in SQLite's dialect (see [`postgres_ddl`]).
+pub(crate) const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_auth.sql"),
+    include_str!("../migrations/0003_lifecycle.sql"),
+    include_str!("../migrations/0004_jobs.sql"),
+];
+
+/// A parameter or column value: the four types the schema uses.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+
+impl From<u64> for Value {
+    /// Sizes, versions and ids are far below 2^63.
+    fn from(v: u64) -> Self {
+        Value::Int(v as i64)
+    }
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+
+impl From<&String> for Value {
+    fn from(v: &String) -> Self {
+        Value::Text(v.clone())
+    }
+}
+
+impl From<&Digest> for Value {
+    fn from(v: &Digest) -> Self {
+        Value::Text(v.to_string())
+    }
+}
+
+impl From<&[u8]> for Value {
+    fn from(v: &[u8]) -> Self {
+        Value::Bytes(v.to_vec())
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// `p![a, b]`: a parameter list.
+macro_rules! p {
+    ($($v:expr),* $(,)?) => { &[$($crate::sql::Value::from($v)),*] };
+}
+pub(crate) use p;
+
+/// One result row.
+#[derive(Debug)]
+pub(crate) struct Row(pub(crate) Vec<Value>);
+
+impl Row {
+    fn get(&self, i: usize) -> Result<&Value> {
+        self.0
+            .get(i)
+            .ok_or_else(|| Error::Database(format!("a query returned no column {i}")))
+    }
+
+    fn mismatch(&self, i: usize, want: &str) -> Error {
+        Error::Database(format!(
+            "column {i} holds {:?}, expected {want}",
+            self.0.get(i)
+        ))
+    }
+
+    pub(crate) fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        match self.get(i)? {
+            Value::Null => Ok(None),
+            Value::Int(v) => Ok(Some(*v)),
+            _ => Err(self.mismatch(i, "an integer")),
+        }
+    }
+
+    pub(crate) fn int(&self, i: usize) -> Result<i64> {
+        self.opt_int(i)?
+            .ok_or_else(|| self.mismatch(i, "an integer"))
+    }
+
+    /// A non-negative integer (sizes, versions, ids).
+    pub(crate) fn uint(&self, i: usize) -> Result<u64> {
+        u64::try_from(self.int(i)?).map_err(|_| self.mismatch(i, "a non-negative integer"))
+    }
+
+    pub(crate) fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        match self.get(i)? {
+            Value::Null => Ok(None),
+            Value::Text(v) => Ok(Some(v.clone())),
+            _ => Err(self.mismatch(i, "text")),
+        }
+    }
+
+    pub(crate) fn text(&self, i: usize) -> Result<String> {
+        self.opt_text(i)?.ok_or_else(|| self.mismatch(i, "text"))
+    }
+
+    pub(crate) fn bytes(&self, i: usize) -> Result<Vec<u8>> {
+        match self.get(i)? {
+            Value::Bytes(v) => Ok(v.clone()),
+            _ => Err(self.mismatch(i, "bytes")),
+        }
+    }
+
+    pub(crate) fn digest(&self, i: usize) -> Result<Digest> {
+        Ok(self.text(i)?.parse()?)
+    }
+
+    /// A repository from a namespace column and the name column after it.
+    pub(crate) fn repo(&self, i: usize) -> Result<Repository> {
+        Ok(Repository::new(&self.text(i)?, &self.text(i + 1)?)?)
+    }
+}
+
+/// Which engine a statement runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    /// Appended to a `SELECT` whose rows the transaction will change or decide on.
+    pub(crate) fn for_update(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "",
+            Engine::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// Like [`Engine::for_update`], skipping rows another transaction holds (job leases).
+    pub(crate) fn skip_locked(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "",
+            Engine::Postgres => " FOR UPDATE SKIP LOCKED",
+        }
+    }
+}
+
+/// An open connection or transaction.
+pub(crate) trait Sql {
+    /// Runs a statement; returns the rows it changed.
+    fn exec(&mut self, sql: &str, params: &[Value]) -> Result<u64>;
+    /// Runs a query; returns every row.
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
+    /// The engine, for [`Engine::for_update`] and friends.
+    fn engine(&self) -> Engine;
+
+    /// The first row, if any.
+    fn opt(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    /// The first row; a query that must return one (aggregates, `RETURNING`).
+    fn one(&mut self, sql: &str, params: &[Value]) -> Result<Row> {
+        self.opt(sql, params)?
+            .ok_or_else(|| Error::Database(format!("no row from: {sql}")))
+    }
+}
+
+/// The database: SQLite behind a mutex, or a pool of PostgreSQL connections.
+#[derive(Debug)]
+pub(crate) enum Db {
+    Sqlite(Mutex<rusqlite::Connection>),
+    Postgres(Box<postgres::Pool>),
+}
+
+impl Db {
+    /// Runs `f` outside any explicit transaction (reads; single-statement writes).
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&mut dyn Sql) -> Result<T>) -> Result<T> {
+        match self {
+            Db::Sqlite(conn) => f(&mut SqliteSql(&lock(conn))),
+            Db::Postgres(pool) => pool.read(f),
+        }
+    }
+
+    /// Runs `f` in a write transaction, committed if it returns `Ok`, rolled back
+    /// otherwise. On PostgreSQL a deadlock or serialisation failure runs `f` again.
+    pub(crate) fn write<T>(&self, f: impl FnMut(&mut dyn Sql) -> Result<T>) -> Result<T> {
+        let mut f = f;
+        match self {
+            Db::Sqlite(conn) => {
+                let mut conn = lock(conn);
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let out = f(&mut SqliteSql(&tx))?;
+                tx.commit()?;
+                Ok(out)
+            }
+            Db::Postgres(pool) => pool.write(&mut f),
+        }
+    }
+}
+
+fn lock(conn: &Mutex<rusqlite::Connection>) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+    // A poisoned lock means a panic mid-call; SQLite rolled back the transaction, so the
+    // connection itself is still consistent.
+    conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Opens and migrates a SQLite database (WAL, `synchronous=FULL`, foreign keys).
+pub(crate) fn open_sqlite(conn: rusqlite::Connection) -> Result<Db> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // journal_mode returns a row, so it is a query, not an execute.
+    let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))?;
+    }
+    Ok(Db::Sqlite(Mutex::new(conn)))
+}
+
+/// A migration in PostgreSQL's types: 64-bit integers, generated ids, `BYTEA`.
+pub(crate) fn postgres_ddl(sqlite: &str) -> String {
+    sqlite
+        .replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+        .replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")
+        .replace("INTEGER", "BIGINT")
+        .replace("BLOB", "BYTEA")
+}
+
+/// `$N` placeholders as SQLite's `?N`.
+fn sqlite_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+struct SqliteSql<'a>(&'a rusqlite::Connection);
+
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            Value::Null => ValueRef::Null,
+            Value::Int(v) => ValueRef::Integer(*v),
+            Value::Text(v) => ValueRef::Text(v.as_bytes()),
+            Value::Bytes(v) => ValueRef::Blob(v),
+        }))
+    }
+}
+
+impl Sql for SqliteSql<'_> {
+    fn exec(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
+        let mut stmt = self.0.prepare_cached(&sqlite_placeholders(sql))?;
+        Ok(stmt.execute(rusqlite::params_from_iter(params))? as u64)
+    }
+
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
+        let mut stmt = self.0.prepare_cached(&sqlite_placeholders(sql))?;
+        let columns = stmt.column_count();
+        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let mut row = Vec::with_capacity(columns);
+            for i in 0..columns {
+                row.push(match r.get_ref(i)? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(v) => Value::Int(v),
+                    ValueRef::Text(v) => Value::Text(String::from_utf8_lossy(v).into_owned()),
+                    ValueRef::Blob(v) => Value::Bytes(v.to_vec()),
+                    ValueRef::Real(v) => {
+                        return Err(Error::Database(format!(
+                            "column {i} holds the real number {v}; the schema has none"
+                        )));
+                    }
+                });
+            }
+            out.push(Row(row));
+        }
+        Ok(out)
+    }
+
+    fn engine(&self) -> Engine {
+        Engine::Sqlite
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_and_ddl_translate() {
+        assert_eq!(
+            sqlite_placeholders("SELECT $1, $12 FROM t WHERE a = '$'"),
+            "SELECT ?1, ?12 FROM t WHERE a = '$'"
+        );
+        let ddl = postgres_ddl(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER NOT NULL, b BLOB);\n\
+             CREATE TABLE u (id INTEGER PRIMARY KEY AUTOINCREMENT);",
+        );
+        assert_eq!(
+            ddl,
+            "CREATE TABLE t (id BIGSERIAL PRIMARY KEY, n BIGINT NOT NULL, b BYTEA);\n\
+             CREATE TABLE u (id BIGSERIAL PRIMARY KEY);"
+        );
+    }
+}
