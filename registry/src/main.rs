@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use delta_registry::admin::NewToken;
 use delta_registry::auth::Scope;
-use delta_registry::service::now;
+use delta_registry::service::{SQLITE_FILE, now};
 use delta_registry::{MetaStore, RegistryConfig, SqlMeta};
 use tracing_subscriber::EnvFilter;
 
@@ -81,6 +81,10 @@ struct DataDir {
     /// The registry's data directory.
     #[arg(long, env = "DELTA_DATA_DIR", default_value = "delta-data")]
     data_dir: PathBuf,
+    /// The metadata database, when it is PostgreSQL (`postgres://...`) rather than the
+    /// data dir's SQLite file.
+    #[arg(long, env = "DELTA_DATABASE")]
+    database: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,9 +146,14 @@ struct ServeArgs {
     /// Log format: `text` or `json` (one JSON object per line).
     #[arg(long, env = "DELTA_LOG_FORMAT", default_value = "text")]
     log_format: String,
-    /// Directory for the SQLite database, and the blobs unless --store says otherwise.
+    /// Directory for the SQLite database (unless --database), the blobs (unless --store)
+    /// and upload staging files.
     #[arg(long, env = "DELTA_DATA_DIR", default_value = "delta-data")]
     data_dir: PathBuf,
+    /// The metadata database: `postgres://user:password@host:port/db` for several
+    /// replicas sharing one PostgreSQL (default: SQLite in the data dir).
+    #[arg(long, env = "DELTA_DATABASE")]
+    database: Option<String>,
     /// Address to listen on.
     #[arg(long, env = "DELTA_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -246,8 +255,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("configuration OK");
             Ok(())
         }
-        Command::Token(cmd) => token(cmd),
-        Command::Namespace(args) => {
+        // PostgreSQL calls block on the runtime: the synchronous commands step off it.
+        Command::Token(cmd) => tokio::task::block_in_place(|| token(cmd)),
+        Command::Namespace(args) => tokio::task::block_in_place(|| {
             let meta = open_meta(&args.dir)?;
             delta_registry::admin::check_namespace(&args.namespace)?;
             if !args.public && !args.private {
@@ -270,7 +280,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
             );
             Ok(())
-        }
+        }),
         Command::Gc(args) => {
             let (meta, blobs) = open_stores(&args.store)?;
             let r = delta_registry::maintenance::collect_garbage(
@@ -321,18 +331,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Audit(dir) => {
+        Command::Audit(dir) => tokio::task::block_in_place(|| {
             for e in open_meta(&dir)?.list_audit()? {
                 let who = e.token.map_or("open".to_owned(), |t| format!("token {t}"));
                 println!("{}\t{who}\t{}\t{}\t{}", e.at, e.action, e.target, e.digest);
             }
             Ok(())
-        }
+        }),
     }
 }
 
 fn open_meta(dir: &DataDir) -> anyhow::Result<SqlMeta> {
-    let db = dir.data_dir.join("registry.sqlite");
+    if let Some(url) = &dir.database {
+        return tokio::task::block_in_place(|| SqlMeta::open_url(url))
+            .with_context(|| format!("cannot open the database {}", redact_url(url)));
+    }
+    let db = dir.data_dir.join(SQLITE_FILE);
     if !db.exists() {
         anyhow::bail!(
             "{} has no registry database (start `delta-registry serve --data-dir {}` once first)",
@@ -373,8 +387,13 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
             worker,
             description,
         } => {
-            std::fs::create_dir_all(&dir.data_dir)?;
-            let meta = SqlMeta::open(&dir.data_dir.join("registry.sqlite"))?;
+            let meta = match &dir.database {
+                Some(_) => open_meta(&dir)?,
+                None => {
+                    std::fs::create_dir_all(&dir.data_dir)?;
+                    SqlMeta::open(&dir.data_dir.join(SQLITE_FILE))?
+                }
+            };
             let new = NewToken {
                 namespace,
                 scope: Scope::parse(&scope)?,
@@ -421,6 +440,7 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
+    database: Option<String>,
     listen: Option<SocketAddr>,
     store: Option<String>,
     /// object_store options (`aws_endpoint`, `aws_region`, ...), beside AWS_* variables.
@@ -484,7 +504,7 @@ fn merge_file(args: &mut ServeArgs, m: &clap::ArgMatches) -> anyhow::Result<()> 
             }
         )*};
     }
-    take_opt!(store, tls_cert, tls_key, metrics_listen);
+    take_opt!(database, store, tls_cert, tls_key, metrics_listen);
     let duration = |s: &str, name: &str| -> anyhow::Result<humantime::Duration> {
         s.parse()
             .with_context(|| format!("config file {}: {name} {s:?}", path.display()))
@@ -521,6 +541,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<RegistryConfig> {
     config.stream_idle_timeout = args.idle_timeout.into();
     config.upload_ttl = args.upload_ttl.into();
     config.store_url = args.store.clone();
+    config.database_url = args.database.clone();
     config.tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
         (Some(cert), Some(key)) => Some(delta_registry::config::TlsFiles { cert, key }),
         (None, None) => None,
@@ -540,6 +561,13 @@ fn describe(args: &ServeArgs, c: &RegistryConfig) -> String {
     line("config", format!("{:?}", args.config));
     line("listen", args.listen.to_string());
     line("data_dir", c.data_dir.display().to_string());
+    line(
+        "database",
+        c.database_url.as_deref().map_or_else(
+            || format!("sqlite ({})", c.data_dir.join(SQLITE_FILE).display()),
+            redact_url,
+        ),
+    );
     line(
         "store",
         c.store_url
@@ -588,9 +616,26 @@ fn describe(args: &ServeArgs, c: &RegistryConfig) -> String {
     out
 }
 
+/// A URL with its password replaced by `<redacted>`.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("<redacted>"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
 /// What `check-config` checks beyond parsing: the store opens, TLS files read.
 fn check(config: &RegistryConfig) -> anyhow::Result<()> {
     delta_registry::BlobStore::open(config).context("the blob store does not open")?;
+    if let Some(url) = &config.database_url {
+        // Connecting also applies missing migrations, as `serve` would.
+        tokio::task::block_in_place(|| SqlMeta::open_url(url))
+            .with_context(|| format!("the database {} does not open", redact_url(url)))?;
+    }
     if let Some(t) = &config.tls {
         for p in [&t.cert, &t.key] {
             std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;

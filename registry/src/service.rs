@@ -44,6 +44,9 @@ struct Inner {
     closed: std::sync::atomic::AtomicBool,
 }
 
+/// The embedded database's file name in the data dir.
+pub const SQLITE_FILE: &str = "registry.sqlite";
+
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn now() -> i64 {
     std::time::SystemTime::now()
@@ -56,8 +59,13 @@ impl RegistryService {
     /// removes stale staging files a killed process left behind.
     pub async fn open(config: &RegistryConfig) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let db = config.data_dir.join("registry.sqlite");
-        let meta = tokio::task::spawn_blocking(move || SqlMeta::open(&db)).await??;
+        let db = config.database_url.clone();
+        let file = config.data_dir.join(SQLITE_FILE);
+        let meta = tokio::task::spawn_blocking(move || match db {
+            Some(url) => SqlMeta::open_url(&url),
+            None => SqlMeta::open(&file),
+        })
+        .await??;
         let blobs = BlobStore::open(config)?;
         let removed = blobs.remove_stale_staging(config.staging_grace)?;
         if removed > 0 {

@@ -1,98 +1,12 @@
 //! SIGKILL the registry process in the middle of an upload, restart it on the same data
 //! dir: everything committed before is intact, nothing partial is visible.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
 
-use bytes::Bytes;
-use delta_proto::registry_client::RegistryClient;
+use std::process::Command;
+
+use common::{base_and_lora_blob, client, start, upload};
 use delta_proto::{self as pb, Digest};
-use tonic::transport::Channel;
-
-struct Registry {
-    child: Child,
-    url: String,
-}
-
-fn start(data_dir: &Path) -> Registry {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_delta-registry"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
-    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
-    Registry { child, url }
-}
-
-async fn client(url: &str) -> RegistryClient<Channel> {
-    RegistryClient::connect(url.to_owned()).await.unwrap()
-}
-
-/// A safetensors file with LoRA A/B for a [4, 4] weight, rank 1.
-fn lora_file() -> Vec<u8> {
-    let header = r#"{"w.lora_A":{"dtype":"F32","shape":[1,4],"data_offsets":[0,16]},"w.lora_B":{"dtype":"F32","shape":[4,1],"data_offsets":[16,32]}}"#;
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend((0..8u32).flat_map(|i| (i as f32 * 0.25).to_le_bytes()));
-    out
-}
-
-async fn upload(
-    c: &mut RegistryClient<Channel>,
-    data: &[u8],
-    upto: usize,
-) -> pb::UploadBlobResponse {
-    let d = Digest::of(data);
-    let start = c
-        .start_upload(pb::StartUploadRequest {
-            digest: d.to_string(),
-            size: data.len() as u64,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let data = Bytes::copy_from_slice(data);
-    let chunks: Vec<pb::UploadChunk> = (0..upto)
-        .step_by(delta_proto::CHUNK_SIZE)
-        .map(|off| pb::UploadChunk {
-            upload_id: start.upload_id.clone(),
-            offset: off as u64,
-            data: data.slice(off..(off + delta_proto::CHUNK_SIZE).min(upto)),
-        })
-        .collect();
-    c.upload_blob(futures::stream::iter(chunks))
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Registers a base with one `[4, 4]` weight and uploads a rank-1 LoRA file for it.
-/// Returns the base fingerprint and the file.
-async fn base_and_lora_blob(c: &mut RegistryClient<Channel>) -> (Digest, Vec<u8>) {
-    let fp = Digest::of(b"the base");
-    c.add_base(pb::AddBaseRequest {
-        name: "b".into(),
-        fingerprint: fp.to_string(),
-        tensors: vec![pb::TensorInfo {
-            name: "w.weight".into(),
-            dtype: "F32".into(),
-            shape: vec![4, 4],
-        }],
-    })
-    .await
-    .unwrap();
-    let file = lora_file();
-    assert!(upload(c, &file, file.len()).await.committed);
-    (fp, file)
-}
 
 #[tokio::test]
 async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {

@@ -1,0 +1,105 @@
+//! Helpers for tests that run the `delta-registry` binary: start it, connect, upload.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use bytes::Bytes;
+use delta_proto::registry_client::RegistryClient;
+use delta_proto::{self as pb, Digest};
+use tonic::transport::Channel;
+
+/// A registry process.
+pub(crate) struct Registry {
+    pub(crate) child: Child,
+    pub(crate) url: String,
+}
+
+/// Starts `delta-registry serve` on a free loopback port over `data_dir`.
+pub(crate) fn start(data_dir: &Path) -> Registry {
+    start_with(data_dir, &[], &[])
+}
+
+/// [`start`] with more flags and environment variables.
+pub(crate) fn start_with(data_dir: &Path, args: &[String], env: &[(String, String)]) -> Registry {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_delta-registry"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+    Registry { child, url }
+}
+
+pub(crate) async fn client(url: &str) -> RegistryClient<Channel> {
+    RegistryClient::connect(url.to_owned()).await.unwrap()
+}
+
+/// A safetensors file with LoRA A/B for a [4, 4] weight, rank 1.
+pub(crate) fn lora_file() -> Vec<u8> {
+    let header = r#"{"w.lora_A":{"dtype":"F32","shape":[1,4],"data_offsets":[0,16]},"w.lora_B":{"dtype":"F32","shape":[4,1],"data_offsets":[16,32]}}"#;
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend((0..8u32).flat_map(|i| (i as f32 * 0.25).to_le_bytes()));
+    out
+}
+
+pub(crate) async fn upload(
+    c: &mut RegistryClient<Channel>,
+    data: &[u8],
+    upto: usize,
+) -> pb::UploadBlobResponse {
+    let d = Digest::of(data);
+    let start = c
+        .start_upload(pb::StartUploadRequest {
+            digest: d.to_string(),
+            size: data.len() as u64,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let data = Bytes::copy_from_slice(data);
+    let chunks: Vec<pb::UploadChunk> = (0..upto)
+        .step_by(delta_proto::CHUNK_SIZE)
+        .map(|off| pb::UploadChunk {
+            upload_id: start.upload_id.clone(),
+            offset: off as u64,
+            data: data.slice(off..(off + delta_proto::CHUNK_SIZE).min(upto)),
+        })
+        .collect();
+    c.upload_blob(futures::stream::iter(chunks))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Registers a base with one `[4, 4]` weight and uploads a rank-1 LoRA file for it.
+/// Returns the base fingerprint and the file.
+pub(crate) async fn base_and_lora_blob(c: &mut RegistryClient<Channel>) -> (Digest, Vec<u8>) {
+    let fp = Digest::of(b"the base");
+    c.add_base(pb::AddBaseRequest {
+        name: "b".into(),
+        fingerprint: fp.to_string(),
+        tensors: vec![pb::TensorInfo {
+            name: "w.weight".into(),
+            dtype: "F32".into(),
+            shape: vec![4, 4],
+        }],
+    })
+    .await
+    .unwrap();
+    let file = lora_file();
+    assert!(upload(c, &file, file.len()).await.committed);
+    (fp, file)
+}
