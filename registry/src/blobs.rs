@@ -1,10 +1,13 @@
 //! [`BlobStore`]: immutable, content-addressed bytes over any `object_store` backend.
 //!
-//! A blob lives at `blobs/blake3/<hex[..2]>/<hex>` and is written with a multipart upload,
-//! which every backend makes visible only on `complete` (LocalFileSystem stages to a hidden
-//! `path#N` file and renames; S3 assembles the parts). The upload layer completes only
-//! after the bytes hashed to the declared digest, so no partial or mismatched blob is ever
-//! readable. Blob keys derive only from digests, never from user-provided names.
+//! A blob lives at `blobs/blake3/<hex[..2]>/<hex>`. An upload writes a private staging
+//! object (`staging/<hex>.<id>`) with a multipart upload, which every backend makes visible
+//! only on `complete` (LocalFileSystem stages to a hidden `path#N` file and renames; S3
+//! assembles the parts); the upload layer completes it only after the bytes hashed to the
+//! declared digest, then [`BlobStore::publish`] copies it to the blob's key with a
+//! conditional create: of racing uploads of one digest exactly one wins, the others find
+//! the blob there and count as dedup. No partial or mismatched blob is ever readable. Blob
+//! keys derive only from digests, never from user-provided names.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,10 +20,20 @@ use futures::stream::BoxStream;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as StorePath;
-use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::config::RegistryConfig;
 use crate::error::{Error, Result};
+
+/// Where staged uploads live until they are published or cleaned up.
+const STAGING: &str = "staging";
+
+/// Where an upload's bytes wait for [`BlobStore::publish`]: a staging key of its own.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    key: StorePath,
+    digest: Digest,
+}
 
 /// Content-addressed blob storage.
 #[derive(Debug, Clone)]
@@ -55,8 +68,15 @@ impl BlobStore {
                     std::fs::create_dir_all(&path)?;
                     return Self::local(&path);
                 }
-                let (store, prefix) =
-                    object_store::parse_url_opts(&parsed, config.store_options.iter().cloned())?;
+                let mut options = config.store_options.clone();
+                // Conditional copies decide upload races; on S3 they are a multipart copy
+                // completed with `If-None-Match: *`, unless the operator chose another way.
+                if parsed.scheme() == "s3"
+                    && !options.iter().any(|(k, _)| k == "aws_copy_if_not_exists")
+                {
+                    options.push(("aws_copy_if_not_exists".into(), "multipart".into()));
+                }
+                let (store, prefix) = object_store::parse_url_opts(&parsed, options)?;
                 let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
                     Arc::from(store)
                 } else {
@@ -87,18 +107,84 @@ impl BlobStore {
         }
     }
 
-    /// Starts a multipart write of `digest`. The caller completes it only after checking
-    /// the bytes, and aborts it otherwise.
-    pub async fn begin(&self, digest: &Digest) -> Result<Box<dyn MultipartUpload>> {
-        Ok(self.store.put_multipart(&key(digest)).await?)
+    /// Starts a multipart write of `digest` to a staging key of its own. The caller
+    /// completes it only after checking the bytes, then publishes it; or aborts it.
+    pub async fn begin(&self, digest: &Digest) -> Result<(Staging, Box<dyn MultipartUpload>)> {
+        let key = StorePath::from(format!(
+            "{STAGING}/{}.{}",
+            digest.hex(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let upload = self.store.put_multipart(&key).await?;
+        Ok((
+            Staging {
+                key,
+                digest: *digest,
+            },
+            upload,
+        ))
     }
 
-    /// Stores a small blob whose digest the caller has checked.
-    pub async fn put_small(&self, digest: &Digest, bytes: Bytes) -> Result<()> {
-        self.store
-            .put(&key(digest), PutPayload::from_bytes(bytes))
-            .await?;
-        Ok(())
+    /// Publishes a completed, checked staging object under its digest with a conditional
+    /// create. `Ok(true)`: this upload stored the blob; `Ok(false)`: the blob was already
+    /// there (a racing upload won; same bytes, so dedup). The staging object is removed.
+    pub async fn publish(&self, staged: &Staging) -> Result<bool> {
+        let published = self
+            .store
+            .copy_if_not_exists(&staged.key, &key(&staged.digest))
+            .await;
+        if let Err(e) = self.store.delete(&staged.key).await {
+            // Harmless: `cleanup_staging` removes it after the grace period.
+            tracing::warn!(key = %staged.key, error = %e, "removing a staging object failed");
+        }
+        match published {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores a small blob whose digest the caller has checked (a conditional create, so
+    /// an existing blob is left as it is). `Ok(false)`: it was already there.
+    pub async fn put_small(&self, digest: &Digest, bytes: Bytes) -> Result<bool> {
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&key(digest), PutPayload::from_bytes(bytes), create)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes completed staging objects older than `grace` (left by a replica killed
+    /// between completing and publishing an upload). Returns how many. Incomplete multipart
+    /// uploads are not listable through object_store: on S3 a bucket lifecycle rule
+    /// (`AbortIncompleteMultipartUpload`) removes them; on local disk
+    /// [`BlobStore::remove_stale_staging`] does.
+    pub async fn cleanup_staging(&self, grace: Duration, now: i64) -> Result<usize> {
+        let prefix = StorePath::from(STAGING);
+        let cutoff = now - grace.as_secs() as i64;
+        let mut stale = Vec::new();
+        let mut listing = self.store.list(Some(&prefix));
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            if meta.last_modified.timestamp() < cutoff {
+                stale.push(meta.location);
+            }
+        }
+        for key in &stale {
+            match self.store.delete(key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(stale.len())
     }
 
     /// Whether the object exists (a `head` on the backend).
@@ -209,9 +295,8 @@ impl BlobStore {
         let Some(root) = &self.local_root else {
             return Ok(0);
         };
-        let blobs = root.join("blobs");
         let mut removed = 0;
-        let mut stack = vec![blobs];
+        let mut stack = vec![root.join("blobs"), root.join(STAGING)];
         while let Some(dir) = stack.pop() {
             let entries = match std::fs::read_dir(&dir) {
                 Ok(e) => e,

@@ -59,12 +59,19 @@ pub async fn run(
         let service = service.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
+            let mut minutes = 0u64;
             loop {
                 tick.tick().await;
                 let n = service.expire_uploads().await;
                 if n > 0 {
                     tracing::info!(expired = n, "expired idle uploads");
                 }
+                // At start-up and hourly: staging objects other replicas (or this one,
+                // before a crash) completed but never published.
+                if minutes.is_multiple_of(60) {
+                    service.cleanup_staging().await;
+                }
+                minutes += 1;
             }
         })
     };

@@ -107,6 +107,17 @@ impl RegistryService {
             .await
     }
 
+    /// Removes staging objects older than the staging grace period (completed uploads a
+    /// killed replica never published); failures are logged, not fatal.
+    pub async fn cleanup_staging(&self) {
+        let grace = self.inner.config.staging_grace;
+        match self.inner.blobs.cleanup_staging(grace, now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed stale staging objects"),
+            Err(e) => tracing::warn!(error = %e, "cleaning up staging objects failed"),
+        }
+    }
+
     /// What the metrics endpoint reports besides counters: stored blobs and bytes, jobs
     /// by state, live leases.
     pub async fn gauges(&self) -> Result<crate::telemetry::Gauges> {
@@ -480,9 +491,11 @@ impl Registry for RegistryService {
                 Ok(Progress::Complete) => {
                     let _commit = self.inner.gc_lock.read().await;
                     let id = session.id.clone();
-                    let result = session.commit().await;
+                    let result = session.commit(&self.inner.blobs).await;
                     self.inner.uploads.remove(&id);
-                    result?;
+                    if !result? {
+                        tracing::debug!(digest = %session.digest, "a racing upload stored the same bytes first");
+                    }
                     let (digest, size) = (session.digest, session.size);
                     self.commit_blob(digest, size, &caller).await?;
                     let idle = self.inner.config.stream_idle_timeout;

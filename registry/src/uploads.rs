@@ -16,7 +16,7 @@ use delta_proto::Digest;
 use object_store::WriteMultipart;
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobStore, Staging};
 use crate::error::{Error, Result};
 
 /// Part size for multipart writes: ≥ 5 MiB, the S3 minimum for non-final parts.
@@ -32,6 +32,8 @@ pub(crate) struct Session {
     pub(crate) received: u64,
     hasher: blake3::Hasher,
     writer: Option<WriteMultipart>,
+    /// Where the bytes wait to be published under the digest.
+    staging: Staging,
     last_active: Instant,
     /// The namespace of the token that opened it (`None`: open registry or `*` token). Only
     /// the same owner may resume it.
@@ -96,7 +98,8 @@ impl Session {
     }
 
     /// Checks the digest and makes the blob visible. On a mismatch the write is aborted.
-    pub(crate) async fn commit(&mut self) -> Result<()> {
+    /// Returns false when a racing upload of the same digest published it first.
+    pub(crate) async fn commit(&mut self, store: &BlobStore) -> Result<bool> {
         let actual = Digest::from_hash(self.hasher.finalize());
         let writer = self.writer.take().ok_or_else(|| Error::NotFound {
             what: "upload",
@@ -110,7 +113,7 @@ impl Session {
             });
         }
         writer.finish().await?;
-        Ok(())
+        store.publish(&self.staging).await
     }
 
     /// Marks the session as interrupted, so a later `StartUpload` can resume it.
@@ -193,7 +196,7 @@ impl Uploads {
                 self.max_open
             )));
         }
-        let upload = store.begin(&digest).await?;
+        let (staging, upload) = store.begin(&digest).await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let session = Session {
             id: id.clone(),
@@ -202,6 +205,7 @@ impl Uploads {
             received: 0,
             hasher: blake3::Hasher::new(),
             writer: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
+            staging,
             last_active: Instant::now(),
             parked: false,
             owner: owner.map(str::to_owned),

@@ -60,7 +60,9 @@ async fn measure(setup: &'static str, a: &Remote, b: &Remote, work: &Path) -> Ro
     let push = t.elapsed();
     let back = work.join("back.bin");
     let t = Instant::now();
-    b.download_to(digest, &back, &hidden).await.expect("download");
+    b.download_to(digest, &back, &hidden)
+        .await
+        .expect("download");
     let pull = t.elapsed();
     assert!(std::fs::read(&back).expect("read back") == bytes);
 
@@ -113,7 +115,10 @@ async fn measure(setup: &'static str, a: &Remote, b: &Remote, work: &Path) -> Ro
     }
 }
 
-fn with_database(url: String, store: Option<(String, Vec<(String, String)>)>) -> impl Fn(&Path) -> RegistryConfig {
+fn with_database(
+    url: String,
+    store: Option<(String, Vec<(String, String)>)>,
+) -> impl Fn(&Path) -> RegistryConfig {
     move |dir: &Path| {
         let mut c = RegistryConfig::for_test(dir);
         c.database_url = Some(url.clone());
@@ -127,7 +132,9 @@ fn with_database(url: String, store: Option<(String, Vec<(String, String)>)>) ->
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let _ = tracing_subscriber::fmt().with_env_filter("error").try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("error")
+        .try_init();
     let mut rows = Vec::new();
 
     let embedded = TestRegistry::start().await;
@@ -152,7 +159,11 @@ async fn main() {
         with_database(db.clone(), store.clone()),
     )
     .await;
-    let b = TestRegistry::start_in(tempfile::tempdir().expect("tempdir"), with_database(db, store)).await;
+    let b = TestRegistry::start_in(
+        tempfile::tempdir().expect("tempdir"),
+        with_database(db, store),
+    )
+    .await;
     let (ra, rb) = (a.remote().await, b.remote().await);
     let work = tempfile::tempdir().expect("tempdir");
     rows.push(measure("2 replicas: PostgreSQL + S3 (moto)", &ra, &rb, work.path()).await);

@@ -6,7 +6,7 @@ async fn check_write_read(store: &BlobStore) {
     let data = Bytes::from(vec![7u8; 3 << 20]);
     let digest = Digest::of(&data);
     assert!(!store.exists(&digest).await.unwrap());
-    let mut up = store.begin(&digest).await.unwrap();
+    let (staging, mut up) = store.begin(&digest).await.unwrap();
     // Nothing is visible before complete.
     up.put_part(PutPayload::from_bytes(data.slice(..1 << 20)))
         .await
@@ -16,6 +16,11 @@ async fn check_write_read(store: &BlobStore) {
         .await
         .unwrap();
     up.complete().await.unwrap();
+    assert!(
+        !store.exists(&digest).await.unwrap(),
+        "visible before publish"
+    );
+    assert!(store.publish(&staging).await.unwrap());
     assert!(store.exists(&digest).await.unwrap());
     assert_eq!(
         store.read_range(&digest, 5..9).await.unwrap(),
@@ -30,7 +35,7 @@ async fn check_write_read(store: &BlobStore) {
 
     // An aborted write leaves nothing.
     let other = Digest::of(b"other");
-    let mut up = store.begin(&other).await.unwrap();
+    let (_, mut up) = store.begin(&other).await.unwrap();
     up.put_part(PutPayload::from_static(b"other"))
         .await
         .unwrap();

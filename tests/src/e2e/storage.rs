@@ -7,6 +7,7 @@ use delta_registry::RegistryConfig;
 use delta_registry::blobs::BlobStore;
 use futures::StreamExt;
 use object_store::PutPayload;
+use std::time::Duration;
 
 use crate::TestRegistry;
 use crate::s3::Moto;
@@ -30,7 +31,7 @@ async fn conformance(store: BlobStore) {
     let big = data(12 << 20, 1);
     let d = Digest::of(&big);
     assert!(!store.exists(&d).await.unwrap());
-    let mut up = store.begin(&d).await.unwrap();
+    let (staging, mut up) = store.begin(&d).await.unwrap();
     up.put_part(PutPayload::from(big[..8 << 20].to_vec()))
         .await
         .unwrap();
@@ -42,6 +43,7 @@ async fn conformance(store: BlobStore) {
         "an incomplete multipart write is visible"
     );
     up.complete().await.unwrap();
+    assert!(store.publish(&staging).await.unwrap());
     assert!(store.exists(&d).await.unwrap());
     assert_eq!(store.size(&d).await.unwrap(), Some(big.len() as u64));
     assert_eq!(
@@ -58,10 +60,54 @@ async fn conformance(store: BlobStore) {
     // Aborted: nothing visible.
     let other = data(6 << 20, 2);
     let d2 = Digest::of(&other);
-    let mut up = store.begin(&d2).await.unwrap();
+    let (_, mut up) = store.begin(&d2).await.unwrap();
     up.put_part(PutPayload::from(other.clone())).await.unwrap();
     up.abort().await.unwrap();
     assert!(!store.exists(&d2).await.unwrap());
+
+    // Racing uploads of one digest: both complete, exactly one publish creates the blob,
+    // the other finds it there (a conditional create; dedup); no staging object is left.
+    let mut racers = Vec::new();
+    for _ in 0..2 {
+        let (staging, mut up) = store.begin(&d2).await.unwrap();
+        up.put_part(PutPayload::from(other.clone())).await.unwrap();
+        up.complete().await.unwrap();
+        racers.push(staging);
+    }
+    // Published one after the other: moto checks the condition without a lock, so truly
+    // simultaneous completes can both pass there (S3 itself decides them atomically).
+    assert!(
+        store.publish(&racers[0]).await.unwrap(),
+        "the first publish creates the blob"
+    );
+    assert!(
+        !store.publish(&racers[1]).await.unwrap(),
+        "the second finds it there: dedup, not an overwrite"
+    );
+    assert_eq!(store.size(&d2).await.unwrap(), Some(other.len() as u64));
+    let later = delta_registry::service::now() + 10;
+    assert_eq!(
+        store.cleanup_staging(Duration::ZERO, later).await.unwrap(),
+        0
+    );
+    // A completed upload its registry never published is cleaned up after the grace period.
+    let lost = data(6 << 20, 4);
+    let (_, mut up) = store.begin(&Digest::of(&lost)).await.unwrap();
+    up.put_part(PutPayload::from(lost.clone())).await.unwrap();
+    up.complete().await.unwrap();
+    assert!(!store.exists(&Digest::of(&lost)).await.unwrap());
+    assert_eq!(
+        store
+            .cleanup_staging(Duration::from_secs(3600), later)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store.cleanup_staging(Duration::ZERO, later).await.unwrap(),
+        1
+    );
+    store.delete(&d2).await.unwrap();
 
     // Small puts, listing, deletes.
     let small = b"small blob".to_vec();
