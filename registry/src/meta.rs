@@ -448,33 +448,37 @@ impl MetaStore for SqlMeta {
     }
 
     fn resolve(&self, reference: &Reference) -> Result<Option<Resolved>> {
+        // One statement finds the repository and the version (each round trip counts on
+        // PostgreSQL), a second reads its tags.
         self.db.read(|c| {
-            let Some(id) = repo_id(c, &reference.repository)? else {
-                return Ok(None);
-            };
-            let select = "SELECT v.version, v.manifest, m.body, v.created_at FROM versions v
-                          JOIN manifests m ON m.digest = v.manifest WHERE v.repository = $1 AND v.yanked < 2";
+            let repo = &reference.repository;
+            let select = "SELECT v.version, v.manifest, m.body, v.created_at, r.id FROM repositories r
+                          JOIN versions v ON v.repository = r.id JOIN manifests m ON m.digest = v.manifest
+                          WHERE r.namespace = $1 AND r.name = $2 AND v.yanked < 2";
+            let (ns, name) = (repo.namespace(), repo.name());
             let found = match &reference.selector {
-                Selector::Version(v) => c.opt(&format!("{select} AND v.version = $2"), p![id, *v])?,
+                Selector::Version(v) => {
+                    c.opt(&format!("{select} AND v.version = $3"), p![ns, name, *v])?
+                }
                 Selector::Digest(d) => c.opt(
-                    &format!("{select} AND v.manifest = $2 ORDER BY v.version DESC LIMIT 1"),
-                    p![id, d],
+                    &format!("{select} AND v.manifest = $3 ORDER BY v.version DESC LIMIT 1"),
+                    p![ns, name, d],
                 )?,
                 Selector::Tag(t) => c.opt(
                     &format!(
-                        "{select} AND v.version = (SELECT version FROM tags WHERE repository = $1 AND tag = $2)"
+                        "{select} AND v.version = (SELECT version FROM tags WHERE repository = r.id AND tag = $3)"
                     ),
-                    p![id, t],
+                    p![ns, name, t],
                 )?,
             };
             let Some(r) = found else { return Ok(None) };
             let version = r.uint(0)?;
             Ok(Some(Resolved {
-                repository: reference.repository.clone(),
+                repository: repo.clone(),
                 version,
                 digest: r.digest(1)?,
                 manifest: r.bytes(2)?,
-                tags: tags_of(c, id, version)?,
+                tags: tags_of(c, r.int(4)?, version)?,
                 created_at: r.int(3)?,
             }))
         })
