@@ -35,14 +35,21 @@ pub async fn collect_garbage(
     now: i64,
 ) -> Result<GcReport> {
     let cutoff = now - grace.as_secs() as i64;
-    let rows = tokio::task::spawn_blocking(move || meta.collect_garbage(cutoff, dry_run)).await??;
+    let m = meta.clone();
+    let rows = tokio::task::spawn_blocking(move || m.collect_garbage(cutoff, dry_run)).await??;
     let mut report = GcReport {
         dry_run,
         ..GcReport::default()
     };
     for (d, size) in rows {
         if !dry_run {
-            blobs.delete_unless_newer(&d, cutoff).await?;
+            // Another replica may have committed the same bytes again since the rows went
+            // (its publish found the object and recorded a new row): keep them then.
+            let m = meta.clone();
+            let revived = tokio::task::spawn_blocking(move || m.blob_sizes(&[d])).await??;
+            if revived.is_empty() {
+                blobs.delete_unless_newer(&d, cutoff).await?;
+            }
         }
         tracing::info!(digest = %d, bytes = size, dry_run, "garbage blob");
         report.removed.push(d);
