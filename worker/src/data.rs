@@ -4,58 +4,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::bert::Batch;
 use crate::rng::Rng;
 
-/// One example: `{"text": …, "text_pair": …?, "label": …}` (label: string or integer).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Example {
-    /// First text.
-    pub text: String,
-    /// Optional second text (pair classification).
-    pub text_pair: Option<String>,
-    /// The label, as written (integers as their decimal form).
-    pub label: String,
-}
-
-/// Parses JSONL; an error names the line and what is wrong with it. A missing label is
-/// empty (allowed for prediction; training refuses it).
-pub fn parse_jsonl(bytes: &[u8], what: &str) -> Result<Vec<Example>> {
-    let text = std::str::from_utf8(bytes).with_context(|| format!("{what} is not UTF-8"))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{what} line {}: not JSON", i + 1))?;
-        let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
-        let text = field("text")
-            .with_context(|| format!("{what} line {}: no string field \"text\"", i + 1))?;
-        let label = match v.get("label") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
-            None => String::new(),
-            _ => bail!(
-                "{what} line {}: \"label\" must be a string or an integer",
-                i + 1
-            ),
-        };
-        out.push(Example {
-            text,
-            text_pair: field("text_pair"),
-            label,
-        });
-    }
-    if out.is_empty() {
-        bail!("{what} has no examples");
-    }
-    Ok(out)
-}
+pub use delta_client::jobs::{Example, parse_jsonl};
 
 /// Reads a JSONL file.
 pub fn load_jsonl(path: &Path) -> Result<Vec<Example>> {

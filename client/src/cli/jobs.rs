@@ -156,26 +156,12 @@ async fn upload(remote: &Remote, ctx: &Ctx, path: &std::path::Path) -> anyhow::R
     Ok(d)
 }
 
-/// Refuses data a worker would refuse, before anything is queued.
+/// Refuses data a worker would refuse, before anything is queued: the worker's own parser,
+/// and a label on every example.
 fn check_jsonl(bytes: &[u8], what: &str) -> anyhow::Result<()> {
-    let text = std::str::from_utf8(bytes).with_context(|| format!("{what} is not UTF-8"))?;
-    let mut n = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{what} line {}: not JSON", i + 1))?;
-        if !v.get("text").is_some_and(serde_json::Value::is_string) || v.get("label").is_none() {
-            bail!(
-                "{what} line {}: needs \"text\" (string) and \"label\"",
-                i + 1
-            );
-        }
-        n += 1;
-    }
-    if n == 0 {
-        bail!("{what} has no examples");
+    let examples = crate::jobs::parse_jsonl(bytes, what)?;
+    if let Some(i) = examples.iter().position(|e| e.label.is_empty()) {
+        bail!("{what}: example {} has no \"label\"", i + 1);
     }
     Ok(())
 }
