@@ -25,8 +25,25 @@ use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutOpt
 use crate::config::RegistryConfig;
 use crate::error::{Error, Result};
 
-/// Where staged uploads live until they are published or cleaned up.
+mod s3;
+
+/// Where staged uploads live until they are published or cleaned up, under keys
+/// `staging/<hex>.<created unix seconds>.<random>`.
 const STAGING: &str = "staging";
+
+/// The creation time a staging key spells.
+fn staging_created(key: &str) -> Option<i64> {
+    key.rsplit('/').next()?.split('.').nth(1)?.parse().ok()
+}
+
+/// What [`BlobStore::cleanup_staging`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Completed staging objects never published.
+    pub objects: usize,
+    /// Incomplete multipart uploads aborted (S3).
+    pub uploads: usize,
+}
 
 /// Where an upload's bytes wait for [`BlobStore::publish`]: a staging key of its own.
 #[derive(Debug, Clone)]
@@ -42,6 +59,8 @@ pub struct BlobStore {
     /// The root directory when the backend is the local filesystem (for the staging-file
     /// janitor, which `list` cannot see).
     local_root: Option<PathBuf>,
+    /// On S3: lists and aborts incomplete multipart uploads, which `list` cannot see.
+    s3: Option<Arc<s3::Janitor>>,
 }
 
 fn key(digest: &Digest) -> StorePath {
@@ -76,6 +95,10 @@ impl BlobStore {
                 {
                     options.push(("aws_copy_if_not_exists".into(), "multipart".into()));
                 }
+                let s3 = match parsed.scheme() {
+                    "s3" => Some(Arc::new(s3::Janitor::new(&parsed, &options)?)),
+                    _ => None,
+                };
                 let (store, prefix) = object_store::parse_url_opts(&parsed, options)?;
                 let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
                     Arc::from(store)
@@ -85,6 +108,7 @@ impl BlobStore {
                 Ok(Self {
                     store,
                     local_root: None,
+                    s3,
                 })
             }
         }
@@ -96,6 +120,7 @@ impl BlobStore {
         Ok(Self {
             store: Arc::new(fs),
             local_root: Some(root.to_owned()),
+            s3: None,
         })
     }
 
@@ -104,6 +129,7 @@ impl BlobStore {
         Self {
             store: Arc::new(InMemory::new()),
             local_root: None,
+            s3: None,
         }
     }
 
@@ -111,8 +137,9 @@ impl BlobStore {
     /// completes it only after checking the bytes, then publishes it; or aborts it.
     pub async fn begin(&self, digest: &Digest) -> Result<(Staging, Box<dyn MultipartUpload>)> {
         let key = StorePath::from(format!(
-            "{STAGING}/{}.{}",
+            "{STAGING}/{}.{}.{}",
             digest.hex(),
+            crate::service::now(),
             uuid::Uuid::new_v4().simple()
         ));
         let upload = self.store.put_multipart(&key).await?;
@@ -162,29 +189,52 @@ impl BlobStore {
         }
     }
 
-    /// Deletes completed staging objects older than `grace` (left by a replica killed
-    /// between completing and publishing an upload). Returns how many. Incomplete multipart
-    /// uploads are not listable through object_store: on S3 a bucket lifecycle rule
-    /// (`AbortIncompleteMultipartUpload`) removes them; on local disk
-    /// [`BlobStore::remove_stale_staging`] does.
-    pub async fn cleanup_staging(&self, grace: Duration, now: i64) -> Result<usize> {
+    /// Removes what killed uploads left in the store: completed staging objects older than
+    /// `completed_grace` (a replica died between completing and publishing) and, on S3,
+    /// incomplete multipart uploads older than `incomplete_grace` (a replica died
+    /// mid-upload; keep it at least as long as upload sessions stay resumable). Ages come
+    /// from the time in the staging key, so every backend and every replica agrees.
+    /// Incomplete uploads on local disk are staging files, which
+    /// [`BlobStore::remove_stale_staging`] removes.
+    pub async fn cleanup_staging(
+        &self,
+        completed_grace: Duration,
+        incomplete_grace: Duration,
+        now: i64,
+    ) -> Result<Cleanup> {
+        let stale = |key: &str, grace: Duration, fallback: i64| {
+            staging_created(key).unwrap_or(fallback) < now - grace.as_secs() as i64
+        };
+        let mut done = Cleanup::default();
         let prefix = StorePath::from(STAGING);
-        let cutoff = now - grace.as_secs() as i64;
-        let mut stale = Vec::new();
+        let mut old = Vec::new();
         let mut listing = self.store.list(Some(&prefix));
         while let Some(meta) = listing.next().await {
             let meta = meta?;
-            if meta.last_modified.timestamp() < cutoff {
-                stale.push(meta.location);
+            if stale(
+                meta.location.as_ref(),
+                completed_grace,
+                meta.last_modified.timestamp(),
+            ) {
+                old.push(meta.location);
             }
         }
-        for key in &stale {
+        for key in &old {
             match self.store.delete(key).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => done.objects += 1,
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(stale.len())
+        if let Some(s3) = &self.s3 {
+            for upload in s3.list(&format!("{STAGING}/")).await? {
+                let key = s3.store_key(&upload.key).unwrap_or(&upload.key);
+                if stale(key, incomplete_grace, now) {
+                    s3.abort(&upload).await?;
+                    done.uploads += 1;
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// Whether the object exists (a `head` on the backend).

@@ -107,13 +107,24 @@ impl RegistryService {
             .await
     }
 
-    /// Removes staging objects older than the staging grace period (completed uploads a
-    /// killed replica never published); failures are logged, not fatal.
+    /// Removes what killed uploads left in the store (completed staging objects never
+    /// published, and on S3 incomplete multipart uploads); failures are logged, not fatal.
     pub async fn cleanup_staging(&self) {
-        let grace = self.inner.config.staging_grace;
-        match self.inner.blobs.cleanup_staging(grace, now()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(removed = n, "removed stale staging objects"),
+        let c = &self.inner.config;
+        // An interrupted upload stays resumable for `upload_ttl`: its parts stay that long.
+        let incomplete = c.staging_grace.max(c.upload_ttl);
+        match self
+            .inner
+            .blobs
+            .cleanup_staging(c.staging_grace, incomplete, now())
+            .await
+        {
+            Ok(done) if done == crate::blobs::Cleanup::default() => {}
+            Ok(done) => tracing::info!(
+                staging_objects = done.objects,
+                multipart_uploads = done.uploads,
+                "removed what killed uploads left"
+            ),
             Err(e) => tracing::warn!(error = %e, "cleaning up staging objects failed"),
         }
     }

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use delta_proto::Digest;
 use delta_registry::RegistryConfig;
-use delta_registry::blobs::BlobStore;
+use delta_registry::blobs::{BlobStore, Cleanup};
 use futures::StreamExt;
 use object_store::PutPayload;
 use std::time::Duration;
@@ -86,27 +86,17 @@ async fn conformance(store: BlobStore) {
     );
     assert_eq!(store.size(&d2).await.unwrap(), Some(other.len() as u64));
     let later = delta_registry::service::now() + 10;
-    assert_eq!(
-        store.cleanup_staging(Duration::ZERO, later).await.unwrap(),
-        0
-    );
+    let (nothing, hour) = (Cleanup::default(), Duration::from_secs(3600));
+    let cleanup = |grace| store.cleanup_staging(grace, hour, later);
+    assert_eq!(cleanup(Duration::ZERO).await.unwrap(), nothing);
     // A completed upload its registry never published is cleaned up after the grace period.
     let lost = data(6 << 20, 4);
     let (_, mut up) = store.begin(&Digest::of(&lost)).await.unwrap();
     up.put_part(PutPayload::from(lost.clone())).await.unwrap();
     up.complete().await.unwrap();
     assert!(!store.exists(&Digest::of(&lost)).await.unwrap());
-    assert_eq!(
-        store
-            .cleanup_staging(Duration::from_secs(3600), later)
-            .await
-            .unwrap(),
-        0
-    );
-    assert_eq!(
-        store.cleanup_staging(Duration::ZERO, later).await.unwrap(),
-        1
-    );
+    assert_eq!(cleanup(hour).await.unwrap(), nothing);
+    assert_eq!(cleanup(Duration::ZERO).await.unwrap().objects, 1);
     store.delete(&d2).await.unwrap();
 
     // Small puts, listing, deletes.
@@ -158,6 +148,30 @@ async fn conformance_on_s3() {
     let dir = tempfile::tempdir().unwrap();
     let config = s3_config(&moto, "blobs-root")(dir.path());
     conformance(BlobStore::open(&config).unwrap()).await;
+}
+
+/// A replica killed mid-upload leaves an incomplete multipart upload (invisible, billed):
+/// the cleanup aborts it once it is older than the grace period, and not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_multipart_uploads_are_aborted_on_s3() {
+    let moto = Moto::start("abandoned");
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(&s3_config(&moto, "hub")(dir.path())).unwrap();
+    let bytes = data(6 << 20, 9);
+    let (_, mut up) = store.begin(&Digest::of(&bytes)).await.unwrap();
+    up.put_part(PutPayload::from(bytes)).await.unwrap();
+    drop(up); // killed: neither completed nor aborted
+    let now = delta_registry::service::now();
+    let hour = Duration::from_secs(3600);
+    let young = store.cleanup_staging(hour, hour, now + 60).await.unwrap();
+    assert_eq!(
+        young.uploads, 0,
+        "an upload younger than the grace period stays"
+    );
+    let old = store.cleanup_staging(hour, hour, now + 7200).await.unwrap();
+    assert_eq!(old.uploads, 1);
+    let again = store.cleanup_staging(hour, hour, now + 7200).await.unwrap();
+    assert_eq!(again.uploads, 0, "aborted for good");
 }
 
 /// The registry on S3: a 20 MiB blob goes up through resumable chunks and multipart parts,
