@@ -45,11 +45,17 @@ pub struct Cleanup {
     pub uploads: usize,
 }
 
-/// Where an upload's bytes wait for [`BlobStore::publish`]: a staging key of its own.
+/// S3 copies at most 5 GiB in one part, so larger blobs cannot be published by the
+/// conditional copy: they are written to their key directly.
+const MAX_COPY: u64 = 5 << 30;
+
+/// Where an upload's bytes wait for [`BlobStore::publish`]: a staging key of its own
+/// (or, for blobs too big to copy on S3, the blob's own key).
 #[derive(Debug, Clone)]
 pub struct Staging {
     key: StorePath,
     digest: Digest,
+    direct: bool,
 }
 
 /// Content-addressed blob storage.
@@ -61,6 +67,8 @@ pub struct BlobStore {
     local_root: Option<PathBuf>,
     /// On S3: lists and aborts incomplete multipart uploads, which `list` cannot see.
     s3: Option<Arc<s3::Janitor>>,
+    /// Largest blob published by a conditional copy on S3 ([`MAX_COPY`]).
+    copy_limit: u64,
 }
 
 fn key(digest: &Digest) -> StorePath {
@@ -109,6 +117,7 @@ impl BlobStore {
                     store,
                     local_root: None,
                     s3,
+                    copy_limit: MAX_COPY,
                 })
             }
         }
@@ -121,7 +130,16 @@ impl BlobStore {
             store: Arc::new(fs),
             local_root: Some(root.to_owned()),
             s3: None,
+            copy_limit: MAX_COPY,
         })
+    }
+
+    /// Lowers the size above which S3 blobs skip the conditional copy, so tests can reach
+    /// that path without 5 GiB uploads.
+    #[doc(hidden)]
+    pub fn with_copy_limit(mut self, limit: u64) -> Self {
+        self.copy_limit = limit;
+        self
     }
 
     /// An in-memory store, for tests.
@@ -130,12 +148,31 @@ impl BlobStore {
             store: Arc::new(InMemory::new()),
             local_root: None,
             s3: None,
+            copy_limit: MAX_COPY,
         }
     }
 
-    /// Starts a multipart write of `digest` to a staging key of its own. The caller
-    /// completes it only after checking the bytes, then publishes it; or aborts it.
-    pub async fn begin(&self, digest: &Digest) -> Result<(Staging, Box<dyn MultipartUpload>)> {
+    /// Starts a multipart write of `digest` (`size` bytes) to a staging key of its own.
+    /// The caller completes it only after checking the bytes, then publishes it; or aborts
+    /// it. On S3, blobs over 5 GiB (beyond one copy part) are written to their own key:
+    /// racing uploads of those both complete with the same bytes, without a single winner.
+    pub async fn begin(
+        &self,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(Staging, Box<dyn MultipartUpload>)> {
+        if self.s3.is_some() && size > self.copy_limit {
+            let key = key(digest);
+            let upload = self.store.put_multipart(&key).await?;
+            return Ok((
+                Staging {
+                    key,
+                    digest: *digest,
+                    direct: true,
+                },
+                upload,
+            ));
+        }
         let key = StorePath::from(format!(
             "{STAGING}/{}.{}.{}",
             digest.hex(),
@@ -147,6 +184,7 @@ impl BlobStore {
             Staging {
                 key,
                 digest: *digest,
+                direct: false,
             },
             upload,
         ))
@@ -156,6 +194,9 @@ impl BlobStore {
     /// create. `Ok(true)`: this upload stored the blob; `Ok(false)`: the blob was already
     /// there (a racing upload won; same bytes, so dedup). The staging object is removed.
     pub async fn publish(&self, staged: &Staging) -> Result<bool> {
+        if staged.direct {
+            return Ok(true);
+        }
         let published = self
             .store
             .copy_if_not_exists(&staged.key, &key(&staged.digest))

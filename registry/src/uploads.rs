@@ -196,7 +196,7 @@ impl Uploads {
                 self.max_open
             )));
         }
-        let (staging, upload) = store.begin(&digest).await?;
+        let (staging, upload) = store.begin(&digest, size).await?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let session = Session {
             id: id.clone(),

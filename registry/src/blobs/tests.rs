@@ -6,7 +6,7 @@ async fn check_write_read(store: &BlobStore) {
     let data = Bytes::from(vec![7u8; 3 << 20]);
     let digest = Digest::of(&data);
     assert!(!store.exists(&digest).await.unwrap());
-    let (staging, mut up) = store.begin(&digest).await.unwrap();
+    let (staging, mut up) = store.begin(&digest, data.len() as u64).await.unwrap();
     // Nothing is visible before complete.
     up.put_part(PutPayload::from_bytes(data.slice(..1 << 20)))
         .await
@@ -35,7 +35,7 @@ async fn check_write_read(store: &BlobStore) {
 
     // An aborted write leaves nothing.
     let other = Digest::of(b"other");
-    let (_, mut up) = store.begin(&other).await.unwrap();
+    let (_, mut up) = store.begin(&other, 5).await.unwrap();
     up.put_part(PutPayload::from_static(b"other"))
         .await
         .unwrap();

@@ -31,7 +31,7 @@ async fn conformance(store: BlobStore) {
     let big = data(12 << 20, 1);
     let d = Digest::of(&big);
     assert!(!store.exists(&d).await.unwrap());
-    let (staging, mut up) = store.begin(&d).await.unwrap();
+    let (staging, mut up) = store.begin(&d, big.len() as u64).await.unwrap();
     up.put_part(PutPayload::from(big[..8 << 20].to_vec()))
         .await
         .unwrap();
@@ -60,7 +60,7 @@ async fn conformance(store: BlobStore) {
     // Aborted: nothing visible.
     let other = data(6 << 20, 2);
     let d2 = Digest::of(&other);
-    let (_, mut up) = store.begin(&d2).await.unwrap();
+    let (_, mut up) = store.begin(&d2, other.len() as u64).await.unwrap();
     up.put_part(PutPayload::from(other.clone())).await.unwrap();
     up.abort().await.unwrap();
     assert!(!store.exists(&d2).await.unwrap());
@@ -69,7 +69,7 @@ async fn conformance(store: BlobStore) {
     // the other finds it there (a conditional create; dedup); no staging object is left.
     let mut racers = Vec::new();
     for _ in 0..2 {
-        let (staging, mut up) = store.begin(&d2).await.unwrap();
+        let (staging, mut up) = store.begin(&d2, other.len() as u64).await.unwrap();
         up.put_part(PutPayload::from(other.clone())).await.unwrap();
         up.complete().await.unwrap();
         racers.push(staging);
@@ -91,7 +91,10 @@ async fn conformance(store: BlobStore) {
     assert_eq!(cleanup(Duration::ZERO).await.unwrap(), nothing);
     // A completed upload its registry never published is cleaned up after the grace period.
     let lost = data(6 << 20, 4);
-    let (_, mut up) = store.begin(&Digest::of(&lost)).await.unwrap();
+    let (_, mut up) = store
+        .begin(&Digest::of(&lost), lost.len() as u64)
+        .await
+        .unwrap();
     up.put_part(PutPayload::from(lost.clone())).await.unwrap();
     up.complete().await.unwrap();
     assert!(!store.exists(&Digest::of(&lost)).await.unwrap());
@@ -158,7 +161,10 @@ async fn abandoned_multipart_uploads_are_aborted_on_s3() {
     let dir = tempfile::tempdir().unwrap();
     let store = BlobStore::open(&s3_config(&moto, "hub")(dir.path())).unwrap();
     let bytes = data(6 << 20, 9);
-    let (_, mut up) = store.begin(&Digest::of(&bytes)).await.unwrap();
+    let (_, mut up) = store
+        .begin(&Digest::of(&bytes), bytes.len() as u64)
+        .await
+        .unwrap();
     up.put_part(PutPayload::from(bytes)).await.unwrap();
     drop(up); // killed: neither completed nor aborted
     let now = delta_registry::service::now();
@@ -172,6 +178,34 @@ async fn abandoned_multipart_uploads_are_aborted_on_s3() {
     assert_eq!(old.uploads, 1);
     let again = store.cleanup_staging(hour, hour, now + 7200).await.unwrap();
     assert_eq!(again.uploads, 0, "aborted for good");
+}
+
+/// Blobs too big for one S3 copy part (5 GiB; lowered here) are written to their key
+/// directly: visible only once complete, nothing staged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_beyond_one_copy_part_are_written_in_place_on_s3() {
+    let moto = Moto::start("in-place");
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(&s3_config(&moto, "hub")(dir.path()))
+        .unwrap()
+        .with_copy_limit(1 << 20);
+    let bytes = data(6 << 20, 5);
+    let d = Digest::of(&bytes);
+    let (staging, mut up) = store.begin(&d, bytes.len() as u64).await.unwrap();
+    up.put_part(PutPayload::from(bytes.clone())).await.unwrap();
+    assert!(!store.exists(&d).await.unwrap());
+    up.complete().await.unwrap();
+    assert!(store.publish(&staging).await.unwrap());
+    assert_eq!(
+        store.read_range(&d, 0..16).await.unwrap(),
+        Bytes::copy_from_slice(&bytes[..16])
+    );
+    let later = delta_registry::service::now() + 10;
+    let done = store
+        .cleanup_staging(Duration::ZERO, Duration::ZERO, later)
+        .await
+        .unwrap();
+    assert_eq!(done, Cleanup::default(), "nothing was staged");
 }
 
 /// The registry on S3: a 20 MiB blob goes up through resumable chunks and multipart parts,
