@@ -75,8 +75,8 @@ pub enum Error {
     /// SQLite failed.
     #[error("metadata database error")]
     Db(#[from] rusqlite::Error),
-    /// PostgreSQL failed.
-    #[error("metadata database error: {0}")]
+    /// PostgreSQL failed (the cause is the error's source).
+    #[error("metadata database (PostgreSQL) error")]
     Postgres(#[from] tokio_postgres::Error),
     /// The metadata database returned something the schema does not allow.
     #[error("metadata database error: {0}")]

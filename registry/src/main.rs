@@ -620,7 +620,7 @@ fn describe(args: &ServeArgs, c: &RegistryConfig) -> String {
 fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("<redacted>"));
+            let _ = u.set_password(Some("***"));
             u.to_string()
         }
         Ok(u) => u.to_string(),

@@ -12,6 +12,7 @@ fn check_config(args: &[&str], env: &[(&str, &str)]) -> Output {
         "DELTA_STORE",
         "DELTA_CONFIG",
         "DELTA_LOG_FORMAT",
+        "DELTA_DATABASE",
     ] {
         c.env_remove(k);
     }
@@ -103,4 +104,29 @@ fn mistakes_are_named() {
     let out = check_config(&["--store", "nosuch://x"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("blob store"));
+}
+
+#[test]
+fn the_database_password_is_redacted_and_an_unreachable_database_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let url = "postgres://delta:hunter2@127.0.0.1:1/hub";
+    let out = check_config(
+        &["--data-dir", data.to_str().unwrap()],
+        &[("DELTA_DATABASE", url)],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(
+        line(&stdout, "database"),
+        "database = postgres://delta:***@127.0.0.1:1/hub"
+    );
+    assert!(!stdout.contains("hunter2") && !stderr.contains("hunter2"));
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("the database postgres://delta:***@127.0.0.1:1/hub does not open"),
+        "{stderr}"
+    );
 }

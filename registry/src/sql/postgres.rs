@@ -98,9 +98,19 @@ impl Pool {
         self.transaction(&mut |sql| {
             // Replicas starting together take turns; the later ones find the work done.
             sql.exec("SELECT pg_advisory_xact_lock($1)", super::p![MIGRATION_LOCK])?;
-            sql.batch(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-            )?;
+            let exists = sql
+                .one(
+                    "SELECT COUNT(*) FROM information_schema.tables
+                     WHERE table_schema = current_schema() AND table_name = 'schema_migrations'",
+                    &[],
+                )?
+                .int(0)?
+                > 0;
+            if !exists {
+                sql.batch(
+                    "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+                )?;
+            }
             let done = sql
                 .one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])?
                 .uint(0)? as usize;
