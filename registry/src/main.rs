@@ -50,6 +50,10 @@ struct StoreArgs {
     /// The object_store URL the registry serves from (default: the data dir's own store).
     #[arg(long, env = "DELTA_STORE")]
     store: Option<String>,
+    /// An object_store option, e.g. `aws_endpoint=http://127.0.0.1:9000` (repeatable;
+    /// overrides the AWS_* variables).
+    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_option)]
+    store_option: Vec<(String, String)>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -160,6 +164,11 @@ struct ServeArgs {
     /// An object_store URL for blobs (`s3://bucket/prefix` reads the usual AWS_* variables).
     #[arg(long, env = "DELTA_STORE")]
     store: Option<String>,
+    /// An object_store option, e.g. `aws_endpoint=http://127.0.0.1:9000` or
+    /// `aws_region=eu-west-1` (repeatable; overrides the AWS_* variables and the file's
+    /// [store_options]).
+    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_option)]
+    store_option: Vec<(String, String)>,
     /// Largest blob accepted, in bytes.
     #[arg(long, default_value_t = 64 << 30)]
     max_blob_bytes: u64,
@@ -363,9 +372,24 @@ fn open_stores(
     let meta = open_meta(&args.dir)?;
     let mut config = RegistryConfig::local(&args.dir.data_dir);
     config.store_url = args.store.clone();
-    config.store_options = aws_options();
+    config.store_options = merge_options(&[aws_options(), args.store_option.clone()]);
     let blobs = delta_registry::BlobStore::open(&config).context("cannot open the blob store")?;
     Ok((std::sync::Arc::new(meta), blobs))
+}
+
+/// `KEY=VALUE`.
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_lowercase(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// Options from several sources, later ones winning, one entry per key.
+fn merge_options(sources: &[Vec<(String, String)>]) -> Vec<(String, String)> {
+    let merged: std::collections::BTreeMap<String, String> =
+        sources.iter().flatten().cloned().collect();
+    merged.into_iter().collect()
 }
 
 fn aws_options() -> Vec<(String, String)> {
@@ -548,8 +572,12 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<RegistryConfig> {
         _ => anyhow::bail!("TLS needs both tls_cert and tls_key"),
     };
     // File options first, AWS_* variables override them.
-    config.store_options = FILE_STORE_OPTIONS.get().cloned().unwrap_or_default();
-    config.store_options.extend(aws_options());
+    // The file's options, then AWS_* variables, then --store-option flags.
+    config.store_options = merge_options(&[
+        FILE_STORE_OPTIONS.get().cloned().unwrap_or_default(),
+        aws_options(),
+        args.store_option.clone(),
+    ]);
     config.metrics_addr = args.metrics_listen;
     Ok(config)
 }

@@ -130,3 +130,37 @@ fn the_database_password_is_redacted_and_an_unreachable_database_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn store_option_flags_override_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("registry.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = \"{}\"\n[store_options]\naws_region = \"eu-west-1\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let out = check_config(
+        &[
+            "--config",
+            config,
+            "--store-option",
+            "aws_region=eu-central-1",
+        ],
+        &[],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        line(&text, "store_options.aws_region"),
+        "store_options.aws_region = eu-central-1"
+    );
+    assert_eq!(text.matches("store_options.aws_region").count(), 1);
+    let bad = check_config(&["--config", config, "--store-option", "no-equals"], &[]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not KEY=VALUE"));
+}

@@ -15,19 +15,23 @@ use delta_tests::postgres::fresh_database;
 use delta_tests::s3::Moto;
 use indicatif::ProgressBar;
 
-/// Flags and environment for a replica: `--database`, `--store` and the AWS_* variables.
-fn replica_settings(db: &str, moto: &Moto) -> (Vec<String>, Vec<(String, String)>) {
-    let args = vec![
+/// Flags and environment for a replica: `--database`, `--store` and the S3 settings,
+/// as AWS_* variables or (`flags`) as `--store-option` flags.
+fn replica_settings(db: &str, moto: &Moto, flags: bool) -> (Vec<String>, Vec<(String, String)>) {
+    let mut args = vec![
         "--database".to_owned(),
         db.to_owned(),
         "--store".to_owned(),
         moto.url("hub"),
     ];
-    let env = moto
-        .options()
-        .into_iter()
-        .map(|(k, v)| (k.to_uppercase(), v))
-        .collect();
+    let mut env = Vec::new();
+    for (k, v) in moto.options() {
+        if flags {
+            args.extend(["--store-option".to_owned(), format!("{k}={v}")]);
+        } else {
+            env.push((k.to_uppercase(), v));
+        }
+    }
     (args, env)
 }
 
@@ -44,10 +48,12 @@ async fn two_replicas_on_postgres_and_s3() {
         .await
         .unwrap();
     let db = tokio::task::spawn_blocking(fresh_database).await.unwrap();
-    let (args, env) = replica_settings(&db, &moto);
+    // A reads the S3 settings from AWS_* variables, B from --store-option flags.
+    let (args, env) = replica_settings(&db, &moto, false);
+    let (args_b, env_b) = replica_settings(&db, &moto, true);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = common::start_with(dir_a.path(), &args, &env);
-    let mut b = common::start_with(dir_b.path(), &args, &env);
+    let mut b = common::start_with(dir_b.path(), &args_b, &env_b);
     let ra = Remote::connect(&a.url).await.unwrap();
     let rb = Remote::connect(&b.url).await.unwrap();
     let work = tempfile::tempdir().unwrap();
