@@ -3,7 +3,8 @@
 //!
 //! Blobs (tensor files) go through `object_store` (local disk by default, S3-compatible
 //! storage by URL); metadata (bases, manifests, repositories, versions, tags) goes through
-//! the [`MetaStore`] trait, implemented on SQLite. A blob becomes visible only once every
+//! the [`MetaStore`] trait, implemented once ([`SqlMeta`]) on SQLite (embedded) or
+//! PostgreSQL (shared by replicas). A blob becomes visible only once every
 //! byte arrived and matched its blake3 digest, and a metadata row is written only after the
 //! bytes it names are durable.
 //!
@@ -13,9 +14,12 @@
 //! - `server`: [`run`], the entry point (registry + health + reflection).
 //! - `service`: [`RegistryService`], the gRPC handlers and manifest validation.
 //! - `uploads`: resumable upload sessions, hashed while they stream.
-//! - `blobs`: [`BlobStore`], content-addressed bytes over `object_store`.
+//! - `blobs`: [`BlobStore`], content-addressed bytes over `object_store` (staged uploads,
+//!   conditional publish, cleanup; `blobs/s3.rs`: incomplete multipart uploads on S3).
 //! - `maintenance`: garbage collection and fsck.
-//! - `meta`: [`MetaStore`] and [`SqlMeta`].
+//! - `meta`: [`MetaStore`] and [`SqlMeta`]; `jobs`: the job queue; `sql`: the SQL layer
+//!   both engines share (`sql/postgres.rs`: the PostgreSQL pool).
+//! - `telemetry`: request ids, per-RPC metrics, the `/metrics` endpoint.
 //! - `error`: [`Error`] and its mapping to gRPC status codes.
 
 pub mod admin;

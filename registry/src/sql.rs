@@ -215,8 +215,11 @@ pub(crate) enum Db {
 }
 
 impl Db {
-    /// Runs `f` outside any explicit transaction (reads; single-statement writes).
-    pub(crate) fn read<T>(&self, f: impl FnOnce(&mut dyn Sql) -> Result<T>) -> Result<T> {
+    /// Runs `f` outside any explicit transaction (reads; single-statement writes). On
+    /// PostgreSQL it may run twice: once more on a fresh connection when the server had
+    /// closed the first before any statement went through.
+    pub(crate) fn read<T>(&self, f: impl FnMut(&mut dyn Sql) -> Result<T>) -> Result<T> {
+        let mut f = f;
         match self {
             Db::Sqlite(conn) => f(&mut SqliteSql(&lock(conn))),
             Db::Postgres(pool) => pool.read(f),

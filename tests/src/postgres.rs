@@ -48,3 +48,32 @@ pub fn fresh_database() -> String {
     .expect("creating a test database");
     url
 }
+
+/// Makes the server close every connection to the database at `url`, as a restart or a
+/// failover does.
+pub fn terminate_connections(url: &str) {
+    let admin = admin_url();
+    let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .expect("connect to the test cluster");
+            tokio::spawn(conn);
+            let killed = client
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                    &[&name],
+                )
+                .await
+                .expect("terminate backends");
+            assert!(!killed.is_empty(), "no connection to {name} to terminate");
+        });
+    })
+    .join()
+    .expect("terminating connections");
+}

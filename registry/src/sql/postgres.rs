@@ -173,14 +173,31 @@ impl Pool {
         self.freed.notify_one();
     }
 
-    pub(crate) fn read<T>(&self, f: impl FnOnce(&mut dyn Sql) -> Result<T>) -> Result<T> {
-        let mut conn = self.checkout()?;
-        let out = f(&mut PgSql {
-            conn: &mut conn,
-            handle: &self.handle,
-        });
-        self.release(Some(conn));
-        out
+    /// Runs `f` outside a transaction. A connection the server closed while it sat idle
+    /// (a database restart or failover) is replaced and `f` runs again, once, provided no
+    /// statement of it had gone through.
+    pub(crate) fn read<T>(&self, mut f: impl FnMut(&mut dyn Sql) -> Result<T>) -> Result<T> {
+        let mut retried = false;
+        loop {
+            let mut conn = self.checkout()?;
+            let mut sql = PgSql {
+                conn: &mut conn,
+                handle: &self.handle,
+                done: 0,
+            };
+            let out = f(&mut sql);
+            let untouched = sql.done == 0;
+            self.release(Some(conn));
+            match out {
+                Err(Error::Postgres(e)) if gone(&e) && untouched && !retried => {
+                    retried = true;
+                    tracing::info!(
+                        "a PostgreSQL connection was closed by the server; reconnecting"
+                    );
+                }
+                out => return out,
+            }
+        }
     }
 
     pub(crate) fn write<T>(&self, f: &mut dyn FnMut(&mut dyn Sql) -> Result<T>) -> Result<T> {
@@ -194,18 +211,23 @@ impl Pool {
             let mut sql = PgSql {
                 conn: &mut conn,
                 handle: &self.handle,
+                done: 0,
             };
             let out = sql
                 .batch("BEGIN")
                 .and_then(|()| f(&mut sql))
                 .and_then(|v| sql.batch("COMMIT").map(|()| v));
+            // `BEGIN` is the first statement: a connection closed before it is replaced.
+            let untouched = sql.done == 0;
             if out.is_err() {
                 // Fails harmlessly if BEGIN failed or the connection broke.
                 let _ = sql.batch("ROLLBACK");
             }
             self.release(Some(conn));
             match out {
-                Err(Error::Postgres(e)) if attempt < RETRIES && retryable(&e) => {
+                Err(Error::Postgres(e))
+                    if attempt < RETRIES && (retryable(&e) || (gone(&e) && untouched)) =>
+                {
                     attempt += 1;
                     tracing::debug!(error = %e, attempt, "retrying a write transaction");
                 }
@@ -213,6 +235,16 @@ impl Pool {
             }
         }
     }
+}
+
+/// The server closed the connection (or is closing it: a restart, a failover, an
+/// administrator terminating backends).
+fn gone(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || matches!(
+            e.code(),
+            Some(c) if *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CRASH_SHUTDOWN || *c == SqlState::CANNOT_CONNECT_NOW
+        )
 }
 
 fn retryable(e: &tokio_postgres::Error) -> bool {
@@ -225,11 +257,15 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
 struct PgSql<'a> {
     conn: &'a mut Conn,
     handle: &'a Handle,
+    /// Statements that went through (a closed connection is retried only before any).
+    done: usize,
 }
 
 impl PgSql<'_> {
     fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.handle.block_on(self.conn.client.batch_execute(sql))?)
+        self.handle.block_on(self.conn.client.batch_execute(sql))?;
+        self.done += 1;
+        Ok(())
     }
 
     fn statement(&mut self, sql: &str) -> Result<Statement> {
@@ -249,9 +285,11 @@ fn refs(params: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
 impl Sql for PgSql<'_> {
     fn exec(&mut self, sql: &str, params: &[Value]) -> Result<u64> {
         let stmt = self.statement(sql)?;
-        Ok(self
+        let n = self
             .handle
-            .block_on(self.conn.client.execute(&stmt, &refs(params)))?)
+            .block_on(self.conn.client.execute(&stmt, &refs(params)))?;
+        self.done += 1;
+        Ok(n)
     }
 
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>> {
@@ -259,6 +297,7 @@ impl Sql for PgSql<'_> {
         let rows = self
             .handle
             .block_on(self.conn.client.query(&stmt, &refs(params)))?;
+        self.done += 1;
         rows.iter()
             .map(|r| {
                 (0..r.len())

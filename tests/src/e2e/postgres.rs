@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
+use delta_registry::jobs::JobStore;
 use delta_registry::meta::conformance;
 use delta_registry::{MetaStore, SqlMeta};
 
-use crate::postgres::fresh_database;
+use crate::postgres::{fresh_database, terminate_connections};
 
 #[test]
 fn metadata_conformance_on_postgres() {
@@ -40,4 +41,24 @@ fn a_bad_database_url_is_named_in_the_error() {
     assert!(e.to_string().contains("database"), "{e}");
     let e = SqlMeta::connect_postgres("postgres://[bad").unwrap_err();
     assert!(e.to_string().contains("database URL"), "{e}");
+}
+
+/// A database restart or failover closes every pooled connection: the next calls,
+/// reads and write transactions alike, reconnect instead of failing.
+#[test]
+fn connections_the_server_closed_are_replaced_without_failing_a_call() {
+    let url = fresh_database();
+    let m = SqlMeta::connect_postgres(&url).expect("connect");
+    m.set_public("team", true).expect("write");
+    for pause in [0, 200] {
+        terminate_connections(&url);
+        std::thread::sleep(std::time::Duration::from_millis(pause));
+        assert!(m.is_public("team").expect("a read after the restart"));
+        terminate_connections(&url);
+        std::thread::sleep(std::time::Duration::from_millis(pause));
+        let job = m
+            .submit_job("train", "{}", "team/x", &[], None, 1)
+            .expect("a write transaction after the restart");
+        assert!(m.get_job(job.id).expect("read").is_some());
+    }
 }
