@@ -103,11 +103,15 @@ impl BlobStore {
                 {
                     options.push(("aws_copy_if_not_exists".into(), "multipart".into()));
                 }
-                let s3 = match parsed.scheme() {
-                    "s3" => Some(Arc::new(s3::Janitor::new(&parsed, &options)?)),
-                    _ => None,
+                let (store, prefix, s3): (Box<dyn ObjectStore>, _, _) = if parsed.scheme() == "s3" {
+                    let (store, janitor) = s3::open(&parsed, &options)?;
+                    let prefix = StorePath::parse(parsed.path())
+                        .map_err(|e| Error::InvalidArgument(format!("store url {url:?}: {e}")))?;
+                    (Box::new(store), prefix, Some(Arc::new(janitor)))
+                } else {
+                    let (store, prefix) = object_store::parse_url_opts(&parsed, options)?;
+                    (store, prefix, None)
                 };
-                let (store, prefix) = object_store::parse_url_opts(&parsed, options)?;
                 let store: Arc<dyn ObjectStore> = if prefix.as_ref().is_empty() {
                     Arc::from(store)
                 } else {

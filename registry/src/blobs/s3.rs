@@ -6,9 +6,11 @@
 
 use bytes::Bytes;
 use http::Method;
-use object_store::ClientOptions;
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer, AwsCredentialProvider};
+use object_store::aws::{
+    AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer, AwsCredentialProvider,
+};
 use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
+use object_store::{ClientConfigKey, ClientOptions};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use crate::error::{Error, Result};
@@ -50,19 +52,27 @@ fn s3_error(what: &str, e: impl std::fmt::Display) -> Error {
     })
 }
 
+/// Opens the store at `url` (`s3://bucket/prefix`) with `options` (object_store's keys,
+/// unknown ones ignored, as `object_store::parse_url_opts` does), and the janitor for it,
+/// configured by the same builder.
+pub(crate) fn open(url: &url::Url, options: &[(String, String)]) -> Result<(AmazonS3, Janitor)> {
+    let builder = options.iter().fold(
+        AmazonS3Builder::new().with_url(url.as_str()),
+        |b, (k, v)| match k.to_ascii_lowercase().parse::<AmazonS3ConfigKey>() {
+            Ok(key) => b.with_config(key, v),
+            Err(_) => b,
+        },
+    );
+    Janitor::new(builder, url)
+}
+
 impl Janitor {
-    /// Configured like the store at `url` (`s3://bucket/prefix`) with `options`.
-    pub(crate) fn new(url: &url::Url, options: &[(String, String)]) -> Result<Self> {
-        let mut builder = AmazonS3Builder::new().with_url(url.as_str());
-        let mut allow_http = false;
-        for (k, v) in options {
-            if let Ok(key) = k.parse::<AmazonS3ConfigKey>() {
-                builder = builder.with_config(key, v);
-            }
-            if matches!(k.as_str(), "aws_allow_http" | "allow_http") {
-                allow_http = v.eq_ignore_ascii_case("true");
-            }
-        }
+    /// Reads the endpoint, region and client settings from `builder`, then builds the
+    /// store, whose credentials the janitor shares.
+    fn new(builder: AmazonS3Builder, url: &url::Url) -> Result<(AmazonS3, Self)> {
+        let allow_http = builder
+            .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
         let region = builder
             .get_config_value(&AmazonS3ConfigKey::Region)
             .unwrap_or_else(|| "us-east-1".to_owned());
@@ -77,7 +87,7 @@ impl Janitor {
         let client =
             ReqwestConnector {}.connect(&ClientOptions::new().with_allow_http(allow_http))?;
         let prefix = url.path().trim_matches('/');
-        Ok(Self {
+        let janitor = Self {
             client,
             credentials: store.credentials().clone(),
             region,
@@ -87,7 +97,8 @@ impl Janitor {
             } else {
                 format!("{prefix}/")
             },
-        })
+        };
+        Ok((store, janitor))
     }
 
     /// The store's key for a bucket key (`None`: outside the store's prefix).
