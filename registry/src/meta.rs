@@ -310,19 +310,10 @@ impl SqlMeta {
     }
 }
 
-fn repo_id(c: &mut dyn Sql, repo: &Repository) -> Result<Option<i64>> {
-    c.opt(
-        "SELECT id FROM repositories WHERE namespace = $1 AND name = $2",
-        p![repo.namespace(), repo.name()],
-    )?
-    .map(|r| r.int(0))
-    .transpose()
-}
-
-/// The repository's id, its row locked until the transaction ends: every write that
-/// decides a version number or moves a tag takes this lock first.
-fn lock_repo(c: &mut dyn Sql, repo: &Repository) -> Result<Option<i64>> {
-    let lock = c.engine().for_update();
+/// The repository's id. With `lock`, its row stays locked until the transaction ends:
+/// every write that decides a version number or moves a tag takes this lock first.
+fn repo_id(c: &mut dyn Sql, repo: &Repository, lock: bool) -> Result<Option<i64>> {
+    let lock = if lock { c.engine().for_update() } else { "" };
     c.opt(
         &format!("SELECT id FROM repositories WHERE namespace = $1 AND name = $2{lock}"),
         p![repo.namespace(), repo.name()],
@@ -515,7 +506,7 @@ impl MetaStore for SqlMeta {
 
     fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionRow>>> {
         self.db.read(|c| {
-            let Some(id) = repo_id(c, repo)? else {
+            let Some(id) = repo_id(c, repo, false)? else {
                 return Ok(None);
             };
             let rows = c.query(
@@ -583,7 +574,7 @@ impl MetaStore for SqlMeta {
         now: i64,
     ) -> Result<u64> {
         self.db.write(|c| {
-            let id = lock_repo(c, repo)?.ok_or_else(|| Error::NotFound {
+            let id = repo_id(c, repo, true)?.ok_or_else(|| Error::NotFound {
                 what: "repository",
                 name: repo.to_string(),
             })?;
@@ -769,7 +760,7 @@ impl MetaStore for SqlMeta {
 
     fn delete_tag(&self, repo: &Repository, tag: &str) -> Result<bool> {
         self.db.read(|c| {
-            let Some(id) = repo_id(c, repo)? else {
+            let Some(id) = repo_id(c, repo, false)? else {
                 return Ok(false);
             };
             Ok(c.exec(
@@ -840,7 +831,7 @@ fn existing_version(c: &mut dyn Sql, repo: &Repository, version: u64) -> Result<
         what: "version",
         name: format!("{repo}:v{version}"),
     };
-    let id = lock_repo(c, repo)?.ok_or_else(not_found)?;
+    let id = repo_id(c, repo, true)?.ok_or_else(not_found)?;
     c.opt(
         "SELECT 1 FROM versions WHERE repository = $1 AND version = $2 AND yanked < 2",
         p![id, version],
@@ -961,7 +952,7 @@ pub(crate) fn push_in(
         "INSERT INTO repositories (namespace, name, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         p![repo.namespace(), repo.name(), now],
     )?;
-    let id = lock_repo(c, repo)?.ok_or_else(|| Error::NotFound {
+    let id = repo_id(c, repo, true)?.ok_or_else(|| Error::NotFound {
         what: "repository",
         name: repo.to_string(),
     })?;
