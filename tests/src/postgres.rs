@@ -27,7 +27,14 @@ pub fn fresh_database() -> String {
         .rsplit_once('/')
         .expect("DELTA_TEST_POSTGRES ends in /DATABASE");
     let url = format!("{base}/{name}");
-    // Its own thread and runtime: callers may be on an async runtime's thread.
+    admin_query(format!("CREATE DATABASE {name}"));
+    url
+}
+
+/// Runs statements on the cluster's admin database, on a thread and runtime of their own
+/// (callers may be on an async runtime's thread). Returns the rows.
+fn admin_query(sql: String) -> Vec<tokio_postgres::SimpleQueryRow> {
+    let admin = admin_url();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -38,42 +45,28 @@ pub fn fresh_database() -> String {
                 .await
                 .expect("connect to the test cluster");
             tokio::spawn(conn);
-            client
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .await
-                .expect("create a test database");
-        });
+            let messages = client.simple_query(&sql).await;
+            let messages = messages.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            messages
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                    _ => None,
+                })
+                .collect()
+        })
     })
     .join()
-    .expect("creating a test database");
-    url
+    .expect("admin statement")
 }
 
 /// Makes the server close every connection to the database at `url`, as a restart or a
 /// failover does.
 pub fn terminate_connections(url: &str) {
-    let admin = admin_url();
-    let name = url.rsplit('/').next().unwrap_or_default().to_owned();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-                .await
-                .expect("connect to the test cluster");
-            tokio::spawn(conn);
-            let killed = client
-                .query(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                    &[&name],
-                )
-                .await
-                .expect("terminate backends");
-            assert!(!killed.is_empty(), "no connection to {name} to terminate");
-        });
-    })
-    .join()
-    .expect("terminating connections");
+    // Our own database names (delta_PID_N): nothing to quote.
+    let name = url.rsplit('/').next().unwrap_or_default();
+    let killed = admin_query(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+    ));
+    assert!(!killed.is_empty(), "no connection to {name} to terminate");
 }
