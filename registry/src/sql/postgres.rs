@@ -173,24 +173,30 @@ impl Pool {
         self.freed.notify_one();
     }
 
+    /// Forgets every idle connection: after one turned out closed by the server (a restart
+    /// or failover), the others opened before it are closed too.
+    fn discard_idle(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.open -= state.idle.len();
+        state.idle.clear();
+        self.freed.notify_all();
+    }
+
     /// Runs `f` outside a transaction. A connection the server closed while it sat idle
-    /// (a database restart or failover) is replaced and `f` runs again, once, provided no
-    /// statement of it had gone through.
+    /// (a database restart or failover) is replaced, with every other idle one, and `f`
+    /// runs again, once, provided no statement of it had gone through.
     pub(crate) fn read<T>(&self, mut f: impl FnMut(&mut dyn Sql) -> Result<T>) -> Result<T> {
         let mut retried = false;
         loop {
             let mut conn = self.checkout()?;
-            let mut sql = PgSql {
-                conn: &mut conn,
-                handle: &self.handle,
-                done: 0,
-            };
+            let mut sql = PgSql::new(&mut conn, &self.handle);
             let out = f(&mut sql);
             let untouched = sql.done == 0;
             self.release(Some(conn));
             match out {
                 Err(Error::Postgres(e)) if gone(&e) && untouched && !retried => {
                     retried = true;
+                    self.discard_idle();
                     tracing::info!(
                         "a PostgreSQL connection was closed by the server; reconnecting"
                     );
@@ -208,11 +214,7 @@ impl Pool {
         let mut attempt = 0;
         loop {
             let mut conn = self.checkout()?;
-            let mut sql = PgSql {
-                conn: &mut conn,
-                handle: &self.handle,
-                done: 0,
-            };
+            let mut sql = PgSql::new(&mut conn, &self.handle);
             let out = sql
                 .batch("BEGIN")
                 .and_then(|()| f(&mut sql))
@@ -229,6 +231,9 @@ impl Pool {
                     if attempt < RETRIES && (retryable(&e) || (gone(&e) && untouched)) =>
                 {
                     attempt += 1;
+                    if gone(&e) {
+                        self.discard_idle();
+                    }
                     tracing::debug!(error = %e, attempt, "retrying a write transaction");
                 }
                 out => return out,
@@ -238,9 +243,10 @@ impl Pool {
 }
 
 /// The server closed the connection (or is closing it: a restart, a failover, an
-/// administrator terminating backends).
+/// administrator terminating backends), or the socket broke.
 fn gone(e: &tokio_postgres::Error) -> bool {
     e.is_closed()
+        || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
         || matches!(
             e.code(),
             Some(c) if *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CRASH_SHUTDOWN || *c == SqlState::CANNOT_CONNECT_NOW
@@ -261,7 +267,15 @@ struct PgSql<'a> {
     done: usize,
 }
 
-impl PgSql<'_> {
+impl<'a> PgSql<'a> {
+    fn new(conn: &'a mut Conn, handle: &'a Handle) -> Self {
+        Self {
+            conn,
+            handle,
+            done: 0,
+        }
+    }
+
     fn batch(&mut self, sql: &str) -> Result<()> {
         self.handle.block_on(self.conn.client.batch_execute(sql))?;
         self.done += 1;
