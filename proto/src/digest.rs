@@ -65,11 +65,11 @@ impl FromStr for Digest {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let Some(hex) = s.strip_prefix("blake3:") else {
-            return Err(DigestError::Algorithm(s.to_owned()));
+            return Err(DigestError::Algorithm(crate::excerpt(s)));
         };
         let valid = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if !valid {
-            return Err(DigestError::Hex(s.to_owned()));
+            return Err(DigestError::Hex(crate::excerpt(s)));
         }
         let mut out = [0u8; 32];
         for (i, pair) in hex.as_bytes().chunks_exact(2).enumerate() {

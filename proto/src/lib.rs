@@ -37,6 +37,24 @@ pub use generated::*;
 /// The encoded file descriptor set of the service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("delta_descriptor");
 
+/// How much of a caller's input an error message repeats, in bytes.
+pub const EXCERPT_BYTES: usize = 200;
+
+/// `input` as an error message may quote it: whole when it is short, else its first
+/// [`EXCERPT_BYTES`] (at a character boundary) and its length. A 10 kB name in a refusal
+/// would otherwise make standard gRPC clients fail on the size of the status header and
+/// never show the refusal at all.
+pub fn excerpt(input: &str) -> String {
+    if input.len() <= EXCERPT_BYTES {
+        return input.to_owned();
+    }
+    let mut end = EXCERPT_BYTES;
+    while !input.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &input[..end], input.len())
+}
+
 /// Largest payload of one `UploadChunk` or `BlobChunk`. tonic's default receive limit is
 /// 4 MiB per message, so 1 MiB chunks leave headroom.
 pub const CHUNK_SIZE: usize = 1 << 20;
@@ -47,7 +65,30 @@ impl From<manifest::TensorInfo> for generated::TensorInfo {
             name: t.name,
             dtype: t.dtype,
             shape: t.shape,
+            digest: String::new(),
         }
+    }
+}
+
+impl From<fingerprint::FingerprintEntry> for generated::TensorInfo {
+    fn from(e: fingerprint::FingerprintEntry) -> Self {
+        Self {
+            digest: e.digest.to_string(),
+            ..e.info.into()
+        }
+    }
+}
+
+impl TryFrom<generated::TensorInfo> for fingerprint::FingerprintEntry {
+    type Error = digest::DigestError;
+
+    /// A base tensor with its digest (a malformed or missing digest is an error).
+    fn try_from(t: generated::TensorInfo) -> Result<Self, Self::Error> {
+        let digest = t.digest.parse()?;
+        Ok(Self {
+            info: t.into(),
+            digest,
+        })
     }
 }
 
@@ -58,5 +99,27 @@ impl From<generated::TensorInfo> for manifest::TensorInfo {
             dtype: t.dtype,
             shape: t.shape,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn excerpts_are_bounded_and_cut_at_character_boundaries() {
+        assert_eq!(super::excerpt("team-a/x"), "team-a/x");
+        let long = "é".repeat(5000);
+        let e = super::excerpt(&long);
+        assert!(e.len() < super::EXCERPT_BYTES + 20, "{e}");
+        assert!(e.ends_with("… (10000 bytes)"), "{e}");
+        let err = format!("a/{}", "x".repeat(10_000))
+            .parse::<crate::Repository>()
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 400, "{err}");
+        let err = format!("blake3:{}", "0".repeat(10_000))
+            .parse::<crate::Digest>()
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 400, "{err}");
     }
 }

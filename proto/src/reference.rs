@@ -54,7 +54,7 @@ pub enum NameError {
 fn check_component(what: &'static str, value: &str) -> Result<(), NameError> {
     let err = || NameError::Component {
         what,
-        value: value.to_owned(),
+        value: crate::excerpt(value),
     };
     if value.is_empty() || value.len() > MAX_COMPONENT_LEN {
         return Err(err());
@@ -108,7 +108,7 @@ impl FromStr for Repository {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('/') {
             Some((ns, name)) if !name.contains('/') => Self::new(ns, name),
-            _ => Err(NameError::Repository(s.to_owned())),
+            _ => Err(NameError::Repository(crate::excerpt(s))),
         }
     }
 }
@@ -121,7 +121,7 @@ impl fmt::Display for Repository {
 
 /// Checks a tag a user may set (not `latest`, which the registry moves, and not `v<digits>`).
 pub fn check_tag(tag: &str) -> Result<(), NameError> {
-    let err = || NameError::Tag(tag.to_owned());
+    let err = || NameError::Tag(crate::excerpt(tag));
     let first_ok = tag
         .bytes()
         .next()
@@ -185,7 +185,7 @@ impl FromStr for Reference {
                 let selector = if let Some(v) = parse_version(tag) {
                     Selector::Version(v)
                 } else if tag.starts_with('v') && tag[1..].bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(NameError::Version(tag.to_owned()));
+                    return Err(NameError::Version(crate::excerpt(tag)));
                 } else if tag == LATEST {
                     Selector::Tag(LATEST.to_owned())
                 } else {

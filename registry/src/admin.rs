@@ -74,5 +74,6 @@ pub fn authenticate(meta: &dyn MetaStore, header: Option<&str>, now: i64) -> Res
         namespace: t.namespace,
         scope: Scope::parse(&t.scope)?,
         kind: t.kind,
+        expires_at: t.expires_at,
     }))
 }

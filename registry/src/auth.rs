@@ -8,6 +8,7 @@
 use std::fmt;
 
 use crate::error::{Error, Result};
+use crate::jobs::WorkerScope;
 
 /// Token scopes, ordered: admin ⊃ write ⊃ read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,6 +61,8 @@ pub struct Principal {
     pub scope: Scope,
     /// `user` or `worker`.
     pub kind: String,
+    /// Unix seconds the token expires (`None`: never).
+    pub expires_at: Option<i64>,
 }
 
 /// The caller of one RPC.
@@ -88,6 +91,18 @@ impl Caller {
         match self {
             Caller::Token(p) if p.namespace != "*" => Some(&p.namespace),
             _ => None,
+        }
+    }
+
+    /// Whose blobs this caller sees, as [`crate::meta::MetaStore::visible_blobs`] takes
+    /// it: `*` (open registries and `*` tokens: every blob), the token's namespace (blobs
+    /// linked to it or to a public namespace), or `""` (anonymous: public namespaces only;
+    /// no namespace is named `""`).
+    pub fn blob_viewer(&self) -> &str {
+        match self {
+            Caller::Open => "*",
+            Caller::Anonymous => "",
+            Caller::Token(p) => &p.namespace,
         }
     }
 
@@ -121,6 +136,43 @@ impl Caller {
         }
     }
 
+    /// Whether the caller's token reaches every repository of `namespace` (open
+    /// registries, `*` tokens, tokens of that namespace), whatever the scope. Public
+    /// namespaces do not count: this is about tokens, not about what anyone may read.
+    pub fn covers(&self, namespace: &str) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Anonymous => false,
+            Caller::Token(p) => p.namespace == "*" || p.namespace == namespace,
+        }
+    }
+
+    /// Names the caller in a refusal: `token 3 (write on team-a)`, never its secret.
+    pub fn describe(&self) -> String {
+        match self {
+            Caller::Open => "an open registry's caller".into(),
+            Caller::Anonymous => "a caller without a token".into(),
+            Caller::Token(p) => format!(
+                "{} token {} ({} on {})",
+                p.kind, p.token_id, p.scope, p.namespace
+            ),
+        }
+    }
+
+    /// The jobs a worker may lease and finish: those of its token's namespace (all with
+    /// `*`), training jobs only with write scope (they publish), verification jobs with
+    /// read. Open registries: every job. Anyone else is refused.
+    pub fn worker_scope(&self) -> Result<WorkerScope> {
+        self.check_worker()?;
+        Ok(match self {
+            Caller::Token(p) => WorkerScope {
+                namespace: p.namespace.clone(),
+                train: p.scope >= Scope::Write,
+            },
+            Caller::Open | Caller::Anonymous => WorkerScope::all(),
+        })
+    }
+
     /// Whether the caller may run jobs: open registries, and worker tokens.
     pub fn check_worker(&self) -> Result<()> {
         match self {
@@ -134,12 +186,6 @@ impl Caller {
                 p.token_id, p.kind
             ))),
         }
-    }
-
-    /// Whether this is a worker token (workers upload trained deltas' blobs whatever
-    /// their scope; they publish only through a job they hold).
-    pub fn is_worker(&self) -> bool {
-        matches!(self, Caller::Token(p) if p.kind == "worker")
     }
 
     /// Checks `need` on some namespace (uploads and base registration, which are not

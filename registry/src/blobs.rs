@@ -387,10 +387,44 @@ impl BlobStore {
     /// Removes local staging files (`<blob>#N`) older than `grace`, left behind by a process
     /// killed mid-write; `list` cannot see them. Returns how many were removed.
     pub fn remove_stale_staging(&self, grace: Duration) -> Result<usize> {
+        let stale = self.stale_local_staging(grace)?;
+        for path in &stale {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(stale.len())
+    }
+
+    /// What killed uploads left behind, older than `grace` (for `fsck`): staging objects
+    /// never published, and on local disk the partial files of interrupted writes. The
+    /// running registry removes them after its grace periods; `fsck --repair` at once.
+    pub async fn stale_staging(&self, grace: Duration, now: i64) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut listing = self.store.list(Some(&StorePath::from(STAGING)));
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            let key = meta.location.to_string();
+            let created = staging_created(&key).unwrap_or(meta.last_modified.timestamp());
+            if created < now - grace.as_secs() as i64 {
+                out.push(key);
+            }
+        }
+        for path in self.stale_local_staging(grace)? {
+            out.push(path.display().to_string());
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Local staging files (`<blob>#N`) whose modification time is `grace` or more ago.
+    fn stale_local_staging(&self, grace: Duration) -> Result<Vec<PathBuf>> {
         let Some(root) = &self.local_root else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
-        let mut removed = 0;
+        let mut stale = Vec::new();
         let mut stack = vec![root.join("blobs"), root.join(STAGING)];
         while let Some(dir) = stack.pop() {
             let entries = match std::fs::read_dir(&dir) {
@@ -413,12 +447,11 @@ impl BlobStore {
                     .and_then(|m| SystemTime::now().duration_since(m).ok())
                     .is_some_and(|age| age >= grace);
                 if staged && old {
-                    std::fs::remove_file(entry.path())?;
-                    removed += 1;
+                    stale.push(entry.path());
                 }
             }
         }
-        Ok(removed)
+        Ok(stale)
     }
 }
 

@@ -26,7 +26,9 @@ pub struct RegistryConfig {
     pub max_header_bytes: u64,
     /// Most tensors in one delta.
     pub max_tensors: usize,
-    /// Largest gRPC message accepted (uploads stream in chunks well below it).
+    /// Largest gRPC message accepted (uploads stream in chunks well below it). A manifest
+    /// travels in one message, so this bounds the manifest limit, and the tensor count
+    /// with it (each tensor is a line of the manifest).
     pub max_message_bytes: usize,
     /// Most upload sessions open at once.
     pub max_open_uploads: usize,
@@ -39,8 +41,13 @@ pub struct RegistryConfig {
     /// An upload stream that sends nothing for this long is cut (its session stays
     /// resumable).
     pub stream_idle_timeout: Duration,
-    /// Most upload sessions one token may hold open.
+    /// Most upload sessions one token may hold open (without a token, in an open
+    /// registry: one peer address).
     pub max_uploads_per_token: usize,
+    /// Most upload sessions the tokens of one namespace may hold open together.
+    pub max_uploads_per_namespace: usize,
+    /// Upload sessions that never received a byte are aborted after this long idle.
+    pub empty_upload_ttl: Duration,
     /// Serve TLS with this PEM certificate chain and private key (`None`: plain HTTP/2).
     pub tls: Option<TlsFiles>,
     /// Serve Prometheus metrics (`GET /metrics`) on this address.
@@ -69,13 +76,15 @@ impl RegistryConfig {
             max_manifest_bytes: 4 << 20,
             max_header_bytes: delta_proto::safetensors::DEFAULT_MAX_HEADER,
             max_tensors: 100_000,
-            max_message_bytes: 4 << 20,
+            max_message_bytes: 5 << 20,
             max_open_uploads: 1024,
             upload_ttl: Duration::from_secs(24 * 3600),
             staging_grace: Duration::from_secs(3600),
             gc_grace: Duration::from_secs(3600),
             stream_idle_timeout: Duration::from_secs(60),
             max_uploads_per_token: 64,
+            max_uploads_per_namespace: 256,
+            empty_upload_ttl: Duration::from_secs(300),
             tls: None,
         }
     }

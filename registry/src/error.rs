@@ -72,6 +72,11 @@ pub enum Error {
     /// Stored bytes no longer match their digest.
     #[error("stored blob {0} is corrupt: its bytes no longer match the digest")]
     Corrupt(Digest),
+    /// `fsck --repair` moved a corrupt blob aside.
+    #[error(
+        "blob {0} is quarantined: fsck found its stored bytes corrupt; push it again to heal it"
+    )]
+    Quarantined(Digest),
     /// SQLite failed.
     #[error("metadata database error")]
     Db(#[from] rusqlite::Error),
@@ -98,47 +103,122 @@ pub enum Error {
 /// Registry results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The longest status message sent: beyond it, standard clients fail on the size of the
+/// status header and never show the error. Inputs are quoted as `delta_proto::excerpt`s
+/// anyway; this is the last line of defence.
+const MAX_STATUS_MESSAGE: usize = 1024;
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
-        match &err {
-            Error::InvalidArgument(_)
-            | Error::InvalidManifest(_)
-            | Error::DigestMismatch { .. }
-            | Error::SizeMismatch { .. } => Status::invalid_argument(err.to_string()),
-            Error::OutOfRange { .. } => Status::out_of_range(err.to_string()),
-            Error::NotFound { .. } => Status::not_found(err.to_string()),
-            Error::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
-            Error::AlreadyExists(_) => Status::already_exists(err.to_string()),
-            Error::LimitExceeded(_) => Status::resource_exhausted(err.to_string()),
-            Error::Busy(_) => Status::aborted(err.to_string()),
-            Error::Timeout(_) => Status::deadline_exceeded(err.to_string()),
-            Error::Unauthenticated(_) => Status::unauthenticated(err.to_string()),
-            Error::PermissionDenied(_) => Status::permission_denied(err.to_string()),
-            Error::Corrupt(_) => {
-                tracing::error!(error = %err, "corrupt blob");
-                Status::data_loss(err.to_string())
-            }
-            Error::Blob(object_store::Error::NotFound { .. }) => {
-                tracing::error!(error = ?err, "blob row without stored bytes");
-                Status::data_loss("a stored blob is missing from the object store")
-            }
-            Error::Postgres(e)
-                if e.is_closed()
-                    || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()) =>
-            {
-                tracing::error!(error = ?err, "metadata database unreachable");
-                Status::unavailable("the metadata database is unreachable; retry")
-            }
-            Error::Db(_)
-            | Error::Postgres(_)
-            | Error::Database(_)
-            | Error::Blob(_)
-            | Error::Io(_)
-            | Error::Transport(_)
-            | Error::Join(_) => {
-                tracing::error!(error = ?err, "internal error");
-                Status::internal("internal error")
-            }
+        let status = status_of(err);
+        if status.message().len() <= MAX_STATUS_MESSAGE {
+            return status;
+        }
+        let message = delta_proto::excerpt(status.message());
+        Status::new(status.code(), message)
+    }
+}
+
+/// tonic refuses a request message over the decoding limit with `OUT_OF_RANGE` ("decoded
+/// message length too large: found N bytes, the limit is: M bytes"). A limit is a
+/// resource: this gives the same refusal as `RESOURCE_EXHAUSTED`, naming the setting.
+/// Any other status passes unchanged.
+pub fn message_limit_status(code: tonic::Code, message: &str) -> Option<Status> {
+    if code != tonic::Code::OutOfRange || !message.contains("decoded message length too large") {
+        return None;
+    }
+    let number_after = |what: &str| -> Option<u64> {
+        let rest = &message[message.find(what)? + what.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let text = match (number_after("found "), number_after("limit is: ")) {
+        (Some(found), Some(limit)) => format!(
+            "a request message of {found} bytes is over the registry's limit of {limit} bytes (--max-message-bytes); blobs travel in chunks of {} bytes",
+            delta_proto::CHUNK_SIZE
+        ),
+        _ => format!(
+            "a request message is over the registry's size limit (--max-message-bytes): {}",
+            delta_proto::excerpt(message)
+        ),
+    };
+    Some(Status::resource_exhausted(text))
+}
+
+/// Whether an error is the storage running out of space (a full disk, a quota), anywhere
+/// in its chain of causes.
+pub fn is_storage_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && (matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) || matches!(io.raw_os_error(), Some(28 | 122)))
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+fn status_of(err: Error) -> Status {
+    match &err {
+        Error::InvalidArgument(_)
+        | Error::InvalidManifest(_)
+        | Error::DigestMismatch { .. }
+        | Error::SizeMismatch { .. } => Status::invalid_argument(err.to_string()),
+        Error::OutOfRange { .. } => Status::out_of_range(err.to_string()),
+        Error::NotFound { .. } => Status::not_found(err.to_string()),
+        Error::FailedPrecondition(_) => Status::failed_precondition(err.to_string()),
+        Error::AlreadyExists(_) => Status::already_exists(err.to_string()),
+        Error::LimitExceeded(_) => Status::resource_exhausted(err.to_string()),
+        Error::Busy(_) => Status::aborted(err.to_string()),
+        Error::Timeout(_) => Status::deadline_exceeded(err.to_string()),
+        // Refusals are logged by the telemetry layer, with the request id.
+        Error::Unauthenticated(_) => Status::unauthenticated(err.to_string()),
+        Error::PermissionDenied(_) => Status::permission_denied(err.to_string()),
+        Error::Corrupt(_) => {
+            tracing::error!(error = %err, "corrupt blob");
+            Status::data_loss(err.to_string())
+        }
+        Error::Quarantined(_) => Status::data_loss(err.to_string()),
+        Error::Blob(_) | Error::Io(_) if is_storage_full(&err) => {
+            tracing::error!(error = ?err, "blob storage is full");
+            Status::resource_exhausted(
+                "the registry's blob storage is full (no space left); nothing was stored: \
+                 retry once its operator has freed space",
+            )
+        }
+        Error::Db(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DiskFull =>
+        {
+            tracing::error!(error = ?err, "metadata database is full");
+            Status::resource_exhausted(
+                "the registry's metadata database is out of space; nothing was recorded: \
+                 retry once its operator has freed space",
+            )
+        }
+        Error::Blob(object_store::Error::NotFound { .. }) => {
+            tracing::error!(error = ?err, "blob row without stored bytes");
+            Status::data_loss("a stored blob is missing from the object store")
+        }
+        Error::Postgres(e)
+            if e.is_closed()
+                || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()) =>
+        {
+            tracing::error!(error = ?err, "metadata database unreachable");
+            Status::unavailable("the metadata database is unreachable; retry")
+        }
+        Error::Db(_)
+        | Error::Postgres(_)
+        | Error::Database(_)
+        | Error::Blob(_)
+        | Error::Io(_)
+        | Error::Transport(_)
+        | Error::Join(_) => {
+            tracing::error!(error = ?err, "internal error");
+            Status::internal("internal error")
         }
     }
 }

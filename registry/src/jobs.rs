@@ -5,6 +5,10 @@
 //! (its `attempts` grows); after [`MAX_ATTEMPTS`] lost leases it fails. Every call of a
 //! worker presents the lease token it was given: a worker that lost its lease (it
 //! stalled, the job moved on) is refused and cannot publish anything.
+//!
+//! Every job belongs to the namespace of its repository. A worker's token confines it:
+//! it leases only jobs of namespaces it covers ([`WorkerScope`]), and a job outside them is
+//! as absent to its renew, progress and complete calls as one that does not exist.
 
 use delta_proto::manifest::Manifest;
 use delta_proto::reference::Repository;
@@ -27,6 +31,8 @@ pub struct JobRow {
     pub spec: String,
     /// Target repository (train) or the delta's reference (verify).
     pub repository: String,
+    /// The repository's namespace.
+    pub namespace: String,
     /// Tags for the pushed version.
     pub tags: Vec<String>,
     /// State.
@@ -83,14 +89,41 @@ pub enum Completion<'a> {
     },
 }
 
+/// What a worker token lets its holder lease and finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerScope {
+    /// The namespace whose jobs it runs, or `*` for every namespace.
+    pub namespace: String,
+    /// Whether it may run training jobs (which publish: write on the namespace).
+    /// Verification jobs need read only.
+    pub train: bool,
+}
+
+impl WorkerScope {
+    /// Every job of every namespace (open registries).
+    pub fn all() -> Self {
+        Self {
+            namespace: "*".into(),
+            train: true,
+        }
+    }
+
+    /// Whether a job of `namespace` is within reach.
+    pub fn covers(&self, namespace: &str) -> bool {
+        self.namespace == "*" || self.namespace == namespace
+    }
+}
+
 /// Job storage. Blocking, like [`crate::meta::MetaStore`].
 pub trait JobStore {
-    /// Queues a job.
+    /// Queues a job in `namespace` (its repository's).
+    #[allow(clippy::too_many_arguments)]
     fn submit_job(
         &self,
         kind: &str,
         spec: &str,
         repository: &str,
+        namespace: &str,
         tags: &[String],
         submitter: Option<i64>,
         now: i64,
@@ -99,25 +132,41 @@ pub trait JobStore {
     fn get_job(&self, id: u64) -> Result<Option<JobRow>>;
     /// Progress events after `after`, in order.
     fn job_events(&self, id: u64, after: u64) -> Result<Vec<(u64, i64, String)>>;
-    /// Leases the oldest waiting job of one of `kinds` (any, if empty): queued, or
-    /// running with an expired lease.
+    /// Leases the oldest waiting job of one of `kinds` (any, if empty) within `scope`:
+    /// queued, or running with an expired lease.
     fn lease_job(
         &self,
         worker: &str,
         kinds: &[String],
+        scope: &WorkerScope,
         lease: &str,
         now: i64,
         expires: i64,
     ) -> Result<Option<JobRow>>;
-    /// Extends a lease the caller holds.
-    fn renew_lease(&self, id: u64, lease: &str, now: i64, expires: i64) -> Result<()>;
+    /// Extends a lease the caller holds. Jobs outside `scope` are not found.
+    fn renew_lease(
+        &self,
+        id: u64,
+        lease: &str,
+        scope: &WorkerScope,
+        now: i64,
+        expires: i64,
+    ) -> Result<()>;
     /// Appends a progress event (lease checked).
-    fn report_progress(&self, id: u64, lease: &str, body: &str, now: i64) -> Result<()>;
+    fn report_progress(
+        &self,
+        id: u64,
+        lease: &str,
+        scope: &WorkerScope,
+        body: &str,
+        now: i64,
+    ) -> Result<()>;
     /// Finishes a job (lease checked), publishing its result in the same transaction.
     fn complete_job(
         &self,
         id: u64,
         lease: &str,
+        scope: &WorkerScope,
         completion: &Completion<'_>,
         now: i64,
     ) -> Result<JobRow>;
@@ -128,7 +177,7 @@ pub trait JobStore {
 }
 
 const COLUMNS: &str = "id, kind, spec, repository, tags, state, submitter, attempts, worker, \
-                       lease_expires, result, error, created_at, updated_at";
+                       lease_expires, result, error, created_at, updated_at, namespace";
 
 fn job_row(r: &Row) -> Result<JobRow> {
     Ok(JobRow {
@@ -146,6 +195,7 @@ fn job_row(r: &Row) -> Result<JobRow> {
         error: r.text(11)?,
         created: r.int(12)?,
         updated: r.int(13)?,
+        namespace: r.text(14)?,
     })
 }
 
@@ -157,19 +207,29 @@ fn load(c: &mut dyn Sql, id: u64) -> Result<Option<JobRow>> {
 }
 
 /// Checks that `lease` is the live lease of job `id`, and locks the job's row until the
-/// transaction ends.
-fn check_lease(c: &mut dyn Sql, id: u64, lease: &str, now: i64) -> Result<JobRow> {
+/// transaction ends. A job outside `scope` is not found, exactly like a missing one.
+fn check_lease(
+    c: &mut dyn Sql,
+    id: u64,
+    lease: &str,
+    scope: &WorkerScope,
+    now: i64,
+) -> Result<JobRow> {
     let lock = c.engine().for_update();
+    let not_found = || Error::NotFound {
+        what: "job",
+        name: id.to_string(),
+    };
     let r = c
         .opt(
             &format!("SELECT {COLUMNS}, lease FROM jobs WHERE id = $1{lock}"),
             p![id],
         )?
-        .ok_or_else(|| Error::NotFound {
-            what: "job",
-            name: id.to_string(),
-        })?;
-    let (job, held) = (job_row(&r)?, r.opt_text(14)?);
+        .ok_or_else(not_found)?;
+    let (job, held) = (job_row(&r)?, r.opt_text(15)?);
+    if !scope.covers(&job.namespace) {
+        return Err(not_found());
+    }
     if job.state != "running" || held.as_deref() != Some(lease) || job.lease_expires < now {
         return Err(Error::FailedPrecondition(format!(
             "job {id}: this worker no longer holds its lease (state {}, lease {}); the job may have been handed to another worker",
@@ -190,6 +250,7 @@ impl JobStore for SqlMeta {
         kind: &str,
         spec: &str,
         repository: &str,
+        namespace: &str,
         tags: &[String],
         submitter: Option<i64>,
         now: i64,
@@ -198,9 +259,9 @@ impl JobStore for SqlMeta {
         self.db.write(|c| {
             let id = c
                 .one(
-                    "INSERT INTO jobs (kind, spec, repository, tags, state, submitter, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, 'queued', $5, $6, $6) RETURNING id",
-                    p![kind, spec, repository, &tags, submitter, now],
+                    "INSERT INTO jobs (kind, spec, repository, namespace, tags, state, submitter, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $7) RETURNING id",
+                    p![kind, spec, repository, namespace, &tags, submitter, now],
                 )?
                 .uint(0)?;
             load(c, id)?.ok_or_else(|| Error::NotFound {
@@ -230,18 +291,24 @@ impl JobStore for SqlMeta {
         &self,
         worker: &str,
         kinds: &[String],
+        scope: &WorkerScope,
         lease: &str,
         now: i64,
         expires: i64,
     ) -> Result<Option<JobRow>> {
-        // `kind IN ($2, $3, ...)`, or no filter.
-        let filter = if kinds.is_empty() {
-            String::new()
-        } else {
-            let slots: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 2)).collect();
-            format!(" AND kind IN ({})", slots.join(", "))
-        };
-        let mut params = vec![Value::from(now)];
+        // Within the worker's namespace (`*`: all), training jobs only if it may publish,
+        // and `kind IN ($4, $5, ...)`, or no kind filter.
+        let mut filter =
+            String::from(" AND ($2 = '*' OR namespace = $2) AND ($3 = 1 OR kind <> 'train')");
+        if !kinds.is_empty() {
+            let slots: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 4)).collect();
+            filter.push_str(&format!(" AND kind IN ({})", slots.join(", ")));
+        }
+        let mut params = vec![
+            Value::from(now),
+            Value::from(scope.namespace.as_str()),
+            Value::from(i64::from(scope.train)),
+        ];
         params.extend(kinds.iter().map(Value::from));
         self.db.write(|c| {
             // Another replica leasing at the same moment skips the row this one holds.
@@ -279,9 +346,16 @@ impl JobStore for SqlMeta {
         })
     }
 
-    fn renew_lease(&self, id: u64, lease: &str, now: i64, expires: i64) -> Result<()> {
+    fn renew_lease(
+        &self,
+        id: u64,
+        lease: &str,
+        scope: &WorkerScope,
+        now: i64,
+        expires: i64,
+    ) -> Result<()> {
         self.db.write(|c| {
-            check_lease(c, id, lease, now)?;
+            check_lease(c, id, lease, scope, now)?;
             c.exec(
                 "UPDATE jobs SET lease_expires = $2, updated_at = $3 WHERE id = $1",
                 p![id, expires, now],
@@ -290,9 +364,16 @@ impl JobStore for SqlMeta {
         })
     }
 
-    fn report_progress(&self, id: u64, lease: &str, body: &str, now: i64) -> Result<()> {
+    fn report_progress(
+        &self,
+        id: u64,
+        lease: &str,
+        scope: &WorkerScope,
+        body: &str,
+        now: i64,
+    ) -> Result<()> {
         self.db.write(|c| {
-            check_lease(c, id, lease, now)?;
+            check_lease(c, id, lease, scope, now)?;
             c.exec(
                 "INSERT INTO job_events (job, seq, at, body)
                  VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job = $1), $2, $3)",
@@ -306,11 +387,12 @@ impl JobStore for SqlMeta {
         &self,
         id: u64,
         lease: &str,
+        scope: &WorkerScope,
         completion: &Completion<'_>,
         now: i64,
     ) -> Result<JobRow> {
         self.db.write(|c| {
-            let job = check_lease(c, id, lease, now)?;
+            let job = check_lease(c, id, lease, scope, now)?;
             let (state, result, error) = match completion {
                 Completion::Failed(msg) => ("failed", String::new(), (*msg).to_owned()),
                 Completion::Trained { manifest, body } => {

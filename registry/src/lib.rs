@@ -11,7 +11,8 @@
 //! # Layout
 //! - `auth`: callers, scopes and the open/closed rule; `admin`: tokens, authentication.
 //! - `config`: [`RegistryConfig`], plain settings.
-//! - `server`: [`run`], the entry point (registry + health + reflection).
+//! - `server`: [`Server`] (open, then serve) and [`run`], the entry point (registry +
+//!   health + reflection).
 //! - `service`: [`RegistryService`], the gRPC handlers and manifest validation.
 //! - `uploads`: resumable upload sessions, hashed while they stream.
 //! - `blobs`: [`BlobStore`], content-addressed bytes over `object_store` (staged uploads,
@@ -40,5 +41,5 @@ pub use blobs::BlobStore;
 pub use config::RegistryConfig;
 pub use error::{Error, Result};
 pub use meta::{MetaStore, SqlMeta};
-pub use server::run;
+pub use server::{Server, run};
 pub use service::RegistryService;

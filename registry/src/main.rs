@@ -181,15 +181,22 @@ struct ServeArgs {
     /// Largest safetensors header accepted, in bytes.
     #[arg(long, default_value_t = 100_000_000)]
     max_header_bytes: u64,
-    /// Largest gRPC message accepted, in bytes (uploads stream in 1 MiB chunks).
-    #[arg(long, default_value_t = 4 << 20)]
+    /// Largest gRPC message accepted, in bytes (uploads stream in 1 MiB chunks). A
+    /// manifest travels in one message: this must exceed --max-manifest-bytes by 64 KiB.
+    #[arg(long, default_value_t = 5 << 20)]
     max_message_bytes: usize,
     /// Most upload sessions open at once.
     #[arg(long, default_value_t = 1024)]
     max_open_uploads: usize,
-    /// Most upload sessions one token may hold open.
+    /// Most upload sessions one token may hold open (without tokens: one client address).
     #[arg(long, default_value_t = 64)]
     max_uploads_per_token: usize,
+    /// Most upload sessions the tokens of one namespace may hold open together.
+    #[arg(long, default_value_t = 256)]
+    max_uploads_per_namespace: usize,
+    /// Abort upload sessions that never received a byte after this long.
+    #[arg(long, default_value = "5m")]
+    empty_upload_ttl: humantime::Duration,
     /// Cut an upload stream that sends nothing for this long (it stays resumable).
     #[arg(long, default_value = "60s")]
     idle_timeout: humantime::Duration,
@@ -326,14 +333,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             for k in &r.orphans {
                 println!("orphan\t{k}");
             }
+            for k in &r.stale_staging {
+                println!("staging\t{k}");
+            }
             println!(
-                "checked {} blobs ({} bytes): {} corrupt, {} missing, {} orphans, {} quarantined",
+                "checked {} blobs ({} bytes): {} corrupt, {} missing, {} orphans, {} quarantined, \
+                 {} stale staging files{}",
                 r.checked,
                 r.bytes,
                 r.corrupt.len(),
                 r.missing.len(),
                 r.orphans.len(),
-                r.quarantined
+                r.quarantined,
+                r.stale_staging.len(),
+                if args.repair { " (removed)" } else { "" }
             );
             if !r.clean() {
                 anyhow::bail!("fsck found problems");
@@ -476,6 +489,8 @@ struct FileConfig {
     max_message_bytes: Option<usize>,
     max_open_uploads: Option<usize>,
     max_uploads_per_token: Option<usize>,
+    max_uploads_per_namespace: Option<usize>,
+    empty_upload_ttl: Option<String>,
     idle_timeout: Option<String>,
     upload_ttl: Option<String>,
     tls_cert: Option<PathBuf>,
@@ -519,6 +534,7 @@ fn merge_file(args: &mut ServeArgs, m: &clap::ArgMatches) -> anyhow::Result<()> 
         max_message_bytes,
         max_open_uploads,
         max_uploads_per_token,
+        max_uploads_per_namespace,
         log_format
     );
     macro_rules! take_opt {
@@ -543,6 +559,11 @@ fn merge_file(args: &mut ServeArgs, m: &clap::ArgMatches) -> anyhow::Result<()> 
     {
         args.upload_ttl = duration(d, "upload_ttl")?;
     }
+    if unset("empty_upload_ttl")
+        && let Some(d) = &file.empty_upload_ttl
+    {
+        args.empty_upload_ttl = duration(d, "empty_upload_ttl")?;
+    }
     let _ = FILE_STORE_OPTIONS.set(file.store_options.unwrap_or_default().into_iter().collect());
     Ok(())
 }
@@ -554,6 +575,14 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<RegistryConfig> {
             args.log_format
         );
     }
+    // A manifest (and a job spec) travels in one message, with room for the rest of it.
+    let room = args.max_manifest_bytes.saturating_add(64 << 10);
+    if args.max_message_bytes < room {
+        anyhow::bail!(
+            "--max-message-bytes ({}) must be at least --max-manifest-bytes + 64 KiB ({room}): a manifest travels in one message",
+            args.max_message_bytes
+        );
+    }
     let mut config = RegistryConfig::local(&args.data_dir);
     config.max_blob_bytes = args.max_blob_bytes;
     config.max_manifest_bytes = args.max_manifest_bytes;
@@ -562,6 +591,8 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<RegistryConfig> {
     config.max_message_bytes = args.max_message_bytes;
     config.max_open_uploads = args.max_open_uploads;
     config.max_uploads_per_token = args.max_uploads_per_token;
+    config.max_uploads_per_namespace = args.max_uploads_per_namespace;
+    config.empty_upload_ttl = args.empty_upload_ttl.into();
     config.stream_idle_timeout = args.idle_timeout.into();
     config.upload_ttl = args.upload_ttl.into();
     config.store_url = args.store.clone();
@@ -623,6 +654,14 @@ fn describe(args: &ServeArgs, c: &RegistryConfig) -> String {
     line("max_open_uploads", c.max_open_uploads.to_string());
     line("max_uploads_per_token", c.max_uploads_per_token.to_string());
     line(
+        "max_uploads_per_namespace",
+        c.max_uploads_per_namespace.to_string(),
+    );
+    line(
+        "empty_upload_ttl",
+        humantime::format_duration(c.empty_upload_ttl).to_string(),
+    );
+    line(
         "idle_timeout",
         humantime::format_duration(c.stream_idle_timeout).to_string(),
     );
@@ -682,6 +721,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         "http"
     };
+    // The database is migrated before the port opens: nothing connects to a registry
+    // that is still creating its tables.
+    let registry = delta_registry::Server::open(config)
+        .await
+        .context("cannot open the registry")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -691,7 +735,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     // The one line on stdout: where to connect (useful with --listen 127.0.0.1:0).
     println!("delta-registry listening on {scheme}://{addr}");
-    delta_registry::run(config, listener, shutdown)
+    registry
+        .serve(listener, shutdown)
         .await
         .context("registry failed")
 }

@@ -73,6 +73,9 @@ pub struct FsckReport {
     pub orphans: Vec<String>,
     /// Corrupt blobs moved to `quarantine/` by `--repair`.
     pub quarantined: usize,
+    /// What killed uploads left (staging objects, partial files), older than the grace
+    /// period: harmless, reported so the space is accounted for; `--repair` removes them.
+    pub stale_staging: Vec<String>,
 }
 
 impl FsckReport {
@@ -150,6 +153,11 @@ pub async fn fsck(
             }
             report.orphans.push(key);
         }
+    }
+    report.stale_staging = blobs.stale_staging(grace, now).await?;
+    if repair && !report.stale_staging.is_empty() {
+        blobs.cleanup_staging(grace, grace, now).await?;
+        blobs.remove_stale_staging(grace)?;
     }
     Ok(report)
 }

@@ -14,7 +14,7 @@ use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::reference::{LATEST, Reference, Repository, Selector};
 
 use crate::error::{Error, Result};
-use crate::sql::{Db, Row, Sql, p};
+use crate::sql::{Db, Row, Sql, Value, p};
 
 /// `versions.yanked` values.
 const LIVE: i64 = 0;
@@ -60,14 +60,25 @@ pub struct AuditEntry {
 /// A registered base model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BaseRecord {
-    /// Registered name.
+    /// Registered name: `namespace/name`, or a global name.
     pub name: String,
     /// Fingerprint of its weights.
     pub fingerprint: Digest,
     /// Its tensor table.
     pub tensors: Vec<TensorInfo>,
+    /// The blake3 of each tensor's bytes, in `tensors` order: the proof that the table is
+    /// the fingerprint's (the service recomputes it before storing). Empty for records
+    /// registered before proofs existed.
+    pub digests: Vec<Digest>,
     /// Seconds since the epoch.
     pub created_at: i64,
+}
+
+impl BaseRecord {
+    /// Whether the record carries the digests that prove its table.
+    pub fn proven(&self) -> bool {
+        !self.digests.is_empty()
+    }
 }
 
 /// A resolved reference.
@@ -85,6 +96,8 @@ pub struct Resolved {
     pub tags: Vec<String>,
     /// When the version was pushed.
     pub created_at: i64,
+    /// Yanked: reachable by tag, number or digest, but no longer `latest`.
+    pub yanked: bool,
 }
 
 /// One row of a repository listing.
@@ -104,6 +117,8 @@ pub struct RepoSummary {
     pub versions: u64,
     /// When the newest version was pushed.
     pub updated_at: i64,
+    /// Every version is yanked: the fields above describe the newest yanked one.
+    pub yanked: bool,
 }
 
 /// One version of a repository.
@@ -153,6 +168,15 @@ pub struct SearchFilter {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// A stored blob as its row describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredBlob {
+    /// Size in bytes.
+    pub size: u64,
+    /// Quarantined by `fsck --repair`: its bytes were corrupt; a re-upload heals it.
+    pub corrupt: bool,
+}
+
 /// The outcome of a manifest push.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pushed {
@@ -169,11 +193,12 @@ pub trait MetaStore: crate::jobs::JobStore + Send + Sync + std::fmt::Debug {
     fn insert_blob(&self, digest: &Digest, size: u64, now: i64) -> Result<()>;
     /// Sizes of the given blobs that have rows.
     fn blob_sizes(&self, digests: &[Digest]) -> Result<HashMap<Digest, u64>>;
-    /// Registers a base. `Ok(false)` if the identical record exists; an error if the name is
-    /// taken by another fingerprint.
+    /// Registers a base. `Ok(false)` if the name already holds this fingerprint (a
+    /// record without digests then gets the new record's proof); an error if the name
+    /// holds another fingerprint.
     fn add_base(&self, base: &BaseRecord) -> Result<bool>;
-    /// A base by name or fingerprint.
-    fn get_base(&self, name_or_fingerprint: &str) -> Result<Option<BaseRecord>>;
+    /// The records of a name or fingerprint: proven ones first, then oldest first.
+    fn find_bases(&self, name_or_fingerprint: &str) -> Result<Vec<BaseRecord>>;
     /// Every base.
     fn list_bases(&self) -> Result<Vec<BaseRecord>>;
     /// Records a validated manifest as the next version of `repo` and moves `tags` and
@@ -222,16 +247,24 @@ pub trait MetaStore: crate::jobs::JobStore + Send + Sync + std::fmt::Debug {
     fn set_public(&self, namespace: &str, public: bool) -> Result<()>;
     /// Links a stored blob to a namespace (the uploader's).
     fn link_blob(&self, digest: &Digest, namespace: &str) -> Result<()>;
-    /// Whether a blob is visible from `namespace` (or from a public namespace).
-    fn blob_visible(&self, digest: &Digest, namespace: &str) -> Result<bool>;
+    /// The blobs among `digests` that have a row *and* are visible to `viewer` (see
+    /// [`crate::auth::Caller::blob_viewer`]: `*` sees every blob, a namespace sees the blobs
+    /// linked to it or to a public namespace, `""` only those of public namespaces). One
+    /// answer for "absent" and "someone else's", found in one statement per 500 digests.
+    fn visible_blobs(
+        &self,
+        digests: &[Digest],
+        viewer: &str,
+    ) -> Result<HashMap<Digest, StoredBlob>>;
     /// Appends to the audit log.
     fn audit(&self, entry: &AuditEntry) -> Result<()>;
     /// The audit log, oldest first.
     fn list_audit(&self) -> Result<Vec<AuditEntry>>;
 
     /// Yanks (or un-yanks) a version: still pullable by version or digest, hidden from
-    /// listings, and `latest` moves to the newest version that is not yanked.
-    fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<()>;
+    /// listings, and `latest` moves to the newest version that is not yanked. Returns the
+    /// tags that point at the version afterwards (`latest` included when it does).
+    fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<Vec<String>>;
     /// Deletes a version: unresolvable from now on, its tags removed, its number never
     /// reused; its blobs become garbage unless other versions use them.
     fn delete_version(&self, repo: &Repository, version: u64, now: i64) -> Result<()>;
@@ -332,16 +365,21 @@ fn tags_of(c: &mut dyn Sql, repo: i64, version: u64) -> Result<Vec<String>> {
     .collect()
 }
 
-const BASE_COLUMNS: &str = "SELECT name, fingerprint, tensors, created_at FROM bases";
+const BASE_COLUMNS: &str = "SELECT name, fingerprint, tensors, created_at, digests FROM bases";
 
 fn base_record(r: &Row) -> Result<BaseRecord> {
     let name = r.text(0)?;
-    let tensors: Vec<TensorInfo> = serde_json::from_str(&r.text(2)?).map_err(|e| {
-        Error::FailedPrecondition(format!("base {name}: corrupt tensor table: {e}"))
-    })?;
+    let corrupt =
+        |e: serde_json::Error| Error::Database(format!("base {name}: corrupt tensor table: {e}"));
+    let tensors: Vec<TensorInfo> = serde_json::from_str(&r.text(2)?).map_err(corrupt)?;
+    let digests = match r.text(4)?.as_str() {
+        "" => Vec::new(),
+        json => serde_json::from_str(json).map_err(corrupt)?,
+    };
     Ok(BaseRecord {
         fingerprint: r.digest(1)?,
         tensors,
+        digests,
         created_at: r.int(3)?,
         name,
     })
@@ -375,24 +413,37 @@ impl MetaStore for SqlMeta {
     }
 
     fn add_base(&self, base: &BaseRecord) -> Result<bool> {
-        let tensors = serde_json::to_string(&base.tensors)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let bad = |e: serde_json::Error| Error::InvalidArgument(e.to_string());
+        let tensors = serde_json::to_string(&base.tensors).map_err(bad)?;
+        let digests = if base.proven() {
+            serde_json::to_string(&base.digests).map_err(bad)?
+        } else {
+            String::new()
+        };
         self.db.write(|c| {
             let added = c.exec(
-                "INSERT INTO bases (name, fingerprint, tensors, created_at) VALUES ($1, $2, $3, $4)
+                "INSERT INTO bases (name, fingerprint, tensors, created_at, digests) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (name) DO NOTHING",
-                p![&base.name, &base.fingerprint, &tensors, base.created_at],
+                p![&base.name, &base.fingerprint, &tensors, base.created_at, &digests],
             )? > 0;
             if added {
                 return Ok(true);
             }
+            let lock = c.engine().for_update();
             let fp = c
                 .one(
-                    "SELECT fingerprint FROM bases WHERE name = $1",
+                    &format!("SELECT fingerprint FROM bases WHERE name = $1{lock}"),
                     p![&base.name],
                 )?
                 .text(0)?;
             if fp == base.fingerprint.to_string() {
+                // A record from before proofs existed gets this one's table and digests.
+                if base.proven() {
+                    c.exec(
+                        "UPDATE bases SET tensors = $2, digests = $3 WHERE name = $1 AND digests = ''",
+                        p![&base.name, &tensors, &digests],
+                    )?;
+                }
                 Ok(false)
             } else {
                 Err(Error::AlreadyExists(format!(
@@ -403,17 +454,18 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn get_base(&self, key: &str) -> Result<Option<BaseRecord>> {
+    fn find_bases(&self, key: &str) -> Result<Vec<BaseRecord>> {
         self.db.read(|c| {
-            c.opt(
+            c.query(
                 &format!(
-                    "{BASE_COLUMNS} WHERE name = $1 OR fingerprint = $1 ORDER BY created_at LIMIT 1"
+                    "{BASE_COLUMNS} WHERE name = $1 OR fingerprint = $1
+                     ORDER BY CASE WHEN digests = '' THEN 1 ELSE 0 END, created_at, name"
                 ),
                 p![key],
             )?
-            .as_ref()
+            .iter()
             .map(base_record)
-            .transpose()
+            .collect()
         })
     }
 
@@ -443,7 +495,7 @@ impl MetaStore for SqlMeta {
         // PostgreSQL), a second reads its tags.
         self.db.read(|c| {
             let repo = &reference.repository;
-            let select = "SELECT v.version, v.manifest, m.body, v.created_at, r.id FROM repositories r
+            let select = "SELECT v.version, v.manifest, m.body, v.created_at, r.id, v.yanked FROM repositories r
                           JOIN versions v ON v.repository = r.id JOIN manifests m ON m.digest = v.manifest
                           WHERE r.namespace = $1 AND r.name = $2 AND v.yanked < 2";
             let (ns, name) = (repo.namespace(), repo.name());
@@ -471,6 +523,7 @@ impl MetaStore for SqlMeta {
                 manifest: r.bytes(2)?,
                 tags: tags_of(c, r.int(4)?, version)?,
                 created_at: r.int(3)?,
+                yanked: r.int(5)? == YANKED,
             }))
         })
     }
@@ -478,11 +531,15 @@ impl MetaStore for SqlMeta {
     fn list_repositories(&self, namespace: Option<&str>) -> Result<Vec<RepoSummary>> {
         self.db.read(|c| {
             c.query(
+                // The newest live version; for a repository whose versions are all yanked,
+                // the newest yanked one (listed as such, not hidden).
                 "SELECT r.namespace, r.name, v.version, v.manifest, m.base_fingerprint, m.method, v.created_at,
-                        (SELECT COUNT(*) FROM versions WHERE repository = r.id AND yanked = 0)
+                        (SELECT COUNT(*) FROM versions WHERE repository = r.id AND yanked = v.yanked), v.yanked
                  FROM repositories r
                  JOIN versions v ON v.repository = r.id
-                   AND v.version = (SELECT MAX(version) FROM versions WHERE repository = r.id AND yanked = 0)
+                   AND v.version = COALESCE(
+                     (SELECT MAX(version) FROM versions WHERE repository = r.id AND yanked = 0),
+                     (SELECT MAX(version) FROM versions WHERE repository = r.id AND yanked = 1))
                  JOIN manifests m ON m.digest = v.manifest
                  WHERE CAST($1 AS TEXT) IS NULL OR r.namespace = $1
                  ORDER BY r.namespace, r.name",
@@ -498,6 +555,7 @@ impl MetaStore for SqlMeta {
                     method: r.text(5)?,
                     updated_at: r.int(6)?,
                     versions: r.uint(7)?,
+                    yanked: r.int(8)? == YANKED,
                 })
             })
             .collect()
@@ -682,14 +740,37 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn blob_visible(&self, digest: &Digest, namespace: &str) -> Result<bool> {
+    fn visible_blobs(
+        &self,
+        digests: &[Digest],
+        viewer: &str,
+    ) -> Result<HashMap<Digest, StoredBlob>> {
         self.db.read(|c| {
-            Ok(c.opt(
-                "SELECT 1 FROM blob_links WHERE blob = $1
-                   AND (namespace = $2 OR namespace IN (SELECT namespace FROM public_namespaces)) LIMIT 1",
-                p![digest, namespace],
-            )?
-            .is_some())
+            let mut out = HashMap::new();
+            for part in digests.chunks(500) {
+                let slots: Vec<String> = (0..part.len()).map(|i| format!("${}", i + 2)).collect();
+                let mut params = vec![Value::from(viewer)];
+                params.extend(part.iter().map(Value::from));
+                let rows = c.query(
+                    &format!(
+                        "SELECT b.digest, b.size, b.corrupt FROM blobs b WHERE b.digest IN ({})
+                           AND ($1 = '*' OR EXISTS (SELECT 1 FROM blob_links l WHERE l.blob = b.digest
+                             AND (l.namespace = $1 OR l.namespace IN (SELECT namespace FROM public_namespaces))))",
+                        slots.join(", ")
+                    ),
+                    &params,
+                )?;
+                for r in rows {
+                    out.insert(
+                        r.digest(0)?,
+                        StoredBlob {
+                            size: r.uint(1)?,
+                            corrupt: r.int(2)? != 0,
+                        },
+                    );
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -723,7 +804,7 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<()> {
+    fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<Vec<String>> {
         let now = crate::service::now();
         self.db.write(|c| {
             let id = existing_version(c, repo, version)?;
@@ -732,7 +813,8 @@ impl MetaStore for SqlMeta {
                 "UPDATE versions SET yanked = $3 WHERE repository = $1 AND version = $2",
                 p![id, version, state],
             )?;
-            refresh_latest(c, id, now)
+            refresh_latest(c, id, now)?;
+            tags_of(c, id, version)
         })
     }
 

@@ -1,4 +1,5 @@
-//! [`run`]: serves the registry, health and reflection on a listener the caller bound.
+//! [`Server`]: the registry opened (database migrated, stores reachable) and then served,
+//! with health and reflection, on a listener the caller bound; [`run`] does both.
 
 use std::future::Future;
 use std::time::Duration;
@@ -6,7 +7,7 @@ use std::time::Duration;
 use delta_proto::registry_server::RegistryServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Identity, Server as GrpcServer, ServerTlsConfig};
 
 use crate::config::RegistryConfig;
 use crate::error::Result;
@@ -28,7 +29,42 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let service = RegistryService::open(&config).await?;
+    Server::open(config).await?.serve(listener, shutdown).await
+}
+
+/// A registry whose database is migrated and whose stores are open, ready to serve. The
+/// binary opens it *before* it binds and announces its address, so no call (and no admin
+/// command racing the first start) ever meets a half-migrated database.
+#[derive(Debug)]
+pub struct Server {
+    config: RegistryConfig,
+    service: RegistryService,
+}
+
+impl Server {
+    /// Opens the metadata database (migrating it, under a lock other processes respect)
+    /// and the blob store.
+    pub async fn open(config: RegistryConfig) -> Result<Self> {
+        let service = RegistryService::open(&config).await?;
+        Ok(Self { config, service })
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight calls.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        serve(self.config, self.service, listener, shutdown).await
+    }
+}
+
+async fn serve(
+    config: RegistryConfig,
+    service: RegistryService,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let addr = listener.local_addr()?;
     if service.is_open().await? {
         tracing::warn!(
@@ -104,7 +140,7 @@ pub async fn run(
     });
     let mut drain_rx = stop_rx.clone();
     let mut serve_rx = stop_rx;
-    let mut builder = Server::builder();
+    let mut builder = GrpcServer::builder();
     if let Some(tls) = &config.tls {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| {

@@ -2,15 +2,16 @@
 //! generated types; it converts them to domain types, checks them and calls [`MetaStore`]
 //! and [`BlobStore`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use delta_proto::fingerprint::FingerprintEntry;
 use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::reference::{Reference, Repository, check_tag};
 use delta_proto::registry_server::Registry;
-use delta_proto::{self as pb, Digest};
+use delta_proto::{self as pb, Digest, excerpt};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,8 +22,8 @@ use crate::blobs::BlobStore;
 use crate::config::RegistryConfig;
 use crate::error::{Error, Result};
 use crate::jobs::{Completion, JobRow};
-use crate::meta::{AuditEntry, BaseRecord, MetaStore, SearchFilter, SqlMeta};
-use crate::uploads::{Progress, Uploads};
+use crate::meta::{AuditEntry, BaseRecord, MetaStore, SearchFilter, SqlMeta, StoredBlob};
+use crate::uploads::{Holder, Progress, Uploads};
 
 /// The registry's state, shared by every request.
 #[derive(Debug, Clone)]
@@ -76,7 +77,11 @@ impl RegistryService {
 
     /// A service over the given stores.
     pub fn with_parts(config: RegistryConfig, meta: Arc<dyn MetaStore>, blobs: BlobStore) -> Self {
-        let uploads = Uploads::new(config.max_open_uploads);
+        let uploads = Uploads::new(crate::uploads::Limits {
+            total: config.max_open_uploads,
+            per_token: config.max_uploads_per_token,
+            per_namespace: config.max_uploads_per_namespace,
+        });
         Self {
             inner: Arc::new(Inner {
                 config,
@@ -103,7 +108,10 @@ impl RegistryService {
     pub async fn expire_uploads(&self) -> usize {
         self.inner
             .uploads
-            .expire(self.inner.config.upload_ttl)
+            .expire(
+                self.inner.config.upload_ttl,
+                self.inner.config.empty_upload_ttl,
+            )
             .await
     }
 
@@ -151,14 +159,6 @@ impl RegistryService {
     ) -> Result<T> {
         let meta = self.inner.meta.clone();
         tokio::task::spawn_blocking(move || f(meta.as_ref())).await?
-    }
-
-    async fn blob_size(&self, digest: Digest) -> Result<Option<u64>> {
-        Ok(self
-            .meta(move |m| m.blob_sizes(&[digest]))
-            .await?
-            .get(&digest)
-            .copied())
     }
 
     async fn commit_blob(&self, digest: Digest, size: u64, caller: &Caller) -> Result<()> {
@@ -217,14 +217,39 @@ impl RegistryService {
         Ok(self.authorize(caller, namespace, Scope::Read).await.is_ok())
     }
 
-    /// Whether the caller may see a stored blob.
-    async fn blob_visible(&self, caller: &Caller, digest: Digest) -> Result<bool> {
-        if caller.sees_all() {
-            return Ok(true);
+    /// The stored blobs among `digests` the caller may see. A blob another namespace
+    /// holds is as absent as one nobody has: one database statement answers both, and no
+    /// caller learns more (or sooner) about the one than about the other.
+    async fn visible_blobs(
+        &self,
+        caller: &Caller,
+        digests: Vec<Digest>,
+    ) -> Result<HashMap<Digest, StoredBlob>> {
+        let viewer = caller.blob_viewer().to_owned();
+        self.meta(move |m| m.visible_blobs(&digests, &viewer)).await
+    }
+
+    /// Whether the caller may read a base record registered under `name`: a
+    /// `namespace/name` like that namespace's repositories, a global name with any token
+    /// (anonymous callers see the bases of public namespaces only).
+    async fn base_readable(&self, caller: &Caller, name: &str) -> Result<bool> {
+        match name.split_once('/') {
+            Some((ns, _)) => self.readable(caller, ns).await,
+            None => Ok(!matches!(caller, Caller::Anonymous)),
         }
-        // Anonymous callers see blobs of public namespaces only ("" matches no namespace).
-        let ns = caller.blob_namespace().unwrap_or("").to_owned();
-        self.meta(move |m| m.blob_visible(&digest, &ns)).await
+    }
+
+    /// The records of a base name or fingerprint that the caller may read, proven ones
+    /// first.
+    async fn visible_bases(&self, caller: &Caller, key: &str) -> Result<Vec<BaseRecord>> {
+        let lookup = key.to_owned();
+        let mut out = Vec::new();
+        for b in self.meta(move |m| m.find_bases(&lookup)).await? {
+            if self.base_readable(caller, &b.name).await? {
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 
     /// Appends to the audit log.
@@ -261,16 +286,42 @@ impl RegistryService {
 
     async fn resolve_ref(&self, reference: &str) -> Result<crate::meta::Resolved> {
         let parsed: Reference = reference.parse()?;
-        self.meta(move |m| m.resolve(&parsed))
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "reference",
-                name: reference.to_owned(),
-            })
+        let repo = parsed.repository.clone();
+        let latest =
+            parsed.selector == delta_proto::Selector::Tag(delta_proto::reference::LATEST.into());
+        if let Some(r) = self.meta(move |m| m.resolve(&parsed)).await? {
+            return Ok(r);
+        }
+        // `latest` of a repository whose versions are all yanked: say so (the caller may
+        // read the namespace; resolve_checked authorised it) rather than "not found".
+        if latest {
+            let ns = repo.namespace().to_owned();
+            let all_yanked = self
+                .meta(move |m| m.list_repositories(Some(&ns)))
+                .await?
+                .into_iter()
+                .find(|s| s.repository == repo && s.yanked);
+            if let Some(s) = all_yanked {
+                return Err(Error::NotFound {
+                    what: "live version of",
+                    name: format!(
+                        "{repo}: all {} of its versions are yanked; pull one by number ({repo}:v{}) or un-yank it",
+                        s.versions, s.latest_version
+                    ),
+                });
+            }
+        }
+        Err(Error::NotFound {
+            what: "reference",
+            name: excerpt(reference),
+        })
     }
 
-    /// Validates a manifest against the stored blobs and its registered base.
-    async fn validate(&self, manifest: &Manifest) -> Result<BaseRecord> {
+    /// Validates a manifest against the stored blobs and its registered base. The blobs
+    /// must be visible to `caller`, which is checked first, in one statement: a digest
+    /// only another namespace holds gets the answer of one nobody holds, before any size,
+    /// header or base check could tell the two apart.
+    async fn validate(&self, manifest: &Manifest, caller: &Caller) -> Result<BaseRecord> {
         let cfg = &self.inner.config;
         let count: usize = manifest.files.iter().map(|f| f.tensors.len()).sum();
         if count > cfg.max_tensors {
@@ -279,32 +330,34 @@ impl RegistryService {
                 cfg.max_tensors
             )));
         }
+        let digests: Vec<Digest> = manifest.files.iter().map(|f| f.digest).collect();
+        let stored = self.visible_blobs(caller, digests).await?;
+        for f in &manifest.files {
+            if stored.get(&f.digest).is_none_or(|b| b.corrupt) {
+                return Err(Error::FailedPrecondition(format!(
+                    "file {} references blob {}, which is not uploaded",
+                    f.path, f.digest
+                )));
+            }
+        }
         let fp = manifest.base.fingerprint;
         let base = self
-            .meta(move |m| m.get_base(&fp.to_string()))
+            .visible_bases(caller, &fp.to_string())
             .await?
+            .into_iter()
+            .next()
             .ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "base {fp} is not registered: register it first with `delta base add`"
                 ))
             })?;
-        let digests: Vec<Digest> = manifest.files.iter().map(|f| f.digest).collect();
-        let sizes = self.meta(move |m| m.blob_sizes(&digests)).await?;
         for f in &manifest.files {
-            match sizes.get(&f.digest) {
-                None => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "file {} references blob {}, which is not uploaded",
-                        f.path, f.digest
-                    )));
-                }
-                Some(&s) if s != f.size => {
-                    return Err(Error::InvalidManifest(format!(
-                        "file {} states {} bytes but blob {} has {s}",
-                        f.path, f.size, f.digest
-                    )));
-                }
-                Some(_) => {}
+            let size = stored.get(&f.digest).map_or(0, |b| b.size);
+            if size != f.size {
+                return Err(Error::InvalidManifest(format!(
+                    "file {} states {} bytes but blob {} has {size}",
+                    f.path, f.size, f.digest
+                )));
             }
             self.check_file(f).await?;
         }
@@ -372,26 +425,44 @@ impl RegistryService {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
 
 fn base_to_pb(b: BaseRecord) -> pb::BaseRecord {
+    let digests = b.digests.iter().map(ToString::to_string);
     pb::BaseRecord {
         name: b.name,
         fingerprint: b.fingerprint.to_string(),
-        tensors: b.tensors.into_iter().map(Into::into).collect(),
+        tensors: b
+            .tensors
+            .into_iter()
+            .zip(digests.chain(std::iter::repeat(String::new())))
+            .map(|(t, digest)| pb::TensorInfo { digest, ..t.into() })
+            .collect(),
         created_at: b.created_at,
     }
 }
 
-fn check_base_name(name: &str) -> Result<()> {
+/// The namespace a base name belongs to: `Some(ns)` for `ns/name` (its owners register
+/// it), `None` for a global name (registered by admins of `*`).
+fn base_namespace(name: &str) -> Result<Option<String>> {
+    if name.contains('/') {
+        let repo: Repository = name.parse().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "invalid base name {:?}: use namespace/name (the syntax of repositories) or a global name of 1-128 [A-Za-z0-9._-]",
+                excerpt(name)
+            ))
+        })?;
+        return Ok(Some(repo.namespace().to_owned()));
+    }
     let ok = !name.is_empty()
         && name.len() <= 128
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
-        && !name.starts_with("blake3:");
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.starts_with("blake3");
     if ok {
-        Ok(())
+        Ok(None)
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid base name {name:?}: use 1-128 of [A-Za-z0-9._/-]"
+            "invalid base name {:?}: use namespace/name or a global name of 1-128 [A-Za-z0-9._-]",
+            excerpt(name)
         )))
     }
 }
@@ -404,9 +475,8 @@ impl Registry for RegistryService {
         req: Request<pb::StartUploadRequest>,
     ) -> Result<Response<pb::StartUploadResponse>, Status> {
         let caller = self.caller(&req).await?;
-        if !caller.is_worker() {
-            caller.check_any(Scope::Write)?;
-        }
+        caller.check_any(Scope::Write)?;
+        let peer = req.remote_addr().map(|a| a.ip());
         let req = req.into_inner();
         let digest: Digest = req.digest.parse().map_err(Error::from)?;
         if req.size > self.inner.config.max_blob_bytes {
@@ -418,8 +488,10 @@ impl Registry for RegistryService {
         }
         // A blob another team stored is not "present" for this caller: it must send the
         // bytes, so dedup never reveals what others hold.
-        if self.blob_size(digest).await? == Some(req.size)
-            && self.blob_visible(&caller, digest).await?
+        let visible = self.visible_blobs(&caller, vec![digest]).await?;
+        if visible
+            .get(&digest)
+            .is_some_and(|b| b.size == req.size && !b.corrupt)
         {
             // Refresh: a re-upload counts as a new reference (git's freshen rule).
             self.commit_blob(digest, req.size, &caller).await?;
@@ -445,18 +517,27 @@ impl Registry for RegistryService {
                 offset: 0,
             }));
         }
-        let (upload_id, offset) = self
-            .inner
-            .uploads
-            .start(
-                &self.inner.blobs,
-                digest,
-                req.size,
-                caller.blob_namespace(),
-                caller.token_id(),
-                self.inner.config.max_uploads_per_token,
-            )
-            .await?;
+        let who = Holder {
+            token: caller.token_id(),
+            namespace: caller.blob_namespace().map(str::to_owned),
+            peer,
+        };
+        let uploads = &self.inner.uploads;
+        let started = match uploads
+            .start(&self.inner.blobs, digest, req.size, who.clone())
+            .await
+        {
+            // At a cap, sessions past their TTLs (the janitor runs once a minute) give their
+            // slots back first, so an abandoned empty session holds one for `empty_upload_ttl`
+            // at most.
+            Err(Error::LimitExceeded(_)) if self.expire_uploads().await > 0 => {
+                uploads
+                    .start(&self.inner.blobs, digest, req.size, who)
+                    .await
+            }
+            other => other,
+        };
+        let (upload_id, offset) = started?;
         Ok(Response::new(pb::StartUploadResponse {
             present: false,
             upload_id,
@@ -472,7 +553,11 @@ impl Registry for RegistryService {
         let caller = self.caller(&req).await?;
         caller.check_any(Scope::Write)?;
         let mut stream = req.into_inner();
-        let Some(first) = stream.message().await? else {
+        let first = stream
+            .message()
+            .await
+            .map_err(|e| crate::error::message_limit_status(e.code(), e.message()).unwrap_or(e))?;
+        let Some(first) = first else {
             return Err(Status::invalid_argument(
                 "empty upload stream: the first chunk must name the upload",
             ));
@@ -482,7 +567,7 @@ impl Registry for RegistryService {
             session.park();
             return Err(Error::NotFound {
                 what: "upload",
-                name: first.upload_id.clone(),
+                name: excerpt(&first.upload_id),
             }
             .into());
         }
@@ -538,7 +623,9 @@ impl Registry for RegistryService {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     session.park();
-                    return Err(e);
+                    return Err(
+                        crate::error::message_limit_status(e.code(), e.message()).unwrap_or(e)
+                    );
                 }
                 Err(_) => {
                     session.park();
@@ -563,8 +650,12 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::GetUploadRequest>,
     ) -> Result<Response<pb::GetUploadResponse>, Status> {
-        self.caller(&req).await?.check_any(Scope::Write)?;
-        let (digest, size, offset) = self.inner.uploads.status(&req.get_ref().upload_id)?;
+        let caller = self.caller(&req).await?;
+        caller.check_any(Scope::Write)?;
+        let (digest, size, offset) = self
+            .inner
+            .uploads
+            .status(&req.get_ref().upload_id, caller.blob_namespace())?;
         Ok(Response::new(pb::GetUploadResponse {
             digest: digest.to_string(),
             size,
@@ -587,10 +678,15 @@ impl Registry for RegistryService {
             name: digest.to_string(),
         };
         // A blob the caller may not see is answered exactly like one nobody has.
-        let size = self.blob_size(digest).await?.ok_or_else(not_found)?;
-        if !self.blob_visible(&caller, digest).await? {
-            return Err(not_found().into());
+        let blob = *self
+            .visible_blobs(&caller, vec![digest])
+            .await?
+            .get(&digest)
+            .ok_or_else(not_found)?;
+        if blob.corrupt {
+            return Err(Error::Quarantined(digest).into());
         }
+        let size = blob.size;
         if req.offset > size {
             return Err(Error::InvalidArgument(format!(
                 "offset {} is past the end of blob {digest} ({size} bytes)",
@@ -662,26 +758,36 @@ impl Registry for RegistryService {
             .map(|d| d.parse::<Digest>())
             .collect::<Result<_, _>>()
             .map_err(Error::from)?;
-        let query = digests.clone();
-        let present = self.meta(move |m| m.blob_sizes(&query)).await?;
-        let mut missing = Vec::new();
-        for d in digests {
-            if !present.contains_key(&d) || !self.blob_visible(&caller, d).await? {
-                missing.push(d.to_string());
-            }
-        }
+        let present = self.visible_blobs(&caller, digests.clone()).await?;
+        let missing = digests
+            .iter()
+            .filter(|d| present.get(d).is_none_or(|b| b.corrupt))
+            .map(ToString::to_string)
+            .collect();
         Ok(Response::new(pb::MissingBlobsResponse { missing }))
     }
 
-    #[tracing::instrument(skip_all, fields(name = %req.get_ref().name))]
+    #[tracing::instrument(skip_all, fields(name = %excerpt(&req.get_ref().name)))]
     async fn add_base(
         &self,
         req: Request<pb::AddBaseRequest>,
     ) -> Result<Response<pb::AddBaseResponse>, Status> {
         let caller = self.caller(&req).await?;
-        caller.check_any(Scope::Write)?;
         let req = req.into_inner();
-        check_base_name(&req.name)?;
+        // Who may register the name, decided before anything is looked up: a team names
+        // bases in its own namespace; global names are an admin's, so no team can take a
+        // popular name (or a fingerprint) from the others.
+        match base_namespace(&req.name)? {
+            Some(ns) => self.authorize(&caller, &ns, Scope::Write).await?,
+            None => caller.check("*", Scope::Admin, false).map_err(|_| {
+                Error::PermissionDenied(format!(
+                    "{} cannot register the global base name {:?}: global names need an admin token for '*'; register it in your namespace (NAMESPACE/{})",
+                    caller.describe(),
+                    req.name,
+                    req.name
+                ))
+            })?,
+        }
         let fingerprint: Digest = req.fingerprint.parse().map_err(Error::from)?;
         if req.tensors.is_empty() {
             return Err(Error::InvalidArgument(format!(
@@ -690,32 +796,52 @@ impl Registry for RegistryService {
             ))
             .into());
         }
-        let tensors: Vec<TensorInfo> = req.tensors.into_iter().map(Into::into).collect();
+        let mut entries = Vec::with_capacity(req.tensors.len());
         let mut seen = std::collections::HashSet::new();
-        for t in &tensors {
+        for t in req.tensors {
             if t.name.is_empty()
                 || t.name.chars().any(char::is_control)
                 || delta_proto::safetensors::dtype_size(&t.dtype).is_none()
             {
                 return Err(Error::InvalidArgument(format!(
                     "base tensor {:?} {:?}: bad name or dtype",
-                    t.name, t.dtype
+                    excerpt(&t.name),
+                    excerpt(&t.dtype)
                 ))
                 .into());
             }
-            if !seen.insert(&t.name) {
+            if !seen.insert(t.name.clone()) {
                 return Err(Error::InvalidArgument(format!(
                     "base tensor {:?} appears twice",
-                    t.name
+                    excerpt(&t.name)
                 ))
                 .into());
             }
+            let name = t.name.clone();
+            let entry = FingerprintEntry::try_from(t).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "base tensor {:?} carries no blake3 digest of its bytes: a base record proves its table (`delta base add` sends one per tensor)",
+                    excerpt(&name)
+                ))
+            })?;
+            entries.push(entry);
+        }
+        // The record proves itself: its table, with the digests, must hash to the
+        // fingerprint it claims. A wrong table can no longer block anyone's pushes.
+        let actual = delta_proto::fingerprint::fingerprint(&mut entries);
+        if actual != fingerprint {
+            return Err(Error::InvalidArgument(format!(
+                "the tensor table hashes to {actual}, not the stated fingerprint {fingerprint}: a base record must list the real tensors and their digests"
+            ))
+            .into());
         }
         let name_for_audit = req.name.clone();
+        let (tensors, digests) = entries.into_iter().map(|e| (e.info, e.digest)).unzip();
         let record = BaseRecord {
             name: req.name,
             fingerprint,
             tensors,
+            digests,
             created_at: now(),
         };
         let created = self.meta(move |m| m.add_base(&record)).await?;
@@ -736,25 +862,71 @@ impl Registry for RegistryService {
         &self,
         req: Request<pb::GetBaseRequest>,
     ) -> Result<Response<pb::BaseRecord>, Status> {
+        let caller = self.caller(&req).await?;
         let key = req.into_inner().name_or_fingerprint;
-        let lookup = key.clone();
+        // A name's namespace is checked before the lookup, as for repositories, so a
+        // refusal says nothing about whether the base exists.
+        if !key.starts_with("blake3:") {
+            match base_namespace(&key)? {
+                Some(ns) => self.authorize(&caller, &ns, Scope::Read).await?,
+                None if matches!(caller, Caller::Anonymous) => {
+                    return Err(Error::Unauthenticated(
+                        "reading global bases needs a token".into(),
+                    )
+                    .into());
+                }
+                None => {}
+            }
+        }
         let base = self
-            .meta(move |m| m.get_base(&lookup))
+            .visible_bases(&caller, &key)
             .await?
+            .into_iter()
+            .next()
             .ok_or(Error::NotFound {
                 what: "base",
-                name: key,
+                name: excerpt(&key),
             })?;
         Ok(Response::new(base_to_pb(base)))
     }
 
     async fn list_bases(
         &self,
-        _req: Request<pb::ListBasesRequest>,
+        req: Request<pb::ListBasesRequest>,
     ) -> Result<Response<pb::ListBasesResponse>, Status> {
-        let bases = self.meta(|m| m.list_bases()).await?;
-        Ok(Response::new(pb::ListBasesResponse {
-            bases: bases.into_iter().map(base_to_pb).collect(),
+        let caller = self.caller(&req).await?;
+        let mut bases = Vec::new();
+        for b in self.meta(|m| m.list_bases()).await? {
+            if self.base_readable(&caller, &b.name).await? {
+                bases.push(base_to_pb(b));
+            }
+        }
+        Ok(Response::new(pb::ListBasesResponse { bases }))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let caller = self.caller(&req).await?;
+        Ok(Response::new(match caller {
+            Caller::Open => pb::WhoAmIResponse {
+                kind: "open".into(),
+                namespace: "*".into(),
+                scope: Scope::Admin.to_string(),
+                ..Default::default()
+            },
+            Caller::Anonymous => pb::WhoAmIResponse {
+                kind: "anonymous".into(),
+                ..Default::default()
+            },
+            Caller::Token(p) => pb::WhoAmIResponse {
+                kind: p.kind,
+                token_id: p.token_id as u64,
+                namespace: p.namespace,
+                scope: p.scope.to_string(),
+                expires_at: p.expires_at.unwrap_or(0),
+            },
         }))
     }
 
@@ -780,7 +952,7 @@ impl Registry for RegistryService {
             .into());
         }
         let manifest = Manifest::from_json(&req.manifest).map_err(Error::from)?;
-        self.validate(&manifest).await?;
+        self.validate(&manifest, &caller).await?;
         let body = manifest.canonical_json();
         let digest = Digest::of(&body);
         let tags = req.tags.clone();
@@ -819,6 +991,7 @@ impl Registry for RegistryService {
             manifest: r.manifest,
             tags: r.tags,
             created_at: r.created_at,
+            yanked: r.yanked,
         }))
     }
 
@@ -851,6 +1024,7 @@ impl Registry for RegistryService {
                 method: r.method,
                 versions: r.versions,
                 updated_at: r.updated_at,
+                yanked: r.yanked,
             })
             .collect();
         Ok(Response::new(pb::ListRepositoriesResponse { repositories }))
@@ -992,7 +1166,7 @@ impl Registry for RegistryService {
             .resolve_checked(&caller, &req.reference, Scope::Admin)
             .await?;
         let (repo, version, yanked) = (target.repository.clone(), target.version, !req.undo);
-        self.meta(move |m| m.yank(&repo, version, yanked)).await?;
+        let tags = self.meta(move |m| m.yank(&repo, version, yanked)).await?;
         let action = if req.undo { "unyank" } else { "yank" };
         self.record(
             &caller,
@@ -1004,6 +1178,7 @@ impl Registry for RegistryService {
         Ok(Response::new(pb::YankVersionResponse {
             repository: target.repository.to_string(),
             version,
+            tags,
         }))
     }
 
@@ -1091,7 +1266,7 @@ impl Registry for RegistryService {
             .ok()
             .filter(serde_json::Value::is_object)
             .ok_or_else(|| Error::InvalidArgument("job spec is not a JSON object".into()))?;
-        let repository = match req.kind.as_str() {
+        let (repository, namespace) = match req.kind.as_str() {
             "train" => {
                 let repo: Repository = req.repository.parse().map_err(Error::from)?;
                 self.authorize(&caller, repo.namespace(), Scope::Write)
@@ -1099,36 +1274,55 @@ impl Registry for RegistryService {
                 for t in &req.tags {
                     check_tag(t).map_err(Error::from)?;
                 }
-                repo.to_string()
+                (repo.to_string(), repo.namespace().to_owned())
             }
             "verify" => {
                 let r = self
                     .resolve_checked(&caller, &req.repository, Scope::Read)
                     .await?;
                 spec["manifest"] = serde_json::Value::String(r.digest.to_string());
-                format!("{}:v{}", r.repository, r.version)
+                (
+                    format!("{}:v{}", r.repository, r.version),
+                    r.repository.namespace().to_owned(),
+                )
             }
             other => {
                 return Err(Error::InvalidArgument(format!(
-                    "job kind {other:?} is not train or verify"
+                    "job kind {:?} is not train or verify",
+                    excerpt(other)
                 ))
                 .into());
             }
         };
-        for b in &req.blobs {
-            let d: Digest = b.parse().map_err(Error::from)?;
-            if self.blob_size(d).await?.is_none() || !self.blob_visible(&caller, d).await? {
-                return Err(Error::NotFound {
-                    what: "blob",
-                    name: d.to_string(),
-                }
-                .into());
+        // Whatever the worker will read on the submitter's behalf must be the submitter's
+        // to read: the datasets (a digest only another namespace holds is as absent as one
+        // nobody holds) and the parent deltas.
+        let (datasets, parents) = job_inputs(&spec, &req.blobs)?;
+        let visible = self.visible_blobs(&caller, datasets.clone()).await?;
+        if let Some(d) = datasets.iter().find(|d| !visible.contains_key(d)) {
+            return Err(Error::NotFound {
+                what: "blob",
+                name: d.to_string(),
             }
+            .into());
+        }
+        for p in &parents {
+            self.resolve_checked(&caller, p, Scope::Read).await?;
         }
         let (kind, tags, submitter) = (req.kind.clone(), req.tags.clone(), caller.token_id());
         let spec = spec.to_string();
         let job = self
-            .meta(move |m| m.submit_job(&kind, &spec, &repository, &tags, submitter, now()))
+            .meta(move |m| {
+                m.submit_job(
+                    &kind,
+                    &spec,
+                    &repository,
+                    &namespace,
+                    &tags,
+                    submitter,
+                    now(),
+                )
+            })
             .await?;
         tracing::info!(job = job.id, kind = %job.kind, repository = %job.repository, "job queued");
         self.record(&caller, "submit-job", &job.repository, &job.id.to_string())
@@ -1144,12 +1338,12 @@ impl Registry for RegistryService {
         let req = req.into_inner();
         let id = req.id;
         let job = self.meta(move |m| m.get_job(id)).await?;
-        // Jobs are visible to their submitter, workers and `*` tokens; to anyone else a
-        // job looks missing, whether it exists or not.
+        // A job is visible to tokens covering its namespace (its team's users and
+        // workers, `*` tokens) and to its submitter; to anyone else it looks missing,
+        // whether it exists or not.
         let job = job
             .filter(|j| {
-                caller.sees_all()
-                    || caller.is_worker()
+                caller.covers(&j.namespace)
                     || (j.submitter.is_some() && j.submitter == caller.token_id())
             })
             .ok_or_else(|| Error::NotFound {
@@ -1172,17 +1366,26 @@ impl Registry for RegistryService {
         req: Request<pb::LeaseJobRequest>,
     ) -> Result<Response<pb::LeaseJobResponse>, Status> {
         let caller = self.caller(&req).await?;
-        caller.check_worker()?;
+        let scope = caller.worker_scope()?;
         let req = req.into_inner();
+        // Refused now, not after the work: a worker that may not publish asks for
+        // training jobs in vain.
+        if !scope.train && req.kinds.iter().any(|k| k == "train") {
+            return Err(Error::PermissionDenied(format!(
+                "{} has read scope: it runs verify jobs only; training jobs publish deltas and need a worker token with --scope write",
+                caller.describe()
+            ))
+            .into());
+        }
         let secs = i64::from(lease_seconds(req.lease_seconds));
         let lease = uuid::Uuid::new_v4().to_string();
         let (worker, kinds, l) = (req.worker.clone(), req.kinds.clone(), lease.clone());
         let t = now();
         let job = self
-            .meta(move |m| m.lease_job(&worker, &kinds, &l, t, t + secs))
+            .meta(move |m| m.lease_job(&worker, &kinds, &scope, &l, t, t + secs))
             .await?;
         if let Some(j) = &job {
-            tracing::info!(job = j.id, worker = %req.worker, attempt = j.attempts, "job leased");
+            tracing::info!(job = j.id, worker = %excerpt(&req.worker), attempt = j.attempts, "job leased");
         }
         Ok(Response::new(pb::LeaseJobResponse {
             job: job.map(job_info),
@@ -1195,11 +1398,11 @@ impl Registry for RegistryService {
         req: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
         let caller = self.caller(&req).await?;
-        caller.check_worker()?;
+        let scope = caller.worker_scope()?;
         let req = req.into_inner();
         let t = now();
         let expires = t + i64::from(lease_seconds(req.lease_seconds));
-        self.meta(move |m| m.renew_lease(req.id, &req.lease, t, expires))
+        self.meta(move |m| m.renew_lease(req.id, &req.lease, &scope, t, expires))
             .await?;
         Ok(Response::new(pb::RenewLeaseResponse { expires }))
     }
@@ -1209,12 +1412,12 @@ impl Registry for RegistryService {
         req: Request<pb::ReportProgressRequest>,
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         let caller = self.caller(&req).await?;
-        caller.check_worker()?;
+        let scope = caller.worker_scope()?;
         let req = req.into_inner();
         if req.body.len() > 64 << 10 {
             return Err(Error::LimitExceeded("progress events are at most 64 KiB".into()).into());
         }
-        self.meta(move |m| m.report_progress(req.id, &req.lease, &req.body, now()))
+        self.meta(move |m| m.report_progress(req.id, &req.lease, &scope, &req.body, now()))
             .await?;
         Ok(Response::new(pb::ReportProgressResponse {}))
     }
@@ -1224,32 +1427,44 @@ impl Registry for RegistryService {
         req: Request<pb::CompleteJobRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
         let caller = self.caller(&req).await?;
-        caller.check_worker()?;
+        let scope = caller.worker_scope()?;
         let req = req.into_inner();
         let id = req.id;
+        let not_found = || Error::NotFound {
+            what: "job",
+            name: id.to_string(),
+        };
+        // Another namespace's job is as absent as a missing one, before anything else.
         let job = self
             .meta(move |m| m.get_job(id))
             .await?
-            .ok_or_else(|| Error::NotFound {
-                what: "job",
-                name: id.to_string(),
-            })?;
+            .filter(|j| scope.covers(&j.namespace))
+            .ok_or_else(not_found)?;
         let lease = req.lease.clone();
         let done = if !req.error.is_empty() {
             let msg = req.error.clone();
-            self.meta(move |m| m.complete_job(id, &lease, &Completion::Failed(&msg), now()))
+            self.meta(move |m| m.complete_job(id, &lease, &scope, &Completion::Failed(&msg), now()))
                 .await?
         } else if job.kind == "train" {
+            // Publishing needs write on the job's namespace (checked again at lease time).
+            self.authorize(&caller, &job.namespace, Scope::Write)
+                .await?;
             if req.manifest.len() > self.inner.config.max_manifest_bytes {
-                return Err(Error::LimitExceeded("manifest too large".into()).into());
+                return Err(Error::LimitExceeded(format!(
+                    "manifest is {} bytes; the limit is {}",
+                    req.manifest.len(),
+                    self.inner.config.max_manifest_bytes
+                ))
+                .into());
             }
             let manifest = Manifest::from_json(&req.manifest).map_err(Error::from)?;
-            self.validate(&manifest).await?;
+            self.validate(&manifest, &caller).await?;
             let body = manifest.canonical_json();
             self.meta(move |m| {
                 m.complete_job(
                     id,
                     &lease,
+                    &scope,
                     &Completion::Trained {
                         manifest: &manifest,
                         body: &body,
@@ -1268,6 +1483,7 @@ impl Registry for RegistryService {
                 m.complete_job(
                     id,
                     &lease,
+                    &scope,
                     &Completion::Verified {
                         manifest: &digest,
                         report: &report,
@@ -1277,7 +1493,7 @@ impl Registry for RegistryService {
             })
             .await?
         };
-        tracing::info!(job = id, state = %done.state, error = %done.error, "job completed");
+        tracing::info!(job = id, state = %done.state, error = %excerpt(&done.error), "job completed");
         self.record(
             &caller,
             "complete-job",
@@ -1311,6 +1527,45 @@ impl Registry for RegistryService {
                 .collect(),
         }))
     }
+}
+
+/// What a job spec makes a worker read: the dataset blobs (`train`, `eval`, and every
+/// digest the request lists in `blobs`) and the parent deltas (`parents`, references).
+fn job_inputs(spec: &serde_json::Value, listed: &[String]) -> Result<(Vec<Digest>, Vec<String>)> {
+    let mut datasets = Vec::new();
+    for d in listed {
+        datasets.push(d.parse::<Digest>()?);
+    }
+    for key in ["train", "eval"] {
+        match &spec[key] {
+            serde_json::Value::Null => {}
+            serde_json::Value::String(d) => datasets.push(d.parse::<Digest>()?),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "job spec field {key} must be a blob digest"
+                )));
+            }
+        }
+    }
+    datasets.sort_by_key(ToString::to_string);
+    datasets.dedup();
+    let parents = match &spec["parents"] {
+        serde_json::Value::Null => Vec::new(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|p| {
+                p.as_str().map(str::to_owned).ok_or_else(|| {
+                    Error::InvalidArgument("job spec parents must be references".into())
+                })
+            })
+            .collect::<Result<_>>()?,
+        _ => {
+            return Err(Error::InvalidArgument(
+                "job spec parents must be a list of references".into(),
+            ));
+        }
+    };
+    Ok((datasets, parents))
 }
 
 /// A lease length: the worker's request within 1 s..1 h (default 60 s).

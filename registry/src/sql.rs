@@ -30,6 +30,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0002_auth.sql"),
     include_str!("../migrations/0003_lifecycle.sql"),
     include_str!("../migrations/0004_jobs.sql"),
+    include_str!("../migrations/0005_isolation.sql"),
 ];
 
 /// A parameter or column value: the four types the schema uses.
@@ -253,26 +254,79 @@ fn lock(conn: &Mutex<rusqlite::Connection>) -> std::sync::MutexGuard<'_, rusqlit
 /// Opens and migrates a SQLite database (WAL, `synchronous=FULL`, foreign keys).
 pub(crate) fn open_sqlite(conn: rusqlite::Connection) -> Result<Db> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // Switching a fresh file to WAL takes an exclusive lock, and SQLite answers BUSY at
+    // once, without waiting in the busy handler, when that upgrade would deadlock with
+    // another process's transaction (`token create` migrating while `serve` starts).
+    // Both steps are idempotent, so they are retried until the other process is done.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match init_sqlite(&conn) {
+            Err(Error::Db(e)) if is_busy(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => {
+                other?;
+                return Ok(Db::Sqlite(Mutex::new(conn)));
+            }
+        }
+    }
+}
+
+fn init_sqlite(conn: &rusqlite::Connection) -> Result<()> {
     // journal_mode returns a row, so it is a query, not an execute.
     let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
-    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {sql}; PRAGMA user_version = {}; COMMIT;",
-            i + 1
-        ))?;
-    }
-    Ok(Db::Sqlite(Mutex::new(conn)))
+    migrate_sqlite(conn)
 }
 
-/// A migration in PostgreSQL's types: 64-bit integers, generated ids, `BYTEA`.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Applies missing migrations, one write transaction each. The version is read *inside*
+/// the transaction (`BEGIN IMMEDIATE` takes the database's write lock), so two processes
+/// opening a fresh database together (`serve` and `token create`, two replicas on one
+/// file) take turns: the second finds the migration done and skips it.
+fn migrate_sqlite(conn: &rusqlite::Connection) -> Result<()> {
+    loop {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let applied = conn
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, usize>(0))
+            .map_err(Error::from)
+            .and_then(|version| match MIGRATIONS.get(version) {
+                None => Ok(false),
+                Some(sql) => {
+                    conn.execute_batch(&format!("{sql}; PRAGMA user_version = {};", version + 1))?;
+                    Ok(true)
+                }
+            });
+        match applied {
+            Ok(more) => {
+                conn.execute_batch("COMMIT")?;
+                if !more {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// A migration in PostgreSQL's types and names: 64-bit integers, generated ids, `BYTEA`,
+/// and `strpos` for SQLite's `instr` (same arguments, same answer).
 pub(crate) fn postgres_ddl(sqlite: &str) -> String {
     sqlite
         .replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
         .replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")
         .replace("INTEGER", "BIGINT")
         .replace("BLOB", "BYTEA")
+        .replace("instr(", "strpos(")
 }
 
 /// `$N` placeholders as SQLite's `?N`.
@@ -350,12 +404,14 @@ mod tests {
         );
         let ddl = postgres_ddl(
             "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER NOT NULL, b BLOB);\n\
-             CREATE TABLE u (id INTEGER PRIMARY KEY AUTOINCREMENT);",
+             CREATE TABLE u (id INTEGER PRIMARY KEY AUTOINCREMENT);\n\
+             UPDATE t SET b = substr(b, 1, instr(b, '/') - 1);",
         );
         assert_eq!(
             ddl,
             "CREATE TABLE t (id BIGSERIAL PRIMARY KEY, n BIGINT NOT NULL, b BYTEA);\n\
-             CREATE TABLE u (id BIGSERIAL PRIMARY KEY);"
+             CREATE TABLE u (id BIGSERIAL PRIMARY KEY);\n\
+             UPDATE t SET b = substr(b, 1, strpos(b, '/') - 1);"
         );
     }
 }

@@ -258,12 +258,59 @@ where
             if let Ok(v) = http::HeaderValue::from_str(&id) {
                 resp.headers_mut().insert(REQUEST_ID, v);
             }
-            let code = resp
+            let mut code = resp
                 .headers()
                 .get("grpc-status")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
+            // A request over the message limit is refused by tonic before any handler
+            // runs, as OUT_OF_RANGE: answer RESOURCE_EXHAUSTED naming the limit instead.
+            if code == tonic::Code::OutOfRange as u32 {
+                let message = resp
+                    .headers()
+                    .get("grpc-message")
+                    .map(|v| {
+                        percent_encoding::percent_decode(v.as_bytes())
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    })
+                    .unwrap_or_default();
+                if let Some(status) =
+                    crate::error::message_limit_status(tonic::Code::OutOfRange, &message)
+                {
+                    let headers = resp.headers_mut();
+                    headers.remove("grpc-message");
+                    headers.remove("grpc-status");
+                    if status.add_header(headers).is_ok() {
+                        code = status.code() as u32;
+                    }
+                }
+            }
+            // Failed authentications and refusals, so an operator sees who knocks: the
+            // request id ties the line to the caller's error; the message names the token
+            // by id and scope, never by its secret. Logged here, not in the handler's
+            // span, so the id is there whatever level the `rpc` span is filtered at.
+            if code == tonic::Code::Unauthenticated as u32
+                || code == tonic::Code::PermissionDenied as u32
+            {
+                let message = resp
+                    .headers()
+                    .get("grpc-message")
+                    .map(|v| {
+                        percent_encoding::percent_decode(v.as_bytes())
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    })
+                    .unwrap_or_default();
+                tracing::warn!(
+                    method = %method,
+                    request_id = %id,
+                    code = %tonic::Code::from(code as i32),
+                    %message,
+                    "refused"
+                );
+            }
             metrics().record(&method, code, start.elapsed());
             Ok(resp)
         })

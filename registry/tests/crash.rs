@@ -92,7 +92,7 @@ async fn sigkill_mid_upload_keeps_committed_data_and_hides_partial_data() {
 #[tokio::test]
 async fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
-    let mut reg = start(dir.path());
+    let reg = start(dir.path());
     let mut c = client(&reg.url).await;
     c.list_bases(pb::ListBasesRequest {}).await.unwrap();
     drop(c);
@@ -103,9 +103,12 @@ async fn sigterm_shuts_down_gracefully() {
     assert!(status.success());
     // Wait off the runtime, so the client side can answer the server's GOAWAY (a blocked
     // runtime would only end when the registry's drain timeout expired).
-    let exit = tokio::task::spawn_blocking(move || reg.child.wait().unwrap())
-        .await
-        .unwrap();
+    let exit = tokio::task::spawn_blocking(move || {
+        let mut reg = reg;
+        reg.child.wait().unwrap()
+    })
+    .await
+    .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
 
@@ -183,9 +186,12 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
     });
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     reg.child.kill().unwrap();
-    tokio::task::spawn_blocking(move || reg.child.wait().unwrap())
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut reg = reg;
+        reg.child.wait().unwrap()
+    })
+    .await
+    .unwrap();
     let acked = pusher.await.unwrap();
     let _moves = tagger.await.unwrap();
     collector.await.unwrap();

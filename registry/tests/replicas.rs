@@ -63,11 +63,7 @@ async fn two_replicas_on_postgres_and_s3() {
     let base = work.path().join("base.safetensors");
     fixtures::write_base(&base, 1);
     let model = delta_client::tensors::Model::open(&base).unwrap();
-    assert!(
-        ra.add_base("tiny", model.fingerprint(), model.table())
-            .await
-            .unwrap()
-    );
+    assert!(ra.add_base("tiny", &model.entries()).await.unwrap());
     assert_eq!(
         rb.get_base("tiny").await.unwrap().fingerprint,
         model.fingerprint()

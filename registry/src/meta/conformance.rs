@@ -14,18 +14,27 @@ use delta_proto::reference::Repository;
 use delta_proto::manifest::{BaseRef, FileEntry, MethodConfig, SCHEMA_VERSION};
 
 use crate::error::{Error, Result};
-use crate::jobs::{Completion, MAX_ATTEMPTS};
+use crate::jobs::{Completion, MAX_ATTEMPTS, WorkerScope};
 use crate::meta::{AuditEntry, BaseRecord, MetaStore, Pushed, SearchFilter, TokenRecord};
 
+/// A proven base record: its fingerprint is recomputed from its tensors' digests.
 fn base() -> BaseRecord {
+    let info = TensorInfo {
+        name: "w".into(),
+        dtype: "F32".into(),
+        shape: vec![2, 2],
+    };
+    let digest = Digest::of(b"tiny-weights");
+    let fingerprint =
+        delta_proto::fingerprint::fingerprint(&mut [delta_proto::fingerprint::FingerprintEntry {
+            info: info.clone(),
+            digest,
+        }]);
     BaseRecord {
         name: "tiny".into(),
-        fingerprint: Digest::of(b"tiny-weights"),
-        tensors: vec![TensorInfo {
-            name: "w".into(),
-            dtype: "F32".into(),
-            shape: vec![2, 2],
-        }],
+        fingerprint,
+        tensors: vec![info],
+        digests: vec![digest],
         created_at: 1,
     }
 }
@@ -67,17 +76,38 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
     let mut other = base();
     other.fingerprint = Digest::of(b"other");
     assert!(matches!(m.add_base(&other), Err(Error::AlreadyExists(_))));
+    assert_eq!(m.find_bases("tiny").unwrap(), vec![base()]);
     assert_eq!(
-        m.get_base("tiny").unwrap().unwrap().fingerprint,
-        base().fingerprint
-    );
-    assert_eq!(
-        m.get_base(&base().fingerprint.to_string())
-            .unwrap()
-            .unwrap()
-            .name,
+        m.find_bases(&base().fingerprint.to_string()).unwrap()[0].name,
         "tiny"
     );
+    assert!(m.find_bases("nothing").unwrap().is_empty());
+    // A record from before proofs (no digests) is listed after proven ones, and a proven
+    // registration of the same name and fingerprint upgrades it.
+    let legacy = BaseRecord {
+        name: "legacy".into(),
+        tensors: vec![],
+        digests: vec![],
+        created_at: 0,
+        ..base()
+    };
+    assert!(m.add_base(&legacy).unwrap());
+    let by_fp = m.find_bases(&base().fingerprint.to_string()).unwrap();
+    assert_eq!(
+        by_fp.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+        ["tiny", "legacy"],
+        "proven first, though older"
+    );
+    assert!(!by_fp[1].proven());
+    let proven = BaseRecord {
+        name: "legacy".into(),
+        ..base()
+    };
+    assert!(!m.add_base(&proven).unwrap());
+    let upgraded = &m.find_bases("legacy").unwrap()[0];
+    assert!(upgraded.proven());
+    assert_eq!(upgraded.tensors, base().tensors);
+    assert_eq!(upgraded.created_at, 0, "still the original registration");
 
     let blob = Digest::of(b"blob");
     let repo: Repository = "team/sst2".parse().unwrap();
@@ -197,15 +227,35 @@ pub fn lifecycle(m: &dyn MetaStore) {
     push(m, &r, &manifest(kept, "1"), &[]).unwrap();
     push(m, &r, &manifest(dropped, "2"), &["prod"]).unwrap();
 
-    m.yank(&r, 2, true).unwrap();
+    assert_eq!(
+        m.yank(&r, 2, true).unwrap(),
+        ["prod"],
+        "yanking says which tags still point at the version"
+    );
     let latest = m.resolve(&"team/life".parse().unwrap()).unwrap().unwrap();
     assert_eq!(latest.version, 1, "latest skips a yanked version");
+    assert!(!latest.yanked);
+    let prod = m
+        .resolve(&"team/life:prod".parse().unwrap())
+        .unwrap()
+        .unwrap();
     assert!(
-        m.resolve(&"team/life:v2".parse().unwrap())
-            .unwrap()
-            .is_some()
+        prod.yanked,
+        "a tag on a yanked version resolves, and says so"
     );
     assert_eq!(m.list_versions(&r).unwrap().unwrap().len(), 1);
+    // Every version yanked: the repository is listed as such, not dropped.
+    assert_eq!(m.yank(&r, 1, true).unwrap(), Vec::<String>::new());
+    let listed = m.list_repositories(Some("team")).unwrap();
+    let life = listed
+        .iter()
+        .find(|x| x.repository == r)
+        .expect("an all-yanked repository is still listed");
+    assert!(life.yanked);
+    assert_eq!((life.latest_version, life.versions), (2, 2));
+    assert!(m.resolve(&"team/life".parse().unwrap()).unwrap().is_none());
+    assert_eq!(m.yank(&r, 1, false).unwrap(), ["latest"]);
+    assert!(!m.list_repositories(Some("team")).unwrap()[0].yanked);
     m.yank(&r, 2, false).unwrap();
     assert_eq!(
         m.resolve(&"team/life".parse().unwrap())
@@ -282,18 +332,47 @@ pub fn access(m: &dyn MetaStore) {
     assert_eq!(m.token_count().unwrap(), 1);
 
     let blob = stored_blob(m, "shared");
-    assert!(!m.blob_visible(&blob, "team").unwrap());
+    let absent = Digest::of(b"nobody stored this");
+    let visible = |viewer: &str| -> Vec<Digest> {
+        let mut found: Vec<Digest> = m
+            .visible_blobs(&[blob, absent], viewer)
+            .unwrap()
+            .into_keys()
+            .collect();
+        found.sort_by_key(ToString::to_string);
+        found
+    };
+    assert!(visible("team").is_empty());
+    assert_eq!(visible("*"), vec![blob], "`*` sees every stored blob");
     m.link_blob(&blob, "team").unwrap();
     m.link_blob(&blob, "team").unwrap();
-    assert!(m.blob_visible(&blob, "team").unwrap());
-    assert!(!m.blob_visible(&blob, "other").unwrap());
+    assert_eq!(visible("team"), vec![blob]);
+    assert!(visible("other").is_empty());
+    assert!(
+        visible("").is_empty(),
+        "anonymous callers see public blobs only"
+    );
     assert!(!m.is_public("team").unwrap());
     m.set_public("team", true).unwrap();
     m.set_public("team", true).unwrap();
     assert!(m.is_public("team").unwrap());
-    assert!(m.blob_visible(&blob, "other").unwrap());
+    assert_eq!(visible("other"), vec![blob]);
+    assert_eq!(visible(""), vec![blob]);
     m.set_public("team", false).unwrap();
-    assert!(!m.blob_visible(&blob, "other").unwrap());
+    assert!(visible("other").is_empty());
+    // Many digests at once (more than one statement's worth), and the quarantine mark.
+    let many: Vec<Digest> = (0..1200u32)
+        .map(|i| Digest::of(&i.to_le_bytes()))
+        .chain([blob])
+        .collect();
+    let found = m.visible_blobs(&many, "team").unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[&blob].size, 10);
+    assert!(!found[&blob].corrupt);
+    m.mark_corrupt(&blob).unwrap();
+    assert!(m.visible_blobs(&[blob], "team").unwrap()[&blob].corrupt);
+    m.insert_blob(&blob, 10, 3).unwrap();
+    assert!(!m.visible_blobs(&[blob], "team").unwrap()[&blob].corrupt);
 
     let entry = AuditEntry {
         at: 3,
@@ -317,39 +396,44 @@ pub fn access(m: &dyn MetaStore) {
 /// The job queue: leases, renewals, refusals of lost leases, progress, completion that
 /// publishes, reports, and failure after [`MAX_ATTEMPTS`] lost leases.
 pub fn jobs(m: &dyn MetaStore) {
+    let all = WorkerScope::all();
     m.add_base(&base()).unwrap();
     let blob = stored_blob(m, "trained");
     let tags = vec!["nightly".to_owned()];
     let train = m
-        .submit_job("train", "{}", "team/jobs", &tags, Some(7), 10)
+        .submit_job("train", "{}", "team/jobs", "team", &tags, Some(7), 10)
         .unwrap();
     assert_eq!((train.state.as_str(), train.submitter), ("queued", Some(7)));
     let verify = m
-        .submit_job("verify", "{}", "team/jobs:v1", &[], None, 11)
+        .submit_job("verify", "{}", "team/jobs:v1", "team", &[], None, 11)
         .unwrap();
     assert!(verify.id > train.id);
 
     // Kinds filter; oldest first.
     let got = m
-        .lease_job("w1", &["verify".into()], "L1", 20, 80)
+        .lease_job("w1", &["verify".into()], &all, "L1", 20, 80)
         .unwrap()
         .unwrap();
     assert_eq!(got.id, verify.id);
-    let got = m.lease_job("w2", &[], "L2", 20, 80).unwrap().unwrap();
+    let got = m.lease_job("w2", &[], &all, "L2", 20, 80).unwrap().unwrap();
     assert_eq!(
         (got.id, got.attempts, got.worker.as_str()),
         (train.id, 1, "w2")
     );
-    assert!(m.lease_job("w3", &[], "L3", 20, 80).unwrap().is_none());
+    assert!(
+        m.lease_job("w3", &[], &all, "L3", 20, 80)
+            .unwrap()
+            .is_none()
+    );
 
     assert!(matches!(
-        m.renew_lease(train.id, "wrong", 21, 90),
+        m.renew_lease(train.id, "wrong", &all, 21, 90),
         Err(Error::FailedPrecondition(_))
     ));
-    m.renew_lease(train.id, "L2", 21, 90).unwrap();
-    m.report_progress(train.id, "L2", r#"{"step":1}"#, 22)
+    m.renew_lease(train.id, "L2", &all, 21, 90).unwrap();
+    m.report_progress(train.id, "L2", &all, r#"{"step":1}"#, 22)
         .unwrap();
-    m.report_progress(train.id, "L2", r#"{"step":2}"#, 23)
+    m.report_progress(train.id, "L2", &all, r#"{"step":2}"#, 23)
         .unwrap();
     let events = m.job_events(train.id, 0).unwrap();
     assert_eq!(events.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2]);
@@ -364,6 +448,7 @@ pub fn jobs(m: &dyn MetaStore) {
         .complete_job(
             train.id,
             "L2",
+            &all,
             &Completion::Trained {
                 manifest: &man,
                 body: &body,
@@ -378,7 +463,7 @@ pub fn jobs(m: &dyn MetaStore) {
         .unwrap();
     assert_eq!(pushed.version, 1);
     assert!(
-        m.complete_job(train.id, "L2", &Completion::Failed("late"), 31)
+        m.complete_job(train.id, "L2", &all, &Completion::Failed("late"), 31)
             .is_err(),
         "a finished job takes no second completion"
     );
@@ -387,6 +472,7 @@ pub fn jobs(m: &dyn MetaStore) {
     m.complete_job(
         verify.id,
         "L1",
+        &all,
         &Completion::Verified {
             manifest: &digest,
             report: r#"{"accuracy":1.0}"#,
@@ -399,26 +485,83 @@ pub fn jobs(m: &dyn MetaStore) {
 
     // A job whose workers keep vanishing fails after MAX_ATTEMPTS leases.
     let flaky = m
-        .submit_job("train", "{}", "team/flaky", &[], None, 40)
+        .submit_job("train", "{}", "team/flaky", "team", &[], None, 40)
         .unwrap();
     let mut t = 40;
     for attempt in 1..=MAX_ATTEMPTS {
         let got = m
-            .lease_job("w", &[], &format!("F{attempt}"), t, t + 5)
+            .lease_job("w", &[], &all, &format!("F{attempt}"), t, t + 5)
             .unwrap()
             .unwrap();
         assert_eq!((got.id, got.attempts), (flaky.id, attempt));
         // The lease runs out: its holder is refused from then on.
         t += 10;
         assert!(
-            m.renew_lease(flaky.id, &format!("F{attempt}"), t, t + 5)
+            m.renew_lease(flaky.id, &format!("F{attempt}"), &all, t, t + 5)
                 .is_err()
         );
     }
-    assert!(m.lease_job("w", &[], "F-last", t, t + 5).unwrap().is_none());
+    assert!(
+        m.lease_job("w", &[], &all, "F-last", t, t + 5)
+            .unwrap()
+            .is_none()
+    );
     let failed = m.get_job(flaky.id).unwrap().unwrap();
     assert_eq!(failed.state, "failed");
     assert!(failed.error.contains("lost its worker"), "{}", failed.error);
+
+    // Workers are confined to their namespace; read-scope workers get verify jobs only.
+    let t = 100;
+    let b_train = m
+        .submit_job("train", "{}", "team-b/x", "team-b", &[], None, t)
+        .unwrap();
+    let b_verify = m
+        .submit_job("verify", "{}", "team-b/x:v1", "team-b", &[], None, t)
+        .unwrap();
+    assert_eq!(b_train.namespace, "team-b");
+    let scope = |ns: &str, train: bool| WorkerScope {
+        namespace: ns.into(),
+        train,
+    };
+    assert!(
+        m.lease_job("a", &[], &scope("team-a", true), "A1", t, t + 50)
+            .unwrap()
+            .is_none(),
+        "team-a's worker sees no team-b job"
+    );
+    let got = m
+        .lease_job("b-read", &[], &scope("team-b", false), "B1", t, t + 50)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.id, b_verify.id, "a read-scope worker only verifies");
+    assert!(
+        m.lease_job("b-read", &[], &scope("team-b", false), "B2", t, t + 50)
+            .unwrap()
+            .is_none()
+    );
+    // Another namespace's job is as absent as a missing one, lease or not.
+    let a = scope("team-a", true);
+    for call in [
+        m.renew_lease(b_verify.id, "B1", &a, t, t + 50),
+        m.report_progress(b_verify.id, "B1", &a, "{}", t),
+        m.complete_job(b_verify.id, "B1", &a, &Completion::Failed("x"), t)
+            .map(|_| ()),
+    ] {
+        assert!(matches!(call, Err(Error::NotFound { .. })), "{call:?}");
+    }
+    let got = m
+        .lease_job("b", &[], &scope("*", true), "B3", t, t + 50)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.id, b_train.id);
+    m.complete_job(
+        b_verify.id,
+        "B1",
+        &scope("team-b", false),
+        &Completion::Failed("x"),
+        t,
+    )
+    .unwrap();
 }
 
 /// Pushes to one repository through separate handles never share a version number, and
@@ -503,7 +646,7 @@ pub fn racing_leases(open: Open<'_>) {
     let m = open();
     let jobs: Vec<u64> = (0..24)
         .map(|i| {
-            m.submit_job("train", "{}", &format!("team/j{i}"), &[], None, 1)
+            m.submit_job("train", "{}", &format!("team/j{i}"), "team", &[], None, 1)
                 .unwrap()
                 .id
         })
@@ -518,6 +661,7 @@ pub fn racing_leases(open: Open<'_>) {
                         .lease_job(
                             &format!("w{w}"),
                             &[],
+                            &WorkerScope::all(),
                             &format!("lease-{w}-{}", got.len()),
                             2,
                             1000,

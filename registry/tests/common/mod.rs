@@ -9,12 +9,22 @@ use std::process::{Child, Command, Stdio};
 use bytes::Bytes;
 use delta_proto::registry_client::RegistryClient;
 use delta_proto::{self as pb, Digest};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// A registry process.
 pub(crate) struct Registry {
     pub(crate) child: Child,
     pub(crate) url: String,
+}
+
+/// A failing test must not leave its registry running (it would hold the test's output
+/// pipe open and the run would hang).
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Starts `delta-registry serve` on a free loopback port over `data_dir`.
@@ -24,15 +34,19 @@ pub(crate) fn start(data_dir: &Path) -> Registry {
 
 /// [`start`] with more flags and environment variables.
 pub(crate) fn start_with(data_dir: &Path, args: &[String], env: &[(String, String)]) -> Registry {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_delta-registry"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_delta-registry"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    start_command(cmd)
+}
+
+/// Runs a prepared `serve` command (its own environment, wrapper or stderr) and waits
+/// for the line that says where it listens.
+pub(crate) fn start_command(mut cmd: Command) -> Registry {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -42,8 +56,35 @@ pub(crate) fn start_with(data_dir: &Path, args: &[String], env: &[(String, Strin
     Registry { child, url }
 }
 
-pub(crate) async fn client(url: &str) -> RegistryClient<Channel> {
-    RegistryClient::connect(url.to_owned()).await.unwrap()
+/// Sends a bearer token (or none) on every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A raw gRPC client of the registry.
+pub(crate) type Client = RegistryClient<InterceptedService<Channel, Bearer>>;
+
+pub(crate) async fn client(url: &str) -> Client {
+    client_with(url, None).await
+}
+
+/// A client that sends `secret` as its bearer token.
+pub(crate) async fn client_with(url: &str, secret: Option<&str>) -> Client {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = Bearer(secret.map(|s| format!("Bearer {s}").parse().unwrap()));
+    RegistryClient::with_interceptor(channel, bearer)
 }
 
 /// A safetensors file with LoRA A/B for a [4, 4] weight, rank 1.
@@ -55,11 +96,7 @@ pub(crate) fn lora_file() -> Vec<u8> {
     out
 }
 
-pub(crate) async fn upload(
-    c: &mut RegistryClient<Channel>,
-    data: &[u8],
-    upto: usize,
-) -> pb::UploadBlobResponse {
+pub(crate) async fn upload(c: &mut Client, data: &[u8], upto: usize) -> pb::UploadBlobResponse {
     let d = Digest::of(data);
     let start = c
         .start_upload(pb::StartUploadRequest {
@@ -69,6 +106,12 @@ pub(crate) async fn upload(
         .await
         .unwrap()
         .into_inner();
+    if start.present {
+        return pb::UploadBlobResponse {
+            committed: true,
+            ..Default::default()
+        };
+    }
     let data = Bytes::copy_from_slice(data);
     let chunks: Vec<pb::UploadChunk> = (0..upto)
         .step_by(delta_proto::CHUNK_SIZE)
@@ -86,16 +129,21 @@ pub(crate) async fn upload(
 
 /// Registers a base with one `[4, 4]` weight and uploads a rank-1 LoRA file for it.
 /// Returns the base fingerprint and the file.
-pub(crate) async fn base_and_lora_blob(c: &mut RegistryClient<Channel>) -> (Digest, Vec<u8>) {
-    let fp = Digest::of(b"the base");
-    c.add_base(pb::AddBaseRequest {
-        name: "b".into(),
-        fingerprint: fp.to_string(),
-        tensors: vec![pb::TensorInfo {
+pub(crate) async fn base_and_lora_blob(c: &mut Client) -> (Digest, Vec<u8>) {
+    // The record proves its table: the fingerprint is recomputed from the digest.
+    let entry = delta_proto::fingerprint::FingerprintEntry {
+        info: delta_proto::manifest::TensorInfo {
             name: "w.weight".into(),
             dtype: "F32".into(),
             shape: vec![4, 4],
-        }],
+        },
+        digest: Digest::of(b"the base weight's bytes"),
+    };
+    let fp = delta_proto::fingerprint::fingerprint(&mut [entry.clone()]);
+    c.add_base(pb::AddBaseRequest {
+        name: "b".into(),
+        fingerprint: fp.to_string(),
+        tensors: vec![entry.into()],
     })
     .await
     .unwrap();
