@@ -106,12 +106,9 @@ impl LoadedDelta {
     pub fn check_finite(&self) -> Result<()> {
         for name in self.names() {
             let (t, data) = self.entry(name)?;
-            if t.dtype == "I64" {
-                continue;
-            }
-            if let Some(pos) = to_f32(&t.dtype, data)?.iter().position(|v| !v.is_finite()) {
+            if let Some(pos) = crate::numeric::first_nonfinite(&t.dtype, data) {
                 return Err(Error::Invalid(format!(
-                    "{}: tensor {name} has a non-finite value at index {pos} (use --allow-nonfinite to apply it anyway)",
+                    "{}: tensor {name} has a non-finite value (NaN or Inf) at index {pos}; --allow-nonfinite accepts it anyway",
                     self.label
                 )));
             }

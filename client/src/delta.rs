@@ -76,6 +76,36 @@ pub fn detect(dir: &Path) -> Result<Format> {
     }
 }
 
+/// `name` in `dir`, refusing anything that is not a plain file name or that leads out of
+/// the folder (`..`, an absolute path, a symbolic link to a file elsewhere): a folder
+/// someone else prepared must not make `delta push` publish files it does not hold.
+pub fn file_inside(dir: &Path, name: &str) -> Result<PathBuf> {
+    let plain = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0');
+    if !plain {
+        return Err(Error::Invalid(format!(
+            "{}: {:?} is not a plain file name inside the folder",
+            dir.display(),
+            delta_proto::excerpt(name)
+        )));
+    }
+    let path = dir.join(name);
+    let real = std::fs::canonicalize(&path).at(&path)?;
+    let root = std::fs::canonicalize(dir).at(dir)?;
+    if real.parent() != Some(root.as_path()) {
+        return Err(Error::Invalid(format!(
+            "{} leads out of the folder (to {}): copy the file in (cp -L) to push it",
+            path.display(),
+            real.display()
+        )));
+    }
+    Ok(path)
+}
+
 /// Reads a native or PEFT folder as a delta on `base`, checking it fits the base.
 pub fn prepare(dir: &Path, base: &Base) -> Result<PreparedDelta> {
     let prepared = match detect(dir)? {
@@ -117,7 +147,7 @@ pub fn file_entry(path: &Path) -> Result<FileEntry> {
 }
 
 fn prepare_native(dir: &Path, base: &Base) -> Result<PreparedDelta> {
-    let mpath = dir.join(NATIVE_MANIFEST);
+    let mpath = file_inside(dir, NATIVE_MANIFEST)?;
     let text = std::fs::read(&mpath).at(&mpath)?;
     let mut value: Value = serde_json::from_slice(&text)
         .map_err(|e| Error::Invalid(format!("{}: {e}", mpath.display())))?;
@@ -159,7 +189,10 @@ fn prepare_native(dir: &Path, base: &Base) -> Result<PreparedDelta> {
         }
     };
     names.sort();
-    let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    let paths = names
+        .iter()
+        .map(|n| file_inside(dir, n))
+        .collect::<Result<Vec<_>>>()?;
     let files = paths
         .iter()
         .map(|p| file_entry(p))
@@ -275,7 +308,7 @@ pub fn lora_config_from_peft(cfg: &Value) -> Result<LoraConfig> {
 }
 
 fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
-    let cpath = dir.join(PEFT_CONFIG);
+    let cpath = file_inside(dir, PEFT_CONFIG)?;
     let text = std::fs::read(&cpath).at(&cpath)?;
     let cfg: Value = serde_json::from_slice(&text)
         .map_err(|e| Error::Invalid(format!("{}: {e}", cpath.display())))?;
@@ -293,7 +326,7 @@ fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
             )));
         }
     };
-    let tpath = dir.join(PEFT_TENSORS);
+    let tpath = file_inside(dir, PEFT_TENSORS)?;
     let file = TensorFile::open(&tpath)?;
     let table: BTreeMap<&str, &TensorInfo> =
         base.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
@@ -450,7 +483,7 @@ pub fn write_tensors<'a>(
         views.push((name, view));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+    let mut tmp = temp_file_in(dir)?;
     safetensors::serialize_to_file(views, metadata, tmp.path())
         .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
     tmp.as_file_mut().sync_all().at(path)?;
@@ -484,8 +517,8 @@ pub fn parse_dtype(d: &str) -> Result<safetensors::Dtype> {
     })
 }
 
-/// Writes a pulled delta as a native folder: `delta.json` and the tensor files (hard links
-/// into the cache where possible).
+/// Writes a pulled delta as a native folder: `delta.json` and the tensor files (copies of
+/// the cached blobs).
 pub fn write_native(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
     for (f, blob) in manifest.files.iter().zip(blobs) {
@@ -605,16 +638,103 @@ fn peft_key(native: &str) -> Result<String> {
     Ok(format!("{PEFT_PREFIX}{tail}"))
 }
 
+/// Copies a cached blob to a user's file. Never a hard link: the user may edit the file,
+/// and the cache must not change with it. (`std::fs::copy` uses `copy_file_range`, which
+/// filesystems with reflinks, such as btrfs and XFS, can serve without copying bytes.)
 fn place(from: &Path, to: &Path) -> Result<()> {
     let _ = std::fs::remove_file(to);
-    if std::fs::hard_link(from, to).is_err() {
-        let dir = to.parent().unwrap_or(Path::new("."));
-        let tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
-        std::fs::copy(from, tmp.path()).at(to)?;
-        tmp.persist(to).map_err(|e| Error::Io {
-            path: to.to_owned(),
-            source: e.error,
-        })?;
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let tmp = temp_file_in(dir)?;
+    std::fs::copy(from, tmp.path()).at(to)?;
+    tmp.persist(to).map_err(|e| Error::Io {
+        path: to.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// A temporary file in `dir` created with the usual permissions (0666 less the umask,
+/// like any file the user creates), not `tempfile`'s private 0600.
+fn temp_file_in(dir: &Path) -> Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix(".delta-")
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)
+        .at(dir)
+}
+
+/// Whether `out` can take a pulled folder: absent, or an empty folder, or any folder with
+/// `overwrite`. Returns whether it exists.
+pub fn check_output_dir(out: &Path, overwrite: bool) -> Result<bool> {
+    let exists = match std::fs::symlink_metadata(out) {
+        Ok(m) if m.is_dir() => true,
+        Ok(_) => {
+            return Err(Error::Invalid(format!(
+                "{} exists and is not a folder",
+                out.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return Err(Error::Io {
+                path: out.to_owned(),
+                source: e,
+            });
+        }
+    };
+    if exists && !overwrite && std::fs::read_dir(out).at(out)?.next().is_some() {
+        return Err(Error::Invalid(format!(
+            "{} is not empty: pass --overwrite to replace what it holds with the pulled delta",
+            out.display()
+        )));
+    }
+    Ok(exists)
+}
+
+/// Fills `out` with exactly what `write` puts in a fresh folder: the folder is written
+/// beside `out` and then renamed over it, so `out` never holds a mix of old and new files
+/// (nor a half-written delta). An existing non-empty `out` is refused unless `overwrite`.
+pub fn replace_dir(
+    out: &Path,
+    overwrite: bool,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let exists = check_output_dir(out, overwrite)?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).at(&parent)?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "delta".into());
+    let sibling = |what: &str| {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        parent.join(format!(".{name}.{what}-{}-{n}", std::process::id()))
+    };
+    let staging = sibling("pulling");
+    std::fs::create_dir(&staging).at(&staging)?;
+    if let Err(e) = write(&staging) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    if exists {
+        let old = sibling("old");
+        std::fs::rename(out, &old).at(out)?;
+        if let Err(e) = std::fs::rename(&staging, out) {
+            let _ = std::fs::rename(&old, out);
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(Error::Io {
+                path: out.to_owned(),
+                source: e,
+            });
+        }
+        std::fs::remove_dir_all(&old).at(&old)?;
+    } else {
+        std::fs::rename(&staging, out).at(out)?;
     }
     Ok(())
 }
@@ -622,7 +742,7 @@ fn place(from: &Path, to: &Path) -> Result<()> {
 /// Writes a small file atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+    let mut tmp = temp_file_in(dir)?;
     std::io::Write::write_all(&mut tmp, bytes).at(path)?;
     tmp.persist(path).map_err(|e| Error::Io {
         path: path.to_owned(),

@@ -11,9 +11,17 @@ use crate::error::{Error, IoContext, Result};
 use crate::remote::{Remote, hash_file};
 
 /// The local content-addressed cache (`$DELTA_CACHE`).
+///
+/// A blob enters it only after its whole file hashed to its digest, and is trusted again
+/// only while it is provably the file that was hashed: a stamp (`verified/<hex>`) records
+/// its size, modification time and inode at that moment, and a blob whose file no longer
+/// matches its stamp is hashed again before use (deleted, and fetched again, if it fails).
+/// With [`Cache::rehash_all`] every use re-hashes. Nothing outside the cache ever shares a
+/// cached file's inode: pulled folders get copies.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    rehash_all: bool,
 }
 
 impl Cache {
@@ -21,7 +29,14 @@ impl Cache {
     pub fn new(root: &Path) -> Self {
         Self {
             root: root.to_owned(),
+            rehash_all: false,
         }
+    }
+
+    /// Re-hash every cached blob before using it, stamps or not (`--verify-cache`).
+    pub fn rehash_all(mut self, yes: bool) -> Self {
+        self.rehash_all = yes;
+        self
     }
 
     /// The cache's root folder.
@@ -60,25 +75,95 @@ impl Cache {
             .join(format!("{}.partial", d.hex()))
     }
 
-    /// Whether a verified copy of the blob is cached.
-    pub fn has(&self, d: &Digest) -> bool {
-        self.blob_path(d).is_file()
+    fn stamp_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("verified").join(d.hex())
     }
 
-    /// Downloads a blob into the cache unless it is there. Returns bytes transferred.
+    /// Whether an intact copy of the blob is cached (see [`Cache::verified`]).
+    pub fn has(&self, d: &Digest) -> bool {
+        self.verified(d).is_ok_and(|p| p.is_some())
+    }
+
+    /// The path of the cached blob if it is there and intact: its file still matches the
+    /// stamp written when it was last hashed, or it hashes to its digest now. A blob that
+    /// fails the hash is deleted (the next fetch downloads it again).
+    pub fn verified(&self, d: &Digest) -> Result<Option<PathBuf>> {
+        let path = self.blob_path(d);
+        let Some(now) = stamp_of(&path) else {
+            return Ok(None);
+        };
+        let stamp = self.stamp_path(d);
+        if !self.rehash_all && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&now) {
+            return Ok(Some(path));
+        }
+        if hash_file(&path)? == *d {
+            self.stamp(d)?;
+            return Ok(Some(path));
+        }
+        tracing::warn!(blob = %d, path = %path.display(), "a cached blob was changed; fetching it again");
+        let _ = std::fs::remove_file(&stamp);
+        std::fs::remove_file(&path).at(&path)?;
+        Ok(None)
+    }
+
+    /// Records that the blob's file, as it is now, hashed to its digest.
+    fn stamp(&self, d: &Digest) -> Result<()> {
+        let Some(now) = stamp_of(&self.blob_path(d)) else {
+            return Ok(());
+        };
+        let path = self.stamp_path(d);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
+        crate::delta::write_atomic(&path, now.as_bytes())
+    }
+
+    /// Downloads a blob into the cache unless an intact copy is there. Returns bytes
+    /// transferred.
     pub async fn fetch(&self, remote: &Remote, d: Digest, progress: &ProgressBar) -> Result<u64> {
-        let target = self.blob_path(&d);
-        if target.is_file() {
+        if self.verified(&d)?.is_some() {
             return Ok(0);
         }
+        self.download(remote, d, progress).await
+    }
+
+    /// Downloads a blob into the cache (resuming a partial download), verifying every
+    /// byte. Returns bytes transferred.
+    async fn download(&self, remote: &Remote, d: Digest, progress: &ProgressBar) -> Result<u64> {
+        let target = self.blob_path(&d);
         let partial = self.partial_path(&d);
         for dir in [target.parent(), partial.parent()].into_iter().flatten() {
             std::fs::create_dir_all(dir).at(dir)?;
         }
-        let n = remote.download_to(d, &partial, progress).await?;
+        let n = match remote.download_to(d, &partial, progress).await {
+            // A partial file the registry cannot continue (longer than the blob: not a
+            // prefix of it) is thrown away, and the download starts over once.
+            Err(Error::Rejected {
+                code: tonic::Code::InvalidArgument,
+                ..
+            }) if partial.exists() => {
+                std::fs::remove_file(&partial).at(&partial)?;
+                remote.download_to(d, &partial, progress).await?
+            }
+            other => other?,
+        };
         std::fs::rename(&partial, &target).at(&target)?;
+        self.stamp(&d)?;
         Ok(n)
     }
+}
+
+/// What identifies one version of a file cheaply: size, modification time (ns) and inode.
+fn stamp_of(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+    Some(format!(
+        "{} {}.{:09} {}",
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ino()
+    ))
 }
 
 /// What a push did.
@@ -116,6 +201,16 @@ pub fn parse_target(target: &str) -> Result<(Repository, Option<String>)> {
     }
 }
 
+/// How [`push_with`] pushes.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// More tags to point at the new version.
+    pub tags: Vec<String>,
+    /// Push tensors holding NaN or ±Inf (refused by default: such a delta breaks whatever
+    /// applies it).
+    pub allow_nonfinite: bool,
+}
+
 /// Pushes a native or PEFT delta folder as the next version of `target` (`ns/name[:tag]`),
 /// registered against base `base_name`. Only blobs the registry lacks are sent.
 pub async fn push(
@@ -126,6 +221,23 @@ pub async fn push(
     tags: &[String],
     progress: &ProgressBar,
 ) -> Result<PushReport> {
+    let opts = PushOptions {
+        tags: tags.to_vec(),
+        allow_nonfinite: false,
+    };
+    push_with(remote, dir, target, base_name, &opts, progress).await
+}
+
+/// [`push`] with options.
+pub async fn push_with(
+    remote: &Remote,
+    dir: &Path,
+    target: &str,
+    base_name: &str,
+    opts: &PushOptions,
+    progress: &ProgressBar,
+) -> Result<PushReport> {
+    let tags = &opts.tags;
     let (repo, tag) = parse_target(target)?;
     let base = remote.get_base(base_name).await.map_err(|e| match e {
         Error::NotFound(_) => Error::Invalid(format!(
@@ -134,6 +246,11 @@ pub async fn push(
         other => other,
     })?;
     let prepared = delta::prepare(dir, &base)?;
+    if !opts.allow_nonfinite {
+        let label = dir.display().to_string();
+        crate::apply::LoadedDelta::open(&label, prepared.manifest.clone(), &prepared.paths)?
+            .check_finite()?;
+    }
     let manifest = &prepared.manifest;
     let digests: Vec<Digest> = manifest.files.iter().map(|f| f.digest).collect();
     let missing = remote.missing(&digests).await?;
@@ -181,6 +298,10 @@ pub struct PullReport {
     pub bytes_downloaded: u64,
     /// Cached path of each manifest file, in manifest order.
     pub blobs: Vec<PathBuf>,
+    /// The version is yanked (reached through a tag, number or digest).
+    pub yanked: bool,
+    /// Tags pointing at the version.
+    pub tags: Vec<String>,
 }
 
 /// Resolves `reference` and brings its blobs into the cache, verifying every byte.
@@ -192,17 +313,25 @@ pub async fn fetch(
 ) -> Result<PullReport> {
     let resolved = remote.resolve(reference).await?;
     let manifest = resolved.manifest;
-    let total: u64 = manifest
+    let mut missing = Vec::new();
+    for f in &manifest.files {
+        if cache.verified(&f.digest)?.is_none() {
+            missing.push(f.digest);
+        }
+    }
+    let total = manifest
         .files
         .iter()
-        .filter(|f| !cache.has(&f.digest))
+        .filter(|f| missing.contains(&f.digest))
         .map(|f| f.size)
         .sum();
     progress.set_length(total);
     let mut bytes_downloaded = 0;
     let mut blobs = Vec::new();
     for f in &manifest.files {
-        bytes_downloaded += cache.fetch(remote, f.digest, progress).await?;
+        if missing.contains(&f.digest) && !cache.blob_path(&f.digest).is_file() {
+            bytes_downloaded += cache.download(remote, f.digest, progress).await?;
+        }
         let path = cache.blob_path(&f.digest);
         let size = std::fs::metadata(&path).at(&path)?.len();
         if size != f.size {
@@ -221,10 +350,21 @@ pub async fn fetch(
         manifest,
         bytes_downloaded,
         blobs,
+        yanked: resolved.yanked,
+        tags: resolved.tags,
     })
 }
 
-/// Fetches `reference` and writes it to `out` in `format`.
+/// How [`pull_with`] writes its folder.
+#[derive(Debug, Clone, Copy)]
+pub struct PullOptions {
+    /// Native or PEFT.
+    pub format: Format,
+    /// Replace a non-empty output folder (its old files all go).
+    pub overwrite: bool,
+}
+
+/// Fetches `reference` and writes it to `out` in `format`; `out` must be absent or empty.
 pub async fn pull(
     remote: &Remote,
     cache: &Cache,
@@ -233,11 +373,30 @@ pub async fn pull(
     format: Format,
     progress: &ProgressBar,
 ) -> Result<PullReport> {
+    let opts = PullOptions {
+        format,
+        overwrite: false,
+    };
+    pull_with(remote, cache, reference, out, opts, progress).await
+}
+
+/// Fetches `reference` and makes `out` hold exactly its folder (see
+/// [`delta::replace_dir`]).
+pub async fn pull_with(
+    remote: &Remote,
+    cache: &Cache,
+    reference: &str,
+    out: &Path,
+    opts: PullOptions,
+    progress: &ProgressBar,
+) -> Result<PullReport> {
+    // Refused before anything is downloaded.
+    delta::check_output_dir(out, opts.overwrite)?;
     let report = fetch(remote, cache, reference, progress).await?;
-    match format {
-        Format::Native => delta::write_native(out, &report.manifest, &report.blobs)?,
-        Format::Peft => delta::write_peft(out, &report.manifest, &report.blobs)?,
-    }
+    delta::replace_dir(out, opts.overwrite, |dir| match opts.format {
+        Format::Native => delta::write_native(dir, &report.manifest, &report.blobs),
+        Format::Peft => delta::write_peft(dir, &report.manifest, &report.blobs),
+    })?;
     Ok(report)
 }
 

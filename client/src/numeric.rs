@@ -29,6 +29,31 @@ pub fn as_f32_mut(bytes: &mut [u8]) -> Option<&mut [f32]> {
     (cfg!(target_endian = "little") && pre.is_empty() && post.is_empty()).then_some(mid)
 }
 
+/// The index of the first NaN or ±Inf in a little-endian tensor of `dtype` (floats in
+/// their own width: a large F64 is not "infinite" just because f32 cannot hold it), or
+/// `None`. Integer and boolean tensors hold neither.
+pub fn first_nonfinite(dtype: &str, bytes: &[u8]) -> Option<usize> {
+    match dtype {
+        "F64" => bytes.chunks_exact(8).position(|c| {
+            !f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]).is_finite()
+        }),
+        "F32" => bytes
+            .chunks_exact(4)
+            .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        "F16" => bytes
+            .chunks_exact(2)
+            .position(|c| !f16::from_le_bytes([c[0], c[1]]).is_finite()),
+        "BF16" => bytes
+            .chunks_exact(2)
+            .position(|c| !bf16::from_le_bytes([c[0], c[1]]).is_finite()),
+        // FP8 E4M3 has no infinity and NaN is 0x7f/0xff; E5M2 is IEEE-like (exponent all
+        // ones).
+        "F8_E4M3" => bytes.iter().position(|b| b & 0x7f == 0x7f),
+        "F8_E5M2" => bytes.iter().position(|b| b & 0x7c == 0x7c),
+        _ => None,
+    }
+}
+
 /// Decodes little-endian tensor bytes into f32.
 pub fn to_f32(dtype: &str, bytes: &[u8]) -> Result<Vec<f32>> {
     if let (Some(bits), "F16" | "BF16") = (as_u16(bytes), dtype) {

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use delta_proto::fingerprint::FingerprintEntry;
 use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::registry_client::RegistryClient;
 use delta_proto::{self as pb, CHUNK_SIZE, Digest};
@@ -78,6 +79,24 @@ pub struct Resolved {
     pub manifest: Manifest,
     /// Tags pointing at this version.
     pub tags: Vec<String>,
+    /// The version is yanked (its publisher withdrew it; a tag or number still reaches it).
+    pub yanked: bool,
+}
+
+/// Who the registry takes the caller for (`delta whoami`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WhoAmI {
+    /// `open` (no tokens exist: everything allowed), `anonymous` (no token sent), `user`
+    /// or `worker`.
+    pub kind: String,
+    /// The token's id (0 without a token).
+    pub token_id: u64,
+    /// The token's namespace, or `*`.
+    pub namespace: String,
+    /// `read`, `write` or `admin`.
+    pub scope: String,
+    /// Unix seconds the token expires (`None`: never).
+    pub expires_at: Option<i64>,
 }
 
 fn digest(s: &str) -> Result<Digest> {
@@ -236,7 +255,11 @@ impl Remote {
                 }
                 Err(Error::Rpc(s)) if attempt < RESUMES && is_transient(s.code()) => {
                     tracing::warn!(blob = %blob, error = %s, "upload interrupted; resuming");
-                    let at = self.upload_offset(&upload_id).await?;
+                    // A session the registry dropped cannot resume: what ended it (a full
+                    // disk, say) is the error to show, not "upload not found".
+                    let Ok(at) = self.upload_offset(&upload_id).await else {
+                        return Err(Error::Rpc(s));
+                    };
                     sent += at.saturating_sub(start);
                     progress.set_position(
                         progress
@@ -322,17 +345,15 @@ impl Remote {
         Ok(received)
     }
 
-    /// Registers a base. Returns whether it was new.
-    pub async fn add_base(
-        &self,
-        name: &str,
-        fingerprint: Digest,
-        tensors: Vec<TensorInfo>,
-    ) -> Result<bool> {
+    /// Registers a base from its tensor table with every tensor's digest (see
+    /// [`crate::tensors::Model::entries`]): the registry recomputes the fingerprint from
+    /// them. Returns whether the record was new.
+    pub async fn add_base(&self, name: &str, entries: &[FingerprintEntry]) -> Result<bool> {
+        let fingerprint = delta_proto::fingerprint::fingerprint(&mut entries.to_vec());
         let req = pb::AddBaseRequest {
             name: name.to_owned(),
             fingerprint: fingerprint.to_string(),
-            tensors: tensors.into_iter().map(Into::into).collect(),
+            tensors: entries.iter().cloned().map(Into::into).collect(),
         };
         Ok(self
             .client
@@ -412,6 +433,24 @@ impl Remote {
             digest: d,
             manifest,
             tags: resp.tags,
+            yanked: resp.yanked,
+        })
+    }
+
+    /// Who the registry takes this connection's token for.
+    pub async fn whoami(&self) -> Result<WhoAmI> {
+        let r = self
+            .client
+            .clone()
+            .who_am_i(pb::WhoAmIRequest {})
+            .await?
+            .into_inner();
+        Ok(WhoAmI {
+            kind: r.kind,
+            token_id: r.token_id,
+            namespace: r.namespace,
+            scope: r.scope,
+            expires_at: (r.expires_at != 0).then_some(r.expires_at),
         })
     }
 
@@ -481,8 +520,9 @@ impl Remote {
             .deleted)
     }
 
-    /// Yanks (or, with `undo`, restores) a version. Returns `(repository, version)`.
-    pub async fn yank(&self, reference: &str, undo: bool) -> Result<(String, u64)> {
+    /// Yanks (or, with `undo`, restores) a version. Returns `(repository, version, tags
+    /// that point at it now)`.
+    pub async fn yank(&self, reference: &str, undo: bool) -> Result<(String, u64, Vec<String>)> {
         let resp = self
             .client
             .clone()
@@ -492,7 +532,7 @@ impl Remote {
             })
             .await?
             .into_inner();
-        Ok((resp.repository, resp.version))
+        Ok((resp.repository, resp.version, resp.tags))
     }
 
     /// Deletes a version. Returns `(repository, version)`.

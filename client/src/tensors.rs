@@ -178,8 +178,15 @@ impl Model {
 
     /// The base fingerprint (see `delta_proto::fingerprint`), hashing tensors in parallel.
     pub fn fingerprint(&self) -> Digest {
+        fingerprint(&mut self.entries())
+    }
+
+    /// The tensor table with the blake3 of every tensor's bytes (hashed in parallel),
+    /// sorted by name: what the fingerprint is computed from, and what a base record
+    /// carries as the proof of its table.
+    pub fn entries(&self) -> Vec<FingerprintEntry> {
         let names: Vec<&str> = self.names().collect();
-        let mut entries: Vec<FingerprintEntry> = names
+        names
             .par_iter()
             .filter_map(|n| self.get(n))
             .map(|(t, data)| {
@@ -198,8 +205,7 @@ impl Model {
                     digest: Digest::from_hash(h.finalize()),
                 }
             })
-            .collect();
-        fingerprint(&mut entries)
+            .collect()
     }
 }
 

@@ -61,6 +61,25 @@ pub fn scan_models(models: &Path) -> Result<HashMap<Digest, PathBuf>> {
     Ok(out)
 }
 
+/// The job kinds this worker's token may run: training publishes a delta, so it needs a
+/// write-scope token; a read-scope token only verifies. The registry refuses a read-scope
+/// worker that asks for training jobs, so asking for what the token allows keeps such a
+/// worker useful (and says so once at start-up).
+async fn job_kinds(remote: &Remote) -> Result<Vec<String>> {
+    let me = remote.whoami().await?;
+    if me.kind == "anonymous" {
+        bail!("the registry requires a token for workers: set DELTA_TOKEN to a worker token");
+    }
+    if me.scope == "read" {
+        tracing::warn!(
+            namespace = %me.namespace,
+            "read-scope token: verifying only; training jobs need a `--worker --scope write` token"
+        );
+        return Ok(vec![KIND_VERIFY.to_owned()]);
+    }
+    Ok(vec![KIND_TRAIN.to_owned(), KIND_VERIFY.to_owned()])
+}
+
 /// Runs the job loop until `max_jobs` jobs are done (or forever).
 pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
     let bases = scan_models(&opts.models)?;
@@ -71,7 +90,7 @@ pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
         );
     }
     let cache = Cache::new(&opts.cache);
-    let kinds = vec![KIND_TRAIN.to_owned(), KIND_VERIFY.to_owned()];
+    let kinds = job_kinds(&remote).await?;
     let mut done = 0usize;
     loop {
         if opts.max_jobs.is_some_and(|m| done >= m) {

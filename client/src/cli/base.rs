@@ -11,9 +11,13 @@ use crate::tensors::Model;
 /// Base subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
-    /// Register a base: its name, fingerprint and tensor table (the weights stay local).
+    /// Register a base: its name, fingerprint and tensor table with every tensor's
+    /// blake3 (the weights stay local; the registry checks the table against the
+    /// fingerprint).
     Add {
-        /// Name to register it under.
+        /// Name to register it under: `namespace/name` (needs write on the namespace), or
+        /// a global name such as `minilm` (needs an admin token for `*`, or an open
+        /// registry).
         name: String,
         /// A safetensors file or a folder of shards.
         path: PathBuf,
@@ -27,17 +31,17 @@ pub async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<()> {
     match cmd {
         Command::Add { name, path } => {
             let p = path.clone();
-            let (fp, table) = tokio::task::spawn_blocking(move || {
-                let model = Model::open(&p)?;
-                Ok::<_, crate::Error>((model.fingerprint(), model.table()))
+            let entries = tokio::task::spawn_blocking(move || {
+                Ok::<_, crate::Error>(Model::open(&p)?.entries())
             })
             .await?
             .with_context(|| format!("cannot read base {}", path.display()))?;
-            let n = table.len();
+            let fp = delta_proto::fingerprint::fingerprint(&mut entries.clone());
+            let n = entries.len();
             let created = ctx
                 .remote()
                 .await?
-                .add_base(&name, fp, table)
+                .add_base(&name, &entries)
                 .await
                 .with_context(|| format!("cannot register base {name}"))?;
             if ctx.json {

@@ -35,43 +35,43 @@ impl Report {
 /// Runs the checks.
 pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let mut r = Report { checks: Vec::new() };
+    // WhoAmI answers any caller: a refused token still shows the registry is there.
     let remote = match ctx.remote().await {
-        Ok(remote) => match remote.list_bases().await {
-            Ok(bases) => {
-                r.add(
-                    "registry",
-                    true,
-                    format!(
-                        "{} answers ({} bases registered)",
-                        ctx.registry,
-                        bases.len()
-                    ),
-                );
+        Ok(remote) => match remote.whoami().await {
+            Ok(who) => {
+                r.add("registry", true, format!("{} answers", ctx.registry));
+                r.add("auth", true, super::login::describe(&who));
                 Some(remote)
+            }
+            Err(e @ crate::Error::Rejected { .. }) => {
+                r.add("registry", true, format!("{} answers", ctx.registry));
+                r.add(
+                    "auth",
+                    false,
+                    format!("the registry refuses the token: {e}"),
+                );
+                None
             }
             Err(e) => {
                 r.add("registry", false, format!("{}: {e}", ctx.registry));
+                r.add(
+                    "auth",
+                    false,
+                    "not checked: the registry did not answer".into(),
+                );
                 None
             }
         },
         Err(e) => {
             r.add("registry", false, format!("{}: {e:#}", ctx.registry));
+            r.add(
+                "auth",
+                false,
+                "not checked: the registry did not answer".into(),
+            );
             None
         }
     };
-    match (&ctx.token, &remote) {
-        (None, _) => r.add(
-            "auth",
-            true,
-            "no token: anonymous (public namespaces only, unless the registry is open)".into(),
-        ),
-        (Some(_), Some(_)) => r.add("auth", true, "the token is accepted".into()),
-        (Some(_), None) => r.add(
-            "auth",
-            false,
-            "not checked: the registry did not answer".into(),
-        ),
-    }
     let cache = &ctx.cache;
     let probe = cache.root().join(".doctor-probe");
     let writable = std::fs::create_dir_all(cache.root())

@@ -35,7 +35,7 @@ pub struct GcArgs {
 
 /// Yanks or restores.
 pub async fn yank(args: YankArgs, ctx: &Ctx) -> anyhow::Result<()> {
-    let (repo, v) = ctx
+    let (repo, v, tags) = ctx
         .remote()
         .await?
         .yank(&args.reference, args.undo)
@@ -43,9 +43,22 @@ pub async fn yank(args: YankArgs, ctx: &Ctx) -> anyhow::Result<()> {
         .with_context(|| format!("cannot yank {}", args.reference))?;
     let what = if args.undo { "restored" } else { "yanked" };
     if ctx.json {
-        return ctx.print_json(&json!({"repository": repo, "version": v, "yanked": !args.undo}));
+        return ctx.print_json(
+            &json!({"repository": repo, "version": v, "yanked": !args.undo, "tags": tags}),
+        );
     }
     println!("{repo}:v{v} {what}");
+    if !args.undo && !tags.is_empty() {
+        // Yanking moves no tag but `latest`: whoever pulls these still gets the version.
+        eprintln!(
+            "warning: still tagged {} (pulls of {} get the yanked version, with a warning; move them with `delta tag {repo}:vN TAG`)",
+            tags.join(", "),
+            tags.iter()
+                .map(|t| format!("{repo}:{t}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! only its owner can read (mode 0600), like cargo's and docker's.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
 use anyhow::Context;
@@ -12,7 +12,8 @@ use super::Ctx;
 /// Arguments.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The token (default: read one line from stdin, so it stays out of shell history).
+    /// The token (default: asked for without echo on a terminal, else one line read from
+    /// stdin, so it stays out of shell history).
     #[arg(long)]
     pub token: Option<String>,
 }
@@ -49,10 +50,14 @@ pub fn saved_token(path: &Path, registry: &str) -> anyhow::Result<Option<String>
     Ok(read(path)?.remove(registry))
 }
 
-/// Saves a token.
-pub fn login(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+/// Checks a token with the registry, then saves it.
+pub async fn login(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let token = match args.token {
         Some(t) => t,
+        None if std::io::stdin().is_terminal() => {
+            rpassword::prompt_password(format!("token for {}: ", ctx.registry))
+                .context("cannot read the token")?
+        }
         None => {
             let mut line = String::new();
             std::io::stdin().lock().read_line(&mut line)?;
@@ -63,14 +68,64 @@ pub fn login(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     if token.is_empty() {
         anyhow::bail!("no token given");
     }
+    // A token the registry does not accept is never saved.
+    let opts = crate::remote::ConnectOptions {
+        token: Some(token.clone()),
+        ca_cert: ctx.ca_cert.clone(),
+    };
+    let who = crate::remote::Remote::connect_opts(&ctx.registry, &opts)
+        .await?
+        .whoami()
+        .await
+        .with_context(|| format!("{} does not accept this token; nothing saved", ctx.registry))?;
     let mut creds = read(&ctx.credentials)?;
     creds.insert(ctx.registry.clone(), token);
     write(&ctx.credentials, &creds)?;
     println!(
-        "token saved for {} in {}",
+        "token saved for {} in {}: {}",
         ctx.registry,
-        ctx.credentials.display()
+        ctx.credentials.display(),
+        describe(&who)
     );
+    Ok(())
+}
+
+/// One line about who a token makes the caller.
+pub fn describe(who: &crate::remote::WhoAmI) -> String {
+    match who.kind.as_str() {
+        "open" => {
+            "the registry is open (it has no tokens): everyone may read and write everything".into()
+        }
+        "anonymous" => "no token: anonymous (public namespaces only)".into(),
+        kind => {
+            let expires = who.expires_at.map_or("never expires".to_owned(), |t| {
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
+                format!("expires {}", humantime::format_rfc3339_seconds(at))
+            });
+            format!(
+                "{kind} token {}: {} on {}, {expires}",
+                who.token_id,
+                who.scope,
+                if who.namespace == "*" {
+                    "every namespace (*)"
+                } else {
+                    &who.namespace
+                },
+            )
+        }
+    }
+}
+
+/// `delta whoami`: who the registry takes the configured token for.
+pub async fn whoami(ctx: &Ctx) -> anyhow::Result<()> {
+    let who = ctx.remote().await?.whoami().await?;
+    if ctx.json {
+        return ctx.print_json(&serde_json::json!({
+            "kind": who.kind, "token_id": who.token_id, "namespace": who.namespace,
+            "scope": who.scope, "expires_at": who.expires_at,
+        }));
+    }
+    println!("{}", describe(&who));
     Ok(())
 }
 

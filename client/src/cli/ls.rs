@@ -33,17 +33,21 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             let rows: Vec<_> = repos
                 .iter()
                 .map(|r| json!({"repository": r.repository, "latest_version": r.latest_version, "digest": r.latest_digest,
-                                "base": r.base_fingerprint, "method": r.method, "versions": r.versions}))
+                                "base": r.base_fingerprint, "method": r.method, "versions": r.versions, "yanked": r.yanked}))
                 .collect();
             return ctx.print_json(&json!(rows));
         }
         for r in repos {
+            let versions = if r.yanked {
+                format!("all {} versions yanked", r.versions)
+            } else {
+                format!("{} versions", r.versions)
+            };
             println!(
-                "{:<40} v{:<4} {:<10} {} versions  base {}",
+                "{:<40} v{:<4} {:<10} {versions}  base {}",
                 r.repository,
                 r.latest_version,
                 r.method,
-                r.versions,
                 short(&r.base_fingerprint)
             );
         }

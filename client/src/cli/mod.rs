@@ -43,6 +43,10 @@ pub struct Cli {
     /// Cache directory (default: the user's cache dir + /delta).
     #[arg(long, global = true, env = "DELTA_CACHE")]
     pub cache: Option<PathBuf>,
+    /// Re-hash every cached blob before using it (by default a blob is re-hashed only
+    /// when its size, modification time or inode changed since it was last verified).
+    #[arg(long, global = true)]
+    pub verify_cache: bool,
     /// Machine-readable JSON on stdout.
     #[arg(long, global = true)]
     pub json: bool,
@@ -97,6 +101,8 @@ pub enum Command {
     Login(login::Args),
     /// Forget the saved token for this registry.
     Logout,
+    /// Show who the registry takes your token for: kind, namespace, scope, expiry.
+    Whoami,
     /// Write a delta in another tool's format.
     #[command(subcommand)]
     Export(export::Command),
@@ -187,7 +193,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let ctx = Ctx {
         registry: cli.registry,
-        cache: Cache::new(&cache_root),
+        cache: Cache::new(&cache_root).rehash_all(cli.verify_cache),
         json: cli.json,
         token,
         credentials,
@@ -213,7 +219,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(a) => apply::run(a, &ctx).await,
         Command::Compose(a) => compose::run(a, &ctx).await,
         Command::Export(c) => export::run(c, &ctx).await,
-        Command::Login(a) => login::login(a, &ctx),
+        Command::Login(a) => login::login(a, &ctx).await,
+        Command::Whoami => login::whoami(&ctx).await,
         Command::Yank(a) => lifecycle::yank(a, &ctx).await,
         Command::Delete { reference } => lifecycle::delete(reference, &ctx).await,
         Command::Untag(a) => lifecycle::untag(a, &ctx).await,
@@ -247,6 +254,13 @@ pub async fn load_deltas(
         deltas.push(d);
     }
     Ok(deltas)
+}
+
+/// What pull and show print (on stderr) when a reference reaches a yanked version.
+pub fn yanked_warning(reference: &str, repository: &str, version: u64) -> String {
+    format!(
+        "warning: {reference} is {repository}:v{version}, which is yanked: its publisher withdrew it (it is no longer latest); use it only if you mean to"
+    )
 }
 
 /// Human-readable byte count.

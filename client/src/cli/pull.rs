@@ -29,6 +29,9 @@ pub struct Args {
     /// Folder format.
     #[arg(long, value_enum, default_value = "native")]
     pub format: FormatArg,
+    /// Replace a non-empty output folder: afterwards it holds exactly the pulled delta.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Pulls.
@@ -43,20 +46,23 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     };
     let remote = ctx.remote().await?;
     let progress = ctx.progress("pull");
-    let r = hub::pull(
-        &remote,
-        &ctx.cache,
-        &args.reference,
-        &out,
+    let opts = hub::PullOptions {
         format,
-        &progress,
-    )
-    .await
-    .with_context(|| format!("cannot pull {}", args.reference))?;
+        overwrite: args.overwrite,
+    };
+    let r = hub::pull_with(&remote, &ctx.cache, &args.reference, &out, opts, &progress)
+        .await
+        .with_context(|| format!("cannot pull {}", args.reference))?;
+    if r.yanked {
+        eprintln!(
+            "{}",
+            super::yanked_warning(&args.reference, &r.repository, r.version)
+        );
+    }
     if ctx.json {
         return ctx.print_json(&json!({
             "repository": r.repository, "version": r.version, "digest": r.digest.to_string(),
-            "bytes_downloaded": r.bytes_downloaded, "output": out,
+            "bytes_downloaded": r.bytes_downloaded, "output": out, "yanked": r.yanked,
         }));
     }
     println!(

@@ -21,18 +21,25 @@ pub struct Args {
     /// More tags to point at the new version.
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Push tensors that hold NaN or ±Inf (refused by default).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
 }
 
 /// Pushes.
 pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let remote = ctx.remote().await?;
     let progress = ctx.progress("push");
-    let r = hub::push(
+    let opts = hub::PushOptions {
+        tags: args.tags.clone(),
+        allow_nonfinite: args.allow_nonfinite,
+    };
+    let r = hub::push_with(
         &remote,
         &args.dir,
         &args.target,
         &args.base,
-        &args.tags,
+        &opts,
         &progress,
     )
     .await

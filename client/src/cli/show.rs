@@ -29,15 +29,28 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         })
         .collect();
     let m = &r.manifest;
+    if r.yanked {
+        eprintln!(
+            "{}",
+            super::yanked_warning(&args.reference, &r.repository, r.version)
+        );
+    }
     if ctx.json {
         let manifest: serde_json::Value = serde_json::from_slice(&m.canonical_json())?;
         let versions: Vec<_> = versions.iter().map(|v| json!({"version": v.version, "digest": v.digest, "tags": v.tags, "size": v.size})).collect();
         return ctx.print_json(&json!({
             "repository": r.repository, "version": r.version, "digest": r.digest.to_string(), "tags": r.tags,
+            "yanked": r.yanked,
             "size": m.size(), "manifest": manifest, "versions": versions, "reports": reports,
         }));
     }
-    println!("{}:v{}  {}", r.repository, r.version, r.digest);
+    println!(
+        "{}:v{}  {}{}",
+        r.repository,
+        r.version,
+        r.digest,
+        if r.yanked { "  (YANKED)" } else { "" }
+    );
     println!("tags:     {}", r.tags.join(", "));
     println!("method:   {}", m.method);
     println!(
