@@ -36,7 +36,7 @@ async fn main() {
     fixtures::write_base(&base, 1);
     let model = delta_client::tensors::Model::open(&base).expect("base");
     remote
-        .add_base("tiny", model.fingerprint(), model.table())
+        .add_base("tiny", &model.entries())
         .await
         .expect("add base");
     let dir = work.path().join("d");

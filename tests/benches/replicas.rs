@@ -45,7 +45,7 @@ async fn measure(setup: &'static str, a: &Remote, b: &Remote, work: &Path) -> Ro
     let base = work.join("base.safetensors");
     fixtures::write_base(&base, 1);
     let model = delta_client::tensors::Model::open(&base).expect("base");
-    a.add_base("tiny", model.fingerprint(), model.table())
+    a.add_base("tiny", &model.entries())
         .await
         .expect("add base");
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use delta_client::delta::Format;
 use delta_client::{Cache, hub};
+use delta_proto::fingerprint::FingerprintEntry;
 use delta_tests::TestRegistry;
 use indicatif::ProgressBar;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -74,11 +75,16 @@ async fn loopback_tcp(total: usize) -> f64 {
 }
 
 /// A delta of `size` bytes: one dense diff on a base tensor `w.weight`.
-fn write_delta(dir: &Path, size: usize) -> (Vec<delta_proto::manifest::TensorInfo>, usize) {
+fn write_delta(dir: &Path, size: usize) -> (Vec<FingerprintEntry>, usize) {
     std::fs::create_dir_all(dir).expect("mkdir");
     let floats = (size - 1024) / 4;
+    // Pseudo-random bytes, with each float's top byte kept below the all-ones exponent:
+    // finite values (a push refuses NaN and Inf).
     let data: Vec<u8> = (0..floats * 4)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .map(|i| {
+            let b = (i.wrapping_mul(2654435761) >> 13) as u8;
+            if i % 4 == 3 { b & 0x3f } else { b }
+        })
         .collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![floats], &data)
         .expect("view");
@@ -89,10 +95,14 @@ fn write_delta(dir: &Path, size: usize) -> (Vec<delta_proto::manifest::TensorInf
     )
     .expect("write");
     std::fs::write(dir.join("delta.json"), r#"{"method":"diff"}"#).expect("write");
-    let table = vec![delta_proto::manifest::TensorInfo {
-        name: "w.weight".into(),
-        dtype: "F32".into(),
-        shape: vec![floats as u64],
+    // The base itself is never read: its record needs only the tensor's digest.
+    let table = vec![FingerprintEntry {
+        info: delta_proto::manifest::TensorInfo {
+            name: "w.weight".into(),
+            dtype: "F32".into(),
+            shape: vec![floats as u64],
+        },
+        digest: delta_proto::Digest::of(dir.as_os_str().as_encoded_bytes()),
     }];
     (
         table,
@@ -138,8 +148,7 @@ async fn main() {
         let dir = work.path().join(format!("delta{i}"));
         let (table, bytes) = write_delta(&dir, mib * MIB);
         let base = format!("bench-{i}");
-        let fp = delta_proto::Digest::of(base.as_bytes());
-        remote.add_base(&base, fp, table).await.expect("add base");
+        remote.add_base(&base, &table).await.expect("add base");
 
         let t = Instant::now();
         let pushed = hub::push(&remote, &dir, &format!("bench/d{i}"), &base, &[], &bar)

@@ -88,16 +88,13 @@ async fn concurrent_tag_moves_with_compare_and_swap_lose_no_update() {
         readers.push(tokio::spawn(async move {
             let remote = delta_client::Remote::connect(&url).await.unwrap();
             for _ in 0..5 {
-                hub::pull(
-                    &remote,
-                    &cache,
-                    "team/counter",
-                    &out,
-                    delta_client::delta::Format::Native,
-                    &hidden(),
-                )
-                .await
-                .unwrap();
+                let opts = hub::PullOptions {
+                    format: delta_client::delta::Format::Native,
+                    overwrite: true,
+                };
+                hub::pull_with(&remote, &cache, "team/counter", &out, opts, &hidden())
+                    .await
+                    .unwrap();
                 assert_eq!(
                     remote.list_versions("team/counter").await.unwrap().len(),
                     41

@@ -5,6 +5,7 @@ mod bad_input;
 mod compose_apply;
 mod concurrency;
 mod grpc_python;
+mod isolation;
 mod lifecycle;
 mod limits;
 mod operate;
@@ -13,6 +14,7 @@ mod push_pull;
 mod resume;
 mod storage;
 mod tls;
+mod trust;
 
 use std::path::PathBuf;
 
@@ -31,22 +33,41 @@ pub(crate) struct Env {
     pub(crate) work: TempDir,
     pub(crate) cache: Cache,
     pub(crate) base: PathBuf,
+    /// The PostgreSQL database, when the registry runs on one (else SQLite in its dir).
+    pub(crate) database: Option<String>,
+}
+
+/// The metadata engines a test that touches metadata runs on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Engine {
+    Sqlite,
+    Postgres,
 }
 
 impl Env {
     pub(crate) async fn start() -> Self {
-        let registry = TestRegistry::start().await;
+        Self::start_on(Engine::Sqlite).await
+    }
+
+    /// [`Env::start`] with the registry's metadata on `engine` (a fresh database).
+    pub(crate) async fn start_on(engine: Engine) -> Self {
+        let database = match engine {
+            Engine::Sqlite => None,
+            Engine::Postgres => Some(crate::postgres::fresh_database()),
+        };
+        let url = database.clone();
+        let registry = TestRegistry::start_in(tempfile::tempdir().unwrap(), move |p| {
+            let mut c = delta_registry::RegistryConfig::for_test(p);
+            c.database_url = url;
+            c
+        })
+        .await;
         let remote = registry.remote().await;
         let work = tempfile::tempdir().unwrap();
         let base = work.path().join("base.safetensors");
         fixtures::write_base(&base, 1);
         let model = delta_client::tensors::Model::open(&base).unwrap();
-        assert!(
-            remote
-                .add_base("tiny", model.fingerprint(), model.table())
-                .await
-                .unwrap()
-        );
+        assert!(remote.add_base("tiny", &model.entries()).await.unwrap());
         let cache = Cache::new(&work.path().join("cache"));
         Self {
             registry,
@@ -54,7 +75,57 @@ impl Env {
             work,
             cache,
             base,
+            database,
         }
+    }
+
+    /// The registry's metadata store, opened beside it (as the admin commands do). Its
+    /// calls block, and the PostgreSQL one runs a runtime of its own: use it from a plain
+    /// thread ([`Env::with_meta`]), not from the test's runtime.
+    pub(crate) fn meta(&self) -> delta_registry::SqlMeta {
+        match &self.database {
+            Some(url) => delta_registry::SqlMeta::connect_postgres(url).unwrap(),
+            None => {
+                delta_registry::SqlMeta::open(&self.registry.dir.path().join("registry.sqlite"))
+                    .unwrap()
+            }
+        }
+    }
+
+    /// Runs `f` on the metadata store, on a thread of its own.
+    pub(crate) fn with_meta<T: Send>(
+        &self,
+        f: impl FnOnce(&delta_registry::SqlMeta) -> T + Send,
+    ) -> T {
+        std::thread::scope(|s| s.spawn(|| f(&self.meta())).join().unwrap())
+    }
+
+    /// A new token on this registry; returns its secret.
+    pub(crate) fn token(
+        &self,
+        namespace: &str,
+        scope: delta_registry::auth::Scope,
+        worker: bool,
+    ) -> String {
+        let new = delta_registry::admin::NewToken {
+            namespace: namespace.into(),
+            scope,
+            worker,
+            expires_in: None,
+            description: String::new(),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        self.with_meta(|m| delta_registry::admin::create_token(m, &new, now).unwrap().1)
+    }
+
+    /// A client that sends `secret` (or no token).
+    pub(crate) async fn client(&self, secret: Option<&str>) -> Remote {
+        Remote::connect_with(&self.registry.url(), secret)
+            .await
+            .unwrap()
     }
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {

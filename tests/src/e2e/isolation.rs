@@ -1,0 +1,405 @@
+//! Another team's attacks on a shared registry (issue 11): borrowing blobs through
+//! manifests and job specs, workers reaching across namespaces, forged and squatted bases.
+//! Each runs on SQLite and on PostgreSQL: the rules live in the metadata queries.
+
+use delta_client::hub;
+use delta_proto::fingerprint::{FingerprintEntry, fingerprint};
+use delta_proto::manifest::TensorInfo;
+use delta_proto::{self as pb, Digest, Manifest};
+use delta_registry::MetaStore;
+use delta_registry::auth::Scope;
+use serde_json::json;
+use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use super::{Engine, Env, code, hidden};
+use crate::fixtures;
+
+/// Sends a bearer token on every call of a raw gRPC client.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Raw = pb::registry_client::RegistryClient<InterceptedService<Channel, Bearer>>;
+
+/// A raw gRPC client, for requests the client library would never send.
+async fn raw(env: &Env, secret: Option<&str>) -> Raw {
+    let channel = tonic::transport::Endpoint::from_shared(env.registry.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = Bearer(secret.map(|s| format!("Bearer {s}").parse().unwrap()));
+    pb::registry_client::RegistryClient::with_interceptor(channel, bearer)
+}
+
+/// The error text with the given digests replaced, to compare two refusals' shapes.
+fn shape(e: &delta_client::Error, digests: &[Digest]) -> String {
+    let mut s = e.to_string();
+    for d in digests {
+        s = s.replace(&d.to_string(), "<digest>");
+    }
+    s
+}
+
+/// One change to a manifest.
+type Change = Box<dyn Fn(&mut Manifest)>;
+
+// ---- 1. No blob crosses a namespace through a manifest or a job spec ----
+
+async fn blobs_never_cross_namespaces(engine: Engine) {
+    let env = Env::start_on(engine).await;
+    let a = env
+        .client(Some(&env.token("team-a", Scope::Write, false)))
+        .await;
+    let b = env
+        .client(Some(&env.token("team-b", Scope::Write, false)))
+        .await;
+    let a_worker = env
+        .client(Some(&env.token("team-a", Scope::Write, true)))
+        .await;
+
+    let dir = env.path("b-delta");
+    fixtures::write_native_lora(&dir, 7, 2, json!({}));
+    hub::push(&b, &dir, "team-b/private", "tiny", &[], &hidden())
+        .await
+        .unwrap();
+    let theirs = b.resolve("team-b/private").await.unwrap().manifest;
+    let blob = theirs.files[0].digest;
+    let real_size = theirs.files[0].size;
+    let nobody = Digest::of(b"bytes nobody uploaded");
+
+    // The exact manifest, a wrong size and a wrong tensor list: each answered exactly as
+    // the same manifest naming a digest nobody has, without the blob's size or tensors.
+    let variants: Vec<(&str, Change)> = vec![
+        ("exact", Box::new(|_| {})),
+        ("size", Box::new(|m| m.files[0].size = 1)),
+        ("tensors", Box::new(|m| m.files[0].tensors.truncate(1))),
+    ];
+    for (what, change) in &variants {
+        let mut stolen = theirs.clone();
+        change(&mut stolen);
+        let mut absent = stolen.clone();
+        absent.files[0].digest = nobody;
+        let e_stolen = a
+            .push_manifest("team-a/stolen", &stolen, &[])
+            .await
+            .unwrap_err();
+        let e_absent = a
+            .push_manifest("team-a/stolen", &absent, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e_stolen), code(&e_absent), "{what}");
+        assert_eq!(
+            shape(&e_stolen, &[blob, nobody]),
+            shape(&e_absent, &[blob, nobody]),
+            "{what}"
+        );
+        let text = e_stolen.to_string();
+        assert!(text.contains("not uploaded"), "{what}: {text}");
+        assert!(!text.contains(&real_size.to_string()), "{what}: {text}");
+        assert!(!text.contains("lora_"), "{what}: {text}");
+    }
+    assert!(
+        a.list_repositories("team-a").await.unwrap().is_empty(),
+        "nothing was published"
+    );
+
+    // A job's datasets: another team's digest is as absent as nobody's.
+    let spec = |d: Digest| json!({"method": "lora", "train": d.to_string()});
+    let e_stolen = a
+        .submit_job("train", &spec(blob), "team-a/m", &[], &[])
+        .await
+        .unwrap_err();
+    let e_absent = a
+        .submit_job("train", &spec(nobody), "team-a/m", &[], &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e_stolen), Code::NotFound);
+    assert_eq!(shape(&e_stolen, &[blob]), shape(&e_absent, &[nobody]));
+    let e = a
+        .submit_job("train", &json!({}), "team-a/m", &[], &[blob])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::NotFound);
+
+    // A worker publishing a trained delta: the same rule, at CompleteJob.
+    let data = env.path("train.jsonl");
+    std::fs::write(&data, "{\"text\":\"a\",\"label\":0}\n").unwrap();
+    let own = a.upload_blob_file(&data, &hidden()).await.unwrap();
+    let job = a
+        .submit_job("train", &spec(own), "team-a/m", &[], &[])
+        .await
+        .unwrap();
+    let (leased, lease) = a_worker
+        .lease_job("w", &["train".into()], 60)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(leased.id, job.id);
+    let mut absent = theirs.clone();
+    absent.files[0].digest = nobody;
+    let e_stolen = a_worker
+        .complete_job(job.id, &lease, None, Some(&theirs), None)
+        .await
+        .unwrap_err();
+    let e_absent = a_worker
+        .complete_job(job.id, &lease, None, Some(&absent), None)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e_stolen), code(&e_absent));
+    assert_eq!(
+        shape(&e_stolen, &[blob, nobody]),
+        shape(&e_absent, &[blob, nobody])
+    );
+    assert!(a.list_repositories("team-a").await.unwrap().is_empty());
+
+    // Once team a uploads the bytes itself, the same manifest is accepted.
+    hub::push(&a, &dir, "team-a/own", "tiny", &[], &hidden())
+        .await
+        .unwrap();
+    a.push_manifest("team-a/stolen", &theirs, &[])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn blobs_never_cross_namespaces_on_sqlite() {
+    blobs_never_cross_namespaces(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn blobs_never_cross_namespaces_on_postgres() {
+    blobs_never_cross_namespaces(Engine::Postgres).await;
+}
+
+// ---- 2. Worker tokens are confined to their namespaces ----
+
+async fn workers_stay_in_their_namespaces(engine: Engine) {
+    let env = Env::start_on(engine).await;
+    let a = env
+        .client(Some(&env.token("team-a", Scope::Write, false)))
+        .await;
+    let b = env
+        .client(Some(&env.token("team-b", Scope::Write, false)))
+        .await;
+    let a_worker = env
+        .client(Some(&env.token("team-a", Scope::Write, true)))
+        .await;
+    let a_reader = env
+        .client(Some(&env.token("team-a", Scope::Read, true)))
+        .await;
+    let any_worker = env.client(Some(&env.token("*", Scope::Write, true))).await;
+    let kinds = ["train".to_owned(), "verify".to_owned()];
+
+    let b_job = b
+        .submit_job("train", &json!({}), "team-b/model", &["prod".into()], &[])
+        .await
+        .unwrap();
+    let a_job = a
+        .submit_job("train", &json!({}), "team-a/model", &[], &[])
+        .await
+        .unwrap();
+
+    // Team a's worker sees only team a's job, though team b's is older.
+    let (job, lease) = a_worker.lease_job("wa", &kinds, 60).await.unwrap().unwrap();
+    assert_eq!(job.id, a_job.id);
+    assert!(
+        a_worker
+            .lease_job("wa", &kinds, 60)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Every job RPC on team b's job answers as for a job that does not exist.
+    let absent = b_job.id + a_job.id + 1000;
+    for id in [b_job.id, absent] {
+        let e = a_worker.get_job(id, 0).await.unwrap_err();
+        assert_eq!(code(&e), Code::NotFound, "get {id}");
+        let e = a_worker.renew_lease(id, &lease, 60).await.unwrap_err();
+        assert_eq!(code(&e), Code::NotFound, "renew {id}");
+        let e = a_worker
+            .report_progress(id, &lease, "{}")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Code::NotFound, "progress {id}");
+        let e = a_worker
+            .complete_job(id, &lease, Some("sabotage"), None, None)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Code::NotFound, "complete {id}");
+    }
+    let e1 = a_worker.get_job(b_job.id, 0).await.unwrap_err().to_string();
+    let e2 = a_worker.get_job(absent, 0).await.unwrap_err().to_string();
+    assert_eq!(
+        e1.replace(&b_job.id.to_string(), "N"),
+        e2.replace(&absent.to_string(), "N")
+    );
+    // Users: a job is visible to its submitter and to tokens covering its namespace.
+    assert_eq!(
+        code(&a.get_job(b_job.id, 0).await.unwrap_err()),
+        Code::NotFound
+    );
+    a.get_job(a_job.id, 0).await.unwrap();
+    b.get_job(b_job.id, 0).await.unwrap();
+
+    // A read-scope worker is refused training jobs when it asks, before any training;
+    // it may verify.
+    let e = a_reader
+        .lease_job("ro", &["train".into()], 60)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::PermissionDenied);
+    assert!(e.to_string().contains("write"), "{e}");
+    assert!(
+        a_reader
+            .lease_job("ro", &["verify".into()], 60)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // A worker for every namespace takes team b's job, untouched by team a's worker.
+    let (job, b_lease) = any_worker
+        .lease_job("w*", &kinds, 60)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.id, b_job.id);
+    assert_eq!(job.state, "running");
+    any_worker
+        .renew_lease(b_job.id, &b_lease, 60)
+        .await
+        .unwrap();
+    a_worker
+        .complete_job(a_job.id, &lease, Some("done here"), None, None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn workers_stay_in_their_namespaces_on_sqlite() {
+    workers_stay_in_their_namespaces(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn workers_stay_in_their_namespaces_on_postgres() {
+    workers_stay_in_their_namespaces(Engine::Postgres).await;
+}
+
+// ---- 3. Base records cannot be forged or squatted ----
+
+fn entry(name: &str, shape: &[u64], bytes: &[u8]) -> FingerprintEntry {
+    FingerprintEntry {
+        info: TensorInfo {
+            name: name.into(),
+            dtype: "F32".into(),
+            shape: shape.to_vec(),
+        },
+        digest: Digest::of(bytes),
+    }
+}
+
+async fn bases_cannot_be_forged_or_squatted(engine: Engine) {
+    let env = Env::start_on(engine).await;
+    let a_secret = env.token("team-a", Scope::Write, false);
+    let a = env.client(Some(&a_secret)).await;
+    let b_secret = env.token("team-b", Scope::Write, false);
+    let b = env.client(Some(&b_secret)).await;
+    let anon = env.client(None).await;
+    let tiny = delta_client::tensors::Model::open(&env.base)
+        .unwrap()
+        .entries();
+
+    // A record whose fingerprint is not its table's is refused, whatever the name: the
+    // real base's fingerprint with a wrong shape (the attack that broke other teams'
+    // pushes), and a table whose digests are missing.
+    let real_fp = fingerprint(&mut tiny.clone());
+    let mut wrong = tiny.clone();
+    wrong[0].info.shape = vec![33, 32];
+    let mut raw_a = raw(&env, Some(&a_secret)).await;
+    let forged = raw_a
+        .add_base(pb::AddBaseRequest {
+            name: "team-a/forged".into(),
+            fingerprint: real_fp.to_string(),
+            tensors: wrong.iter().cloned().map(Into::into).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::InvalidArgument, "{forged:?}");
+    assert!(forged.message().contains("fingerprint"), "{forged:?}");
+    let mut undigested: Vec<pb::TensorInfo> = tiny.iter().cloned().map(Into::into).collect();
+    undigested[0].digest.clear();
+    let e = raw_a
+        .add_base(pb::AddBaseRequest {
+            name: "team-a/forged".into(),
+            fingerprint: real_fp.to_string(),
+            tensors: undigested,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // Team b's valid pushes on the real base still work.
+    let dir = env.path("d");
+    fixtures::write_native_lora(&dir, 1, 2, json!({}));
+    hub::push(&b, &dir, "team-b/ok", "tiny", &[], &hidden())
+        .await
+        .unwrap();
+
+    // Names: a team writes only its own; global names need admin on `*`.
+    let mine = vec![entry("w", &[2, 2], b"a's weight")];
+    assert!(a.add_base("team-a/enc", &mine).await.unwrap());
+    let e = b.add_base("team-a/enc2", &mine).await.unwrap_err();
+    assert_eq!(code(&e), Code::PermissionDenied);
+    let e = a.add_base("minilm", &mine).await.unwrap_err();
+    assert_eq!(code(&e), Code::PermissionDenied);
+    assert!(e.to_string().contains("admin"), "{e}");
+    // Team b can name its own base the same, without touching team a's.
+    let theirs = vec![entry("w", &[2, 2], b"b's weight")];
+    assert!(b.add_base("team-b/enc", &theirs).await.unwrap());
+    assert_eq!(
+        a.get_base("team-a/enc").await.unwrap().fingerprint,
+        fingerprint(&mut mine.clone())
+    );
+
+    // Reads follow the repositories' rules: another team's base is as absent as none.
+    let e1 = b.get_base("team-a/enc").await.unwrap_err().to_string();
+    let e2 = b.get_base("team-a/none").await.unwrap_err().to_string();
+    assert_eq!(e1.replace("enc", "X"), e2.replace("none", "X"));
+    let names = |bases: Vec<delta_client::remote::Base>| {
+        let mut n: Vec<String> = bases.into_iter().map(|b| b.name).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(a.list_bases().await.unwrap()), ["team-a/enc", "tiny"]);
+    assert_eq!(names(b.list_bases().await.unwrap()), ["team-b/enc", "tiny"]);
+    // Without a token: nothing private, and a global name asks for one.
+    assert!(anon.list_bases().await.unwrap().is_empty());
+    assert_eq!(
+        code(&anon.get_base("tiny").await.unwrap_err()),
+        Code::Unauthenticated
+    );
+    env.with_meta(|m| m.set_public("team-a", true).unwrap());
+    assert_eq!(names(anon.list_bases().await.unwrap()), ["team-a/enc"]);
+}
+
+#[tokio::test]
+async fn bases_cannot_be_forged_or_squatted_on_sqlite() {
+    bases_cannot_be_forged_or_squatted(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn bases_cannot_be_forged_or_squatted_on_postgres() {
+    bases_cannot_be_forged_or_squatted(Engine::Postgres).await;
+}

@@ -1,0 +1,438 @@
+//! A client and errors users can trust (issue 11): the cache cannot be poisoned, the CLI
+//! stays in its folders, one team cannot starve the others, errors say what happened and
+//! the CLI shows what a tag, a token or a delta really is.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use delta_client::hub;
+use delta_proto::{self as pb, Digest};
+use delta_registry::RegistryConfig;
+use delta_registry::auth::Scope;
+use serde_json::json;
+use tonic::Code;
+
+use super::{Env, code, hidden};
+use crate::{TestRegistry, fixtures};
+
+fn s(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Flips one byte of a file in place (same inode, same size).
+fn flip_byte(path: &std::path::Path, at: u64) {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut byte = [0u8];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    std::io::Read::read_exact(&mut f, &mut byte).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[byte[0] ^ 0xff]).unwrap();
+}
+
+// ---- 5. The cache cannot be poisoned ----
+
+#[tokio::test]
+async fn pulled_files_are_copies_and_a_changed_cache_is_fetched_again() {
+    let env = Env::start().await;
+    let dir = env.path("d");
+    fixtures::write_native_lora(&dir, 3, 2, json!({}));
+    let original = std::fs::read(dir.join("delta.safetensors")).unwrap();
+    let digest = Digest::of(&original);
+    let base = s(&env.base);
+    env.cli(&["push", &s(&dir), "team/x:stable", "--base", "tiny"])
+        .await
+        .unwrap();
+    let out1 = env.path("out1");
+    env.cli(&["pull", "team/x:stable", "-o", &s(&out1)])
+        .await
+        .unwrap();
+    env.cli(&[
+        "apply",
+        "--base",
+        &base,
+        "team/x:stable",
+        "-o",
+        &s(&env.path("m1.safetensors")),
+    ])
+    .await
+    .unwrap();
+    let merged = std::fs::read(env.path("m1.safetensors")).unwrap();
+
+    // The pulled file is not the cache's file: editing it changes nothing else.
+    let pulled = out1.join("delta.safetensors");
+    let cached = env.cache.blob_path(&digest);
+    assert_ne!(
+        std::fs::metadata(&pulled).unwrap().ino(),
+        std::fs::metadata(&cached).unwrap().ino()
+    );
+    flip_byte(&pulled, 200);
+    let out2 = env.path("out2");
+    env.cli(&["pull", "team/x:stable", "-o", &s(&out2)])
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(out2.join("delta.safetensors")).unwrap(),
+        original
+    );
+    env.cli(&[
+        "apply",
+        "--base",
+        &base,
+        "team/x:stable",
+        "-o",
+        &s(&env.path("m2.safetensors")),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(env.path("m2.safetensors")).unwrap(), merged);
+
+    // A cache entry changed after it was verified (its size/mtime/inode stamp no longer
+    // matches) is re-hashed, found bad, and fetched again.
+    flip_byte(&cached, 200);
+    let out3 = env.path("out3");
+    env.cli(&["pull", "team/x:stable", "-o", &s(&out3)])
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(out3.join("delta.safetensors")).unwrap(),
+        original
+    );
+
+    // A change that keeps size, inode and mtime escapes the cheap check;
+    // `--verify-cache` re-hashes everything and still gets the right bytes.
+    let mtime = std::fs::metadata(&cached).unwrap().modified().unwrap();
+    flip_byte(&cached, 300);
+    std::fs::File::options()
+        .write(true)
+        .open(&cached)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let out4 = env.path("out4");
+    env.cli(&["--verify-cache", "pull", "team/x:stable", "-o", &s(&out4)])
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(out4.join("delta.safetensors")).unwrap(),
+        original
+    );
+
+    // A corrupt partial download: one that cannot be a prefix (longer than the blob) is
+    // dropped and the download starts over; a wrong prefix fails the hash once, is
+    // removed, and the next pull succeeds.
+    let partial = env
+        .path("cache")
+        .join("partial")
+        .join(format!("{}.partial", digest.hex()));
+    for (len, first_pull_fails) in [(original.len() + 10, false), (100, true)] {
+        std::fs::remove_file(&cached).unwrap();
+        std::fs::write(&partial, vec![0x5a; len]).unwrap();
+        let out = env.path(&format!("partial-{len}"));
+        let first = env.cli(&["pull", "team/x:stable", "-o", &s(&out)]).await;
+        assert_eq!(first.is_err(), first_pull_fails, "{first:?}");
+        if first_pull_fails {
+            assert!(!partial.exists(), "bad bytes are not kept");
+            env.cli(&["pull", "team/x:stable", "-o", &s(&out)])
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            std::fs::read(out.join("delta.safetensors")).unwrap(),
+            original
+        );
+    }
+}
+
+// ---- 6. The CLI stays inside the folders it is given ----
+
+#[tokio::test]
+async fn push_reads_only_files_inside_the_folder_and_pull_never_mixes_versions() {
+    let env = Env::start().await;
+    let secret = env.path("secret.safetensors");
+    fixtures::write_native_lora(&env.path("other"), 5, 2, json!({}));
+    std::fs::copy(env.path("other").join("delta.safetensors"), &secret).unwrap();
+
+    let dir = env.path("d");
+    fixtures::write_native_lora(&dir, 1, 2, json!({}));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("delta.json")).unwrap()).unwrap();
+    for listed in ["../secret.safetensors", &s(&secret)] {
+        let mut m = manifest.clone();
+        m["files"] = json!([{"path": listed}]);
+        std::fs::write(dir.join("delta.json"), m.to_string()).unwrap();
+        let e = env
+            .cli(&["push", &s(&dir), "team/evil", "--base", "tiny"])
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("not a plain file name"), "{e:#}");
+    }
+    // A symbolic link out of the folder.
+    std::fs::write(dir.join("delta.json"), manifest.to_string()).unwrap();
+    std::fs::remove_file(dir.join("delta.safetensors")).unwrap();
+    std::os::unix::fs::symlink(&secret, dir.join("delta.safetensors")).unwrap();
+    let e = env
+        .cli(&["push", &s(&dir), "team/evil", "--base", "tiny"])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("leads out of the folder"),
+        "{e:#}"
+    );
+    assert!(env.listing().await.is_empty(), "nothing was published");
+
+    // Pull into a folder that holds something: refused, untouched; with --overwrite the
+    // folder holds exactly the pulled delta.
+    let ok = env.path("ok");
+    fixtures::write_native_lora(&ok, 2, 2, json!({}));
+    env.cli(&["push", &s(&ok), "team/ok", "--base", "tiny"])
+        .await
+        .unwrap();
+    let out = env.path("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("old-version.safetensors"), b"stale").unwrap();
+    let e = env
+        .cli(&["pull", "team/ok", "-o", &s(&out)])
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("--overwrite"), "{e:#}");
+    assert_eq!(
+        std::fs::read(out.join("old-version.safetensors")).unwrap(),
+        b"stale"
+    );
+    env.cli(&["pull", "team/ok", "-o", &s(&out), "--overwrite"])
+        .await
+        .unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["delta.json", "delta.safetensors"]);
+}
+
+// ---- 7. One team cannot starve the others ----
+
+#[tokio::test]
+async fn open_uploads_are_capped_per_namespace_and_per_anonymous_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = TestRegistry::start_in(dir, |p| {
+        let mut c = RegistryConfig::for_test(p);
+        c.max_uploads_per_token = 3;
+        c.max_uploads_per_namespace = 4;
+        c.empty_upload_ttl = Duration::from_millis(500);
+        c
+    })
+    .await;
+    // Anonymous callers in open mode are capped per peer address.
+    let anon = reg.remote().await;
+    for i in 0..3u8 {
+        anon.start_upload(Digest::of(&[i]), 1).await.unwrap();
+    }
+    let e = anon.start_upload(Digest::of(&[9]), 1).await.unwrap_err();
+    assert_eq!(code(&e), Code::ResourceExhausted);
+
+    // With tokens: two tokens of team a fill the namespace's 4 slots; team b still uploads.
+    let meta = delta_registry::SqlMeta::open(&reg.dir.path().join("registry.sqlite")).unwrap();
+    let token = |ns: &str| {
+        let new = delta_registry::admin::NewToken {
+            namespace: ns.into(),
+            scope: Scope::Write,
+            worker: false,
+            expires_in: None,
+            description: String::new(),
+        };
+        delta_registry::admin::create_token(&meta, &new, 0)
+            .unwrap()
+            .1
+    };
+    let (a1, a2, b) = (token("team-a"), token("team-a"), token("team-b"));
+    let connect = |t: String| {
+        let url = reg.url();
+        async move {
+            delta_client::Remote::connect_with(&url, Some(&t))
+                .await
+                .unwrap()
+        }
+    };
+    let (a1, a2, b) = (connect(a1).await, connect(a2).await, connect(b).await);
+    for i in 10..13u8 {
+        a1.start_upload(Digest::of(&[i]), 1).await.unwrap();
+    }
+    a2.start_upload(Digest::of(&[13]), 1).await.unwrap();
+    let e = a2.start_upload(Digest::of(&[14]), 1).await.unwrap_err();
+    assert_eq!(code(&e), Code::ResourceExhausted);
+    assert!(e.to_string().contains("team-a"), "{e}");
+    b.start_upload(Digest::of(&[15]), 1).await.unwrap();
+
+    // Sessions that never received a byte expire quickly and free their slots.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while a2.start_upload(Digest::of(&[16]), 1).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "empty sessions never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ---- 8. Errors say what happened ----
+
+#[tokio::test]
+async fn errors_are_bounded_named_and_reveal_nothing() {
+    let env = Env::start().await;
+    // A 10 kB name: a short, readable refusal that standard clients can carry.
+    let long = format!("team/{}", "n".repeat(10_000));
+    let e = env.remote.resolve(&long).await.unwrap_err();
+    assert_eq!(code(&e), Code::InvalidArgument);
+    assert!(e.to_string().len() < 1024, "{} bytes", e.to_string().len());
+
+    // A unary message over the limit: RESOURCE_EXHAUSTED naming the limit.
+    let mut raw = pb::registry_client::RegistryClient::connect(env.registry.url())
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 << 20);
+    let e = raw
+        .push_manifest(pb::PushManifestRequest {
+            repository: "team/big".into(),
+            manifest: vec![b'x'; 6 << 20],
+            tags: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("limit"), "{e:?}");
+
+    // Another namespace's upload session is as absent as a made-up id.
+    let a = env
+        .client(Some(&env.token("team-a", Scope::Write, false)))
+        .await;
+    let b = env
+        .client(Some(&env.token("team-b", Scope::Write, false)))
+        .await;
+    let (id, _) = a
+        .start_upload(Digest::of(b"a's bytes"), 9)
+        .await
+        .unwrap()
+        .unwrap();
+    let theirs = b.upload_offset(&id).await.unwrap_err();
+    let made_up = b.upload_offset("no-such-upload").await.unwrap_err();
+    assert_eq!(code(&theirs), Code::NotFound);
+    assert_eq!(code(&made_up), Code::NotFound);
+    assert_eq!(a.upload_offset(&id).await.unwrap(), 0);
+
+    // A quarantined blob says so and how to heal it.
+    let dir = env.path("d");
+    fixtures::write_native_lora(&dir, 4, 2, json!({}));
+    hub::push(&a, &dir, "team-a/q", "tiny", &[], &hidden())
+        .await
+        .unwrap();
+    let d = Digest::of(&std::fs::read(dir.join("delta.safetensors")).unwrap());
+    let stored = env
+        .registry
+        .dir
+        .path()
+        .join("store/blobs/blake3")
+        .join(&d.hex()[..2])
+        .join(d.hex());
+    flip_byte(&stored, 100);
+    let store = delta_registry::BlobStore::open(&RegistryConfig::for_test(env.registry.dir.path()))
+        .unwrap();
+    let meta: std::sync::Arc<dyn delta_registry::MetaStore> = std::sync::Arc::new(env.meta());
+    let report =
+        delta_registry::maintenance::fsck(meta, &store, true, Duration::ZERO, i64::MAX / 2)
+            .await
+            .unwrap();
+    assert_eq!(report.quarantined, 1);
+    let e = a
+        .download_to(d, &env.path("q.partial"), &hidden())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::DataLoss, "{e:?}");
+    assert!(e.to_string().contains("push it again"), "{e}");
+}
+
+// ---- 9. Trust signals ----
+
+#[tokio::test]
+async fn yanked_tags_identity_and_nonfinite_tensors_are_shown() {
+    let env = Env::start().await;
+    let dir = env.path("d");
+    fixtures::write_native_lora(&dir, 1, 2, json!({}));
+    hub::push(
+        &env.remote,
+        &dir,
+        "team/y",
+        "tiny",
+        &["prod".into()],
+        &hidden(),
+    )
+    .await
+    .unwrap();
+
+    // Yanking says which tags still point at the version; pulls through them say so.
+    let (_, _, tags) = env.remote.yank("team/y:v1", false).await.unwrap();
+    assert!(tags.contains(&"prod".to_owned()), "{tags:?}");
+    assert!(env.remote.resolve("team/y:prod").await.unwrap().yanked);
+    let report = hub::pull(
+        &env.remote,
+        &env.cache,
+        "team/y:prod",
+        &env.path("out"),
+        delta_client::delta::Format::Native,
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert!(report.yanked);
+    // A repository whose versions are all yanked is listed as such, and `latest` explains.
+    let listed = env.remote.list_repositories("team").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].yanked, "{listed:?}");
+    let e = env.remote.resolve("team/y").await.unwrap_err();
+    assert!(e.to_string().contains("yanked"), "{e}");
+
+    // whoami, doctor and login check the token with the registry.
+    let secret = env.token("team", Scope::Write, false);
+    let me = env.client(Some(&secret)).await.whoami().await.unwrap();
+    assert_eq!(
+        (me.kind.as_str(), me.namespace.as_str(), me.scope.as_str()),
+        ("user", "team", "write")
+    );
+    let bogus = format!("dlt_{}", "1".repeat(64));
+    assert!(env.cli(&["--token", &bogus, "doctor"]).await.is_err());
+    assert!(env.cli(&["login", "--token", &bogus]).await.is_err());
+    assert!(
+        !env.path("credentials.json").exists(),
+        "a bad token is not saved"
+    );
+    env.cli(&["login", "--token", &secret]).await.unwrap();
+    env.cli(&["whoami"]).await.unwrap();
+
+    // A delta holding NaN or Inf is refused unless asked for.
+    let bad = env.path("nan");
+    std::fs::create_dir_all(&bad).unwrap();
+    let mut tensors = fixtures::lora_tensors(1, 2);
+    tensors[0].2[3] = f32::NAN;
+    fixtures::write_f32(&bad.join("delta.safetensors"), &tensors, None);
+    std::fs::copy(dir.join("delta.json"), bad.join("delta.json")).unwrap();
+    let e = env
+        .cli(&["push", &s(&bad), "team/nan", "--base", "tiny"])
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("NaN"), "{e:#}");
+    env.cli(&[
+        "push",
+        &s(&bad),
+        "team/nan",
+        "--base",
+        "tiny",
+        "--allow-nonfinite",
+    ])
+    .await
+    .unwrap();
+}
