@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use delta_proto::Digest;
-use delta_proto::manifest::{Manifest, Role, TensorInfo, classify, module_matches};
+use delta_proto::manifest::{Manifest, Role, TensorInfo, classify};
 use delta_proto::safetensors::{TensorEntry, dtype_size};
 use memmap2::MmapMut;
 use rayon::prelude::*;
@@ -181,13 +181,17 @@ enum Op {
         name: String,
         input_side: bool,
     },
+    /// An output-side IA3 vector on the module's bias (PEFT scales the bias with the rows).
+    Ia3Bias {
+        name: String,
+    },
 }
 
 impl Op {
     fn rank(&self) -> u8 {
         match self {
             Op::Replace { .. } => 0,
-            Op::Ia3 { .. } => 2,
+            Op::Ia3 { .. } | Op::Ia3Bias { .. } => 2,
             _ => 1,
         }
     }
@@ -253,9 +257,7 @@ fn plan(base: &Model, deltas: &[LoadedDelta], weights: &[f32]) -> Result<(Plans,
                     })?;
                     let len = d.shape(name)?.first().copied().unwrap_or(0);
                     let ia3 = d.manifest.config.ia3.as_ref();
-                    let ff = ia3.is_some_and(|c| {
-                        c.feedforward_modules.iter().any(|k| module_matches(k, m))
-                    });
+                    let ff = ia3.is_some_and(|c| c.is_feedforward(m));
                     let transposed = ia3.is_some_and(|c| c.fan_in_fan_out);
                     let (out, inp) = match entry.shape.as_slice() {
                         [o, i] if transposed => (*i, *o),
@@ -268,6 +270,17 @@ fn plan(base: &Model, deltas: &[LoadedDelta], weights: &[f32]) -> Result<(Plans,
                         }
                     };
                     let input_side = if out == inp { ff } else { len == inp };
+                    // PEFT's merge of a module that is not feed-forward scales its bias
+                    // too (the vector multiplies the layer's whole output).
+                    let bias = format!("{m}.bias");
+                    if !input_side && base.get(&bias).is_some() {
+                        ops.push((
+                            bias,
+                            Op::Ia3Bias {
+                                name: name.to_owned(),
+                            },
+                        ));
+                    }
                     Some((
                         target,
                         Op::Ia3 {
@@ -396,11 +409,17 @@ fn apply_op(w: &mut [f32], shape: &[u64], d: &LoadedDelta, weight: f32, op: &Op)
                 *slot += weight * v;
             }
         }
+        Op::Ia3Bias { name } => {
+            let l = d.f32(name)?;
+            w.iter_mut()
+                .zip(&l)
+                .for_each(|(x, l)| *x *= ia3_factor(*l, weight));
+        }
         Op::Ia3 { name, input_side } => {
             let l: Vec<f32> = d
                 .f32(name)?
                 .iter()
-                .map(|l| 1.0 + weight * (l - 1.0))
+                .map(|l| ia3_factor(*l, weight))
                 .collect();
             let cols = shape.get(1).copied().unwrap_or(1) as usize;
             for (row, chunk) in w.chunks_mut(cols).enumerate() {
@@ -416,6 +435,17 @@ fn apply_op(w: &mut [f32], shape: &[u64], d: &LoadedDelta, weight: f32, op: &Op)
     Ok(())
 }
 
+/// An IA3 vector entry at `weight`: `1 + weight·(l − 1)`, and `l` itself at weight 1, so
+/// a plain merge multiplies by exactly the stored value, as PEFT's does (the general form
+/// rounds twice).
+fn ia3_factor(l: f32, weight: f32) -> f32 {
+    if weight == 1.0 {
+        l
+    } else {
+        1.0 + weight * (l - 1.0)
+    }
+}
+
 /// Runs one tensor's plan on its f32 values.
 fn run_plan(
     w: &mut [f32],
@@ -425,7 +455,11 @@ fn run_plan(
     sequential: bool,
 ) -> Result<()> {
     let additive = plan.iter().all(|(_, _, op)| op.rank() == 1);
-    if sequential || additive {
+    // One delta's ops on a tensor need no base-relative bookkeeping: applying them in
+    // place gives the same change without rounding `base + (own − base)` a second time
+    // (so a lone IA3 merge is exactly PEFT's product).
+    let one_delta = plan.windows(2).all(|p| p[0].0 == p[1].0);
+    if sequential || additive || one_delta {
         for (di, weight, op) in plan {
             apply_op(w, shape, &deltas[*di], *weight, op)?;
         }

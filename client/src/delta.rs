@@ -564,11 +564,7 @@ pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<
                 // PEFT keeps IA3 vectors 2-D: (1, in) for feed-forward modules, else (out, 1).
                 (None, delta_proto::manifest::Role::Ia3(m)) => {
                     let n = t.shape.iter().product();
-                    let ff = ia3.is_some_and(|c| {
-                        c.feedforward_modules
-                            .iter()
-                            .any(|k| delta_proto::manifest::module_matches(k, m))
-                    });
+                    let ff = ia3.is_some_and(|c| c.is_feedforward(m));
                     if ff { vec![1, n] } else { vec![n, 1] }
                 }
                 (None, _) => t.shape.clone(),

@@ -174,6 +174,17 @@ pub struct Ia3Config {
     pub fan_in_fan_out: bool,
 }
 
+impl Ia3Config {
+    /// Whether `module`'s vector scales its input (`[in]`) rather than its output: PEFT's
+    /// rule, a plain suffix test of the module name against each `feedforward_modules`
+    /// key (`name.endswith(key)`), so `output.dense` also matches `attention.output.dense`.
+    pub fn is_feedforward(&self, module: &str) -> bool {
+        self.feedforward_modules
+            .iter()
+            .any(|k| module.ends_with(k.as_str()))
+    }
+}
+
 /// Method-specific settings. Only the sections a delta uses are present.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MethodConfig {

@@ -132,17 +132,19 @@ impl<'a> Mounts<'a> {
         } else {
             x2.matmul(&w.t()?)?
         };
-        for (l, input_side) in ia3.into_iter().flatten() {
-            if !*input_side {
-                y = y.broadcast_mul(l)?;
-            }
-        }
         if let Some(b) = self.maybe(&format!("{module}.bias"))? {
             y = y.broadcast_add(&b)?;
         }
         for lora in self.lora.get(module).into_iter().flatten() {
             let branch = x2.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
             y = (y + (branch * lora.scale)?)?;
+        }
+        // Output-side IA3 scales the whole output, bias included, as PEFT's IA3 layer does
+        // (`base_layer(x) * ia3_l`) and as `delta apply` merges it (weight rows and bias).
+        for (l, input_side) in ia3.into_iter().flatten() {
+            if !*input_side {
+                y = y.broadcast_mul(l)?;
+            }
         }
         let mut out_dims = lead.to_vec();
         out_dims.push(y.dim(1)?);
@@ -289,11 +291,10 @@ impl<'a> Mounts<'a> {
                     .or_default()
                     .push(t);
             } else if let Some(module) = name.strip_suffix(".ia3_l") {
-                let input_side = config.ia3.as_ref().is_some_and(|c| {
-                    c.feedforward_modules
-                        .iter()
-                        .any(|k| delta_proto::manifest::module_matches(k, module))
-                });
+                let input_side = config
+                    .ia3
+                    .as_ref()
+                    .is_some_and(|c| c.is_feedforward(module));
                 let t = take(name)?;
                 self.ia3
                     .entry(module.to_owned())

@@ -9,6 +9,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod operate;
+mod peft;
 mod postgres;
 mod push_pull;
 mod resume;
