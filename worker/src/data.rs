@@ -233,36 +233,75 @@ pub fn sentiment_simple(n: usize, seed: u64) -> Vec<Example> {
     generate(n, seed, false)
 }
 
+/// Which side of the synthetic task's fixed train/eval partition to draw from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// About 80% of the possible sentences.
+    Train,
+    /// The other 20%: no sentence of the training side ever appears here, whatever the
+    /// seeds, so held-out accuracy is held out.
+    Eval,
+}
+
+impl Split {
+    /// The side a sentence belongs to: a fixed hash of its text (FNV-1a), one in five to
+    /// evaluation.
+    pub fn of(text: &str) -> Split {
+        let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        if h % 5 == 0 {
+            Split::Eval
+        } else {
+            Split::Train
+        }
+    }
+}
+
+/// [`sentiment`] (or, `hard` false, [`sentiment_simple`]) drawn from one side of the
+/// partition only: what `delta-worker gen-data --split` writes.
+pub fn sentiment_split(n: usize, seed: u64, hard: bool, split: Split) -> Vec<Example> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let e = example(&mut rng, hard);
+        if Split::of(&e.text) == split {
+            out.push(e);
+        }
+    }
+    out
+}
+
 fn generate(n: usize, seed: u64, hard: bool) -> Vec<Example> {
     let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| {
-            let positive = rng.below(2) == 0;
-            let negate = hard && rng.below(4) == 0;
-            let pool = if positive != negate {
-                POSITIVE
-            } else {
-                NEGATIVE
-            };
-            let adj = pool[rng.below(pool.len())];
-            let adj = if negate {
-                format!("not {adj}")
-            } else {
-                adj.to_owned()
-            };
-            let s = SUBJECTS[rng.below(SUBJECTS.len())];
-            let frame = if hard {
-                FRAMES[rng.below(FRAMES.len())]
-            } else {
-                FRAMES[0]
-            };
-            Example {
-                text: frame.replace("{s}", s).replace("{a}", &adj),
-                text_pair: None,
-                label: if positive { "positive" } else { "negative" }.to_owned(),
-            }
-        })
-        .collect()
+    (0..n).map(|_| example(&mut rng, hard)).collect()
+}
+
+fn example(rng: &mut Rng, hard: bool) -> Example {
+    let positive = rng.below(2) == 0;
+    let negate = hard && rng.below(4) == 0;
+    let pool = if positive != negate {
+        POSITIVE
+    } else {
+        NEGATIVE
+    };
+    let adj = pool[rng.below(pool.len())];
+    let adj = if negate {
+        format!("not {adj}")
+    } else {
+        adj.to_owned()
+    };
+    let s = SUBJECTS[rng.below(SUBJECTS.len())];
+    let frame = if hard {
+        FRAMES[rng.below(FRAMES.len())]
+    } else {
+        FRAMES[0]
+    };
+    Example {
+        text: frame.replace("{s}", s).replace("{a}", &adj),
+        text_pair: None,
+        label: if positive { "positive" } else { "negative" }.to_owned(),
+    }
 }
 
 /// Writes examples as JSONL.
@@ -327,6 +366,16 @@ mod tests {
 
     #[test]
     fn generator_is_seeded_and_balanced() {
+        for hard in [true, false] {
+            let train = sentiment_split(2000, 1, hard, Split::Train);
+            let eval = sentiment_split(400, 2, hard, Split::Eval);
+            let seen: BTreeSet<&str> = train.iter().map(|e| e.text.as_str()).collect();
+            assert!(eval.iter().all(|e| !seen.contains(e.text.as_str())));
+            for split in [&train, &eval] {
+                let positive = split.iter().filter(|e| e.label == "positive").count();
+                assert!(positive > split.len() / 4 && positive < split.len() * 3 / 4);
+            }
+        }
         let a = sentiment(400, 7);
         assert_eq!(a, sentiment(400, 7));
         assert_ne!(a, sentiment(400, 8));

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use delta_client::jobs::TrainSpec;
-use delta_worker::data::{load_jsonl, sentiment, sentiment_simple, to_jsonl};
+use delta_worker::data::{Split, load_jsonl, sentiment_split, to_jsonl};
 use delta_worker::run::{Delta, LocalBase, TrainRequest, predict, train_to_dir};
 
 #[derive(Parser, Debug)]
@@ -111,12 +111,16 @@ enum Command {
         /// Examples.
         #[arg(long, default_value_t = 1000)]
         n: usize,
-        /// Seed (use different seeds for train and held-out splits).
+        /// Seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// The easy variant (no negation) that tiny random models can learn.
         #[arg(long)]
         simple: bool,
+        /// `train` or `eval`: the task's sentences are split once, by a hash of the text,
+        /// so no evaluation sentence ever appears in a training file (whatever the seeds).
+        #[arg(long, value_enum, default_value = "train")]
+        split: SplitArg,
     },
     /// Write a tiny random base model folder (for tests and experiments).
     TinyBase {
@@ -269,15 +273,27 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::GenData { n, seed, simple } => {
-            let ex = if simple {
-                sentiment_simple(n, seed)
-            } else {
-                sentiment(n, seed)
+        Command::GenData {
+            n,
+            seed,
+            simple,
+            split,
+        } => {
+            let split = match split {
+                SplitArg::Train => Split::Train,
+                SplitArg::Eval => Split::Eval,
             };
+            let ex = sentiment_split(n, seed, !simple, split);
             print!("{}", to_jsonl(&ex));
             Ok(())
         }
         Command::TinyBase { out, seed } => delta_worker::tiny::write_base(&out, seed),
     }
+}
+
+/// `gen-data --split`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SplitArg {
+    Train,
+    Eval,
 }
