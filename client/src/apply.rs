@@ -204,7 +204,15 @@ type Plans = BTreeMap<String, Plan>;
 /// Added tensors: name → (delta index, weight).
 type Added = BTreeMap<String, (usize, f32)>;
 
-fn plan(base: &Model, deltas: &[LoadedDelta], weights: &[f32]) -> Result<(Plans, Added)> {
+/// `sequential`: a later delta's added tensor (a head trained in a later stage) replaces
+/// an earlier one's, as each stage acts on the model the previous ones made; in parallel
+/// two deltas adding the same tensor conflict.
+fn plan(
+    base: &Model,
+    deltas: &[LoadedDelta],
+    weights: &[f32],
+    sequential: bool,
+) -> Result<(Plans, Added)> {
     let mut plans = Plans::new();
     let mut added = Added::new();
     for (di, d) in deltas.iter().enumerate() {
@@ -311,9 +319,10 @@ fn plan(base: &Model, deltas: &[LoadedDelta], weights: &[f32]) -> Result<(Plans,
                 Role::New(t) => {
                     if let Some((other, _)) = added.insert(t.to_owned(), (di, w))
                         && other != di
+                        && !sequential
                     {
                         return Err(Error::Invalid(format!(
-                            "{} and {} both add tensor {t}; apply them separately",
+                            "{} and {} both add tensor {t}; apply them separately or in order (--sequential: the later one's wins)",
                             deltas[other].label, d.label
                         )));
                     }
@@ -527,7 +536,7 @@ pub fn apply(
         }
     }
     let sequential = opts.sequential || deltas.iter().any(|d| !d.manifest.parents.is_empty());
-    let (plans, added) = plan(base, deltas, &weights)?;
+    let (plans, added) = plan(base, deltas, &weights, sequential)?;
 
     // Layout: base tensors and added ones, by dtype size (largest first) then name, so
     // every tensor is aligned to its element size.

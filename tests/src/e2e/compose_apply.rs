@@ -999,3 +999,74 @@ fn sharded_base_and_composition_records() {
     .to_string();
     assert!(e.contains("delta apply --sequential"), "{e}");
 }
+
+/// A delta trained in stages (`--parent`): each stage brings its own head. Applying the
+/// child applies the parent, then the child, and the head is the last stage's; applying
+/// both at once in parallel still refuses, naming the conflict.
+#[test]
+fn staged_deltas_apply_in_order_and_the_last_head_wins() {
+    let f = Fixture::new();
+    let head = |seed: u64| -> Vec<F32Tensor> {
+        vec![
+            (
+                "classifier.weight.new".into(),
+                vec![2, HIDDEN],
+                values(seed, 2 * HIDDEN),
+            ),
+            ("classifier.bias.new".into(), vec![2], values(seed + 1, 2)),
+        ]
+    };
+    let diff = |seed: u64| {
+        (
+            format!("{Q}.weight.diff"),
+            vec![HIDDEN, HIDDEN],
+            values(seed, HIDDEN * HIDDEN),
+        )
+    };
+    let mut parent_tensors = head(10);
+    parent_tensors.push(diff(11));
+    let parent = f.delta("parent", &parent_tensors, json!({"method": "diff"}));
+    let mut child_tensors = head(20);
+    child_tensors.push(diff(21));
+    let child = f.delta(
+        "child",
+        &child_tensors,
+        json!({"method": "diff", "parents": [{"digest": delta_proto::Digest::of(b"p").to_string(), "reference": "team/parent:v1"}]}),
+    );
+
+    let out = f.apply(
+        &[parent, child],
+        ApplyOptions::default(),
+        "staged.safetensors",
+    );
+    assert_eq!(read(&out, "classifier.weight"), values(20, 2 * HIDDEN));
+    assert_eq!(read(&out, "classifier.bias"), values(21, 2));
+    let want = add(
+        &add(
+            &f.base_tensor(&format!("{Q}.weight")),
+            &values(11, HIDDEN * HIDDEN),
+        ),
+        &values(21, HIDDEN * HIDDEN),
+    );
+    assert_close(
+        &read(&out, &format!("{Q}.weight")),
+        &want,
+        1e-6,
+        "parent then child",
+    );
+
+    // Two unrelated deltas adding the same head, in parallel: refused, nothing written.
+    let a = f.delta("a", &head(30), json!({"method": "diff"}));
+    let b = f.delta("b", &head(40), json!({"method": "diff"}));
+    let out = f.path("conflict.safetensors");
+    let e = apply(
+        &f.model,
+        f.base.fingerprint,
+        &[a, b],
+        &ApplyOptions::default(),
+        &out,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("both add tensor classifier"), "{e}");
+    assert!(!out.exists());
+}
