@@ -719,6 +719,18 @@ impl Remote {
         kinds: &[String],
         lease_seconds: u32,
     ) -> Result<Option<(pb::JobInfo, String)>> {
+        self.lease_job_on(worker, kinds, &[], lease_seconds).await
+    }
+
+    /// [`Remote::lease_job`] for a worker holding `bases` (fingerprints; empty: any): jobs
+    /// on other bases are left for workers that hold theirs.
+    pub async fn lease_job_on(
+        &self,
+        worker: &str,
+        kinds: &[String],
+        bases: &[Digest],
+        lease_seconds: u32,
+    ) -> Result<Option<(pb::JobInfo, String)>> {
         let resp = self
             .client
             .clone()
@@ -726,6 +738,7 @@ impl Remote {
                 worker: worker.to_owned(),
                 lease_seconds,
                 kinds: kinds.to_vec(),
+                bases: bases.iter().map(ToString::to_string).collect(),
             })
             .await?
             .into_inner();

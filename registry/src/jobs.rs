@@ -116,7 +116,8 @@ impl WorkerScope {
 
 /// Job storage. Blocking, like [`crate::meta::MetaStore`].
 pub trait JobStore {
-    /// Queues a job in `namespace` (its repository's).
+    /// Queues a job in `namespace` (its repository's) on base fingerprint `base` (`""`:
+    /// none named; any worker may take it).
     #[allow(clippy::too_many_arguments)]
     fn submit_job(
         &self,
@@ -124,6 +125,7 @@ pub trait JobStore {
         spec: &str,
         repository: &str,
         namespace: &str,
+        base: &str,
         tags: &[String],
         submitter: Option<i64>,
         now: i64,
@@ -132,12 +134,15 @@ pub trait JobStore {
     fn get_job(&self, id: u64) -> Result<Option<JobRow>>;
     /// Progress events after `after`, in order.
     fn job_events(&self, id: u64, after: u64) -> Result<Vec<(u64, i64, String)>>;
-    /// Leases the oldest waiting job of one of `kinds` (any, if empty) within `scope`:
-    /// queued, or running with an expired lease.
+    /// Leases the oldest waiting job of one of `kinds` (any, if empty) on one of `bases`
+    /// (base fingerprints; any, if empty) within `scope`: queued, or running with an
+    /// expired lease. A job that names no base goes to any worker.
+    #[allow(clippy::too_many_arguments)]
     fn lease_job(
         &self,
         worker: &str,
         kinds: &[String],
+        bases: &[String],
         scope: &WorkerScope,
         lease: &str,
         now: i64,
@@ -251,6 +256,7 @@ impl JobStore for SqlMeta {
         spec: &str,
         repository: &str,
         namespace: &str,
+        base: &str,
         tags: &[String],
         submitter: Option<i64>,
         now: i64,
@@ -259,9 +265,9 @@ impl JobStore for SqlMeta {
         self.db.write(|c| {
             let id = c
                 .one(
-                    "INSERT INTO jobs (kind, spec, repository, namespace, tags, state, submitter, created_at, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $7) RETURNING id",
-                    p![kind, spec, repository, namespace, &tags, submitter, now],
+                    "INSERT INTO jobs (kind, spec, repository, namespace, base, tags, state, submitter, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $8) RETURNING id",
+                    p![kind, spec, repository, namespace, base, &tags, submitter, now],
                 )?
                 .uint(0)?;
             load(c, id)?.ok_or_else(|| Error::NotFound {
@@ -291,25 +297,33 @@ impl JobStore for SqlMeta {
         &self,
         worker: &str,
         kinds: &[String],
+        bases: &[String],
         scope: &WorkerScope,
         lease: &str,
         now: i64,
         expires: i64,
     ) -> Result<Option<JobRow>> {
         // Within the worker's namespace (`*`: all), training jobs only if it may publish,
-        // and `kind IN ($4, $5, ...)`, or no kind filter.
+        // `kind IN (...)` and `base IN ('', ...)`, or no such filter.
         let mut filter =
             String::from(" AND ($2 = '*' OR namespace = $2) AND ($3 = 1 OR kind <> 'train')");
-        if !kinds.is_empty() {
-            let slots: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 4)).collect();
-            filter.push_str(&format!(" AND kind IN ({})", slots.join(", ")));
-        }
         let mut params = vec![
             Value::from(now),
             Value::from(scope.namespace.as_str()),
             Value::from(i64::from(scope.train)),
         ];
-        params.extend(kinds.iter().map(Value::from));
+        for (column, values) in [("kind", kinds), ("base", bases)] {
+            if values.is_empty() {
+                continue;
+            }
+            let first = params.len() + 1;
+            let slots: Vec<String> = (first..first + values.len())
+                .map(|i| format!("${i}"))
+                .collect();
+            let none = if column == "base" { "'', " } else { "" };
+            filter.push_str(&format!(" AND {column} IN ({none}{})", slots.join(", ")));
+            params.extend(values.iter().map(Value::from));
+        }
         self.db.write(|c| {
             // Another replica leasing at the same moment skips the row this one holds.
             let lock = c.engine().skip_locked();

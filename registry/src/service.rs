@@ -1266,7 +1266,8 @@ impl Registry for RegistryService {
             .ok()
             .filter(serde_json::Value::is_object)
             .ok_or_else(|| Error::InvalidArgument("job spec is not a JSON object".into()))?;
-        let (repository, namespace) = match req.kind.as_str() {
+        // The base the job runs on, so it waits for a worker that holds it.
+        let (repository, namespace, base) = match req.kind.as_str() {
             "train" => {
                 let repo: Repository = req.repository.parse().map_err(Error::from)?;
                 self.authorize(&caller, repo.namespace(), Scope::Write)
@@ -1274,16 +1275,48 @@ impl Registry for RegistryService {
                 for t in &req.tags {
                     check_tag(t).map_err(Error::from)?;
                 }
-                (repo.to_string(), repo.namespace().to_owned())
+                let base = match &spec["base"] {
+                    serde_json::Value::Null => String::new(),
+                    serde_json::Value::String(fp) => {
+                        let fp: Digest = fp.parse().map_err(|_| {
+                            Error::InvalidArgument(
+                                "job spec field base must be a base fingerprint (blake3:…)".into(),
+                            )
+                        })?;
+                        if self
+                            .visible_bases(&caller, &fp.to_string())
+                            .await?
+                            .is_empty()
+                        {
+                            return Err(Error::NotFound {
+                                what: "base",
+                                name: fp.to_string(),
+                            }
+                            .into());
+                        }
+                        fp.to_string()
+                    }
+                    _ => {
+                        return Err(Error::InvalidArgument(
+                            "job spec field base must be a base fingerprint (blake3:…)".into(),
+                        )
+                        .into());
+                    }
+                };
+                (repo.to_string(), repo.namespace().to_owned(), base)
             }
             "verify" => {
                 let r = self
                     .resolve_checked(&caller, &req.repository, Scope::Read)
                     .await?;
                 spec["manifest"] = serde_json::Value::String(r.digest.to_string());
+                let base = Manifest::from_json(&r.manifest)
+                    .map(|m| m.base.fingerprint.to_string())
+                    .unwrap_or_default();
                 (
                     format!("{}:v{}", r.repository, r.version),
                     r.repository.namespace().to_owned(),
+                    base,
                 )
             }
             other => {
@@ -1318,6 +1351,7 @@ impl Registry for RegistryService {
                     &spec,
                     &repository,
                     &namespace,
+                    &base,
                     &tags,
                     submitter,
                     now(),
@@ -1377,12 +1411,16 @@ impl Registry for RegistryService {
             ))
             .into());
         }
+        let mut bases = Vec::with_capacity(req.bases.len());
+        for b in &req.bases {
+            bases.push(b.parse::<Digest>().map_err(Error::from)?.to_string());
+        }
         let secs = i64::from(lease_seconds(req.lease_seconds));
         let lease = uuid::Uuid::new_v4().to_string();
         let (worker, kinds, l) = (req.worker.clone(), req.kinds.clone(), lease.clone());
         let t = now();
         let job = self
-            .meta(move |m| m.lease_job(&worker, &kinds, &scope, &l, t, t + secs))
+            .meta(move |m| m.lease_job(&worker, &kinds, &bases, &scope, &l, t, t + secs))
             .await?;
         if let Some(j) = &job {
             tracing::info!(job = j.id, worker = %excerpt(&req.worker), attempt = j.attempts, "job leased");

@@ -74,6 +74,7 @@ async fn lease(
             worker: "w".into(),
             lease_seconds: 60,
             kinds: kinds.iter().map(|k| (*k).to_owned()).collect(),
+            bases: vec![],
         })
         .await?
         .into_inner();

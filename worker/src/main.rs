@@ -146,7 +146,15 @@ fn device(spec: &str) -> Result<(Device, String)> {
         if !candle_core::utils::cuda_is_available() {
             bail!("device {spec}: this build has no CUDA support (build with --features cuda)");
         }
-        return Ok((Device::new_cuda(n)?, spec.to_owned()));
+        // candle's error carries a multi-line backtrace: one line says it all.
+        let device = Device::new_cuda(n).map_err(|e| {
+            let msg = e.to_string();
+            anyhow::anyhow!(
+                "--device {spec}: no CUDA device: {}",
+                msg.lines().next().unwrap_or_default()
+            )
+        })?;
+        return Ok((device, spec.to_owned()));
     }
     bail!("device {spec:?} is not cpu or cuda:N")
 }

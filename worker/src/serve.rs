@@ -91,13 +91,15 @@ pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
     }
     let cache = Cache::new(&opts.cache);
     let kinds = job_kinds(&remote).await?;
+    // Jobs on bases this worker lacks wait for a worker that holds them.
+    let held: Vec<Digest> = bases.keys().copied().collect();
     let mut done = 0usize;
     loop {
         if opts.max_jobs.is_some_and(|m| done >= m) {
             return Ok(());
         }
         let leased = remote
-            .lease_job(&opts.name, &kinds, opts.lease_seconds)
+            .lease_job_on(&opts.name, &kinds, &held, opts.lease_seconds)
             .await?;
         let Some((job, lease)) = leased else {
             tokio::time::sleep(opts.poll).await;

@@ -401,27 +401,30 @@ pub fn jobs(m: &dyn MetaStore) {
     let blob = stored_blob(m, "trained");
     let tags = vec!["nightly".to_owned()];
     let train = m
-        .submit_job("train", "{}", "team/jobs", "team", &tags, Some(7), 10)
+        .submit_job("train", "{}", "team/jobs", "team", "", &tags, Some(7), 10)
         .unwrap();
     assert_eq!((train.state.as_str(), train.submitter), ("queued", Some(7)));
     let verify = m
-        .submit_job("verify", "{}", "team/jobs:v1", "team", &[], None, 11)
+        .submit_job("verify", "{}", "team/jobs:v1", "team", "", &[], None, 11)
         .unwrap();
     assert!(verify.id > train.id);
 
     // Kinds filter; oldest first.
     let got = m
-        .lease_job("w1", &["verify".into()], &all, "L1", 20, 80)
+        .lease_job("w1", &["verify".into()], &[], &all, "L1", 20, 80)
         .unwrap()
         .unwrap();
     assert_eq!(got.id, verify.id);
-    let got = m.lease_job("w2", &[], &all, "L2", 20, 80).unwrap().unwrap();
+    let got = m
+        .lease_job("w2", &[], &[], &all, "L2", 20, 80)
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (got.id, got.attempts, got.worker.as_str()),
         (train.id, 1, "w2")
     );
     assert!(
-        m.lease_job("w3", &[], &all, "L3", 20, 80)
+        m.lease_job("w3", &[], &[], &all, "L3", 20, 80)
             .unwrap()
             .is_none()
     );
@@ -485,12 +488,12 @@ pub fn jobs(m: &dyn MetaStore) {
 
     // A job whose workers keep vanishing fails after MAX_ATTEMPTS leases.
     let flaky = m
-        .submit_job("train", "{}", "team/flaky", "team", &[], None, 40)
+        .submit_job("train", "{}", "team/flaky", "team", "", &[], None, 40)
         .unwrap();
     let mut t = 40;
     for attempt in 1..=MAX_ATTEMPTS {
         let got = m
-            .lease_job("w", &[], &all, &format!("F{attempt}"), t, t + 5)
+            .lease_job("w", &[], &[], &all, &format!("F{attempt}"), t, t + 5)
             .unwrap()
             .unwrap();
         assert_eq!((got.id, got.attempts), (flaky.id, attempt));
@@ -502,7 +505,7 @@ pub fn jobs(m: &dyn MetaStore) {
         );
     }
     assert!(
-        m.lease_job("w", &[], &all, "F-last", t, t + 5)
+        m.lease_job("w", &[], &[], &all, "F-last", t, t + 5)
             .unwrap()
             .is_none()
     );
@@ -513,10 +516,10 @@ pub fn jobs(m: &dyn MetaStore) {
     // Workers are confined to their namespace; read-scope workers get verify jobs only.
     let t = 100;
     let b_train = m
-        .submit_job("train", "{}", "team-b/x", "team-b", &[], None, t)
+        .submit_job("train", "{}", "team-b/x", "team-b", "", &[], None, t)
         .unwrap();
     let b_verify = m
-        .submit_job("verify", "{}", "team-b/x:v1", "team-b", &[], None, t)
+        .submit_job("verify", "{}", "team-b/x:v1", "team-b", "", &[], None, t)
         .unwrap();
     assert_eq!(b_train.namespace, "team-b");
     let scope = |ns: &str, train: bool| WorkerScope {
@@ -524,18 +527,18 @@ pub fn jobs(m: &dyn MetaStore) {
         train,
     };
     assert!(
-        m.lease_job("a", &[], &scope("team-a", true), "A1", t, t + 50)
+        m.lease_job("a", &[], &[], &scope("team-a", true), "A1", t, t + 50)
             .unwrap()
             .is_none(),
         "team-a's worker sees no team-b job"
     );
     let got = m
-        .lease_job("b-read", &[], &scope("team-b", false), "B1", t, t + 50)
+        .lease_job("b-read", &[], &[], &scope("team-b", false), "B1", t, t + 50)
         .unwrap()
         .unwrap();
     assert_eq!(got.id, b_verify.id, "a read-scope worker only verifies");
     assert!(
-        m.lease_job("b-read", &[], &scope("team-b", false), "B2", t, t + 50)
+        m.lease_job("b-read", &[], &[], &scope("team-b", false), "B2", t, t + 50)
             .unwrap()
             .is_none()
     );
@@ -550,7 +553,7 @@ pub fn jobs(m: &dyn MetaStore) {
         assert!(matches!(call, Err(Error::NotFound { .. })), "{call:?}");
     }
     let got = m
-        .lease_job("b", &[], &scope("*", true), "B3", t, t + 50)
+        .lease_job("b", &[], &[], &scope("*", true), "B3", t, t + 50)
         .unwrap()
         .unwrap();
     assert_eq!(got.id, b_train.id);
@@ -562,6 +565,44 @@ pub fn jobs(m: &dyn MetaStore) {
         t,
     )
     .unwrap();
+
+    // A job on a base waits for a worker that holds that base; one naming no base goes
+    // to any worker.
+    let t = 200;
+    let (fp_x, fp_y) = ("blake3:x".to_owned(), "blake3:y".to_owned());
+    let on_x = m
+        .submit_job("train", "{}", "team-c/b1", "team-c", &fp_x, &[], None, t)
+        .unwrap();
+    let anywhere = m
+        .submit_job("train", "{}", "team-c/b2", "team-c", "", &[], None, t)
+        .unwrap();
+    let all = scope("team-c", true);
+    let got = m
+        .lease_job(
+            "y-only",
+            &[],
+            std::slice::from_ref(&fp_y),
+            &all,
+            "Y1",
+            t,
+            t + 50,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got.id, anywhere.id,
+        "the job on x is left for a worker with x"
+    );
+    assert!(
+        m.lease_job("y-only", &[], &[fp_y], &all, "Y2", t, t + 50)
+            .unwrap()
+            .is_none()
+    );
+    let got = m
+        .lease_job("x-too", &[], &[fp_x], &all, "X1", t, t + 50)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.id, on_x.id);
 }
 
 /// Pushes to one repository through separate handles never share a version number, and
@@ -646,9 +687,18 @@ pub fn racing_leases(open: Open<'_>) {
     let m = open();
     let jobs: Vec<u64> = (0..24)
         .map(|i| {
-            m.submit_job("train", "{}", &format!("team/j{i}"), "team", &[], None, 1)
-                .unwrap()
-                .id
+            m.submit_job(
+                "train",
+                "{}",
+                &format!("team/j{i}"),
+                "team",
+                "",
+                &[],
+                None,
+                1,
+            )
+            .unwrap()
+            .id
         })
         .collect();
     let leased: Vec<u64> = std::thread::scope(|s| {
@@ -660,6 +710,7 @@ pub fn racing_leases(open: Open<'_>) {
                     while let Some(job) = m
                         .lease_job(
                             &format!("w{w}"),
+                            &[],
                             &[],
                             &WorkerScope::all(),
                             &format!("lease-{w}-{}", got.len()),

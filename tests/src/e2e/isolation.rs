@@ -403,3 +403,61 @@ async fn bases_cannot_be_forged_or_squatted_on_sqlite() {
 async fn bases_cannot_be_forged_or_squatted_on_postgres() {
     bases_cannot_be_forged_or_squatted(Engine::Postgres).await;
 }
+
+/// A training job names its base; a worker that lacks it leaves the job for one that has
+/// it, and a job on a base nobody registered (or this caller cannot read) is refused at
+/// submission, not failed by the first worker.
+#[tokio::test]
+async fn jobs_wait_for_a_worker_holding_their_base() {
+    let env = Env::start().await;
+    let tiny = delta_client::tensors::Model::open(&env.base)
+        .unwrap()
+        .fingerprint();
+    let other = Digest::of(b"a base this worker holds");
+    let job = env
+        .remote
+        .submit_job(
+            "train",
+            &json!({"base": tiny.to_string()}),
+            "team/m",
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+    let kinds = ["train".to_owned()];
+    assert!(
+        env.remote
+            .lease_job_on("elsewhere", &kinds, &[other], 60)
+            .await
+            .unwrap()
+            .is_none(),
+        "a worker without the base leaves the job"
+    );
+    let (got, _) = env
+        .remote
+        .lease_job_on("here", &kinds, &[other, tiny], 60)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.id, job.id);
+
+    let e = env
+        .remote
+        .submit_job(
+            "train",
+            &json!({"base": other.to_string()}),
+            "team/m",
+            &[],
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::NotFound);
+    let e = env
+        .remote
+        .submit_job("train", &json!({"base": "minilm"}), "team/m", &[], &[])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::InvalidArgument);
+}
