@@ -3,7 +3,7 @@
 # test command uses in their place. Not part of the test command: it installs torch,
 # transformers and peft from PyPI into a virtualenv (about 5.6 GB; PEFT_VENV, default
 # target/peft-venv) and runs tests/python/peft_fixtures.py on all-MiniLM-L6-v2, writing
-# tests/fixtures/peft-ia3/ (commit what changed).
+# tests/fixtures/peft-ia3/ and tests/fixtures/peft-seq-cls/ (commit what changed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${PEFT_VENV:-target/peft-venv}"
@@ -13,7 +13,8 @@ fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers peft safetensors
 model="$(./scripts/fetch-minilm.sh)"
 out=tests/fixtures/peft-ia3
-rm -rf "$out"
-mkdir -p "$out"
-"$venv/bin/python" tests/python/peft_fixtures.py "$model" "$out"
-ls -l "$out" "$out/adapter"
+seqcls=tests/fixtures/peft-seq-cls
+rm -rf "$out" "$seqcls"
+mkdir -p "$out" "$seqcls"
+"$venv/bin/python" tests/python/peft_fixtures.py "$model" "$out" "$seqcls"
+ls -l "$out" "$out/adapter" "$seqcls" "$seqcls/adapter"

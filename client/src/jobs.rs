@@ -84,6 +84,13 @@ pub struct TrainSpec {
     #[arg(long, default_value_t = 0.0)]
     #[serde(default)]
     pub l1: f64,
+    /// The classification head's input: `cls` (Hugging Face's pooler, dense + tanh over
+    /// the first token: what `BertForSequenceClassification` and PEFT's SEQ_CLS run) or
+    /// `mean` (the mean of the tokens, sentence-transformers style). Default: `cls` when
+    /// the base has pooler weights, else `mean`. Recorded in the delta's head.
+    #[arg(long)]
+    #[serde(default)]
+    pub pooling: Option<String>,
     /// Passes over the training set.
     #[arg(long, default_value_t = 3)]
     #[serde(default = "d_epochs")]
@@ -188,6 +195,7 @@ impl TrainSpec {
             random_modules: None,
             sparsity: d_sparsity(),
             l1: 0.0,
+            pooling: None,
             epochs: d_epochs(),
             max_steps: None,
             batch_size: d_batch(),
@@ -213,6 +221,12 @@ impl TrainSpec {
                     TRAIN_METHODS.join(", ")
                 ));
             }
+        }
+        if let Some(p) = &self.pooling
+            && p != "cls"
+            && p != "mean"
+        {
+            return Err(format!("--pooling {p:?} is not cls or mean"));
         }
         let positive = [
             ("--rank", self.rank),

@@ -71,5 +71,56 @@ def main(model_dir: str, out_dir: str) -> None:
         )
 
 
+TEXTS = [
+    "the film was great.",
+    "honestly, the meal was not good.",
+    "we found the game boring and would say so again.",
+    "all in all the book felt wonderful.",
+]
+
+
+def seq_cls(model_dir: str, out_dir: str) -> None:
+    """A PEFT SEQ_CLS LoRA on BertForSequenceClassification (pooler + classifier, the
+    classifier in modules_to_save), with seeded non-zero LoRA B factors and a classifier
+    large enough to give decided probabilities: the adapter as
+    saved, and the class probabilities PEFT's model gives for TEXTS, one at a time."""
+    torch.manual_seed(1)
+    base = transformers.BertForSequenceClassification.from_pretrained(
+        model_dir, num_labels=2, torch_dtype=torch.float32
+    )
+    config = peft.LoraConfig(
+        task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"]
+    )
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+            elif "classifier" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+    model.save_pretrained(os.path.join(out_dir, "adapter"))
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(model_dir, "tokenizer.json")
+    )
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for text in TEXTS:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+            rows.append(
+                {
+                    "text": text,
+                    "input_ids": ids[0].tolist(),
+                    "logits": logits.tolist(),
+                    "probabilities": torch.softmax(logits.double(), -1).tolist(),
+                }
+            )
+    with open(os.path.join(out_dir, "expected.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) > 3:
+        seq_cls(sys.argv[1], sys.argv[3])

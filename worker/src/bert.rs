@@ -367,10 +367,53 @@ pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(sum.broadcast_div(&count)?)
 }
 
-/// Encoder, mean pooling and the classification head: logits `[batch, labels]`.
+/// What the classification head reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// Hugging Face's pooler: `tanh(W_p · h[0] + b_p)` over the first position (the
+    /// `[CLS]` token, or the first virtual token of a soft prompt, as PEFT places them).
+    Cls,
+    /// The mean of the input's tokens (sentence-transformers).
+    Mean,
+}
+
+impl Pooling {
+    /// `cls` or `mean`, as recorded in a delta's head.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "cls" => Ok(Pooling::Cls),
+            "mean" => Ok(Pooling::Mean),
+            other => anyhow::bail!("pooling {other:?} is not cls or mean"),
+        }
+    }
+
+    /// The name recorded in a delta's head.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooling::Cls => "cls",
+            Pooling::Mean => "mean",
+        }
+    }
+}
+
+/// The pooler's weight (present in checkpoints saved from `BertModel`).
+pub const POOLER_WEIGHT: &str = "pooler.dense.weight";
+/// The pooler's bias.
+pub const POOLER_BIAS: &str = "pooler.dense.bias";
+
+/// Encoder, pooling (as the mounts' head says) and the classification head: logits
+/// `[batch, labels]`.
 pub fn classify(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<Tensor> {
     let (h, mask) = encode(cfg, m, batch)?;
-    let pooled = mean_pool(&h, &mask)?;
+    let pooled = match m.pooling {
+        Pooling::Mean => mean_pool(&h, &mask)?,
+        Pooling::Cls => {
+            let first = h.narrow(1, 0, 1)?.squeeze(1)?;
+            let w = m.tensor(POOLER_WEIGHT)?;
+            let b = m.tensor(POOLER_BIAS)?;
+            first.matmul(&w.t()?)?.broadcast_add(&b)?.tanh()?
+        }
+    };
     let w = m.tensor(crate::mounts::HEAD_WEIGHT)?;
     let b = m.tensor(crate::mounts::HEAD_BIAS)?;
     Ok(pooled.matmul(&w.t()?)?.broadcast_add(&b)?)

@@ -267,9 +267,26 @@ impl Trainable {
             normal(&mut rng, &[labels.len(), h], 0.02)?,
         );
         vars.insert(format!("{HEAD_BIAS}.new"), zeros(&[labels.len()])?);
+        // The head reads what Hugging Face's classifier reads when the base has a pooler,
+        // unless the spec says otherwise.
+        let pooling = match spec.pooling.as_deref() {
+            Some(p) => crate::bert::Pooling::parse(p)?,
+            None if base.tensors.contains_key(crate::bert::POOLER_WEIGHT) => {
+                crate::bert::Pooling::Cls
+            }
+            None => crate::bert::Pooling::Mean,
+        };
+        if pooling == crate::bert::Pooling::Cls
+            && !base.tensors.contains_key(crate::bert::POOLER_WEIGHT)
+        {
+            bail!(
+                "--pooling cls needs the base's pooler ({}), which this base lacks: use --pooling mean",
+                crate::bert::POOLER_WEIGHT
+            );
+        }
         other.insert(
             "head".into(),
-            json!({ "task": "sequence-classification", "labels": labels, "pooling": "mean" }),
+            json!({ "task": "sequence-classification", "labels": labels, "pooling": pooling.as_str() }),
         );
         other.insert("methods".into(), json!(spec.methods));
         let vars = vars

@@ -67,6 +67,8 @@ pub struct Mounts<'a> {
     pub prefix: BTreeMap<usize, Vec<(Tensor, Tensor)>>,
     /// Soft prompt tokens, each `[n, hidden]`.
     pub prompt: Vec<Tensor>,
+    /// What the classification head reads (the last mounted head's choice).
+    pub pooling: crate::bert::Pooling,
 }
 
 impl<'a> Mounts<'a> {
@@ -81,6 +83,7 @@ impl<'a> Mounts<'a> {
             adapters: HashMap::new(),
             prefix: BTreeMap::new(),
             prompt: Vec::new(),
+            pooling: crate::bert::Pooling::Mean,
         }
     }
 
@@ -208,6 +211,25 @@ impl<'a> Mounts<'a> {
     /// or side by side (parallel) and scaled by their weight; prefixes and prompts are
     /// concatenated either way.
     pub fn mount(&mut self, config: &MethodConfig, tensors: HashMap<String, Tensor>) -> Result<()> {
+        // A delta with a head says what the head reads; deltas recorded before the choice
+        // existed all used mean pooling.
+        // An imported PEFT SEQ_CLS adapter was trained under Hugging Face's classifier,
+        // which reads the pooler.
+        if let Some(head) = config.other.get("head") {
+            self.pooling = match head.get("pooling").and_then(|p| p.as_str()) {
+                Some(p) => crate::bert::Pooling::parse(p)?,
+                None => crate::bert::Pooling::Mean,
+            };
+        } else if config
+            .other
+            .get("peft")
+            .and_then(|p| p.get("adapter_config"))
+            .and_then(|c| c.get("task_type"))
+            .and_then(|t| t.as_str())
+            == Some("SEQ_CLS")
+        {
+            self.pooling = crate::bert::Pooling::Cls;
+        }
         let Some(composition) = config.other.get("composition") else {
             return self.mount_group(config, tensors, 1.0, false);
         };
@@ -437,6 +459,7 @@ impl<'a> Mounts<'a> {
                 .map(|(k, v)| (*k, v.iter().map(|(a, b)| (d(a), d(b))).collect()))
                 .collect(),
             prompt: self.prompt.iter().map(d).collect(),
+            pooling: self.pooling,
         }
     }
 }

@@ -434,11 +434,25 @@ pub fn predict(
     let e = evaluate(&m, &data, batch_size)?;
     Ok(e.predictions
         .iter()
+        .zip(&e.logits)
         .zip(examples)
-        .map(|(&p, ex)| {
-            let mut v = json!({ "text": ex.text, "label_index": p });
+        .map(|((&p, logits), ex)| {
+            // Softmax in f64 from the f32 logits, as a reader would compute it.
+            let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f64> = logits.iter().map(|&l| f64::from(l - top).exp()).collect();
+            let sum: f64 = exp.iter().sum();
+            let probabilities: Vec<f64> = exp.iter().map(|x| x / sum).collect();
+            let mut v = json!({
+                "text": ex.text,
+                "label_index": p,
+                "probabilities": probabilities,
+                "logits": logits,
+            });
             if let Some(l) = labels.as_ref().and_then(|l| l.get(p)) {
                 v["label"] = json!(l);
+            }
+            if let Some(l) = &labels {
+                v["labels"] = json!(l);
             }
             v
         })

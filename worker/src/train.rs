@@ -23,6 +23,8 @@ pub struct Evaluation {
     pub loss: f64,
     /// Predicted label index per example, in input order.
     pub predictions: Vec<usize>,
+    /// The head's logits per example, in input order.
+    pub logits: Vec<Vec<f32>>,
 }
 
 /// Runs the model over examples in batches (no graph is kept) and scores them; examples
@@ -33,10 +35,12 @@ pub fn evaluate(m: &Mounts<'_>, data: &[Encoded], batch_size: usize) -> Result<E
     let device = m.base().device.clone();
     let (mut correct, mut loss_sum, mut labelled) = (0usize, 0f64, 0usize);
     let mut predictions = Vec::with_capacity(data.len());
+    let mut all_logits = Vec::with_capacity(data.len());
     for chunk in data.chunks(batch_size.max(1)) {
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let logits = classify(cfg, &m, &batch(&refs, &device)?)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+        all_logits.extend(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?);
         for (e, row) in chunk.iter().zip(&logp) {
             let pred = row
                 .iter()
@@ -56,6 +60,7 @@ pub fn evaluate(m: &Mounts<'_>, data: &[Encoded], batch_size: usize) -> Result<E
         accuracy: correct as f64 / data.len().max(1) as f64,
         loss: loss_sum / labelled.max(1) as f64,
         predictions,
+        logits: all_logits,
     })
 }
 

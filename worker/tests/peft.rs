@@ -1,0 +1,67 @@
+//! The worker's runtime against the real PEFT, through fixtures written by
+//! `scripts/peft-interop.sh` (torch, transformers and peft; versions in
+//! `tests/fixtures/peft-ia3/versions.json`).
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use delta_worker::data::Example;
+use delta_worker::run::{Delta, LocalBase, predict};
+
+#[derive(serde::Deserialize)]
+struct Expected {
+    text: String,
+    logits: Vec<f32>,
+    probabilities: Vec<f64>,
+}
+
+/// A PEFT SEQ_CLS LoRA (BertForSequenceClassification: pooler over [CLS], then the
+/// classifier kept in `modules_to_save`), imported and run by `predict`, gives PEFT's
+/// logits and probabilities: the head is Hugging Face's, not a mean-pooled one.
+#[test]
+fn a_peft_seq_cls_lora_predicts_what_peft_predicts() {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/peft-seq-cls");
+    let expected: Vec<Expected> =
+        serde_json::from_slice(&std::fs::read(fixture.join("expected.json")).unwrap()).unwrap();
+    let dir = delta_worker::run::minilm_dir().unwrap();
+    let base = LocalBase::open(&dir, &Device::Cpu).unwrap();
+    let table = delta_client::tensors::Model::open(&dir.join("model.safetensors"))
+        .unwrap()
+        .table();
+    let client_base = delta_client::remote::Base {
+        name: "minilm".into(),
+        fingerprint: base.fingerprint,
+        tensors: table,
+    };
+    let prepared = delta_client::delta::prepare(&fixture.join("adapter"), &client_base).unwrap();
+    let delta = Delta::load_files(prepared.manifest.clone(), &prepared.paths).unwrap();
+    let examples: Vec<Example> = expected
+        .iter()
+        .map(|e| Example {
+            text: e.text.clone(),
+            text_pair: None,
+            label: String::new(),
+        })
+        .collect();
+    let got = predict(&base, &[delta], &examples, 128, 8).unwrap();
+    for (g, want) in got.iter().zip(&expected) {
+        let logits: Vec<f32> = serde_json::from_value(g["logits"].clone()).unwrap();
+        let probs: Vec<f64> = serde_json::from_value(g["probabilities"].clone()).unwrap();
+        for (a, b) in logits.iter().zip(&want.logits) {
+            assert!(
+                (a - b).abs() <= 1e-4,
+                "{}: logits {logits:?} vs PEFT {:?}",
+                want.text,
+                want.logits
+            );
+        }
+        for (a, b) in probs.iter().zip(&want.probabilities) {
+            assert!(
+                (a - b).abs() <= 1e-4,
+                "{}: probabilities {probs:?} vs PEFT {:?}",
+                want.text,
+                want.probabilities
+            );
+        }
+    }
+}
