@@ -106,6 +106,30 @@ pub fn file_inside(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A complete native folder as written by `delta pull` or `delta-worker train` (its
+/// manifest lists every file with its digest): the manifest and the files' paths, each
+/// file checked against its digest.
+pub fn read_native(dir: &Path) -> Result<(Manifest, Vec<PathBuf>)> {
+    let mpath = file_inside(dir, NATIVE_MANIFEST)?;
+    let bytes = std::fs::read(&mpath).at(&mpath)?;
+    let manifest = Manifest::from_json(&bytes)
+        .map_err(|e| Error::Invalid(format!("{}: {e}", mpath.display())))?;
+    let mut paths = Vec::with_capacity(manifest.files.len());
+    for f in &manifest.files {
+        let path = file_inside(dir, &f.path)?;
+        let actual = crate::remote::hash_file(&path)?;
+        if actual != f.digest {
+            return Err(Error::Integrity {
+                what: path.display().to_string(),
+                expected: f.digest,
+                actual,
+            });
+        }
+        paths.push(path);
+    }
+    Ok((manifest, paths))
+}
+
 /// Reads a native or PEFT folder as a delta on `base`, checking it fits the base.
 pub fn prepare(dir: &Path, base: &Base) -> Result<PreparedDelta> {
     let prepared = match detect(dir)? {
@@ -483,10 +507,16 @@ pub fn write_tensors<'a>(
         views.push((name, view));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = temp_file_in(dir)?;
+    let tmp = temp_file_in(dir)?;
+    let mode = tmp.as_file().metadata().at(path)?.permissions();
+    // serialize_to_file writes a new file at the temporary path: it is that file that
+    // must be synced, and given back the permissions the user's umask allows.
     safetensors::serialize_to_file(views, metadata, tmp.path())
         .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-    tmp.as_file_mut().sync_all().at(path)?;
+    std::fs::set_permissions(tmp.path(), mode).at(path)?;
+    std::fs::File::open(tmp.path())
+        .and_then(|f| f.sync_all())
+        .at(path)?;
     tmp.persist(path).map_err(|e| Error::Io {
         path: path.to_owned(),
         source: e.error,
@@ -545,16 +575,41 @@ pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<
     let shapes = peft
         .and_then(|p| p.get("shapes"))
         .and_then(Value::as_object);
+    // A delta trained here with a classification head becomes a PEFT SEQ_CLS adapter for
+    // `BertForSequenceClassification`: encoder keys under `bert.`, the head as the
+    // `classifier` module PEFT saves whole. Its head must read what that class's does.
+    let head = manifest.config.other.get("head");
+    let seq_cls = peft.is_none()
+        && head.and_then(|h| h.get("task")).and_then(Value::as_str)
+            == Some("sequence-classification");
+    if seq_cls {
+        let pooling = head
+            .and_then(|h| h.get("pooling"))
+            .and_then(Value::as_str)
+            .unwrap_or("mean");
+        if pooling != "cls" {
+            return Err(Error::Invalid(format!(
+                "the delta's classifier reads the {pooling} of the tokens, but BertForSequenceClassification (what PEFT's SEQ_CLS loads) reads the pooler: PEFT would predict differently; retrain with --pooling cls"
+            )));
+        }
+    }
     let files = blobs
         .iter()
         .map(|b| TensorFile::open(b))
         .collect::<Result<Vec<_>>>()?;
     let mut out = Vec::new();
+    let mut lost = Vec::new();
     for f in &files {
         for t in f.tensors() {
             let key = match keys.and_then(|k| k.get(&t.name)).and_then(Value::as_str) {
                 Some(k) => k.to_owned(),
-                None => peft_key(&t.name)?,
+                None => match peft_key(&t.name, seq_cls)? {
+                    Some(k) => k,
+                    None => {
+                        lost.push(t.name.clone());
+                        continue;
+                    }
+                },
             };
             let recorded: Option<Vec<u64>> = shapes
                 .and_then(|s| s.get(&t.name))
@@ -572,6 +627,15 @@ pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<
             out.push((key, t.dtype.clone(), shape, f.data(t)));
         }
     }
+    if !lost.is_empty() {
+        return Err(Error::Invalid(format!(
+            "PEFT's {} format has no place for {} trained tensor(s) of this delta ({}{}): PEFT would load the adapter without them, so it is not exported; use the native format",
+            if ia3.is_some() { "IA3" } else { "LoRA" },
+            lost.len(),
+            lost.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+            if lost.len() > 3 { ", …" } else { "" }
+        )));
+    }
     std::fs::create_dir_all(dir).at(dir)?;
     let metadata = Some(
         [("format".to_owned(), "pt".to_owned())]
@@ -583,7 +647,7 @@ pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<
         (Some(original), _, _) => original.clone(),
         (None, Some(lora), _) => json!({
             "peft_type": "LORA",
-            "task_type": null,
+            "task_type": if seq_cls { json!("SEQ_CLS") } else { Value::Null },
             "base_model_name_or_path": manifest.base.name,
             "r": lora.r,
             "lora_alpha": lora.lora_alpha,
@@ -617,21 +681,31 @@ pub fn write_peft(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<
     )
 }
 
-fn peft_key(native: &str) -> Result<String> {
+/// The key PEFT saves a native tensor under, or `None` for a tensor PEFT's LoRA/IA3
+/// formats have no place for (whole replaced tensors outside `modules_to_save`, such as
+/// BitFit's biases). `seq_cls`: the keys of an adapter on `BertForSequenceClassification`
+/// (encoder under `bert.`, the head as the `classifier` module).
+fn peft_key(native: &str, seq_cls: bool) -> Result<Option<String>> {
     use delta_proto::manifest::{Role, classify};
     let tail = match classify(native) {
         Role::LoraA(m) => format!("{m}.lora_A.weight"),
         Role::LoraB(m) => format!("{m}.lora_B.weight"),
         Role::LoraBias(m) => format!("{m}.lora_B.bias"),
         Role::Ia3(m) => format!("{m}.ia3_l"),
-        Role::Replace(t) | Role::New(t) => t.to_owned(),
+        Role::Replace(t) | Role::New(t) if t.starts_with("classifier.") => t.to_owned(),
+        Role::Replace(_) | Role::New(_) => return Ok(None),
         _ => {
             return Err(Error::Invalid(format!(
                 "tensor {native} has no PEFT LoRA or IA3 equivalent"
             )));
         }
     };
-    Ok(format!("{PEFT_PREFIX}{tail}"))
+    let inside = if seq_cls && !tail.starts_with("classifier.") {
+        "bert."
+    } else {
+        ""
+    };
+    Ok(Some(format!("{PEFT_PREFIX}{inside}{tail}")))
 }
 
 /// Copies a cached blob to a user's file. Never a hard link: the user may edit the file,

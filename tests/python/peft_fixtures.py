@@ -120,7 +120,50 @@ def seq_cls(model_dir: str, out_dir: str) -> None:
         json.dump(rows, f, indent=1)
 
 
+def worker_export(model_dir: str, export_dir: str, worker_jsonl: str, out_json: str) -> None:
+    """Loads a `delta export peft` of a worker-trained classifier the two ways PEFT users
+    do, checks that every adapter key it holds is one PEFT expects and that PEFT expects
+    no other, and that both predict what `delta-worker predict` printed (<= 1e-4)."""
+    worker = [json.loads(line) for line in open(worker_jsonl)]
+    saved = safetensors.torch.load_file(os.path.join(export_dir, "adapter_model.safetensors"))
+    base = transformers.BertForSequenceClassification.from_pretrained(
+        model_dir, num_labels=len(worker[0]["labels"]), torch_dtype=torch.float32
+    )
+    model = peft.PeftModel.from_pretrained(base, export_dir)
+    # The keys PEFT would save for this model (its adapter weights, modules_to_save
+    # included): the export must hold exactly these.
+    wanted = set(peft.get_peft_model_state_dict(model).keys())
+    got = set(saved.keys())
+    assert wanted == got, {"missing": sorted(wanted - got), "unexpected": sorted(got - wanted)}
+    auto = peft.AutoPeftModelForSequenceClassification.from_pretrained(export_dir)
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(model_dir, "tokenizer.json")
+    )
+    model.eval()
+    auto.eval()
+    rows = []
+    worst = 0.0
+    with torch.no_grad():
+        for w in worker:
+            ids = torch.tensor([tok(w["text"])["input_ids"]])
+            probs = [
+                torch.softmax(m(input_ids=ids).logits[0].double(), -1).tolist()
+                for m in (model, auto)
+            ]
+            for p in probs:
+                worst = max(worst, max(abs(a - b) for a, b in zip(p, w["probabilities"])))
+            rows.append({"text": w["text"], "probabilities": probs[0]})
+    assert worst <= 1e-4, worst
+    print(f"worker export: {len(got)} keys as PEFT expects; PeftModel and AutoPeftModel "
+          f"predict the worker's probabilities within {worst:.1e}")
+    with open(out_json, "w") as f:
+        json.dump({"keys": sorted(got), "rows": rows, "max_difference": worst}, f, indent=1)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "worker-export":
+        worker_export(*sys.argv[2:6])
+        sys.exit(0)
     main(sys.argv[1], sys.argv[2])
     if len(sys.argv) > 3:
         seq_cls(sys.argv[1], sys.argv[3])

@@ -65,3 +65,47 @@ fn a_peft_seq_cls_lora_predicts_what_peft_predicts() {
         }
     }
 }
+
+#[derive(serde::Deserialize)]
+struct ExportRow {
+    text: String,
+    probabilities: Vec<f64>,
+}
+
+#[derive(serde::Deserialize)]
+struct WorkerExport {
+    rows: Vec<ExportRow>,
+}
+
+/// The worker-trained classifier of `tests/fixtures/worker-seq-cls` predicts what PEFT
+/// predicted from its `delta export peft` (PeftModel, AutoPeftModelForSequenceClassification).
+#[test]
+fn a_worker_classifier_predicts_what_peft_predicts_from_its_export() {
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/worker-seq-cls");
+    let expected: WorkerExport =
+        serde_json::from_slice(&std::fs::read(fixture.join("expected.json")).unwrap()).unwrap();
+    let base = LocalBase::open(&delta_worker::run::minilm_dir().unwrap(), &Device::Cpu).unwrap();
+    let delta = Delta::load_dir(&fixture.join("delta")).unwrap();
+    let examples: Vec<Example> = expected
+        .rows
+        .iter()
+        .map(|r| Example {
+            text: r.text.clone(),
+            text_pair: None,
+            label: String::new(),
+        })
+        .collect();
+    let got = predict(&base, &[delta], &examples, 128, 8).unwrap();
+    for (g, want) in got.iter().zip(&expected.rows) {
+        let probs: Vec<f64> = serde_json::from_value(g["probabilities"].clone()).unwrap();
+        for (a, b) in probs.iter().zip(&want.probabilities) {
+            assert!(
+                (a - b).abs() <= 1e-4,
+                "{}: {probs:?} vs PEFT {:?}",
+                want.text,
+                want.probabilities
+            );
+        }
+    }
+}

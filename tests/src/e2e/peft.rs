@@ -79,3 +79,121 @@ async fn ia3_apply_equals_peft_merge_and_unload() {
         );
     }
 }
+
+#[derive(serde::Deserialize)]
+struct WorkerExport {
+    keys: Vec<String>,
+}
+
+/// A classifier the worker trained, exported: exactly the keys PEFT expects of a SEQ_CLS
+/// LoRA on `BertForSequenceClassification` (the script checked that PeftModel and
+/// AutoPeftModelForSequenceClassification load them and predict the worker's
+/// probabilities), a config naming the task and the base given, files the user's umask
+/// allows. What PEFT cannot carry is refused, naming it, and nothing is written.
+#[tokio::test]
+async fn a_worker_classifier_exports_as_peft_loads_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let fixture = repo("tests/fixtures/worker-seq-cls");
+    let expected: WorkerExport =
+        serde_json::from_slice(&std::fs::read(fixture.join("expected.json")).unwrap()).unwrap();
+    let env = Env::start().await;
+    let out = env.path("export");
+    env.cli(&[
+        "export",
+        "peft",
+        &fixture.join("delta").to_string_lossy(),
+        "-o",
+        &out.to_string_lossy(),
+        "--base-model",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ])
+    .await
+    .unwrap();
+    let keys: Vec<String> = crate::fixtures::tensor_bytes(&out.join("adapter_model.safetensors"))
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(keys, expected.keys);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["task_type"], "SEQ_CLS");
+    assert_eq!(config["modules_to_save"], serde_json::json!(["classifier"]));
+    assert_eq!(
+        config["base_model_name_or_path"],
+        "sentence-transformers/all-MiniLM-L6-v2"
+    );
+    let plain = env.path("plain");
+    std::fs::write(&plain, b"x").unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert_eq!(mode(&out.join(f)), mode(&plain), "{f}");
+    }
+
+    // A head that mean-pools, and BitFit biases beside LoRA: refused, nothing written.
+    let dir = env.path("mean");
+    copy_dir(&fixture.join("delta"), &dir);
+    let mpath = dir.join("delta.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["config"]["head"]["pooling"] = serde_json::json!("mean");
+    std::fs::write(&mpath, m.to_string()).unwrap();
+    let refused = env.path("refused");
+    let e = env
+        .cli(&[
+            "export",
+            "peft",
+            &dir.to_string_lossy(),
+            "-o",
+            &refused.to_string_lossy(),
+        ])
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("pooler"), "{e:#}");
+    assert!(!refused.exists());
+
+    let bitfit = env.path("bitfit");
+    let mut tensors = crate::fixtures::lora_tensors(1, 2);
+    tensors.push((
+        "encoder.layer.0.attention.self.query.bias.replace".into(),
+        vec![crate::fixtures::HIDDEN],
+        crate::fixtures::values(9, crate::fixtures::HIDDEN),
+    ));
+    std::fs::create_dir_all(&bitfit).unwrap();
+    crate::fixtures::write_f32(&bitfit.join("delta.safetensors"), &tensors, None);
+    std::fs::write(
+        bitfit.join("delta.json"),
+        serde_json::json!({"method": "lora", "config": {"lora": {"r": 2, "lora_alpha": 4.0, "target_modules": ["query", "value"]}}}).to_string(),
+    )
+    .unwrap();
+    env.cli(&[
+        "push",
+        &bitfit.to_string_lossy(),
+        "team/lora-bitfit",
+        "--base",
+        "tiny",
+    ])
+    .await
+    .unwrap();
+    let e = env
+        .cli(&[
+            "export",
+            "peft",
+            "team/lora-bitfit",
+            "-o",
+            &refused.to_string_lossy(),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("encoder.layer.0.attention.self.query.bias.replace"),
+        "{e:#}"
+    );
+    assert!(!refused.exists());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
