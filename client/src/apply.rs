@@ -201,6 +201,10 @@ impl Op {
 type Plan = Vec<(usize, f32, Op)>;
 /// Plans by base tensor name.
 type Plans = BTreeMap<String, Plan>;
+/// Safetensors metadata key of a merged model: what its classification head reads
+/// (`cls`: the pooler; `mean`: the mean of the tokens).
+pub const HEAD_POOLING: &str = "delta.head.pooling";
+
 /// Added tensors: name → (delta index, weight).
 type Added = BTreeMap<String, (usize, f32)>;
 
@@ -580,6 +584,19 @@ pub fn apply(
                 .collect()
         })
         .unwrap_or_default();
+    // The merged model's head reads what the last delta with a head trained it on (the
+    // pooler or the mean of the tokens): recorded for runtimes that load the file.
+    let mut metadata = metadata;
+    if let Some(pooling) = deltas.iter().rev().find_map(|d| {
+        d.manifest.config.other.get("head").map(|h| {
+            h.get("pooling")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("mean")
+                .to_owned()
+        })
+    }) {
+        metadata.insert(HEAD_POOLING.into(), serde_json::Value::String(pooling));
+    }
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::Value::Object(metadata));
     }

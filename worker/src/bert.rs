@@ -163,6 +163,9 @@ pub struct BaseWeights {
     pub tensors: HashMap<String, Tensor>,
     /// The device every tensor is on.
     pub device: Device,
+    /// What a classification head merged into these weights reads (`delta apply`
+    /// records it), if one was.
+    pub head_pooling: Option<Pooling>,
 }
 
 impl BaseWeights {
@@ -172,8 +175,16 @@ impl BaseWeights {
         let config = BertConfig::load(&dir.join("config.json"))?;
         let path = dir.join("model.safetensors");
         let raw = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        delta_proto::safetensors::parse_header(&raw, raw.len() as u64, 100 << 20)
+        let header = delta_proto::safetensors::parse_header(&raw, raw.len() as u64, 100 << 20)
             .with_context(|| format!("{} is not valid safetensors", path.display()))?;
+        let head_pooling = header
+            .metadata
+            .get(delta_client::apply::HEAD_POOLING)
+            .map(|p| Pooling::parse(p))
+            .transpose()
+            .with_context(|| {
+                format!("{}: {}", path.display(), delta_client::apply::HEAD_POOLING)
+            })?;
         let loaded = candle_core::safetensors::load_buffer(&raw, device)
             .with_context(|| format!("loading {}", path.display()))?;
         let mut tensors = HashMap::with_capacity(loaded.len());
@@ -194,6 +205,7 @@ impl BaseWeights {
             config,
             tensors,
             device: device.clone(),
+            head_pooling,
         };
         w.check()?;
         Ok(w)
@@ -233,6 +245,7 @@ impl BaseWeights {
             config,
             tensors,
             device: device.clone(),
+            head_pooling: None,
         })
     }
 }

@@ -83,7 +83,7 @@ impl<'a> Mounts<'a> {
             adapters: HashMap::new(),
             prefix: BTreeMap::new(),
             prompt: Vec::new(),
-            pooling: crate::bert::Pooling::Mean,
+            pooling: base.head_pooling.unwrap_or(crate::bert::Pooling::Mean),
         }
     }
 
