@@ -91,6 +91,11 @@ pub struct TrainSpec {
     #[arg(long)]
     #[serde(default)]
     pub pooling: Option<String>,
+    /// Dropout probability for hidden states, attention and the classifier while
+    /// training (default: the base's config, as Hugging Face trains; 0 turns it off).
+    #[arg(long)]
+    #[serde(default)]
+    pub dropout: Option<f64>,
     /// Passes over the training set.
     #[arg(long, default_value_t = 3)]
     #[serde(default = "d_epochs")]
@@ -196,6 +201,7 @@ impl TrainSpec {
             sparsity: d_sparsity(),
             l1: 0.0,
             pooling: None,
+            dropout: None,
             epochs: d_epochs(),
             max_steps: None,
             batch_size: d_batch(),
@@ -227,6 +233,11 @@ impl TrainSpec {
             && p != "mean"
         {
             return Err(format!("--pooling {p:?} is not cls or mean"));
+        }
+        if let Some(p) = self.dropout
+            && !(0.0..1.0).contains(&p)
+        {
+            return Err(format!("--dropout {p} is not in [0, 1)"));
         }
         let positive = [
             ("--rank", self.rank),

@@ -46,6 +46,21 @@ pub struct BertConfig {
     /// `bert` (others of the family, such as `roberta`, differ in position ids).
     #[serde(default = "bert")]
     pub model_type: String,
+    /// Dropout on embeddings and sub-layer outputs while training (Hugging Face's default
+    /// 0.1).
+    #[serde(default = "tenth")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities while training.
+    #[serde(default = "tenth")]
+    pub attention_probs_dropout_prob: f64,
+    /// Dropout before the classifier (`None`: the hidden dropout), as
+    /// `BertForSequenceClassification` has it.
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+}
+
+fn tenth() -> f64 {
+    0.1
 }
 
 fn two() -> usize {
@@ -294,12 +309,13 @@ pub fn encode(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<(Tensor
             &typ.embedding(&batch.type_ids.flatten_all()?)?
                 .reshape((b, len, h))?,
         )?;
-    let mut x = layer_norm(
+    let x = layer_norm(
         &x,
         &m.tensor("embeddings.LayerNorm.weight")?,
         &m.tensor("embeddings.LayerNorm.bias")?,
         cfg.layer_norm_eps,
     )?;
+    let mut x = m.drop_hidden(&x)?;
     let mut mask = batch.mask.clone();
     let mut pool_mask = batch.mask.clone();
     if let Some(prompt) = m.prompt()? {
@@ -343,12 +359,14 @@ fn layer(cfg: &BertConfig, m: &Mounts<'_>, l: usize, x: &Tensor, mask: &Tensor) 
     // softmax in f32.
     let bias = ((key_mask - 1.0)? * 1e9)?.reshape((b, 1, 1, kv_len))?;
     let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, D::Minus1)?;
+    let probs = m.drop_attention(&probs)?;
     let ctx = probs
         .matmul(&v)?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, len, h))?;
     let a = m.linear(&format!("{p}.attention.output.dense"), &ctx)?;
+    let a = m.drop_hidden(&a)?;
     let a = m.adapt(&format!("{p}.attention.output"), &a)?;
     let x1 = layer_norm(
         &(a + x)?,
@@ -363,6 +381,7 @@ fn layer(cfg: &BertConfig, m: &Mounts<'_>, l: usize, x: &Tensor, mask: &Tensor) 
         _ => i.relu()?,
     };
     let o = m.linear(&format!("{p}.output.dense"), &i)?;
+    let o = m.drop_hidden(&o)?;
     let o = m.adapt(&format!("{p}.output"), &o)?;
     layer_norm(
         &(o + x1)?,
@@ -427,6 +446,7 @@ pub fn classify(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<Tenso
             first.matmul(&w.t()?)?.broadcast_add(&b)?.tanh()?
         }
     };
+    let pooled = m.drop_classifier(&pooled)?;
     let w = m.tensor(crate::mounts::HEAD_WEIGHT)?;
     let b = m.tensor(crate::mounts::HEAD_BIAS)?;
     Ok(pooled.matmul(&w.t()?)?.broadcast_add(&b)?)

@@ -69,6 +69,66 @@ pub struct Mounts<'a> {
     pub prompt: Vec<Tensor>,
     /// What the classification head reads (the last mounted head's choice).
     pub pooling: crate::bert::Pooling,
+    /// Dropout, while training only (`None`: off, as at evaluation).
+    pub dropout: Option<Dropout>,
+}
+
+/// Training-time dropout with its own seeded generator, so a seed still fixes a run
+/// (candle's CPU generator cannot be seeded). Masks are drawn in call order, which the
+/// forward pass fixes.
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    hidden: f32,
+    attention: f32,
+    classifier: f32,
+    rng: std::sync::Arc<std::sync::Mutex<crate::rng::Rng>>,
+}
+
+impl Dropout {
+    /// Probabilities from the base's config, all replaced by `overall` when given.
+    pub fn new(cfg: &crate::bert::BertConfig, overall: Option<f64>, seed: u64) -> Self {
+        let hidden = overall.unwrap_or(cfg.hidden_dropout_prob);
+        Self {
+            hidden: hidden as f32,
+            attention: overall.unwrap_or(cfg.attention_probs_dropout_prob) as f32,
+            classifier: overall.unwrap_or(cfg.classifier_dropout.unwrap_or(hidden)) as f32,
+            rng: std::sync::Arc::new(std::sync::Mutex::new(crate::rng::Rng::new(
+                seed ^ 0x000D_4090_u64,
+            ))),
+        }
+    }
+
+    /// Whether any probability is non-zero.
+    pub fn active(&self) -> bool {
+        self.hidden > 0.0 || self.attention > 0.0 || self.classifier > 0.0
+    }
+
+    /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)`.
+    fn apply(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let keep = 1.0 / (1.0 - p);
+        // 16 bits of one draw per element, four elements per draw.
+        let threshold = (f64::from(p) * 65536.0) as u64;
+        let mut mask = Vec::with_capacity(n);
+        {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            while mask.len() < n {
+                let r = rng.next_u64();
+                for k in 0..4 {
+                    if mask.len() == n {
+                        break;
+                    }
+                    let bits = (r >> (16 * k)) & 0xFFFF;
+                    mask.push(if bits < threshold { 0.0 } else { keep });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
 }
 
 impl<'a> Mounts<'a> {
@@ -84,6 +144,31 @@ impl<'a> Mounts<'a> {
             prefix: BTreeMap::new(),
             prompt: Vec::new(),
             pooling: base.head_pooling.unwrap_or(crate::bert::Pooling::Mean),
+            dropout: None,
+        }
+    }
+
+    /// Hidden-state dropout (embeddings, attention and feed-forward outputs).
+    pub fn drop_hidden(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.dropout {
+            Some(d) => d.apply(x, d.hidden),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// Attention-probability dropout.
+    pub fn drop_attention(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.dropout {
+            Some(d) => d.apply(x, d.attention),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// Dropout before the classifier.
+    pub fn drop_classifier(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.dropout {
+            Some(d) => d.apply(x, d.classifier),
+            None => Ok(x.clone()),
         }
     }
 
@@ -460,6 +545,8 @@ impl<'a> Mounts<'a> {
                 .collect(),
             prompt: self.prompt.iter().map(d).collect(),
             pooling: self.pooling,
+            // Evaluation never drops anything.
+            dropout: None,
         }
     }
 }

@@ -19,6 +19,11 @@ impl Rng {
         self.0.uniform()
     }
 
+    /// 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+
     /// Standard normal (f32).
     pub fn normal(&mut self) -> f32 {
         self.0.normal() as f32

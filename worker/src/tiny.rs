@@ -22,6 +22,11 @@ pub fn config() -> BertConfig {
         layer_norm_eps: 1e-12,
         hidden_act: "gelu".into(),
         model_type: "bert".into(),
+        // The tiny test bases train without dropout: a few hundred steps on a 2-layer
+        // random encoder have no capacity to spare.
+        hidden_dropout_prob: 0.0,
+        attention_probs_dropout_prob: 0.0,
+        classifier_dropout: None,
     }
 }
 

@@ -202,6 +202,12 @@ pub fn train(
     let mut cursor = 0usize;
     let mut outcome = Outcome::default();
     let mut best: Option<(f64, f64, usize, Vec<Tensor>)> = None;
+    let dropout = Some(crate::mounts::Dropout::new(
+        &base.config,
+        spec.dropout,
+        spec.seed,
+    ))
+    .filter(crate::mounts::Dropout::active);
     let started = Instant::now();
     let mut last_loss = f64::NAN;
     for step in 1..=total {
@@ -222,7 +228,8 @@ pub fn train(
             let items: Vec<&Encoded> = idx.iter().map(|&i| &train[i]).collect();
             let labels: Vec<u32> = items.iter().map(|e| e.label.unwrap_or(0) as u32).collect();
             let labels = Tensor::new(labels.as_slice(), &device)?;
-            let m = t.mount(frozen)?;
+            let mut m = t.mount(frozen)?;
+            m.dropout = dropout.clone();
             let logits = classify(&base.config, &m, &batch(&items, &device)?)?;
             let mut loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);

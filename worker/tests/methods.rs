@@ -334,3 +334,37 @@ fn gradients_match_finite_differences() {
         );
     }
 }
+
+/// Dropout as Hugging Face trains (the base's config, or `--dropout`): seeded, so a seed
+/// still fixes the delta byte for byte, and it changes what is learnt.
+#[test]
+fn dropout_is_seeded_and_takes_effect() {
+    let st = setup();
+    let run = |dropout: Option<f64>| {
+        let mut s = TrainSpec::new(&["lora"]);
+        s.max_steps = Some(6);
+        s.rank = 4;
+        s.dropout = dropout;
+        let out = tempfile::tempdir().unwrap();
+        let req = TrainRequest {
+            spec: &s,
+            parents: &[],
+            train: &st.train,
+            eval: Some(&st.eval),
+            base_name: Some("tiny".into()),
+            provenance: BTreeMap::new(),
+        };
+        let t = train_to_dir(&st.base, &req, out.path(), &mut |_| Ok(())).unwrap();
+        (t.manifest.files[0].digest, t.metrics["eval_loss"])
+    };
+    let (a, loss_a) = run(Some(0.2));
+    let (b, loss_b) = run(Some(0.2));
+    assert_eq!(a, b, "the same seed gives the same delta with dropout on");
+    assert_eq!(
+        loss_a, loss_b,
+        "evaluation is deterministic (no dropout there)"
+    );
+    let (off, _) = run(None); // the tiny base's config has no dropout
+    assert_ne!(a, off, "dropout changes the training");
+    assert_eq!(run(Some(0.0)).0, off);
+}
