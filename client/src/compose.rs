@@ -124,7 +124,9 @@ struct Targets {
     runtime: Vec<(usize, String)>,
 }
 
-fn collect(deltas: &[LoadedDelta]) -> Result<Targets> {
+/// `sequential`: a later delta's added tensor (a head trained in a later stage) replaces
+/// an earlier one's, as `delta apply` does.
+fn collect(deltas: &[LoadedDelta], sequential: bool) -> Result<Targets> {
     let mut t = Targets::default();
     for (di, d) in deltas.iter().enumerate() {
         let lora = d.manifest.config.lora.as_ref();
@@ -169,8 +171,10 @@ fn collect(deltas: &[LoadedDelta]) -> Result<Targets> {
                     ));
                 }
                 Role::Replace(_) | Role::New(_) => {
+                    let later_head = sequential && matches!(classify(name), Role::New(_));
                     if let Some((other, _)) =
                         t.carried.insert(name.to_owned(), (di, name.to_owned()))
+                        && !later_head
                     {
                         return Err(Error::Invalid(format!(
                             "{} and {} both set {name}; a merge of two replacements needs the base (apply them instead)",
@@ -341,14 +345,28 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
             "the LoRA inputs disagree on fan_in_fan_out".into(),
         ));
     }
-    let t = collect(deltas)?;
+    // A delta trained on top of parents only means something after them: composing it
+    // alone would drop what it was trained on.
+    for (i, d) in deltas.iter().enumerate() {
+        for p in &d.manifest.parents {
+            if !deltas[..i].iter().any(|o| o.digest == p.digest) {
+                return Err(Error::Invalid(format!(
+                    "{} was trained on top of {} ({}): compose it after its parents, in order (--mode sequential)",
+                    d.label,
+                    p.reference.as_deref().unwrap_or("a parent"),
+                    p.digest
+                )));
+            }
+        }
+    }
+    let t = collect(deltas, opts.mode == Mode::Sequential)?;
     let merge = if opts.mode == Mode::Sequential {
         if let Some(m) = t.ia3.keys().next() {
             return Err(Error::Invalid(format!(
                 "a sequential chain with IA3 scaling ({m}) cannot be folded into one delta without the base; apply it with `delta apply --sequential`"
             )));
         }
-        if !t.carried.is_empty() && deltas.len() > 1 {
+        if t.carried.keys().any(|n| n.ends_with(".replace")) && deltas.len() > 1 {
             return Err(Error::Invalid(
                 "a sequential chain with replaced tensors cannot be folded into one delta without the base; apply it with `delta apply --sequential`".into(),
             ));

@@ -426,6 +426,11 @@ pub async fn load_delta(
 ) -> Result<crate::apply::LoadedDelta> {
     let path = Path::new(spec);
     if path.is_dir() {
+        // A complete native folder (what `delta pull` and `delta-worker train` write) is
+        // taken as it is, so its digest is the one its children name as their parent.
+        if let Ok((manifest, paths)) = delta::read_native(path) {
+            return crate::apply::LoadedDelta::open(spec, manifest, &paths);
+        }
         let mut own = base.clone();
         own.name = format!("the base of {spec}");
         let recorded = std::fs::read(path.join(delta::NATIVE_MANIFEST))

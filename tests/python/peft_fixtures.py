@@ -154,16 +154,84 @@ def worker_export(model_dir: str, export_dir: str, worker_jsonl: str, out_json: 
                 worst = max(worst, max(abs(a - b) for a, b in zip(p, w["probabilities"])))
             rows.append({"text": w["text"], "probabilities": probs[0]})
     assert worst <= 1e-4, worst
-    print(f"worker export: {len(got)} keys as PEFT expects; PeftModel and AutoPeftModel "
-          f"predict the worker's probabilities within {worst:.1e}")
+    if len(sys.argv) > 6:
+        result(sys.argv[6], "worker-trained classifier → `delta export peft` → PeftModel and AutoPeftModelForSequenceClassification: keys, probabilities vs `delta-worker predict`", f"{len(got)} keys exactly as PEFT expects; max Δp {worst:.1e}")
     with open(out_json, "w") as f:
         json.dump({"keys": sorted(got), "rows": rows, "max_difference": worst}, f, indent=1)
 
 
+def lora_merge(model_dir: str, out_dir: str) -> None:
+    """rsLoRA with rank and alpha patterns on BertModel, seeded non-zero B factors: the
+    adapter as saved and the first rows of what merge_and_unload makes of each changed
+    weight."""
+    torch.manual_seed(2)
+    base = transformers.BertModel.from_pretrained(model_dir, torch_dtype=torch.float32)
+    config = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["query", "value"],
+        rank_pattern={"value": 4},
+        alpha_pattern={"query": 32},
+    )
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    model.save_pretrained(os.path.join(out_dir, "adapter"))
+    merged = model.merge_and_unload()
+    state = merged.state_dict()
+    expected = {
+        k: state[k][:ROWS].contiguous()
+        for k in state
+        if k.endswith(("query.weight", "value.weight"))
+    }
+    safetensors.torch.save_file(expected, os.path.join(out_dir, "merged.safetensors"))
+
+
+def merged_classifier(merged_dir: str, worker_jsonl: str) -> float:
+    """A model `delta apply` merged from a staged classifier, loaded as
+    BertForSequenceClassification: the largest difference from the probabilities the
+    worker printed with the stages mounted."""
+    worker = [json.loads(line) for line in open(worker_jsonl)]
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        merged_dir, num_labels=len(worker[0]["labels"]), torch_dtype=torch.float32
+    )
+    model.eval()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(merged_dir, "tokenizer.json")
+    )
+    worst = 0.0
+    with torch.no_grad():
+        for w in worker:
+            ids = torch.tensor([tok(w["text"])["input_ids"]])
+            p = torch.softmax(model(input_ids=ids).logits[0].double(), -1).tolist()
+            worst = max(worst, max(abs(a - b) for a, b in zip(p, w["probabilities"])))
+    assert worst <= 1e-4, worst
+    return worst
+
+
+def result(path: str, check: str, figure: str) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps({"check": check, "figure": figure}) + "\n")
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "worker-export":
-        worker_export(*sys.argv[2:6])
-        sys.exit(0)
-    main(sys.argv[1], sys.argv[2])
-    if len(sys.argv) > 3:
-        seq_cls(sys.argv[1], sys.argv[3])
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "worker-export":
+        worker_export(*args[:4])
+    elif cmd == "lora-merge":
+        lora_merge(*args)
+    elif cmd == "merged-classifier":
+        worst = merged_classifier(args[0], args[1])
+        result(args[2], "staged classifier (LoRA then BitFit) merged by `delta apply`, loaded as BertForSequenceClassification, vs the worker with the stages mounted", f"max Δp {worst:.1e}")
+    elif cmd == "table":
+        rows = [json.loads(line) for line in open(args[0])]
+        print("| check | result |")
+        print("|---|---|")
+        for r in rows:
+            print(f"| {r['check']} | {r['figure']} |")
+    else:
+        main(cmd, args[0])
+        seq_cls(cmd, args[1])

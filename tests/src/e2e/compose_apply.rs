@@ -1031,8 +1031,9 @@ fn staged_deltas_apply_in_order_and_the_last_head_wins() {
     let child = f.delta(
         "child",
         &child_tensors,
-        json!({"method": "diff", "parents": [{"digest": delta_proto::Digest::of(b"p").to_string(), "reference": "team/parent:v1"}]}),
+        json!({"method": "diff", "parents": [{"digest": parent.digest.to_string(), "reference": "team/parent:v1"}]}),
     );
+    let (parent_dir, child_dir) = (f.path("parent"), f.path("child"));
 
     let out = f.apply(
         &[parent, child],
@@ -1054,6 +1055,33 @@ fn staged_deltas_apply_in_order_and_the_last_head_wins() {
         1e-6,
         "parent then child",
     );
+
+    // compose folds the chain the same way (diffs add, the child's head wins), and
+    // refuses the child without the parent it was trained on.
+    let opts = ComposeOptions {
+        mode: Mode::Sequential,
+        ..compose_opts(Merge::Linear)
+    };
+    let folded = f.path("folded");
+    compose(&[f.load(&parent_dir), f.load(&child_dir)], &opts, &folded).unwrap();
+    let tensors = folded.join("delta.safetensors");
+    assert_eq!(
+        read(&tensors, "classifier.weight.new"),
+        values(20, 2 * HIDDEN)
+    );
+    assert_close(
+        &read(&tensors, &format!("{Q}.weight.diff")),
+        &add(&values(11, HIDDEN * HIDDEN), &values(21, HIDDEN * HIDDEN)),
+        1e-6,
+        "folded diffs",
+    );
+    let alone = f.path("alone");
+    let e = compose(&[f.load(&child_dir)], &opts, &alone).unwrap_err();
+    assert!(
+        e.to_string().contains("trained on top of team/parent:v1"),
+        "{e}"
+    );
+    assert!(!alone.exists());
 
     // Two unrelated deltas adding the same head, in parallel: refused, nothing written.
     let a = f.delta("a", &head(30), json!({"method": "diff"}));

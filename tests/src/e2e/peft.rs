@@ -197,3 +197,52 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+/// A PEFT rsLoRA with rank and alpha patterns (value at rank 4, query at alpha 32), pushed
+/// and applied here, equals PEFT's `merge_and_unload` within 1e-5 relative (the LoRA
+/// product is summed in a different order than torch's).
+#[tokio::test]
+async fn lora_patterns_apply_equals_peft_merge_and_unload() {
+    let fixture = repo("tests/fixtures/peft-lora");
+    let model = minilm();
+    let env = Env::start().await;
+    let entries = delta_client::tensors::Model::open(&model)
+        .unwrap()
+        .entries();
+    env.remote.add_base("minilm", &entries).await.unwrap();
+    let adapter = fixture.join("adapter").to_string_lossy().into_owned();
+    env.cli(&["push", &adapter, "team/lora", "--base", "minilm"])
+        .await
+        .unwrap();
+    let out = env.path("merged.safetensors");
+    env.cli(&[
+        "apply",
+        "--base",
+        &model.to_string_lossy(),
+        "team/lora",
+        "-o",
+        &out.to_string_lossy(),
+    ])
+    .await
+    .unwrap();
+    let merged: std::collections::HashMap<String, Vec<u8>> =
+        crate::fixtures::tensor_bytes(&out).into_iter().collect();
+    let expected = crate::fixtures::tensor_bytes(&fixture.join("merged.safetensors"));
+    assert_eq!(expected.len(), 12);
+    for (name, want) in expected {
+        let want = f32s(&want);
+        let got = &f32s(&merged[&name])[..want.len()];
+        let norm = want.iter().map(|w| w * w).sum::<f32>().sqrt();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w) * (g - w))
+            .sum::<f32>()
+            .sqrt();
+        assert!(
+            diff / norm <= 1e-5,
+            "{name}: relative difference {}",
+            diff / norm
+        );
+    }
+}
