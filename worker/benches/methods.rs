@@ -4,6 +4,10 @@
 //!
 //! `cargo bench -p delta-worker --bench methods` (fetches MiniLM through
 //! scripts/fetch-minilm.sh). Each method runs in its own process so peak RSS is its own.
+//! With `DELTA_BENCH_PYTHON` naming a Python that has torch, transformers and peft
+//! (`scripts/bench-torch.sh` makes one and runs this), each method is also timed in
+//! PyTorch on the same texts, batch, sequence and threads (`tests/python/bench_torch.py`),
+//! and the table shows both and their ratio.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,12 +36,9 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// One method in this process: prints a JSON line.
-fn one(method: &str, batch: usize, steps: usize) {
-    delta_worker::alloc::tune_for_training();
-    let base = LocalBase::open(&minilm(), &Device::Cpu).expect("MiniLM");
-    // Sentences joined until they fill 64 tokens.
-    let train: Vec<Example> = sentiment(batch * (steps + 1) * 4, 3)
+/// The training texts: sentences joined four at a time, so each fills 64 tokens.
+fn texts(batch: usize, steps: usize) -> Vec<Example> {
+    sentiment(batch * (steps + 1) * 4, 3)
         .chunks(4)
         .map(|c| Example {
             text: c
@@ -48,7 +49,14 @@ fn one(method: &str, batch: usize, steps: usize) {
             text_pair: None,
             label: c[0].label.clone(),
         })
-        .collect();
+        .collect()
+}
+
+/// One method in this process: prints a JSON line.
+fn one(method: &str, batch: usize, steps: usize) {
+    delta_worker::alloc::tune_for_training();
+    let base = LocalBase::open(&minilm(), &Device::Cpu).expect("MiniLM");
+    let train = texts(batch, steps);
     let mut spec = TrainSpec::new(&[method]);
     spec.batch_size = batch;
     spec.max_steps = Some(steps + 1);
@@ -105,6 +113,30 @@ fn run(method: &str, batch: usize, steps: usize) -> BTreeMap<String, serde_json:
     serde_json::from_str(line.lines().last().unwrap_or("{}")).expect("json line")
 }
 
+/// One method in PyTorch (`tests/python/bench_torch.py`), in a process of its own.
+fn run_torch(
+    python: &str,
+    texts: &std::path::Path,
+    method: &str,
+    threads: usize,
+) -> serde_json::Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/python/bench_torch.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(minilm())
+        .arg(texts)
+        .args([method, "16", "4", &threads.to_string()])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "PyTorch {method}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("{}")).expect("json line")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--one") {
@@ -115,11 +147,27 @@ fn main() {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let torch = std::env::var("DELTA_BENCH_PYTHON").ok().map(|python| {
+        let file = std::env::temp_dir().join(format!("delta-bench-{}.jsonl", std::process::id()));
+        let lines: String = texts(16, 4)
+            .iter()
+            .map(|e| serde_json::json!({"text": e.text, "label": e.label}).to_string() + "\n")
+            .collect();
+        std::fs::write(&file, lines).expect("write texts");
+        (python, file)
+    });
     println!("MiniLM-L6 (22.7M values), batch 16, sequence 64, {threads} threads, CPU");
-    println!(
-        "| method | step (median of 4) | vs full | peak RSS | trainable values | delta size |"
-    );
-    println!("|---|---|---|---|---|---|");
+    if torch.is_some() {
+        println!(
+            "| method | worker step (median of 4) | PyTorch step | ratio | peak RSS worker / PyTorch | vs full | trainable values | delta size | PyTorch side |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+    } else {
+        println!(
+            "| method | step (median of 4) | vs full | peak RSS | trainable values | delta size |"
+        );
+        println!("|---|---|---|---|---|---|");
+    }
     let full = run("full", 16, 4);
     let full_ms = full["median_ms"].as_f64().unwrap_or(f64::NAN);
     for m in delta_client::jobs::TRAIN_METHODS {
@@ -129,13 +177,27 @@ fn main() {
             run(m, 16, 4)
         };
         let ms = r["median_ms"].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "| {m} | {ms:.0} ms | {:.2}x | {:.0} MB | {} | {:.1} MB |",
-            ms / full_ms,
-            r["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
-            r["trainable"],
-            r["delta_bytes"].as_f64().unwrap_or(0.0) / 1e6
-        );
+        let rss = r["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
+        let size = r["delta_bytes"].as_f64().unwrap_or(0.0) / 1e6;
+        match &torch {
+            Some((python, file)) => {
+                let t = run_torch(python, file, m, threads);
+                let tms = t["median_ms"].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "| {m} | {ms:.0} ms | {tms:.0} ms | {:.2}x | {rss:.0} / {:.0} MB | {:.2}x | {} | {size:.1} MB | {} |",
+                    ms / tms,
+                    t["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+                    ms / full_ms,
+                    r["trainable"],
+                    t["equivalent"].as_str().unwrap_or("?")
+                );
+            }
+            None => println!(
+                "| {m} | {ms:.0} ms | {:.2}x | {rss:.0} MB | {} | {size:.1} MB |",
+                ms / full_ms,
+                r["trainable"]
+            ),
+        }
     }
     let (l1, f1) = (run("lora", 1, 4), run("full", 1, 4));
     let (lm, fm) = (
