@@ -12,4 +12,4 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers peft safetensors
 ./scripts/fetch-minilm.sh >/dev/null
-DELTA_BENCH_PYTHON="$PWD/$venv/bin/python" cargo bench -p delta-worker --bench methods
+DELTA_BENCH_PYTHON="$(cd "$venv" && pwd)/bin/python" cargo bench -p delta-worker --bench methods

@@ -182,11 +182,17 @@ fn main() {
         match &torch {
             Some((python, file)) => {
                 let t = run_torch(python, file, m, threads);
-                let tms = t["median_ms"].as_f64().unwrap_or(f64::NAN);
+                let (tstep, ratio, trss) =
+                    match (t["median_ms"].as_f64(), t["peak_rss_mb"].as_f64()) {
+                        (Some(tms), Some(trss)) => (
+                            format!("{tms:.0} ms"),
+                            format!("{:.2}x", ms / tms),
+                            format!("{trss:.0}"),
+                        ),
+                        _ => ("n/a".into(), "n/a".into(), "n/a".into()),
+                    };
                 println!(
-                    "| {m} | {ms:.0} ms | {tms:.0} ms | {:.2}x | {rss:.0} / {:.0} MB | {:.2}x | {} | {size:.1} MB | {} |",
-                    ms / tms,
-                    t["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+                    "| {m} | {ms:.0} ms | {tstep} | {ratio} | {rss:.0} / {trss} MB | {:.2}x | {} | {size:.1} MB | {} |",
                     ms / full_ms,
                     r["trainable"],
                     t["equivalent"].as_str().unwrap_or("?")
