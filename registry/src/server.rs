@@ -39,6 +39,7 @@ pub async fn run(
 pub struct Server {
     config: RegistryConfig,
     service: RegistryService,
+    metrics: Option<TcpListener>,
 }
 
 impl Server {
@@ -46,7 +47,18 @@ impl Server {
     /// and the blob store.
     pub async fn open(config: RegistryConfig) -> Result<Self> {
         let service = RegistryService::open(&config).await?;
-        Ok(Self { config, service })
+        Ok(Self {
+            config,
+            service,
+            metrics: None,
+        })
+    }
+
+    /// Serves `/metrics` on a listener the caller bound (as the main listener is), instead
+    /// of binding `metrics_addr`: no free-port race.
+    pub fn with_metrics_listener(mut self, listener: TcpListener) -> Self {
+        self.metrics = Some(listener);
+        self
     }
 
     /// Serves until `shutdown` resolves, then drains in-flight calls.
@@ -55,7 +67,7 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        serve(self.config, self.service, listener, shutdown).await
+        serve(self.config, self.service, listener, self.metrics, shutdown).await
     }
 }
 
@@ -63,6 +75,7 @@ async fn serve(
     config: RegistryConfig,
     service: RegistryService,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let addr = listener.local_addr()?;
@@ -112,10 +125,14 @@ async fn serve(
         })
     };
 
-    let metrics = match config.metrics_addr {
+    let metrics_listener = match (metrics_listener, config.metrics_addr) {
+        (Some(l), _) => Some(l),
+        (None, Some(a)) => Some(TcpListener::bind(a).await?),
+        (None, None) => None,
+    };
+    let metrics = match metrics_listener {
         None => None,
-        Some(a) => {
-            let l = TcpListener::bind(a).await?;
+        Some(l) => {
             tracing::info!(addr = %l.local_addr()?, "metrics on /metrics");
             let service = service.clone();
             Some(tokio::spawn(crate::telemetry::serve_metrics(

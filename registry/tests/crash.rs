@@ -124,6 +124,10 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
     let url = reg.url.clone();
     let file_digest = Digest::of(&file).to_string();
     let size = file.len();
+    // Acknowledged pushes so far: the kill comes after the registry has acknowledged
+    // some (and while more are in flight), not after a guessed sleep.
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = acks.clone();
     let pusher = tokio::spawn(async move {
         let mut c = client(&url).await;
         let mut acked = Vec::new();
@@ -140,7 +144,10 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
                 tags: vec![],
             };
             match c.push_manifest(req).await {
-                Ok(r) => acked.push((r.get_ref().version, r.get_ref().digest.clone())),
+                Ok(r) => {
+                    acked.push((r.get_ref().version, r.get_ref().digest.clone()));
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 Err(_) => return acked,
             }
         }
@@ -184,7 +191,14 @@ async fn sigkill_during_pushes_tag_moves_and_gc_leaves_everything_acknowledged_i
             .is_ok()
         {}
     });
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while acks.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 20 pushes acknowledged within a minute"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     reg.child.kill().unwrap();
     tokio::task::spawn_blocking(move || {
         let mut reg = reg;

@@ -64,6 +64,40 @@ impl TestRegistry {
         }
     }
 
+    /// [`TestRegistry::start_in`] with `/metrics` served on a loopback listener bound
+    /// here (no free-port race); returns its address too.
+    pub async fn start_with_metrics(
+        dir: TempDir,
+        config: impl FnOnce(&Path) -> RegistryConfig,
+    ) -> (Self, SocketAddr) {
+        let metrics = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let metrics_addr = metrics.local_addr().expect("local addr");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, rx) = oneshot::channel();
+        let config = config(dir.path());
+        let task = tokio::spawn(async move {
+            delta_registry::Server::open(config)
+                .await?
+                .with_metrics_listener(metrics)
+                .serve(listener, async {
+                    rx.await.ok();
+                })
+                .await
+        });
+        let reg = Self {
+            addr,
+            dir,
+            stop,
+            task,
+        };
+        (reg, metrics_addr)
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

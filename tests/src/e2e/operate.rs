@@ -37,16 +37,8 @@ fn value(metrics: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_request_ids() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let registry = TestRegistry::start_in(dir, move |d| {
-        let mut c = RegistryConfig::for_test(d);
-        c.metrics_addr = Some(port);
-        c
-    })
-    .await;
+    let (registry, port) = TestRegistry::start_with_metrics(dir, RegistryConfig::for_test).await;
     let remote = registry.remote().await;
     let before = scrape(port);
     let series = "delta_rpc_requests_total{method=\"Resolve\",code=\"NOT_FOUND\"}";
