@@ -1496,6 +1496,7 @@ impl Registry for RegistryService {
                 .into());
             }
             let manifest = Manifest::from_json(&req.manifest).map_err(Error::from)?;
+            check_against_job(&job, &manifest)?;
             self.validate(&manifest, &caller).await?;
             let body = manifest.canonical_json();
             self.meta(move |m| {
@@ -1604,6 +1605,51 @@ fn job_inputs(spec: &serde_json::Value, listed: &[String]) -> Result<(Vec<Digest
         }
     };
     Ok((datasets, parents))
+}
+
+/// A trained delta must be what its job asked for: on the job's base, on top of the
+/// job's parents (those the job names by digest must be among the manifest's).
+fn check_against_job(job: &JobRow, manifest: &Manifest) -> Result<()> {
+    let spec: serde_json::Value = serde_json::from_str(&job.spec).unwrap_or_default();
+    if let Some(base) = spec["base"].as_str()
+        && base != manifest.base.fingerprint.to_string()
+    {
+        return Err(Error::InvalidArgument(format!(
+            "job {} trains on base {}, but the manifest's base is {}",
+            job.id,
+            excerpt(base),
+            manifest.base.fingerprint
+        )));
+    }
+    // The manifest lists each parent's whole chain (ancestors first), so it holds at least
+    // the job's parents, and every one the job named by digest.
+    let parents: Vec<&str> = spec["parents"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    if manifest.parents.len() < parents.len() {
+        return Err(Error::InvalidArgument(format!(
+            "job {} trains on {} parent(s), but the manifest names {}",
+            job.id,
+            parents.len(),
+            manifest.parents.len()
+        )));
+    }
+    for want in &parents {
+        if let Some((_, digest)) = want.split_once('@')
+            && !manifest
+                .parents
+                .iter()
+                .any(|p| p.digest.to_string() == digest)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "job {} trains on parent {}, which the manifest does not name",
+                job.id,
+                excerpt(want)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A lease length: the worker's request within 1 s..1 h (default 60 s).

@@ -434,13 +434,28 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
             .is_none(),
         "a worker without the base leaves the job"
     );
-    let (got, _) = env
+    let (got, lease) = env
         .remote
         .lease_job_on("here", &kinds, &[other, tiny], 60)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(got.id, job.id);
+    // What it publishes must be on the job's base.
+    let dir = env.path("d");
+    crate::fixtures::write_native_lora(&dir, 1, 2, json!({}));
+    hub::push(&env.remote, &dir, "team/other", "tiny", &[], &hidden())
+        .await
+        .unwrap();
+    let mut manifest = env.remote.resolve("team/other").await.unwrap().manifest;
+    manifest.base.fingerprint = other;
+    let e = env
+        .remote
+        .complete_job(job.id, &lease, None, Some(&manifest), None)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::InvalidArgument);
+    assert!(e.to_string().contains("trains on base"), "{e}");
 
     let e = env
         .remote
