@@ -719,17 +719,20 @@ impl Remote {
         kinds: &[String],
         lease_seconds: u32,
     ) -> Result<Option<(pb::JobInfo, String)>> {
-        self.lease_job_on(worker, kinds, &[], lease_seconds).await
+        self.lease_job_on(worker, kinds, &[], lease_seconds, 0)
+            .await
     }
 
     /// [`Remote::lease_job`] for a worker holding `bases` (fingerprints; empty: any): jobs
-    /// on other bases are left for workers that hold theirs.
+    /// on other bases are left for workers that hold theirs. With `wait_seconds`, an idle
+    /// registry holds the call until a job comes (long poll, at most 60 s).
     pub async fn lease_job_on(
         &self,
         worker: &str,
         kinds: &[String],
         bases: &[Digest],
         lease_seconds: u32,
+        wait_seconds: u32,
     ) -> Result<Option<(pb::JobInfo, String)>> {
         let resp = self
             .client
@@ -739,6 +742,7 @@ impl Remote {
                 lease_seconds,
                 kinds: kinds.to_vec(),
                 bases: bases.iter().map(ToString::to_string).collect(),
+                wait_seconds,
             })
             .await?
             .into_inner();

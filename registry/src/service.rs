@@ -43,6 +43,9 @@ struct Inner {
     /// Set once any token exists; tokens are never deleted (only revoked), so a closed
     /// registry never reopens and the check can skip the database from then on.
     closed: std::sync::atomic::AtomicBool,
+    /// Woken when a job is submitted here, so long-polling workers lease it at once
+    /// (jobs submitted through another replica are found by the once-a-second retry).
+    jobs_submitted: tokio::sync::Notify,
 }
 
 /// The embedded database's file name in the data dir.
@@ -90,6 +93,7 @@ impl RegistryService {
                 uploads,
                 gc_lock: tokio::sync::RwLock::new(()),
                 closed: std::sync::atomic::AtomicBool::new(false),
+                jobs_submitted: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -1359,6 +1363,7 @@ impl Registry for RegistryService {
             })
             .await?;
         tracing::info!(job = job.id, kind = %job.kind, repository = %job.repository, "job queued");
+        self.inner.jobs_submitted.notify_waiters();
         self.record(&caller, "submit-job", &job.repository, &job.id.to_string())
             .await?;
         Ok(Response::new(job_info(job)))
@@ -1417,11 +1422,31 @@ impl Registry for RegistryService {
         }
         let secs = i64::from(lease_seconds(req.lease_seconds));
         let lease = uuid::Uuid::new_v4().to_string();
-        let (worker, kinds, l) = (req.worker.clone(), req.kinds.clone(), lease.clone());
-        let t = now();
-        let job = self
-            .meta(move |m| m.lease_job(&worker, &kinds, &bases, &scope, &l, t, t + secs))
-            .await?;
+        // An idle worker waits here instead of asking again and again: one lease attempt
+        // now, then one when a job is submitted to this replica or a second has passed
+        // (a lease expiring, a job submitted elsewhere), until the wait is over.
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_secs(u64::from(req.wait_seconds.min(60)));
+        let job = loop {
+            let submitted = self.inner.jobs_submitted.notified();
+            let (worker, kinds, bases, scope, l) = (
+                req.worker.clone(),
+                req.kinds.clone(),
+                bases.clone(),
+                scope.clone(),
+                lease.clone(),
+            );
+            let t = now();
+            let job = self
+                .meta(move |m| m.lease_job(&worker, &kinds, &bases, &scope, &l, t, t + secs))
+                .await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if job.is_some() || left.is_zero() {
+                break job;
+            }
+            let _ =
+                tokio::time::timeout(left.min(std::time::Duration::from_secs(1)), submitted).await;
+        };
         if let Some(j) = &job {
             tracing::info!(job = j.id, worker = %excerpt(&req.worker), attempt = j.attempts, "job leased");
         }

@@ -75,6 +75,7 @@ async fn lease(
             lease_seconds: 60,
             kinds: kinds.iter().map(|k| (*k).to_owned()).collect(),
             bases: vec![],
+            wait_seconds: 0,
         })
         .await?
         .into_inner();

@@ -80,6 +80,9 @@ async fn job_kinds(remote: &Remote) -> Result<Vec<String>> {
     Ok(vec![KIND_TRAIN.to_owned(), KIND_VERIFY.to_owned()])
 }
 
+/// How long an idle worker's lease call waits at the registry for a job (long poll).
+const LEASE_WAIT_SECONDS: u32 = 20;
+
 /// Runs the job loop until `max_jobs` jobs are done (or forever).
 pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
     let bases = scan_models(&opts.models)?;
@@ -98,11 +101,22 @@ pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
         if opts.max_jobs.is_some_and(|m| done >= m) {
             return Ok(());
         }
+        let asked = std::time::Instant::now();
         let leased = remote
-            .lease_job_on(&opts.name, &kinds, &held, opts.lease_seconds)
+            .lease_job_on(
+                &opts.name,
+                &kinds,
+                &held,
+                opts.lease_seconds,
+                LEASE_WAIT_SECONDS,
+            )
             .await?;
         let Some((job, lease)) = leased else {
-            tokio::time::sleep(opts.poll).await;
+            // The registry held the call until its wait was over; one that answers at once
+            // (a registry without long polls) is asked again after `poll`.
+            if asked.elapsed() < Duration::from_secs(1) {
+                tokio::time::sleep(opts.poll).await;
+            }
             continue;
         };
         tracing::info!(job = job.id, kind = %job.kind, attempt = job.attempts, "running job");

@@ -428,7 +428,7 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
     let kinds = ["train".to_owned()];
     assert!(
         env.remote
-            .lease_job_on("elsewhere", &kinds, &[other], 60)
+            .lease_job_on("elsewhere", &kinds, &[other], 60, 0)
             .await
             .unwrap()
             .is_none(),
@@ -436,7 +436,7 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
     );
     let (got, lease) = env
         .remote
-        .lease_job_on("here", &kinds, &[other, tiny], 60)
+        .lease_job_on("here", &kinds, &[other, tiny], 60, 0)
         .await
         .unwrap()
         .unwrap();
@@ -475,4 +475,43 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), Code::InvalidArgument);
+}
+
+/// An idle worker's lease call waits at the registry (long poll) and gets a job submitted
+/// meanwhile, instead of asking again and again; with nothing submitted it answers empty
+/// when its wait is over.
+#[tokio::test]
+async fn an_idle_worker_waits_for_the_next_job() {
+    let env = Env::start().await;
+    let kinds = ["train".to_owned()];
+    let start = std::time::Instant::now();
+    assert!(
+        env.remote
+            .lease_job_on("idle", &kinds, &[], 60, 1)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(900),
+        "it waited"
+    );
+
+    let waiting = {
+        let remote = env.remote.clone();
+        let kinds = kinds.clone();
+        tokio::spawn(async move { remote.lease_job_on("w", &kinds, &[], 60, 30).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let job = env
+        .remote
+        .submit_job("train", &json!({}), "team/m", &[], &[])
+        .await
+        .unwrap();
+    let (got, _) = waiting
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the waiting call got the job");
+    assert_eq!(got.id, job.id);
 }
