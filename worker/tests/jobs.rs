@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use delta_tests::TestRegistry;
-use delta_worker::data::{sentiment_simple, to_jsonl};
+use delta_worker::data::{Split, sentiment_split, to_jsonl};
 
 struct Env {
     registry: TestRegistry,
@@ -22,10 +22,14 @@ impl Env {
         delta_worker::tiny::write_base(&env.path("models/tiny"), 1).unwrap();
         std::fs::write(
             env.path("train.jsonl"),
-            to_jsonl(&sentiment_simple(480, 11)),
+            to_jsonl(&sentiment_split(480, 11, false, Split::Train)),
         )
         .unwrap();
-        std::fs::write(env.path("eval.jsonl"), to_jsonl(&sentiment_simple(160, 12))).unwrap();
+        std::fs::write(
+            env.path("eval.jsonl"),
+            to_jsonl(&sentiment_split(160, 12, false, Split::Eval)),
+        )
+        .unwrap();
         let base = env.path("models/tiny");
         env.cli(&["base", "add", "tiny", base.to_str().unwrap()])
             .await

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor};
 use delta_client::jobs::TrainSpec;
 use delta_worker::bert::{BaseWeights, Batch, classify};
-use delta_worker::data::{Example, Tok, sentiment_simple as sentiment, sentiment_vocabulary};
+use delta_worker::data::{
+    Example, Split, Tok, sentiment_simple as sentiment, sentiment_split, sentiment_vocabulary,
+};
 use delta_worker::methods::Trainable;
 use delta_worker::mounts::Mounts;
 use delta_worker::run::{Delta, LocalBase, TrainRequest, mount_all, train_to_dir};
@@ -26,8 +28,8 @@ fn setup() -> Setup {
     Setup {
         _dir: dir,
         base,
-        train: sentiment(480, 11),
-        eval: sentiment(160, 12),
+        train: sentiment_split(480, 11, false, Split::Train),
+        eval: sentiment_split(160, 12, false, Split::Eval),
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use candle_core::Device;
 use delta_client::jobs::TrainSpec;
 use delta_worker::bert::{encode, mean_pool};
-use delta_worker::data::{Example, sentiment};
+use delta_worker::data::{Example, Split, sentiment_split};
 use delta_worker::mounts::Mounts;
 use delta_worker::run::{LocalBase, TrainRequest, train_to_dir};
 
@@ -76,8 +76,8 @@ fn matches_the_hugging_face_reference() {
 #[test]
 fn lora_on_minilm_reaches_90_percent() {
     let base = LocalBase::open(&minilm(), &Device::Cpu).unwrap();
-    let train = sentiment(960, 1);
-    let eval = sentiment(320, 2);
+    let train = sentiment_split(960, 1, true, Split::Train);
+    let eval = sentiment_split(320, 2, true, Split::Eval);
     let mut spec = TrainSpec::new(&["lora"]);
     spec.epochs = 1;
     spec.lr = Some(2e-3);
