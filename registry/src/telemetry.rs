@@ -267,15 +267,7 @@ where
             // A request over the message limit is refused by tonic before any handler
             // runs, as OUT_OF_RANGE: answer RESOURCE_EXHAUSTED naming the limit instead.
             if code == tonic::Code::OutOfRange as u32 {
-                let message = resp
-                    .headers()
-                    .get("grpc-message")
-                    .map(|v| {
-                        percent_encoding::percent_decode(v.as_bytes())
-                            .decode_utf8_lossy()
-                            .into_owned()
-                    })
-                    .unwrap_or_default();
+                let message = grpc_message(resp.headers());
                 if let Some(status) =
                     crate::error::message_limit_status(tonic::Code::OutOfRange, &message)
                 {
@@ -294,15 +286,7 @@ where
             if code == tonic::Code::Unauthenticated as u32
                 || code == tonic::Code::PermissionDenied as u32
             {
-                let message = resp
-                    .headers()
-                    .get("grpc-message")
-                    .map(|v| {
-                        percent_encoding::percent_decode(v.as_bytes())
-                            .decode_utf8_lossy()
-                            .into_owned()
-                    })
-                    .unwrap_or_default();
+                let message = grpc_message(resp.headers());
                 tracing::warn!(
                     method = %method,
                     request_id = %id,
@@ -315,6 +299,18 @@ where
             Ok(resp)
         })
     }
+}
+
+/// The `grpc-message` of a trailers-only response, percent-decoded ("" when absent).
+fn grpc_message(headers: &http::HeaderMap) -> String {
+    headers
+        .get("grpc-message")
+        .map(|v| {
+            percent_encoding::percent_decode(v.as_bytes())
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .unwrap_or_default()
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped. `gauges` is called per

@@ -27,20 +27,18 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// A PEFT IA3 adapter (key/value scale outputs, both `output.dense` modules inputs),
-/// pushed and applied here, equals PEFT's `merge_and_unload` bit for bit: weights and the
-/// biases of the output-side modules, which PEFT scales with the rows.
-#[tokio::test]
-async fn ia3_apply_equals_peft_merge_and_unload() {
-    let fixture = repo("tests/fixtures/peft-ia3");
+/// Pushes a PEFT adapter folder as a delta on MiniLM and applies it with the CLI, as a
+/// user would. Returns the environment (alive while the caller reads), the base's path
+/// and the merged file.
+async fn push_and_apply(adapter: &Path) -> (Env, PathBuf, PathBuf) {
     let model = minilm();
     let env = Env::start().await;
     let entries = delta_client::tensors::Model::open(&model)
         .unwrap()
         .entries();
     env.remote.add_base("minilm", &entries).await.unwrap();
-    let adapter = fixture.join("adapter").to_string_lossy().into_owned();
-    env.cli(&["push", &adapter, "team/ia3", "--base", "minilm"])
+    let adapter = adapter.to_string_lossy().into_owned();
+    env.cli(&["push", &adapter, "team/adapter", "--base", "minilm"])
         .await
         .unwrap();
     let out = env.path("merged.safetensors");
@@ -48,12 +46,22 @@ async fn ia3_apply_equals_peft_merge_and_unload() {
         "apply",
         "--base",
         &model.to_string_lossy(),
-        "team/ia3",
+        "team/adapter",
         "-o",
         &out.to_string_lossy(),
     ])
     .await
     .unwrap();
+    (env, model, out)
+}
+
+/// A PEFT IA3 adapter (key/value scale outputs, both `output.dense` modules inputs),
+/// pushed and applied here, equals PEFT's `merge_and_unload` bit for bit: weights and the
+/// biases of the output-side modules, which PEFT scales with the rows.
+#[tokio::test]
+async fn ia3_apply_equals_peft_merge_and_unload() {
+    let fixture = repo("tests/fixtures/peft-ia3");
+    let (_env, model, out) = push_and_apply(&fixture.join("adapter")).await;
 
     let merged: std::collections::HashMap<String, Vec<u8>> =
         crate::fixtures::tensor_bytes(&out).into_iter().collect();
@@ -204,27 +212,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[tokio::test]
 async fn lora_patterns_apply_equals_peft_merge_and_unload() {
     let fixture = repo("tests/fixtures/peft-lora");
-    let model = minilm();
-    let env = Env::start().await;
-    let entries = delta_client::tensors::Model::open(&model)
-        .unwrap()
-        .entries();
-    env.remote.add_base("minilm", &entries).await.unwrap();
-    let adapter = fixture.join("adapter").to_string_lossy().into_owned();
-    env.cli(&["push", &adapter, "team/lora", "--base", "minilm"])
-        .await
-        .unwrap();
-    let out = env.path("merged.safetensors");
-    env.cli(&[
-        "apply",
-        "--base",
-        &model.to_string_lossy(),
-        "team/lora",
-        "-o",
-        &out.to_string_lossy(),
-    ])
-    .await
-    .unwrap();
+    let (_env, _model, out) = push_and_apply(&fixture.join("adapter")).await;
     let merged: std::collections::HashMap<String, Vec<u8>> =
         crate::fixtures::tensor_bytes(&out).into_iter().collect();
     let expected = crate::fixtures::tensor_bytes(&fixture.join("merged.safetensors"));
