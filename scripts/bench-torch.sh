@@ -6,10 +6,6 @@
 # Not part of the test command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="${PEFT_VENV:-target/peft-venv}"
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers peft safetensors
+venv="$(./scripts/torch-venv.sh)"
 ./scripts/fetch-minilm.sh >/dev/null
-DELTA_BENCH_PYTHON="$(cd "$venv" && pwd)/bin/python" cargo bench -p delta-worker --bench methods
+DELTA_BENCH_PYTHON="$venv/bin/python" cargo bench -p delta-worker --bench methods

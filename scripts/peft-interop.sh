@@ -7,11 +7,7 @@
 # worker-seq-cls}/ (commit what changed). About a minute once the virtualenv exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv="${PEFT_VENV:-target/peft-venv}"
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
-"$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers peft safetensors
+venv="$(./scripts/torch-venv.sh)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 # Library chatter (load reports, deprecation warnings) goes to a log, shown on failure.

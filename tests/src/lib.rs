@@ -42,26 +42,7 @@ impl TestRegistry {
 
     /// Starts a registry on `dir` with a config built from it.
     pub async fn start_in(dir: TempDir, config: impl FnOnce(&Path) -> RegistryConfig) -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_test_writer()
-            .with_env_filter("warn")
-            .try_init();
-        // Bound before the server task starts: no port race, no sleep.
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
-        let (stop, rx) = oneshot::channel();
-        let config = config(dir.path());
-        let task = tokio::spawn(delta_registry::run(config, listener, async {
-            rx.await.ok();
-        }));
-        Self {
-            addr,
-            dir,
-            stop,
-            task,
-        }
+        Self::launch(dir, config, None).await
     }
 
     /// [`TestRegistry::start_in`] with `/metrics` served on a loopback listener bound
@@ -74,6 +55,19 @@ impl TestRegistry {
             .await
             .expect("bind loopback");
         let metrics_addr = metrics.local_addr().expect("local addr");
+        (Self::launch(dir, config, Some(metrics)).await, metrics_addr)
+    }
+
+    async fn launch(
+        dir: TempDir,
+        config: impl FnOnce(&Path) -> RegistryConfig,
+        metrics: Option<TcpListener>,
+    ) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("warn")
+            .try_init();
+        // Bound before the server task starts: no port race, no sleep.
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -81,21 +75,22 @@ impl TestRegistry {
         let (stop, rx) = oneshot::channel();
         let config = config(dir.path());
         let task = tokio::spawn(async move {
-            delta_registry::Server::open(config)
-                .await?
-                .with_metrics_listener(metrics)
+            let mut server = delta_registry::Server::open(config).await?;
+            if let Some(m) = metrics {
+                server = server.with_metrics_listener(m);
+            }
+            server
                 .serve(listener, async {
                     rx.await.ok();
                 })
                 .await
         });
-        let reg = Self {
+        Self {
             addr,
             dir,
             stop,
             task,
-        };
-        (reg, metrics_addr)
+        }
     }
 
     /// `http://127.0.0.1:PORT`.
