@@ -1,5 +1,6 @@
 //! Agreement with the real PEFT, through fixtures `scripts/peft-interop.sh` wrote with
-//! torch, transformers and peft (their versions are in each fixture's `versions.json`).
+//! torch, transformers and peft (versions in `tests/fixtures/peft-ia3/versions.json` and
+//! the README table).
 
 use std::path::{Path, PathBuf};
 
@@ -9,15 +10,24 @@ fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 
-/// The MiniLM weights `scripts/test.sh` fetches (`scripts/fetch-minilm.sh`).
+/// The MiniLM weights: `DELTA_MINILM_DIR`, or the folder `scripts/fetch-minilm.sh`
+/// fetches (idempotent; `scripts/test.sh` runs it first), as the worker's tests find it.
 fn minilm() -> PathBuf {
-    let p = repo("target/models/all-MiniLM-L6-v2/model.safetensors");
-    assert!(
-        p.is_file(),
-        "{} is missing: run ./scripts/fetch-minilm.sh (scripts/test.sh does)",
-        p.display()
-    );
-    p
+    let dir = match std::env::var_os("DELTA_MINILM_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let out = std::process::Command::new(repo("scripts/fetch-minilm.sh"))
+                .output()
+                .expect("run scripts/fetch-minilm.sh");
+            assert!(
+                out.status.success(),
+                "fetching MiniLM failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            repo(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    dir.join("model.safetensors")
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {
