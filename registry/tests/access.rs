@@ -6,7 +6,10 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{Client, base_and_lora_blob, client_with, start, start_command, start_with, upload};
+use common::{
+    Client, base_and_lora_blob, client_with, create_token, request_id, start, start_command,
+    start_with, token_secret, upload,
+};
 use delta_proto::{self as pb, Digest};
 use tonic::Code;
 
@@ -41,18 +44,7 @@ fn run_readme_command(cmd: &str, data: &Path) -> String {
         line.push_str(&format!(" --data-dir '{}'", data.display()));
     }
     let out = Command::new("sh").args(["-c", &line]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .trim()
-        .to_owned()
+    token_secret(&out, cmd)
 }
 
 fn lora_manifest(fp: &Digest, file: &[u8], job: u64) -> Vec<u8> {
@@ -152,26 +144,10 @@ async fn the_readmes_token_commands_give_workers_what_they_need() {
     assert_eq!(versions.len(), 2);
 
     // A read-scope worker token: refused training when it asks, welcome to verify.
-    let out = Command::new(BIN)
-        .args([
-            "token",
-            "create",
-            "--worker",
-            "--namespace",
-            "team-a",
-            "--scope",
-            "read",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    let reader = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_owned();
+    let reader = create_token(
+        &data,
+        &["--worker", "--namespace", "team-a", "--scope", "read"],
+    );
     let mut r = client_with(&reg.url, Some(&reader)).await;
     let e = lease(&mut r, &["train"]).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -183,25 +159,7 @@ async fn the_readmes_token_commands_give_workers_what_they_need() {
 async fn refusals_are_logged_with_the_request_id_and_never_the_secret() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let out = Command::new(BIN)
-        .args([
-            "token",
-            "create",
-            "--namespace",
-            "team-b",
-            "--scope",
-            "write",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    let b_secret = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .to_owned();
+    let b_secret = create_token(&data, &["--namespace", "team-b", "--scope", "write"]);
     let log = dir.path().join("registry.log");
     let mut cmd = Command::new(BIN);
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -214,13 +172,7 @@ async fn refusals_are_logged_with_the_request_id_and_never_the_secret() {
     let mut anon = client_with(&reg.url, Some(&bogus)).await;
     let e = anon.list_bases(pb::ListBasesRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let bogus_id = e
-        .metadata()
-        .get("x-request-id")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let bogus_id = request_id(&e);
     let mut b = client_with(&reg.url, Some(&b_secret)).await;
     let e = b
         .set_tag(pb::SetTagRequest {
@@ -231,13 +183,7 @@ async fn refusals_are_logged_with_the_request_id_and_never_the_secret() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let denied_id = e
-        .metadata()
-        .get("x-request-id")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let denied_id = request_id(&e);
     drop(reg);
 
     let text = std::fs::read_to_string(&log).unwrap();

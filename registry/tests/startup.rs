@@ -33,36 +33,14 @@ async fn serve_and_token_create_on_a_fresh_data_dir_never_race() {
             .unwrap();
         let mut reg = common::start(&data);
         let out = admin.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "round {round}: token create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let secret = String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .to_owned();
+        let secret = common::token_secret(&out, &format!("round {round}: token create"));
 
         // The server is still up, and its tables exist: the token works at once.
         assert!(
             reg.child.try_wait().unwrap().is_none(),
             "round {round}: the registry died"
         );
-        let channel = tonic::transport::Endpoint::from_shared(reg.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {secret}").parse().unwrap();
-        let mut c = pb::registry_client::RegistryClient::with_interceptor(
-            channel,
-            move |mut req: tonic::Request<()>| {
-                req.metadata_mut().insert("authorization", auth.clone());
-                Ok(req)
-            },
-        );
+        let mut c = common::client_with(&reg.url, Some(&secret)).await;
         let repos = c
             .list_repositories(pb::ListRepositoriesRequest {
                 namespace: "team-a".into(),

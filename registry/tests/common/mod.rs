@@ -151,3 +151,41 @@ pub(crate) async fn base_and_lora_blob(c: &mut Client) -> (Digest, Vec<u8>) {
     assert!(upload(c, &file, file.len()).await.committed);
     (fp, file)
 }
+
+/// The secret a `delta-registry token create` run printed (its last line), checking the
+/// command succeeded; `what` names it in the failure.
+pub(crate) fn token_secret(out: &std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("{what} printed nothing"))
+        .trim()
+        .to_owned()
+}
+
+/// Runs `delta-registry token create ARGS --data-dir DATA` and returns the secret.
+pub(crate) fn create_token(data: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_delta-registry"))
+        .args(["token", "create"])
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .output()
+        .unwrap();
+    token_secret(&out, "token create")
+}
+
+/// The request id a refusal carries back.
+pub(crate) fn request_id(status: &tonic::Status) -> String {
+    status
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no request id on {status:?}"))
+        .to_owned()
+}
