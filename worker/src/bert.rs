@@ -19,6 +19,35 @@ use candle_core::{D, DType, Device, Tensor};
 
 use crate::mounts::Mounts;
 
+/// What the encoder's injection points consult: one delta mounted on the base
+/// ([`Mounts`]) or a batch whose rows each carry their own delta
+/// ([`crate::mixed::MixedMounts`]). Tensors given per row have a leading row dimension
+/// (`[rows, 1, hidden]` for a layer norm's weight) and broadcast against `[rows, len,
+/// hidden]`.
+pub trait Inject {
+    /// A weight by name (embeddings, layer norms).
+    fn tensor(&self, name: &str) -> Result<Tensor>;
+    /// A linear layer of `module` on `x` (`[rows, len, in]`), with its delta branches.
+    fn linear(&self, module: &str, x: &Tensor) -> Result<Tensor>;
+    /// The adapters at a hook point.
+    fn adapt(&self, point: &str, x: &Tensor) -> Result<Tensor>;
+    /// A layer's key/value prefixes for `rows` rows: `[rows, n, hidden]` twice and the
+    /// key mask `[rows, n]` (1 for a prefix position a row has).
+    fn prefix_rows(&self, layer: usize, rows: usize) -> Result<Option<(Tensor, Tensor, Tensor)>>;
+    /// Soft prompt tokens for `rows` rows, `[rows, n, hidden]`, and their mask `[rows, n]`;
+    /// a row with fewer tokens than `n` has them at the end (left padding), so its first
+    /// real position is `n - its count`.
+    fn prompt_rows(&self, rows: usize) -> Result<Option<(Tensor, Tensor)>>;
+    /// Hidden-state dropout (training only).
+    fn drop_hidden(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+    /// Attention-probability dropout (training only).
+    fn drop_attention(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+}
+
 /// The fields of a Hugging Face BERT `config.json` the encoder uses.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct BertConfig {
@@ -287,7 +316,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 
 /// Runs the encoder: the last hidden state `[batch, prompt + len, hidden]` and the mask
 /// over it (prompt positions are 0 there, so pooling sees only the input's tokens).
-pub fn encode(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<(Tensor, Tensor)> {
+pub fn encode(cfg: &BertConfig, m: &impl Inject, batch: &Batch) -> Result<(Tensor, Tensor)> {
     let (b, len) = batch.ids.dims2()?;
     if len > cfg.max_position_embeddings {
         bail!(
@@ -318,13 +347,10 @@ pub fn encode(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<(Tensor
     let mut x = m.drop_hidden(&x)?;
     let mut mask = batch.mask.clone();
     let mut pool_mask = batch.mask.clone();
-    if let Some(prompt) = m.prompt()? {
-        let n = prompt.dim(0)?;
-        let p = prompt.unsqueeze(0)?.broadcast_as((b, n, h))?;
+    if let Some((p, p_mask)) = m.prompt_rows(b)? {
         x = Tensor::cat(&[&p, &x], 1)?;
-        let ones = Tensor::ones((b, n), DType::F32, x.device())?;
-        mask = Tensor::cat(&[&ones, &mask], 1)?;
-        pool_mask = Tensor::cat(&[&ones.zeros_like()?, &pool_mask], 1)?;
+        mask = Tensor::cat(&[&p_mask, &mask], 1)?;
+        pool_mask = Tensor::cat(&[&p_mask.zeros_like()?, &pool_mask], 1)?;
     }
     for l in 0..cfg.num_hidden_layers {
         x = layer(cfg, m, l, &x, &mask)?;
@@ -332,7 +358,7 @@ pub fn encode(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<(Tensor
     Ok((x, pool_mask))
 }
 
-fn layer(cfg: &BertConfig, m: &Mounts<'_>, l: usize, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+fn layer(cfg: &BertConfig, m: &impl Inject, l: usize, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let p = format!("encoder.layer.{l}");
     let (b, len, h) = x.dims3()?;
     let heads = cfg.num_attention_heads;
@@ -344,12 +370,10 @@ fn layer(cfg: &BertConfig, m: &Mounts<'_>, l: usize, x: &Tensor, mask: &Tensor) 
     let mut k = m.linear(&format!("{p}.attention.self.key"), x)?;
     let mut v = m.linear(&format!("{p}.attention.self.value"), x)?;
     let mut key_mask = mask.clone();
-    if let Some((pk, pv)) = m.prefix(l)? {
-        let n = pk.dim(0)?;
-        k = Tensor::cat(&[&pk.unsqueeze(0)?.broadcast_as((b, n, h))?, &k], 1)?;
-        v = Tensor::cat(&[&pv.unsqueeze(0)?.broadcast_as((b, n, h))?, &v], 1)?;
-        let ones = Tensor::ones((b, n), DType::F32, x.device())?;
-        key_mask = Tensor::cat(&[&ones, &key_mask], 1)?;
+    if let Some((pk, pv, p_mask)) = m.prefix_rows(l, b)? {
+        k = Tensor::cat(&[&pk, &k], 1)?;
+        v = Tensor::cat(&[&pv, &v], 1)?;
+        key_mask = Tensor::cat(&[&p_mask, &key_mask], 1)?;
     }
     let kv_len = k.dim(1)?;
     let k = split(k, kv_len)?;
@@ -437,10 +461,16 @@ pub const POOLER_BIAS: &str = "pooler.dense.bias";
 /// `[batch, labels]`.
 pub fn classify(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<Tensor> {
     let (h, mask) = encode(cfg, m, batch)?;
+    head(m, &h, &mask, 0)
+}
+
+/// Pooling of the last hidden states (as the mounts' head says; the pooler reads
+/// position `first`) and the classification head: logits `[batch, labels]`.
+pub fn head(m: &Mounts<'_>, hidden: &Tensor, mask: &Tensor, first: usize) -> Result<Tensor> {
     let pooled = match m.pooling {
-        Pooling::Mean => mean_pool(&h, &mask)?,
+        Pooling::Mean => mean_pool(hidden, mask)?,
         Pooling::Cls => {
-            let first = h.narrow(1, 0, 1)?.squeeze(1)?;
+            let first = hidden.narrow(1, first, 1)?.squeeze(1)?;
             let w = m.tensor(POOLER_WEIGHT)?;
             let b = m.tensor(POOLER_BIAS)?;
             first.matmul(&w.t()?)?.broadcast_add(&b)?.tanh()?

@@ -3,6 +3,7 @@
 //! # Layout
 //! - `bert`: the BERT-family encoder, written against tensor names with injection points.
 //! - `mounts`: deltas mounted on a frozen base (what the injection points consult).
+//! - `mixed`: one forward pass over rows that each carry their own delta.
 //! - `methods`: delta methods as trainable tensors named like the native delta format.
 //! - `train`: AdamW, schedule, accumulation, evaluation, best checkpoint.
 //! - `data`: JSONL examples, tokenisation, batches, the synthetic sentiment task.
@@ -15,6 +16,7 @@ pub mod alloc;
 pub mod bert;
 pub mod data;
 pub mod methods;
+pub mod mixed;
 pub mod mounts;
 pub mod rng;
 pub mod run;

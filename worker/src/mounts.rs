@@ -195,7 +195,7 @@ impl<'a> Mounts<'a> {
     }
 
     /// Whether a base tensor is used as it is (no replacement, no difference).
-    fn untouched(&self, name: &str) -> bool {
+    pub(crate) fn untouched(&self, name: &str) -> bool {
         !self.replace.contains_key(name) && !self.diff.contains_key(name)
     }
 
@@ -548,6 +548,50 @@ impl<'a> Mounts<'a> {
             // Evaluation never drops anything.
             dropout: None,
         }
+    }
+}
+
+impl crate::bert::Inject for Mounts<'_> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        Mounts::tensor(self, name)
+    }
+
+    fn linear(&self, module: &str, x: &Tensor) -> Result<Tensor> {
+        Mounts::linear(self, module, x)
+    }
+
+    fn adapt(&self, point: &str, x: &Tensor) -> Result<Tensor> {
+        Mounts::adapt(self, point, x)
+    }
+
+    fn prefix_rows(&self, layer: usize, rows: usize) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let Some((k, v)) = self.prefix(layer)? else {
+            return Ok(None);
+        };
+        let (n, h) = k.dims2()?;
+        let ones = Tensor::ones((rows, n), candle_core::DType::F32, k.device())?;
+        Ok(Some((
+            k.unsqueeze(0)?.broadcast_as((rows, n, h))?,
+            v.unsqueeze(0)?.broadcast_as((rows, n, h))?,
+            ones,
+        )))
+    }
+
+    fn prompt_rows(&self, rows: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(p) = self.prompt()? else {
+            return Ok(None);
+        };
+        let (n, h) = p.dims2()?;
+        let ones = Tensor::ones((rows, n), candle_core::DType::F32, p.device())?;
+        Ok(Some((p.unsqueeze(0)?.broadcast_as((rows, n, h))?, ones)))
+    }
+
+    fn drop_hidden(&self, x: &Tensor) -> Result<Tensor> {
+        Mounts::drop_hidden(self, x)
+    }
+
+    fn drop_attention(&self, x: &Tensor) -> Result<Tensor> {
+        Mounts::drop_attention(self, x)
     }
 }
 

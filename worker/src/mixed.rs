@@ -1,0 +1,387 @@
+//! One forward pass over a batch whose rows carry different deltas on one shared base.
+//!
+//! The rows of a batch are grouped by delta into contiguous segments. The base's linear
+//! layers run once over every row; what each delta adds is applied to its own rows only:
+//! LoRA branches as one low-rank product per segment on that segment's rows (no copy of a
+//! weight per delta), IA3 vectors and bias differences (BitFit) as per-row vectors, soft
+//! prompts and prefixes padded to the longest in the batch (left padding, masked),
+//! adapters on their segment's rows, and each segment's own pooling and head. A delta
+//! that changes a matrix the encoder shares (a replaced or differenced weight or
+//! embedding: selective, last-layer, full, diff pruning) cannot share the base's matmuls;
+//! [`shares_base`] says so and the caller runs it in a group of its own with
+//! [`crate::bert::classify`].
+//!
+//! Every row's result equals running its delta alone up to float summation order: padded
+//! prompt and prefix positions are masked out of attention (their weight is exactly 0).
+
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::{DType, Tensor};
+
+use crate::bert::{Batch, BertConfig, Inject, encode, mean_pool};
+use crate::mounts::{HEAD_BIAS, HEAD_WEIGHT, Mounts};
+
+/// Rows `start..start + len` of a batch, all with one delta.
+#[derive(Debug, Clone)]
+pub struct Segment<'m, 'a> {
+    /// First row.
+    pub start: usize,
+    /// Number of rows.
+    pub len: usize,
+    /// The delta (or nothing: the bare base) mounted for these rows.
+    pub mounts: &'m Mounts<'a>,
+}
+
+/// Several deltas, each on its own rows of one batch, over one shared base.
+#[derive(Debug)]
+pub struct MixedMounts<'m, 'a> {
+    segments: Vec<Segment<'m, 'a>>,
+    rows: usize,
+    /// Longest soft prompt among the segments (0 without one).
+    prompt_max: usize,
+}
+
+/// Whether a delta can share the base's matmuls with others in one batch: it replaces or
+/// changes no base tensor of two or more dimensions (embeddings and linear weights).
+/// Heads, poolers and one-dimensional tensors (biases, layer norms) are applied per row.
+pub fn shares_base(m: &Mounts<'_>) -> bool {
+    let base = m.base();
+    let shared = |name: &String| {
+        base.tensors.get(name).is_some_and(|t| t.rank() >= 2)
+            && !matches!(
+                name.as_str(),
+                HEAD_WEIGHT | crate::bert::POOLER_WEIGHT | crate::bert::POOLER_BIAS | HEAD_BIAS
+            )
+    };
+    !m.replace.keys().any(shared) && !m.diff.keys().any(shared)
+}
+
+impl<'m, 'a> MixedMounts<'m, 'a> {
+    /// Rows in order: `(rows, mounts)` for each segment. Every mounts must be on the same
+    /// base and share it (see [`shares_base`]).
+    pub fn new(parts: &[(usize, &'m Mounts<'a>)]) -> Result<Self> {
+        let first = parts.first().context("an empty batch has no segments")?;
+        let base = first.1.base();
+        let mut segments = Vec::with_capacity(parts.len());
+        let mut start = 0;
+        let mut prompt_max = 0;
+        for &(len, mounts) in parts {
+            ensure!(len > 0, "a segment has no rows");
+            ensure!(
+                std::ptr::eq(mounts.base(), base),
+                "the deltas of one batch must be mounted on one base"
+            );
+            ensure!(
+                shares_base(mounts),
+                "a delta that changes the base's weights cannot share a batch"
+            );
+            prompt_max = prompt_max.max(prompt_len(mounts)?);
+            segments.push(Segment { start, len, mounts });
+            start += len;
+        }
+        Ok(Self {
+            segments,
+            rows: start,
+            prompt_max,
+        })
+    }
+
+    /// The segments, in row order.
+    pub fn segments(&self) -> &[Segment<'m, 'a>] {
+        &self.segments
+    }
+
+    fn base(&self) -> &'a crate::bert::BaseWeights {
+        self.segments[0].mounts.base()
+    }
+
+    /// One `[rows, 1, n]` tensor from a per-segment vector (or `fill` where a segment has
+    /// none); `None` when no segment has one.
+    fn per_row(
+        &self,
+        n: usize,
+        fill: f64,
+        vector: impl Fn(&Mounts<'a>) -> Result<Option<Tensor>>,
+    ) -> Result<Option<Tensor>> {
+        let vectors: Vec<Option<Tensor>> = self
+            .segments
+            .iter()
+            .map(|s| vector(s.mounts))
+            .collect::<Result<_>>()?;
+        if vectors.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let device = &self.base().device;
+        let parts: Vec<Tensor> = self
+            .segments
+            .iter()
+            .zip(vectors)
+            .map(|(s, v)| {
+                let v = match v {
+                    Some(v) => v,
+                    None => (Tensor::ones(n, DType::F32, device)? * fill)?,
+                };
+                Ok(v.reshape((1, 1, n))?.broadcast_as((s.len, 1, n))?)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Some(Tensor::cat(&parts, 0)?))
+    }
+
+    /// Applies `f` to each segment's rows of `x` (or keeps them, where `f` gives `None`)
+    /// and puts the rows back together; `x` itself when no segment changes anything.
+    fn per_segment(
+        &self,
+        x: &Tensor,
+        f: impl Fn(&Segment<'m, 'a>, Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<Tensor> {
+        let mut parts = Vec::with_capacity(self.segments.len());
+        let mut changed = false;
+        for s in &self.segments {
+            let rows = x.narrow(0, s.start, s.len)?;
+            match f(s, rows.clone())? {
+                Some(y) => {
+                    changed = true;
+                    parts.push(y);
+                }
+                None => parts.push(rows),
+            }
+        }
+        if !changed {
+            return Ok(x.clone());
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Per-segment `[n, hidden]` tensors padded on the left to the longest: `[rows, max,
+    /// hidden]` and the mask `[rows, max]`.
+    fn padded(&self, each: &[Option<Tensor>]) -> Result<Option<(Tensor, Tensor)>> {
+        let max = each
+            .iter()
+            .flatten()
+            .map(|t| t.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter()
+            .max();
+        let Some(max) = max else {
+            return Ok(None);
+        };
+        let device = &self.base().device;
+        let h = self.base().config.hidden_size;
+        let (mut values, mut masks) = (Vec::new(), Vec::new());
+        for (s, t) in self.segments.iter().zip(each) {
+            let n = match t {
+                Some(t) => t.dim(0)?,
+                None => 0,
+            };
+            let pad = max - n;
+            let mut v = Tensor::zeros((pad, h), DType::F32, device)?;
+            if let Some(t) = t {
+                v = Tensor::cat(&[&v, t], 0)?;
+            }
+            values.push(v.unsqueeze(0)?.broadcast_as((s.len, max, h))?);
+            let mut m = vec![0f32; pad];
+            m.resize(max, 1.0);
+            masks.push(
+                Tensor::from_vec(m, (1, max), device)?
+                    .broadcast_as((s.len, max))?
+                    .contiguous()?,
+            );
+        }
+        Ok(Some((Tensor::cat(&values, 0)?, Tensor::cat(&masks, 0)?)))
+    }
+}
+
+fn prompt_len(m: &Mounts<'_>) -> Result<usize> {
+    Ok(match m.prompt()? {
+        Some(p) => p.dim(0)?,
+        None => 0,
+    })
+}
+
+impl Inject for MixedMounts<'_, '_> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        let base = self
+            .base()
+            .tensors
+            .get(name)
+            .with_context(|| format!("no tensor {name} in the base"))?;
+        if base.rank() != 1 || self.segments.iter().all(|s| s.mounts.untouched(name)) {
+            return Ok(base.clone());
+        }
+        // Each segment's own values (the base's where it leaves them alone).
+        let n = base.dim(0)?;
+        let parts: Vec<Tensor> = self
+            .segments
+            .iter()
+            .map(|s| {
+                let v = s.mounts.tensor(name)?;
+                Ok(v.reshape((1, 1, n))?.broadcast_as((s.len, 1, n))?)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    fn linear(&self, module: &str, x: &Tensor) -> Result<Tensor> {
+        let (rows, len, n_in) = x.dims3()?;
+        ensure!(
+            rows == self.rows,
+            "a batch of {rows} rows for {} mounted",
+            self.rows
+        );
+        let w = self.tensor(&format!("{module}.weight"))?;
+        let n_out = w.dim(0)?;
+        // Input-side IA3 (feed-forward modules), one vector per row.
+        let input_scale = self.per_row(n_in, 1.0, |m| ia3_product(m, module, true))?;
+        let x = match &input_scale {
+            Some(s) => x.broadcast_mul(s)?,
+            None => x.clone(),
+        };
+        let flat = x.reshape((rows * len, n_in))?;
+        let mut y = flat.matmul(&w.t()?)?.reshape((rows, len, n_out))?;
+        let bias = format!("{module}.bias");
+        if self.base().tensors.contains_key(&bias) {
+            y = y.broadcast_add(&self.tensor(&bias)?)?;
+        }
+        // LoRA: each segment's low-rank product on its own rows.
+        y = self.per_segment(&y, |s, ys| {
+            let Some(loras) = s.mounts.lora.get(module) else {
+                return Ok(None);
+            };
+            let xs = x.narrow(0, s.start, s.len)?.reshape((s.len * len, n_in))?;
+            let mut ys = ys;
+            for l in loras {
+                let branch = xs
+                    .matmul(&l.a.t()?)?
+                    .matmul(&l.b.t()?)?
+                    .reshape((s.len, len, n_out))?;
+                ys = (ys + (branch * l.scale)?)?;
+            }
+            Ok(Some(ys))
+        })?;
+        if let Some(s) = self.per_row(n_out, 1.0, |m| ia3_product(m, module, false))? {
+            y = y.broadcast_mul(&s)?;
+        }
+        Ok(y)
+    }
+
+    fn adapt(&self, point: &str, x: &Tensor) -> Result<Tensor> {
+        self.per_segment(x, |s, xs| {
+            if s.mounts.adapters.get(point).is_none_or(Vec::is_empty) {
+                return Ok(None);
+            }
+            Ok(Some(s.mounts.adapt(point, &xs)?))
+        })
+    }
+
+    fn prefix_rows(&self, layer: usize, rows: usize) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        ensure!(
+            rows == self.rows,
+            "a batch of {rows} rows for {} mounted",
+            self.rows
+        );
+        let each: Vec<Option<(Tensor, Tensor)>> = self
+            .segments
+            .iter()
+            .map(|s| s.mounts.prefix(layer))
+            .collect::<Result<_>>()?;
+        let keys: Vec<Option<Tensor>> = each
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.0.clone()))
+            .collect();
+        let values: Vec<Option<Tensor>> = each
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.1.clone()))
+            .collect();
+        let (Some((k, mask)), Some((v, _))) = (self.padded(&keys)?, self.padded(&values)?) else {
+            return Ok(None);
+        };
+        Ok(Some((k, v, mask)))
+    }
+
+    fn prompt_rows(&self, rows: usize) -> Result<Option<(Tensor, Tensor)>> {
+        ensure!(
+            rows == self.rows,
+            "a batch of {rows} rows for {} mounted",
+            self.rows
+        );
+        let each: Vec<Option<Tensor>> = self
+            .segments
+            .iter()
+            .map(|s| s.mounts.prompt())
+            .collect::<Result<_>>()?;
+        self.padded(&each)
+    }
+}
+
+/// The product of a module's IA3 vectors on one side (input or output), if it has any.
+fn ia3_product(m: &Mounts<'_>, module: &str, input_side: bool) -> Result<Option<Tensor>> {
+    let mut out: Option<Tensor> = None;
+    for (l, side) in m.ia3.get(module).into_iter().flatten() {
+        if *side == input_side {
+            out = Some(match out {
+                None => l.clone(),
+                Some(o) => o.mul(l)?,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What a forward pass returns per row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// The classification head's logits (each delta's own head and pooling).
+    Logits,
+    /// The mean of the input tokens' last hidden states (sentence-transformers pooling).
+    Embedding,
+}
+
+/// Runs a batch of segments that share the base: per segment, per row, the values asked
+/// for (logits `[labels]` or an embedding `[hidden]`).
+pub fn forward(
+    cfg: &BertConfig,
+    m: &MixedMounts<'_, '_>,
+    batch: &Batch,
+    out: Output,
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    let (hidden, pool_mask) = encode(cfg, m, batch)?;
+    let mut result = Vec::with_capacity(m.segments.len());
+    for s in &m.segments {
+        let h = hidden.narrow(0, s.start, s.len)?;
+        let mask = pool_mask.narrow(0, s.start, s.len)?;
+        let values = match out {
+            Output::Embedding => mean_pool(&h, &mask)?,
+            Output::Logits => {
+                // A row's first real position: after the padding of shorter prompts.
+                let first = m.prompt_max - prompt_len(s.mounts)?;
+                head(s.mounts, &h, &mask, first)?
+            }
+        };
+        result.push(values.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+    }
+    Ok(result)
+}
+
+/// Runs one delta's rows alone (a delta that does not share the base, or any delta when
+/// mixing is off), with the same outputs as [`forward`].
+pub fn forward_alone(
+    cfg: &BertConfig,
+    m: &Mounts<'_>,
+    batch: &Batch,
+    out: Output,
+) -> Result<Vec<Vec<f32>>> {
+    let (hidden, pool_mask) = encode(cfg, m, batch)?;
+    let values = match out {
+        Output::Embedding => mean_pool(&hidden, &pool_mask)?,
+        Output::Logits => head(m, &hidden, &pool_mask, 0)?,
+    };
+    Ok(values.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+/// Pooling (as the delta's head says; `first` is the position the pooler reads) and the
+/// classification head.
+fn head(m: &Mounts<'_>, hidden: &Tensor, mask: &Tensor, first: usize) -> Result<Tensor> {
+    if !m.replace.contains_key(HEAD_WEIGHT) && !m.base().tensors.contains_key(HEAD_WEIGHT) {
+        bail!("neither the base nor the delta has a classification head (classifier.weight)");
+    }
+    crate::bert::head(m, hidden, mask, first)
+}
