@@ -6,6 +6,7 @@
 //! - `compose`: combining deltas into a new delta ([`compose::compose`]).
 //! - `numeric`: dtype conversion, the LoRA SGEMM, truncated SVD, seeded RNG.
 //! - `remote`: [`Remote`], the typed registry client (resumable uploads and downloads).
+//! - `service`: [`service::Service`], the client of a worker's inference service.
 //! - `jobs`: training and verification job specs shared with `delta-worker`.
 //! - `hub`: push, fetch and pull as library calls, and the content-addressed [`Cache`].
 //! - `delta`: native and PEFT delta folders, read and written.
@@ -22,6 +23,7 @@ pub mod hub;
 pub mod jobs;
 pub mod numeric;
 pub mod remote;
+pub mod service;
 pub mod tensors;
 
 pub use error::{Error, Result};

@@ -28,7 +28,7 @@ const RESUMES: usize = 5;
 
 /// Adds `authorization: Bearer <token>` to every call when a token is configured.
 #[derive(Debug, Clone)]
-struct Auth(Option<MetadataValue<Ascii>>);
+pub(crate) struct Auth(pub(crate) Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
@@ -46,12 +46,16 @@ pub struct ConnectOptions {
     pub token: Option<String>,
     /// A PEM CA certificate to trust for `https://` registries (besides the web PKI).
     pub ca_cert: Option<std::path::PathBuf>,
+    /// Connect on first use instead of now (and again after a failure): for a service
+    /// that must start, and keep serving what it has, while the registry is down.
+    pub lazy: bool,
 }
 
 /// A connection to a registry.
 #[derive(Debug, Clone)]
 pub struct Remote {
     client: RegistryClient<InterceptedService<Channel, Auth>>,
+    channel: Channel,
     url: String,
 }
 
@@ -99,6 +103,18 @@ pub struct WhoAmI {
     pub expires_at: Option<i64>,
 }
 
+pub(crate) fn bearer(token: Option<&str>) -> Result<Option<MetadataValue<Ascii>>> {
+    token
+        .map(|t| {
+            format!("Bearer {}", t.trim())
+                .parse::<MetadataValue<Ascii>>()
+                .map_err(|_| {
+                    Error::Invalid("the token has characters a header cannot carry".into())
+                })
+        })
+        .transpose()
+}
+
 fn digest(s: &str) -> Result<Digest> {
     s.parse()
         .map_err(|e| Error::Invalid(format!("registry sent a malformed digest: {e}")))
@@ -117,6 +133,7 @@ impl Remote {
             &ConnectOptions {
                 token: token.map(str::to_owned),
                 ca_cert: None,
+                lazy: false,
             },
         )
         .await
@@ -126,16 +143,7 @@ impl Remote {
     /// and, if given, a custom CA.
     pub async fn connect_opts(url: &str, opts: &ConnectOptions) -> Result<Self> {
         let token = opts.token.as_deref();
-        let auth = match token {
-            None => None,
-            Some(t) => Some(
-                format!("Bearer {}", t.trim())
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| {
-                        Error::Invalid("the token has characters a header cannot carry".into())
-                    })?,
-            ),
-        };
+        let auth = bearer(token)?;
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|source| Error::Connect {
                 url: url.to_owned(),
@@ -159,17 +167,37 @@ impl Remote {
         } else {
             endpoint
         };
-        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
-            url: url.to_owned(),
-            source,
-        })?;
-        let client = RegistryClient::with_interceptor(channel, Auth(auth))
+        let channel = if opts.lazy {
+            endpoint.connect_lazy()
+        } else {
+            endpoint.connect().await.map_err(|source| Error::Connect {
+                url: url.to_owned(),
+                source,
+            })?
+        };
+        Ok(Self::over(channel, Auth(auth), url))
+    }
+
+    fn over(channel: Channel, auth: Auth, url: &str) -> Self {
+        let client = RegistryClient::with_interceptor(channel.clone(), auth)
             .max_decoding_message_size(8 << 20)
             .max_encoding_message_size(8 << 20);
-        Ok(Self {
+        Self {
             client,
+            channel,
             url: url.to_owned(),
-        })
+        }
+    }
+
+    /// The same connection sending another token (or none) with every call: a service
+    /// that acts for its callers (the worker's inference service) asks with each one's
+    /// own token, over one shared connection.
+    pub fn with_token(&self, token: Option<&str>) -> Result<Self> {
+        Ok(Self::over(
+            self.channel.clone(),
+            Auth(bearer(token)?),
+            &self.url,
+        ))
     }
 
     /// The registry URL.

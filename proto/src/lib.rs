@@ -11,7 +11,8 @@
 //! - `manifest`: the delta manifest, its canonical JSON and the delta-vs-base shape rules.
 //! - `fingerprint`: the base fingerprint over a tensor table.
 //! - `safetensors`: a strict safetensors header parser.
-//! - generated: `registry_client`, `registry_server` and the messages (re-exported here).
+//! - generated: `registry_client`, `registry_server` and the messages (re-exported here);
+//!   [`inference`]: the worker's inference service.
 
 pub mod digest;
 pub mod fingerprint;
@@ -36,6 +37,25 @@ pub use generated::*;
 
 /// The encoded file descriptor set of the service, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("delta_descriptor");
+
+/// The worker's inference service (`delta/inference/v1/inference.proto`): many callers'
+/// deltas served in mixed batches over shared bases.
+pub mod inference {
+    #[allow(
+        missing_docs,
+        unreachable_pub,
+        missing_debug_implementations,
+        clippy::all
+    )]
+    mod generated {
+        tonic::include_proto!("delta.inference.v1");
+    }
+    pub use generated::*;
+
+    /// The encoded file descriptor set of the inference service, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("inference_descriptor");
+}
 
 /// How much of a caller's input an error message repeats, in bytes.
 pub const EXCERPT_BYTES: usize = 200;

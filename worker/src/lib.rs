@@ -8,6 +8,7 @@
 //! - `train`: AdamW, schedule, accumulation, evaluation, best checkpoint.
 //! - `data`: JSONL examples, tokenisation, batches, the synthetic sentiment task.
 //! - `run`: whole runs (train a delta into a folder, load deltas, predict, verify).
+//! - `infer`: the central delta service (many callers' deltas in mixed batches, gRPC).
 //! - `serve`: the job loop against a registry (lease, renew, report, complete).
 //! - `tiny`: tiny random bases for tests.
 //! - `rng`: the seeded generator; `alloc`: glibc allocator settings for training.
@@ -15,6 +16,7 @@
 pub mod alloc;
 pub mod bert;
 pub mod data;
+pub mod infer;
 pub mod methods;
 pub mod mixed;
 pub mod mounts;

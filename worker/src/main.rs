@@ -56,6 +56,51 @@ enum Command {
         #[arg(long)]
         max_jobs: Option<usize>,
     },
+    /// Serve many callers' deltas over shared bases (gRPC `delta.inference.v1`), batching
+    /// calls for different deltas into one forward pass.
+    Infer {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        listen: String,
+        /// Registry the deltas come from. Each call's references resolve with the
+        /// caller's own token (its `authorization` header).
+        #[arg(long, env = "DELTA_REGISTRY", default_value = "http://127.0.0.1:50051")]
+        registry: String,
+        /// CA certificate for a TLS registry.
+        #[arg(long, env = "DELTA_CA_CERT")]
+        ca_cert: Option<PathBuf>,
+        /// Folder of base model folders; every base in it is served.
+        #[arg(long)]
+        models: PathBuf,
+        /// `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Cache for pulled deltas (on disk).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Bytes of delta tensors kept in memory (least recently used leave first).
+        #[arg(long, default_value_t = 1 << 30)]
+        delta_cache_bytes: u64,
+        /// Rows one batch gathers at most.
+        #[arg(long, default_value_t = 64)]
+        max_batch: usize,
+        /// Milliseconds the first call of a batch waits for others.
+        #[arg(long, default_value_t = 5)]
+        max_wait_ms: u64,
+        /// Seconds a caller's resolution of a reference is reused (a moved tag is seen
+        /// within this; while the registry is down, the last one keeps serving).
+        #[arg(long, default_value_t = 10)]
+        resolve_ttl_seconds: u64,
+        /// Inputs one call may carry.
+        #[arg(long, default_value_t = 256)]
+        max_inputs: usize,
+        /// Tokens one input may have (default and ceiling: the base's positions).
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Run each delta in a forward pass of its own (no mixed batches).
+        #[arg(long)]
+        no_mixing: bool,
+    },
     /// Train a delta locally, without a registry.
     Train {
         /// Base model folder.
@@ -167,6 +212,7 @@ async fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -191,7 +237,11 @@ async fn run(cli: Cli) -> Result<()> {
             max_jobs,
         } => {
             let (device, device_name) = device(&dev)?;
-            let opts = delta_client::remote::ConnectOptions { token, ca_cert };
+            let opts = delta_client::remote::ConnectOptions {
+                token,
+                ca_cert,
+                lazy: false,
+            };
             let remote = delta_client::Remote::connect_opts(&registry, &opts).await?;
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into());
             let serve = delta_worker::serve::ServeOptions {
@@ -205,6 +255,50 @@ async fn run(cli: Cli) -> Result<()> {
                 max_jobs,
             };
             delta_worker::serve::serve(remote, serve).await
+        }
+        Command::Infer {
+            listen,
+            registry,
+            ca_cert,
+            models,
+            device: dev,
+            cache,
+            delta_cache_bytes,
+            max_batch,
+            max_wait_ms,
+            resolve_ttl_seconds,
+            max_inputs,
+            max_tokens,
+            no_mixing,
+        } => {
+            let (device, _) = device(&dev)?;
+            let opts = delta_client::remote::ConnectOptions {
+                token: None,
+                ca_cert,
+                lazy: true,
+            };
+            let remote = delta_client::Remote::connect_opts(&registry, &opts).await?;
+            let mut o =
+                delta_worker::infer::InferOptions::new(models, cache.unwrap_or_else(default_cache));
+            o.device = device;
+            o.delta_cache_bytes = delta_cache_bytes;
+            o.max_batch = max_batch;
+            o.max_wait = Duration::from_millis(max_wait_ms);
+            o.resolve_ttl = Duration::from_secs(resolve_ttl_seconds);
+            o.max_inputs = max_inputs;
+            o.max_tokens = max_tokens;
+            o.no_mixing = no_mixing;
+            let service = tokio::task::block_in_place(|| {
+                delta_worker::infer::InferenceService::open(remote, o)
+            })?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            service
+                .serve(listener, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await
         }
         Command::Train {
             base,
@@ -265,6 +359,7 @@ async fn run(cli: Cli) -> Result<()> {
                     let opts = delta_client::remote::ConnectOptions {
                         token: token.clone(),
                         ca_cert: None,
+                        lazy: false,
                     };
                     remote = Some(delta_client::Remote::connect_opts(&registry, &opts).await?);
                 }

@@ -72,6 +72,7 @@ pub async fn login(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let opts = crate::remote::ConnectOptions {
         token: Some(token.clone()),
         ca_cert: ctx.ca_cert.clone(),
+        lazy: false,
     };
     let who = crate::remote::Remote::connect_opts(&ctx.registry, &opts)
         .await?

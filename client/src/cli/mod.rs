@@ -15,6 +15,7 @@ pub mod compose;
 pub mod doctor;
 pub mod export;
 pub mod fingerprint;
+pub mod infer;
 pub mod jobs;
 pub mod lifecycle;
 pub mod login;
@@ -114,6 +115,10 @@ pub enum Command {
     Job(jobs::JobArgs),
     /// Check connectivity, auth, the cache and local bases' fingerprints.
     Doctor(doctor::Args),
+    /// Class predictions from deltas on an inference service (`delta-worker infer`).
+    Predict(infer::PredictArgs),
+    /// Embeddings from deltas on an inference service (`delta-worker infer`).
+    Embed(infer::EmbedArgs),
     /// Print a shell completion script: `delta completions bash > /etc/bash_completion.d/delta`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -144,6 +149,7 @@ impl Ctx {
         let opts = crate::remote::ConnectOptions {
             token: self.token.clone(),
             ca_cert: self.ca_cert.clone(),
+            lazy: false,
         };
         Ok(Remote::connect_opts(&self.registry, &opts).await?)
     }
@@ -210,6 +216,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => jobs::verify(a, &ctx).await,
         Command::Job(a) => jobs::job(a, &ctx).await,
         Command::Doctor(a) => doctor::run(a, &ctx).await,
+        Command::Predict(a) => infer::predict(a, &ctx).await,
+        Command::Embed(a) => infer::embed(a, &ctx).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "delta", &mut std::io::stdout());

@@ -34,6 +34,7 @@ async fn https_with_a_custom_ca() {
         &ConnectOptions {
             token: None,
             ca_cert: Some(cert_path.clone()),
+            lazy: false,
         },
     )
     .await
