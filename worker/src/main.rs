@@ -206,7 +206,12 @@ fn device(spec: &str) -> Result<(Device, String)> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    delta_worker::alloc::tune_for_training();
+    let cli = Cli::parse();
+    // Training keeps its large activation buffers between steps; a service keeps only
+    // its base and deltas, and glibc's defaults give the rest back.
+    if !matches!(cli.command, Command::Infer { .. }) {
+        delta_worker::alloc::tune_for_training();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -214,7 +219,7 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()).await {
+    match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -190,6 +190,86 @@ impl<'m, 'a> MixedMounts<'m, 'a> {
     }
 }
 
+impl MixedMounts<'_, '_> {
+    /// Adds each row's LoRA branches on `module` to `y`. Where every segment has at most
+    /// one LoRA there, all rows go through one batched low-rank product: each row gathers
+    /// its segment's `A` and `B` (zero-padded to the largest rank; zeros for a row without
+    /// LoRA, which adds exactly nothing), as Punica's BGMV does; otherwise each segment's
+    /// products run on its own rows.
+    fn lora(&self, module: &str, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let loras = |s: &Segment<'_, '_>| s.mounts.lora.get(module).map_or(0, Vec::len);
+        if self.segments.iter().all(|s| loras(s) == 0) {
+            return Ok(y);
+        }
+        let (rows, len, n_in) = x.dims3()?;
+        let n_out = y.dim(2)?;
+        if self.segments.iter().any(|s| loras(s) > 1) {
+            return self.per_segment(&y, |s, ys| {
+                let Some(ls) = s.mounts.lora.get(module) else {
+                    return Ok(None);
+                };
+                let xs = x.narrow(0, s.start, s.len)?.reshape((s.len * len, n_in))?;
+                let mut ys = ys;
+                for l in ls {
+                    let branch = xs
+                        .matmul(&l.a.t()?)?
+                        .matmul(&l.b.t()?)?
+                        .reshape((s.len, len, n_out))?;
+                    ys = (ys + (branch * l.scale)?)?;
+                }
+                Ok(Some(ys))
+            });
+        }
+        let rank = self
+            .segments
+            .iter()
+            .filter_map(|s| s.mounts.lora.get(module)?.first())
+            .map(|l| l.a.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let device = x.device();
+        let (mut a_rows, mut b_rows, mut scales) = (Vec::new(), Vec::new(), Vec::new());
+        for s in &self.segments {
+            let (a, b, scale) = match s.mounts.lora.get(module).and_then(|v| v.first()) {
+                Some(l) => {
+                    let r = l.a.dim(0)?;
+                    let (mut a, mut b) = (l.a.clone(), l.b.clone());
+                    if r < rank {
+                        a = Tensor::cat(
+                            &[&a, &Tensor::zeros((rank - r, n_in), DType::F32, device)?],
+                            0,
+                        )?;
+                        b = Tensor::cat(
+                            &[&b, &Tensor::zeros((n_out, rank - r), DType::F32, device)?],
+                            1,
+                        )?;
+                    }
+                    (a, b, l.scale as f32)
+                }
+                None => (
+                    Tensor::zeros((rank, n_in), DType::F32, device)?,
+                    Tensor::zeros((n_out, rank), DType::F32, device)?,
+                    0.0,
+                ),
+            };
+            a_rows.push(a.unsqueeze(0)?.broadcast_as((s.len, rank, n_in))?);
+            b_rows.push(b.unsqueeze(0)?.broadcast_as((s.len, n_out, rank))?);
+            scales.extend(std::iter::repeat_n(scale, s.len));
+        }
+        let a = Tensor::cat(&a_rows, 0)?;
+        let b = Tensor::cat(&b_rows, 0)?;
+        let scales = Tensor::from_vec(scales, (rows, 1, 1), device)?;
+        let branch = x
+            .contiguous()?
+            .matmul(&a.transpose(1, 2)?)?
+            .matmul(&b.transpose(1, 2)?)?
+            .broadcast_mul(&scales)?;
+        Ok((y + branch)?)
+    }
+}
+
 fn prompt_len(m: &Mounts<'_>) -> Result<usize> {
     Ok(match m.prompt()? {
         Some(p) => p.dim(0)?,
@@ -241,22 +321,7 @@ impl Inject for MixedMounts<'_, '_> {
         if self.base().tensors.contains_key(&bias) {
             y = y.broadcast_add(&self.tensor(&bias)?)?;
         }
-        // LoRA: each segment's low-rank product on its own rows.
-        y = self.per_segment(&y, |s, ys| {
-            let Some(loras) = s.mounts.lora.get(module) else {
-                return Ok(None);
-            };
-            let xs = x.narrow(0, s.start, s.len)?.reshape((s.len * len, n_in))?;
-            let mut ys = ys;
-            for l in loras {
-                let branch = xs
-                    .matmul(&l.a.t()?)?
-                    .matmul(&l.b.t()?)?
-                    .reshape((s.len, len, n_out))?;
-                ys = (ys + (branch * l.scale)?)?;
-            }
-            Ok(Some(ys))
-        })?;
+        y = self.lora(module, &x, y)?;
         if let Some(s) = self.per_row(n_out, 1.0, |m| ia3_product(m, module, false))? {
             y = y.broadcast_mul(&s)?;
         }

@@ -52,6 +52,34 @@ fn trained(base: &BaseWeights, spec: serde_json::Value, labels: usize, seed: u64
     m
 }
 
+/// A parent LoRA and a child LoRA on the same modules, mounted one over the other (a
+/// staged chain): two branches on one module, which the batched path does not take.
+fn stacked(base: &BaseWeights) -> Mounts<'_> {
+    let parent = trained(
+        base,
+        serde_json::json!({"methods": ["lora"], "rank": 2}),
+        2,
+        30,
+    );
+    let spec: TrainSpec =
+        serde_json::from_value(serde_json::json!({"methods": ["lora"], "rank": 6})).unwrap();
+    let labels = ["x".to_owned(), "y".to_owned()];
+    let t = Trainable::new(&spec, base, &labels).unwrap();
+    let mut rng = Rng::new(31);
+    let tensors = t
+        .tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            let moved = (&v + noise(&mut rng, v.dims(), 0.0, 0.05)).unwrap();
+            (k, moved)
+        })
+        .collect();
+    let mut m = parent;
+    m.mount(&t.config, tensors).unwrap();
+    m
+}
+
 fn ia3(base: &BaseWeights, seed: u64) -> Mounts<'_> {
     let mut rng = Rng::new(seed);
     let config = MethodConfig {
@@ -105,6 +133,7 @@ fn every_row_of_a_mixed_batch_equals_its_delta_alone() {
             ),
         ),
         ("ia3", ia3(&base, 2)),
+        ("lora over lora", stacked(&base)),
         ("base", Mounts::new(&base)),
         (
             "prompt-6",
@@ -206,8 +235,8 @@ fn every_row_of_a_mixed_batch_equals_its_delta_alone() {
         }
         // And the heads differ from each other: the test is not comparing one model.
         if out == Output::Logits {
-            assert_eq!(together[3][0].len(), 3);
-            assert_eq!(together[6][0].len(), 4);
+            assert_eq!(together[4][0].len(), 3);
+            assert_eq!(together[7][0].len(), 4);
         }
     }
 }
