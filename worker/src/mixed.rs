@@ -38,6 +38,10 @@ pub struct MixedMounts<'m, 'a> {
     rows: usize,
     /// Longest soft prompt among the segments (0 without one).
     prompt_max: usize,
+    /// Each segment's own padded input length (the longest of its rows), for dropout.
+    input_lens: Vec<usize>,
+    /// The batch's padded input length.
+    batch_len: usize,
 }
 
 /// Whether a delta can share the base's matmuls with others in one batch: it replaces or
@@ -82,7 +86,49 @@ impl<'m, 'a> MixedMounts<'m, 'a> {
             segments,
             rows: start,
             prompt_max,
+            input_lens: Vec::new(),
+            batch_len: 0,
         })
+    }
+
+    /// Records each segment's own padded length from the batch's mask. Needed for
+    /// training-time dropout: each segment draws its masks from its own generator over
+    /// exactly the positions its rows would have alone, so a job trained in a mixed batch
+    /// draws the same masks as trained alone.
+    pub fn with_input_lengths(mut self, batch: &Batch) -> Result<Self> {
+        let counts: Vec<f32> = batch.mask.sum(1)?.to_vec1()?;
+        self.batch_len = batch.ids.dim(1)?;
+        self.input_lens = self
+            .segments
+            .iter()
+            .map(|s| {
+                counts[s.start..s.start + s.len]
+                    .iter()
+                    .fold(0f32, |a, &b| a.max(b)) as usize
+            })
+            .map(|n| n.max(1))
+            .collect();
+        Ok(self)
+    }
+
+    fn dropping(&self) -> bool {
+        self.segments.iter().any(|s| s.mounts.dropout.is_some())
+    }
+
+    /// The segment's own positions along a hidden state's sequence axis of length `seq`:
+    /// (start, length), after its prompt's left padding.
+    fn own_positions(&self, i: usize, seq: usize) -> Result<(usize, usize)> {
+        let own = *self
+            .input_lens
+            .get(i)
+            .context("dropout in a mixed batch needs with_input_lengths")?;
+        let p = prompt_len(self.segments[i].mounts)?;
+        // Before the prompt is prepended (the embeddings' dropout) the axis is the input.
+        if self.prompt_max > 0 && seq == self.prompt_max + self.batch_len {
+            Ok((self.prompt_max - p, p + own))
+        } else {
+            Ok((0, own))
+        }
     }
 
     /// The segments, in row order.
@@ -316,7 +362,13 @@ impl Inject for MixedMounts<'_, '_> {
             None => x.clone(),
         };
         let flat = x.reshape((rows * len, n_in))?;
-        let mut y = flat.matmul(&w.t()?)?.reshape((rows, len, n_out))?;
+        // Training: no gradient for the frozen base weight (see `frozen_matmul`).
+        let y = if flat.device().is_cpu() && flat.track_op() {
+            crate::mounts::frozen_matmul(&flat, &w)?
+        } else {
+            flat.matmul(&w.t()?)?
+        };
+        let mut y = y.reshape((rows, len, n_out))?;
         let bias = format!("{module}.bias");
         if self.base().tensors.contains_key(&bias) {
             y = y.broadcast_add(&self.tensor(&bias)?)?;
@@ -375,6 +427,57 @@ impl Inject for MixedMounts<'_, '_> {
             .collect::<Result<_>>()?;
         self.padded(&each)
     }
+
+    fn drop_hidden(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.dropping() {
+            return Ok(x.clone());
+        }
+        let seq = x.dim(1)?;
+        let mut parts = Vec::with_capacity(self.segments.len());
+        for (i, s) in self.segments.iter().enumerate() {
+            let rows = x.narrow(0, s.start, s.len)?;
+            if s.mounts.dropout.is_none() {
+                parts.push(rows);
+                continue;
+            }
+            let (start, len) = self.own_positions(i, seq)?;
+            parts.push(replace_span(&rows, 1, start, len, |r| {
+                s.mounts.drop_hidden(r)
+            })?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    fn drop_attention(&self, probs: &Tensor) -> Result<Tensor> {
+        if !self.dropping() {
+            return Ok(probs.clone());
+        }
+        let (_, _, q, kv) = probs.dims4()?;
+        let prefix_max = kv - q;
+        let mut parts = Vec::with_capacity(self.segments.len());
+        for (i, s) in self.segments.iter().enumerate() {
+            let rows = probs.narrow(0, s.start, s.len)?;
+            if s.mounts.dropout.is_none() {
+                parts.push(rows);
+                continue;
+            }
+            let (q0, qn) = self.own_positions(i, q)?;
+            // A prefix delta has the same length at every layer.
+            let pf = s.mounts.prefix(0)?.map_or(Ok(0), |(k, _)| k.dim(0))?;
+            // Its keys alone: its prefix, then its prompt and input.
+            let (k0, k1) = (prefix_max - pf, prefix_max + q0);
+            parts.push(replace_span(&rows, 2, q0, qn, |r| {
+                let own = Tensor::cat(&[&r.narrow(3, k0, pf)?, &r.narrow(3, k1, qn)?], 3)?;
+                let dropped = s.mounts.drop_attention(&own.contiguous()?)?;
+                let r = replace_span(r, 3, k1, qn, |_| Ok(dropped.narrow(3, pf, qn)?))?;
+                if pf == 0 {
+                    return Ok(r);
+                }
+                replace_span(&r, 3, k0, pf, |_| Ok(dropped.narrow(3, 0, pf)?))
+            })?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
 }
 
 /// The product of a module's IA3 vectors on one side (input or output), if it has any.
@@ -398,6 +501,21 @@ pub enum Output {
     Logits,
     /// The mean of the input tokens' last hidden states (sentence-transformers pooling).
     Embedding,
+}
+
+/// Each segment's logits `[rows, labels]` (with their graph: co-training takes each
+/// job's loss from its own segment).
+pub fn logits(cfg: &BertConfig, m: &MixedMounts<'_, '_>, batch: &Batch) -> Result<Vec<Tensor>> {
+    let (hidden, pool_mask) = encode(cfg, m, batch)?;
+    m.segments
+        .iter()
+        .map(|s| {
+            let h = hidden.narrow(0, s.start, s.len)?;
+            let mask = pool_mask.narrow(0, s.start, s.len)?;
+            let first = m.prompt_max - prompt_len(s.mounts)?;
+            head(s.mounts, &h, &mask, first)
+        })
+        .collect()
 }
 
 /// Runs a batch of segments that share the base: per segment, per row, the values asked
@@ -449,4 +567,25 @@ fn head(m: &Mounts<'_>, hidden: &Tensor, mask: &Tensor, first: usize) -> Result<
         bail!("neither the base nor the delta has a classification head (classifier.weight)");
     }
     crate::bert::head(m, hidden, mask, first)
+}
+
+/// `t` with the span `start..start + len` of axis `dim` replaced by `f` of it.
+fn replace_span(
+    t: &Tensor,
+    dim: usize,
+    start: usize,
+    len: usize,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let total = t.dim(dim)?;
+    let mid = f(&t.narrow(dim, start, len)?)?;
+    let mut parts = Vec::with_capacity(3);
+    if start > 0 {
+        parts.push(t.narrow(dim, 0, start)?);
+    }
+    parts.push(mid);
+    if start + len < total {
+        parts.push(t.narrow(dim, start + len, total - start - len)?);
+    }
+    Ok(Tensor::cat(&parts, dim)?)
 }

@@ -599,7 +599,7 @@ impl crate::bert::Inject for Mounts<'_> {
 /// which for a frozen base weight is a wasted `[out, in]` product per layer and step. This
 /// op computes the product without a graph and attaches a backward that returns only the
 /// input's gradient, `g W`.
-fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+pub(crate) fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let y = x.detach().matmul(&w.t()?)?;
     Ok(x.apply_op2(&y, FrozenLinear { w: w.clone() })?)
 }

@@ -12,7 +12,7 @@ use delta_proto::manifest::{BaseRef, Manifest, Parent, SCHEMA_VERSION};
 use serde_json::json;
 
 use crate::bert::BaseWeights;
-use crate::data::{Example, Tok, label_set};
+use crate::data::{Encoded, Example, Tok, label_set};
 use crate::methods::Trainable;
 use crate::mounts::Mounts;
 use crate::train::{Evaluation, evaluate};
@@ -210,15 +210,36 @@ pub struct TrainRequest<'a> {
     pub provenance: BTreeMap<String, serde_json::Value>,
 }
 
-/// Trains a delta and writes it as a native folder in `out`. The recorded metrics are
-/// those of the saved tensors, evaluated after saving (diff pruning's sparsification
-/// and the folded prefix MLP included), so a verification reproduces them exactly.
-pub fn train_to_dir(
-    base: &LocalBase,
-    req: &TrainRequest<'_>,
-    out: &Path,
-    progress: &mut dyn FnMut(&Progress) -> Result<()>,
-) -> Result<Trained> {
+/// A training run set up: encoded data, the frozen parents, the trainable delta.
+#[derive(Debug)]
+pub struct Prepared<'b> {
+    /// Training examples, tokenised.
+    pub train: Vec<Encoded>,
+    /// Evaluation examples, tokenised.
+    pub eval: Option<Vec<Encoded>>,
+    /// The base with the parents mounted.
+    pub frozen: Mounts<'b>,
+    /// The delta being trained.
+    pub t: Trainable,
+}
+
+impl Prepared<'_> {
+    /// The progress event that opens the run.
+    fn announce(&self) -> Progress {
+        Progress {
+            message: Some(format!(
+                "training {} ({} trainable values) on {} examples",
+                self.t.spec.methods.join("+"),
+                self.t.parameters(),
+                self.train.len()
+            )),
+            ..Progress::default()
+        }
+    }
+}
+
+/// Checks a request and sets its run up.
+pub fn prepare<'b>(base: &'b LocalBase, req: &TrainRequest<'_>) -> Result<Prepared<'b>> {
     let spec = req.spec;
     spec.check().map_err(anyhow::Error::msg)?;
     if let Some(i) = req.train.iter().position(|e| e.label.is_empty()) {
@@ -234,19 +255,120 @@ pub fn train_to_dir(
         Some(e) => Some(tok.encode_all(e, &labels)?),
         None => None,
     };
-    let frozen = mount_all(base, req.parents)?;
-    let t = Trainable::new(spec, &base.weights, &labels)?;
+    Ok(Prepared {
+        train,
+        eval,
+        frozen: mount_all(base, req.parents)?,
+        t: Trainable::new(spec, &base.weights, &labels)?,
+    })
+}
+
+/// Trains a delta and writes it as a native folder in `out`. The recorded metrics are
+/// those of the saved tensors, evaluated after saving (diff pruning's sparsification
+/// and the folded prefix MLP included), so a verification reproduces them exactly.
+pub fn train_to_dir(
+    base: &LocalBase,
+    req: &TrainRequest<'_>,
+    out: &Path,
+    progress: &mut dyn FnMut(&Progress) -> Result<()>,
+) -> Result<Trained> {
+    let p = prepare(base, req)?;
+    progress(&p.announce())?;
+    let outcome = crate::train::train(&p.t, &p.frozen, &p.train, p.eval.as_deref(), progress)?;
+    write_trained(base, req, &p, outcome, out)
+}
+
+/// Trains several requests on one base, each into its folder in `outs`: those whose
+/// deltas share the base ([`crate::mixed::shares_base`]) together in mixed batches
+/// ([`crate::train::co_train`]), the others alone after them. Each result is what
+/// [`train_to_dir`] gives for its request, within float rounding; `progress` gets the
+/// request's index, and an error from it stops that request only.
+pub fn co_train_to_dirs(
+    base: &LocalBase,
+    reqs: &[TrainRequest<'_>],
+    outs: &[PathBuf],
+    progress: &mut dyn FnMut(usize, &Progress) -> Result<()>,
+) -> Vec<Result<Trained>> {
+    let mut results: Vec<Option<Result<Trained>>> = reqs.iter().map(|_| None).collect();
+    let mut prepared: Vec<Option<Prepared<'_>>> = Vec::with_capacity(reqs.len());
+    for (i, req) in reqs.iter().enumerate() {
+        let p = prepare(base, req).and_then(|p| {
+            progress(i, &p.announce())?;
+            Ok(p)
+        });
+        match p {
+            Ok(p) => prepared.push(Some(p)),
+            Err(e) => {
+                results[i] = Some(Err(e));
+                prepared.push(None);
+            }
+        }
+    }
+    let shares = |p: &Prepared<'_>| {
+        p.t.mount(&p.frozen)
+            .is_ok_and(|m| crate::mixed::shares_base(&m))
+    };
+    let together: Vec<usize> = (0..reqs.len())
+        .filter(|&i| prepared[i].as_ref().is_some_and(shares))
+        .collect();
+    let mut outcomes: Vec<Option<Result<crate::train::Outcome>>> =
+        reqs.iter().map(|_| None).collect();
+    if together.len() >= 2 {
+        let mut sessions = Vec::new();
+        let mut index = Vec::new();
+        for &i in &together {
+            let Some(p) = prepared[i].as_ref() else {
+                continue;
+            };
+            match crate::train::Session::new(&p.t, &p.frozen, &p.train, p.eval.as_deref()) {
+                Ok(s) => {
+                    sessions.push(s);
+                    index.push(i);
+                }
+                Err(e) => outcomes[i] = Some(Err(e)),
+            }
+        }
+        let done = crate::train::co_train(sessions, &mut |k, p| progress(index[k], p));
+        for (k, o) in done.into_iter().enumerate() {
+            outcomes[index[k]] = Some(o);
+        }
+    }
+    for (i, p) in prepared.iter().enumerate() {
+        if let Some(p) = p
+            && outcomes[i].is_none()
+        {
+            outcomes[i] = Some(crate::train::train(
+                &p.t,
+                &p.frozen,
+                &p.train,
+                p.eval.as_deref(),
+                &mut |e| progress(i, e),
+            ));
+        }
+    }
+    for (i, (p, o)) in prepared.iter().zip(outcomes).enumerate() {
+        if let (Some(p), Some(o)) = (p, o) {
+            results[i] = Some(o.and_then(|o| write_trained(base, &reqs[i], p, o, &outs[i])));
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("the request was not run"))))
+        .collect()
+}
+
+/// Writes a trained run as a native folder: the exported tensors, the manifest with
+/// provenance, and the metrics of the saved tensors.
+fn write_trained(
+    base: &LocalBase,
+    req: &TrainRequest<'_>,
+    p: &Prepared<'_>,
+    outcome: crate::train::Outcome,
+    out: &Path,
+) -> Result<Trained> {
+    let spec = req.spec;
+    let (t, eval) = (&p.t, &p.eval);
     let params = t.parameters();
-    progress(&Progress {
-        message: Some(format!(
-            "training {} ({} trainable values) on {} examples",
-            spec.methods.join("+"),
-            params,
-            train.len()
-        )),
-        ..Progress::default()
-    })?;
-    let outcome = crate::train::train(&t, &frozen, &train, eval.as_deref(), progress)?;
     let (tensors, facts) = t.export()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let file = out.join(delta_client::delta::NATIVE_TENSORS);
