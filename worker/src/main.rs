@@ -55,6 +55,11 @@ enum Command {
         /// Stop after this many jobs.
         #[arg(long)]
         max_jobs: Option<usize>,
+        /// Train up to this many queued training jobs on one base together, in mixed
+        /// batches (one forward and backward pass for all; each job its own optimiser,
+        /// schedule, data order, lease and result).
+        #[arg(long, default_value_t = 1)]
+        co_train: usize,
     },
     /// Serve many callers' deltas over shared bases (gRPC `delta.inference.v1`), batching
     /// calls for different deltas into one forward pass.
@@ -240,6 +245,7 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             lease_seconds,
             max_jobs,
+            co_train,
         } => {
             let (device, device_name) = device(&dev)?;
             let opts = delta_client::remote::ConnectOptions {
@@ -258,6 +264,7 @@ async fn run(cli: Cli) -> Result<()> {
                 lease_seconds,
                 poll: Duration::from_millis(250),
                 max_jobs,
+                co_train: co_train.max(1),
             };
             delta_worker::serve::serve(remote, serve).await
         }

@@ -1,6 +1,7 @@
 //! `delta-worker serve`: lease jobs from a registry, run them, publish the results.
 //!
-//! One job at a time. While a job runs, a task renews its lease every third of the lease
+//! One job at a time, or with `--co-train K` up to K training jobs on one base trained
+//! together in mixed batches (each with its own lease, progress and result). While a job runs, a task renews its lease every third of the lease
 //! time; if a renewal is refused (the lease expired and the job went to another worker)
 //! the run is stopped at the next step and nothing is published. A training job's blobs
 //! are uploaded first and its manifest is published by `CompleteJob`, which the registry
@@ -21,7 +22,7 @@ use delta_proto::Digest;
 use indicatif::ProgressBar;
 
 use crate::data::parse_jsonl;
-use crate::run::{Delta, LocalBase, TrainRequest, train_to_dir, verify};
+use crate::run::{Delta, LocalBase, TrainRequest, co_train_to_dirs, verify};
 
 /// How the worker runs.
 #[derive(Debug, Clone)]
@@ -43,6 +44,8 @@ pub struct ServeOptions {
     pub poll: Duration,
     /// Stop after this many jobs (tests, batch use).
     pub max_jobs: Option<usize>,
+    /// Training jobs on one base trained together in mixed batches (1: one at a time).
+    pub co_train: usize,
 }
 
 /// Base folders under `models` by fingerprint.
@@ -119,55 +122,125 @@ pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
             }
             continue;
         };
-        tracing::info!(job = job.id, kind = %job.kind, attempt = job.attempts, "running job");
-        let lost = Arc::new(AtomicBool::new(false));
-        let renewer = {
-            let (remote, lease, lost) = (remote.clone(), lease.clone(), lost.clone());
-            let (id, secs) = (job.id, opts.lease_seconds);
-            tokio::spawn(async move {
-                let every = Duration::from_millis(u64::from(secs.max(1)) * 1000 / 3);
-                loop {
-                    tokio::time::sleep(every).await;
-                    if let Err(e) = remote.renew_lease(id, &lease, secs).await {
-                        tracing::warn!(job = id, error = %e, "lease lost");
-                        lost.store(true, Ordering::Relaxed);
-                        return;
+        // With --co-train K, up to K - 1 more training jobs on the same base join it
+        // (without waiting: whatever is queued now).
+        let mut group = vec![(job, lease)];
+        if opts.co_train > 1
+            && group[0].0.kind == KIND_TRAIN
+            && let Ok(spec) = serde_json::from_str::<TrainJob>(&group[0].0.spec)
+            && let Ok(fp) = spec.base.parse::<Digest>()
+        {
+            let train = [KIND_TRAIN.to_owned()];
+            while group.len() < opts.co_train {
+                match remote
+                    .lease_job_on(&opts.name, &train, &[fp], opts.lease_seconds, 0)
+                    .await
+                {
+                    Ok(Some(more)) => group.push(more),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "leasing a job to train alongside failed");
+                        break;
                     }
                 }
-            })
-        };
-        let outcome = run_job(&remote, &cache, &bases, &opts, &job, &lease, lost.clone()).await;
-        renewer.abort();
-        if lost.load(Ordering::Relaxed) {
-            tracing::warn!(job = job.id, "lease lost; result dropped");
-            continue;
+            }
         }
-        let completed = match outcome {
-            Ok(Finished::Trained(manifest)) => {
-                remote
-                    .complete_job(job.id, &lease, None, Some(&manifest), None)
-                    .await
-            }
-            Ok(Finished::Verified(report)) => {
-                remote
-                    .complete_job(job.id, &lease, None, None, Some(&report))
-                    .await
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                tracing::warn!(job = job.id, error = %msg, "job failed");
-                remote
-                    .complete_job(job.id, &lease, Some(&msg), None, None)
-                    .await
-            }
-        };
-        match completed {
-            Ok(info) => {
-                tracing::info!(job = info.id, state = %info.state, result = %info.result, "job completed")
-            }
-            Err(e) => tracing::warn!(job = job.id, error = %e, "completing the job failed"),
+        let mut leased = Vec::with_capacity(group.len());
+        let mut renewers = Vec::with_capacity(group.len());
+        for (job, lease) in group {
+            tracing::info!(job = job.id, kind = %job.kind, attempt = job.attempts, "running job");
+            let lost = Arc::new(AtomicBool::new(false));
+            renewers.push(renew(
+                &remote,
+                &job,
+                &lease,
+                opts.lease_seconds,
+                lost.clone(),
+            ));
+            leased.push(Leased { job, lease, lost });
         }
-        done += 1;
+        let outcomes = if leased.len() > 1 {
+            tracing::info!(jobs = leased.len(), "training together in mixed batches");
+            train_jobs(&remote, &cache, &bases, &opts, &leased).await
+        } else {
+            let l = &leased[0];
+            vec![
+                run_job(
+                    &remote,
+                    &cache,
+                    &bases,
+                    &opts,
+                    &l.job,
+                    &l.lease,
+                    l.lost.clone(),
+                )
+                .await,
+            ]
+        };
+        for r in renewers {
+            r.abort();
+        }
+        for (l, outcome) in leased.iter().zip(outcomes) {
+            complete(&remote, l, outcome).await;
+            done += 1;
+        }
+    }
+}
+
+/// Renews a lease every third of its length until aborted; a refused renewal (the job
+/// went to another worker) sets `lost`.
+fn renew(
+    remote: &Remote,
+    job: &delta_proto::JobInfo,
+    lease: &str,
+    secs: u32,
+    lost: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let (remote, lease, id) = (remote.clone(), lease.to_owned(), job.id);
+    tokio::spawn(async move {
+        let every = Duration::from_millis(u64::from(secs.max(1)) * 1000 / 3);
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = remote.renew_lease(id, &lease, secs).await {
+                tracing::warn!(job = id, error = %e, "lease lost");
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    })
+}
+
+/// Ends a job on the registry with its outcome (nothing, if its lease was lost).
+async fn complete(remote: &Remote, l: &Leased, outcome: Result<Finished>) {
+    let (job, lease) = (&l.job, l.lease.as_str());
+    if l.lost.load(Ordering::Relaxed) {
+        tracing::warn!(job = job.id, "lease lost; result dropped");
+        return;
+    }
+    let completed = match outcome {
+        Ok(Finished::Trained(manifest)) => {
+            remote
+                .complete_job(job.id, lease, None, Some(&manifest), None)
+                .await
+        }
+        Ok(Finished::Verified(report)) => {
+            remote
+                .complete_job(job.id, lease, None, None, Some(&report))
+                .await
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::warn!(job = job.id, error = %msg, "job failed");
+            remote
+                .complete_job(job.id, lease, Some(&msg), None, None)
+                .await
+        }
+    };
+    match completed {
+        Ok(info) => {
+            tracing::info!(job = info.id, state = %info.state, result = %info.result, "job completed")
+        }
+        Err(e) => tracing::warn!(job = job.id, error = %e, "completing the job failed"),
     }
 }
 
@@ -212,6 +285,232 @@ pub async fn fetch_chain(remote: &Remote, cache: &Cache, reference: &str) -> Res
     Ok(chain)
 }
 
+/// A leased job: its lease, and the flag its renewer sets if the lease is lost.
+struct Leased {
+    job: delta_proto::JobInfo,
+    lease: String,
+    lost: Arc<AtomicBool>,
+}
+
+/// A training job's inputs, fetched.
+struct TrainInput {
+    spec: TrainJob,
+    fp: Digest,
+    train: Vec<delta_client::jobs::Example>,
+    eval: Option<Vec<delta_client::jobs::Example>>,
+    parents: Vec<Delta>,
+}
+
+async fn fetch_train_input(
+    remote: &Remote,
+    cache: &Cache,
+    job: &delta_proto::JobInfo,
+) -> Result<TrainInput> {
+    let spec: TrainJob =
+        serde_json::from_str(&job.spec).context("the job's spec is not a training spec")?;
+    let fp: Digest = spec.base.parse().context("bad base fingerprint")?;
+    let train = parse_jsonl(&blob(remote, cache, &spec.train).await?, "training data")?;
+    let eval = match &spec.eval {
+        Some(d) => Some(parse_jsonl(
+            &blob(remote, cache, d).await?,
+            "evaluation data",
+        )?),
+        None => None,
+    };
+    let mut parents = Vec::new();
+    for p in &spec.parents {
+        parents.extend(fetch_chain(remote, cache, p).await?);
+    }
+    Ok(TrainInput {
+        spec,
+        fp,
+        train,
+        eval,
+        parents,
+    })
+}
+
+/// Trains leased jobs on one base, together in mixed batches where their deltas allow
+/// (`--co-train`; one job trains alone), reporting each job's progress on its own lease,
+/// and uploads each trained delta's blobs. One result per job, in order: a job whose
+/// inputs cannot be fetched, whose training fails or whose lease is lost fails alone.
+async fn train_jobs(
+    remote: &Remote,
+    cache: &Cache,
+    bases: &HashMap<Digest, PathBuf>,
+    opts: &ServeOptions,
+    jobs: &[Leased],
+) -> Vec<Result<Finished>> {
+    let mut results: Vec<Option<Result<Finished>>> = jobs.iter().map(|_| None).collect();
+    let mut inputs = Vec::new();
+    for (i, l) in jobs.iter().enumerate() {
+        match fetch_train_input(remote, cache, &l.job).await {
+            Ok(input) => inputs.push((i, input)),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    if let Some((_, first)) = inputs.first() {
+        let fp = first.fp;
+        match bases.get(&fp) {
+            None => {
+                for (i, _) in inputs.drain(..) {
+                    results[i] = Some(Err(anyhow::anyhow!(
+                        "this worker has no base with fingerprint {fp}"
+                    )));
+                }
+            }
+            Some(dir) => {
+                let dir = dir.clone();
+                // Jobs are leased for one base; anything else waits for its own group.
+                let (same, other): (Vec<_>, Vec<_>) =
+                    inputs.into_iter().partition(|(_, x)| x.fp == fp);
+                for (i, x) in other {
+                    results[i] = Some(Err(anyhow::anyhow!(
+                        "job is for base {}, not the group's {fp}",
+                        x.fp
+                    )));
+                }
+                for (i, r) in train_group(remote, opts, jobs, dir, fp, same).await {
+                    results[i] = Some(r);
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow::anyhow!("the job was not run"))))
+        .collect()
+}
+
+async fn train_group(
+    remote: &Remote,
+    opts: &ServeOptions,
+    jobs: &[Leased],
+    dir: PathBuf,
+    fp: Digest,
+    inputs: Vec<(usize, TrainInput)>,
+) -> Vec<(usize, Result<Finished>)> {
+    let index: Vec<usize> = inputs.iter().map(|(i, _)| *i).collect();
+    let outs: Vec<tempfile::TempDir> = match (0..inputs.len())
+        .map(|_| tempfile::tempdir())
+        .collect::<std::io::Result<Vec<_>>>()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            let msg = format!("creating a temporary folder: {e}");
+            return index
+                .into_iter()
+                .map(|i| (i, Err(anyhow::anyhow!("{msg}"))))
+                .collect();
+        }
+    };
+    let out_paths: Vec<PathBuf> = outs.iter().map(|o| o.path().to_owned()).collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Progress)>();
+    let device = opts.device.clone();
+    let stops: Vec<Arc<AtomicBool>> = index.iter().map(|&i| jobs[i].lost.clone()).collect();
+    let provenances: Vec<std::collections::BTreeMap<String, serde_json::Value>> = index
+        .iter()
+        .zip(&inputs)
+        .map(|(&i, (_, x))| {
+            let mut p = std::collections::BTreeMap::new();
+            p.insert("job".into(), serde_json::json!(jobs[i].job.id));
+            p.insert("worker".into(), serde_json::json!(opts.name));
+            p.insert("device".into(), serde_json::json!(opts.device_name));
+            p.insert(
+                "datasets".into(),
+                serde_json::json!({ "train": x.spec.train, "eval": x.spec.eval }),
+            );
+            if index.len() > 1 {
+                p.insert("co_trained_with".into(), serde_json::json!(index.len() - 1));
+            }
+            p
+        })
+        .collect();
+    let handle =
+        tokio::task::spawn_blocking(move || -> Result<Vec<Result<crate::run::Trained>>> {
+            let base = LocalBase::open_known(&dir, &device, fp)?;
+            let reqs: Vec<TrainRequest<'_>> = inputs
+                .iter()
+                .zip(provenances)
+                .map(|((_, x), provenance)| TrainRequest {
+                    spec: &x.spec.spec,
+                    parents: &x.parents,
+                    train: &x.train,
+                    eval: x.eval.as_deref(),
+                    base_name: x.spec.base_name.clone(),
+                    provenance,
+                })
+                .collect();
+            Ok(co_train_to_dirs(&base, &reqs, &out_paths, &mut |k, p| {
+                if stops[k].load(Ordering::Relaxed) {
+                    bail!("the lease was lost");
+                }
+                let _ = tx.send((k, p.clone()));
+                Ok(())
+            }))
+        });
+    // Forward progress while training runs: per job, every event with eval results, the
+    // first steps, and then about one step event a second.
+    let mut last: Vec<Option<std::time::Instant>> = vec![None; index.len()];
+    while let Some((k, p)) = rx.recv().await {
+        let important = p.message.is_some() || p.eval_accuracy.is_some() || p.step <= 1;
+        if important || last[k].is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last[k] = Some(std::time::Instant::now());
+            let l = &jobs[index[k]];
+            let Ok(body) = serde_json::to_string(&p) else {
+                continue;
+            };
+            if let Err(e) = remote.report_progress(l.job.id, &l.lease, &body).await {
+                tracing::warn!(job = l.job.id, error = %e, "progress report refused");
+            }
+        }
+    }
+    let trained = match handle.await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let msg = format!("{e:#}");
+            return index
+                .into_iter()
+                .map(|i| (i, Err(anyhow::anyhow!("{msg}"))))
+                .collect();
+        }
+        Err(e) => {
+            return index
+                .into_iter()
+                .map(|i| (i, Err(anyhow::anyhow!("training panicked: {e}"))))
+                .collect();
+        }
+    };
+    let mut out = Vec::with_capacity(index.len());
+    for (k, t) in trained.into_iter().enumerate() {
+        let r = match t {
+            Ok(t) => upload(remote, &t)
+                .await
+                .map(|()| Finished::Trained(Box::new(t.manifest))),
+            Err(e) => Err(e),
+        };
+        out.push((index[k], r));
+    }
+    drop(outs);
+    out
+}
+
+/// Uploads the blobs of a trained delta the registry lacks (its manifest is published by
+/// `CompleteJob`).
+async fn upload(remote: &Remote, trained: &crate::run::Trained) -> Result<()> {
+    let digests: Vec<Digest> = trained.manifest.files.iter().map(|f| f.digest).collect();
+    let missing = remote.missing(&digests).await?;
+    for f in &trained.manifest.files {
+        if missing.contains(&f.digest) {
+            let path = trained.dir.join(&f.path);
+            remote
+                .upload_file(&path, f.digest, f.size, &ProgressBar::hidden())
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
     remote: &Remote,
@@ -224,89 +523,15 @@ async fn run_job(
 ) -> Result<Finished> {
     match job.kind.as_str() {
         KIND_TRAIN => {
-            let spec: TrainJob =
-                serde_json::from_str(&job.spec).context("the job's spec is not a training spec")?;
-            let fp: Digest = spec.base.parse().context("bad base fingerprint")?;
-            let dir = bases
-                .get(&fp)
-                .with_context(|| format!("this worker has no base with fingerprint {fp}"))?
-                .clone();
-            let train = parse_jsonl(&blob(remote, cache, &spec.train).await?, "training data")?;
-            let eval = match &spec.eval {
-                Some(d) => Some(parse_jsonl(
-                    &blob(remote, cache, d).await?,
-                    "evaluation data",
-                )?),
-                None => None,
+            let leased = Leased {
+                job: job.clone(),
+                lease: lease.to_owned(),
+                lost,
             };
-            let mut parents = Vec::new();
-            for p in &spec.parents {
-                parents.extend(fetch_chain(remote, cache, p).await?);
-            }
-            let out = tempfile::tempdir()?;
-            let out_path = out.path().to_owned();
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
-            let device = opts.device.clone();
-            let mut provenance = std::collections::BTreeMap::new();
-            provenance.insert("job".into(), serde_json::json!(job.id));
-            provenance.insert("worker".into(), serde_json::json!(opts.name));
-            provenance.insert("device".into(), serde_json::json!(opts.device_name));
-            provenance.insert(
-                "datasets".into(),
-                serde_json::json!({ "train": spec.train, "eval": spec.eval }),
-            );
-            let base_name = spec.base_name.clone();
-            let train_spec = spec.spec.clone();
-            let stop = lost.clone();
-            let handle = tokio::task::spawn_blocking(move || -> Result<_> {
-                let base = LocalBase::open_known(&dir, &device, fp)?;
-                let req = TrainRequest {
-                    spec: &train_spec,
-                    parents: &parents,
-                    train: &train,
-                    eval: eval.as_deref(),
-                    base_name,
-                    provenance,
-                };
-                train_to_dir(&base, &req, &out_path, &mut |p| {
-                    if stop.load(Ordering::Relaxed) {
-                        bail!("the lease was lost");
-                    }
-                    let _ = tx.send(p.clone());
-                    Ok(())
-                })
-            });
-            // Forward progress while training runs: every event with eval results, the
-            // first steps, and then about one step event a second.
-            let mut last = std::time::Instant::now();
-            while let Some(p) = rx.recv().await {
-                let important = p.message.is_some() || p.eval_accuracy.is_some() || p.step <= 1;
-                if important || last.elapsed() >= Duration::from_secs(1) {
-                    last = std::time::Instant::now();
-                    let body = serde_json::to_string(&p)?;
-                    if let Err(e) = remote.report_progress(job.id, lease, &body).await {
-                        tracing::warn!(job = job.id, error = %e, "progress report refused");
-                    }
-                }
-            }
-            let trained = handle.await??;
-            let paths: Vec<PathBuf> = trained
-                .manifest
-                .files
-                .iter()
-                .map(|f| trained.dir.join(&f.path))
-                .collect();
-            let digests: Vec<Digest> = trained.manifest.files.iter().map(|f| f.digest).collect();
-            let missing = remote.missing(&digests).await?;
-            for (f, path) in trained.manifest.files.iter().zip(&paths) {
-                if missing.contains(&f.digest) {
-                    remote
-                        .upload_file(path, f.digest, f.size, &ProgressBar::hidden())
-                        .await?;
-                }
-            }
-            drop(out);
-            Ok(Finished::Trained(Box::new(trained.manifest)))
+            train_jobs(remote, cache, bases, opts, std::slice::from_ref(&leased))
+                .await
+                .pop()
+                .unwrap_or_else(|| Err(anyhow::anyhow!("the job was not run")))
         }
         KIND_VERIFY => {
             let spec: VerifyJob = serde_json::from_str(&job.spec)

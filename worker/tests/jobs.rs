@@ -1,13 +1,16 @@
 //! Registry + worker processes on loopback: `delta train --follow`, pull, apply, the same
-//! predictions as the worker's; verification; a worker killed mid-job.
+//! predictions as the worker's; verification; a worker killed mid-job; co-training.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
 use clap::Parser;
+use delta_client::jobs::TrainSpec;
 use delta_tests::TestRegistry;
 use delta_worker::data::{Split, sentiment_split, to_jsonl};
+use delta_worker::run::{Delta, LocalBase, TrainRequest, train_to_dir};
 
 struct Env {
     registry: TestRegistry,
@@ -329,4 +332,106 @@ async fn bad_jobs_fail_with_a_clear_error() {
         "{err:#}"
     );
     wait(&mut worker, Duration::from_secs(30));
+}
+
+/// `--co-train 3`: three queued training jobs train in one mixed batch, each published on
+/// its own, each equal to the same job trained alone (locally, same seed and data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_co_trains_queued_jobs_and_each_equals_its_job_alone() {
+    let env = Env::start().await;
+    let train = env.path("train.jsonl");
+    let jobs: [(&str, &[&str]); 3] = [
+        ("lora", &["--method", "lora", "--rank", "4", "--seed", "3"]),
+        (
+            "prompt",
+            &[
+                "--method",
+                "prompt",
+                "--prompt-len",
+                "6",
+                "--seed",
+                "4",
+                "--batch-size",
+                "12",
+            ],
+        ),
+        (
+            "adapter",
+            &[
+                "--method",
+                "adapter,bitfit",
+                "--seed",
+                "5",
+                "--batch-size",
+                "8",
+            ],
+        ),
+    ];
+    for (name, args) in jobs {
+        let target = format!("team/{name}:co");
+        let mut argv = vec![
+            "train",
+            "--base",
+            "tiny",
+            "--max-steps",
+            "6",
+            "--train",
+            train.to_str().unwrap(),
+            "--push",
+            &target,
+        ];
+        argv.extend_from_slice(args);
+        env.cli(&argv).await.unwrap();
+    }
+    let mut worker = env.worker(&["--max-jobs", "3", "--co-train", "3"]);
+    tokio::task::block_in_place(|| wait(&mut worker, Duration::from_secs(120)));
+
+    let remote = env.registry.remote().await;
+    let base = LocalBase::open(&env.path("models/tiny"), &Device::Cpu).unwrap();
+    let examples = delta_worker::data::load_jsonl(&train).unwrap();
+    for (name, _) in jobs {
+        let r = remote.resolve(&format!("team/{name}:co")).await.unwrap();
+        let m = &r.manifest;
+        assert_eq!(
+            m.provenance["co_trained_with"], 2,
+            "{name}: {:?}",
+            m.provenance
+        );
+        // The same job alone: the spec the worker recorded, the same data.
+        let spec: TrainSpec = serde_json::from_value(m.provenance["spec"].clone()).unwrap();
+        let out = env.path(&format!("alone-{name}"));
+        let req = TrainRequest {
+            spec: &spec,
+            parents: &[],
+            train: &examples,
+            eval: None,
+            base_name: Some("tiny".into()),
+            provenance: Default::default(),
+        };
+        train_to_dir(&base, &req, &out, &mut |_| Ok(())).unwrap();
+        let alone = Delta::load_dir(&out).unwrap();
+        let pulled = delta_worker::serve::fetch_chain(
+            &remote,
+            &delta_client::Cache::new(&env.path("c")),
+            &format!("team/{name}:co"),
+        )
+        .await
+        .unwrap();
+        let co = &pulled[0];
+        assert_eq!(co.tensors.len(), alone.tensors.len());
+        for (k, a) in &alone.tensors {
+            let b = &co.tensors[k];
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d <= 1e-4, "{name}: {k} differs from the job alone by {d}");
+        }
+    }
 }
