@@ -260,6 +260,23 @@ async fn one_service_runs_many_teams_deltas_in_mixed_batches() {
     let client = InferenceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "delta.inference.v1.Inference".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // 1. Concurrent calls from both teams, each with its own delta and token, in one
     // batch; every answer equals the delta alone.
