@@ -227,6 +227,15 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
     }
+    // `check-config | head -2`: a closed pipe ends a command quietly, as it ends any Unix
+    // tool. Not for `serve`, which must outlive whoever read its first line.
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Serve(_)) {
+        // SAFETY: restores the default disposition of one signal before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let json = matches!(&cli.command, Command::Serve(a) | Command::CheckConfig(a) if a.log_format == "json");
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if json {
@@ -240,6 +249,7 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -164,3 +164,24 @@ fn store_option_flags_override_the_file() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not KEY=VALUE"));
 }
+
+/// `check-config | head -2`: the reader goes away; the command ends quietly (killed by
+/// SIGPIPE, as any Unix tool), never with a "Broken pipe" panic.
+#[test]
+fn a_closed_pipe_ends_check_config_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_delta-registry"))
+        .args(["check-config", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before the command prints.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}
