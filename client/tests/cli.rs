@@ -135,6 +135,25 @@ async fn quick_start_through_the_binary() {
     let ls = delta(url, cache, &["ls"]);
     assert!(String::from_utf8_lossy(&ls.stdout).contains("team/demo"));
 
+    // gc speaks the server's `--grace` (a duration; `--grace-seconds` still parses) and
+    // says what the grace period kept.
+    let gc = delta(url, cache, &["gc", "--dry-run", "--grace", "2h"]);
+    let text = String::from_utf8_lossy(&gc.stdout);
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    assert!(text.contains("would free 0 B in 0 blobs"), "{text}");
+    assert!(
+        text.contains("within the grace period, 2h, are kept"),
+        "{text}"
+    );
+    let old = delta(url, cache, &["gc", "--dry-run", "--grace-seconds", "30"]);
+    assert!(String::from_utf8_lossy(&old.stdout).contains("grace period, 30s"));
+    let bad = delta(url, cache, &["gc", "--grace", "soon"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a duration"));
+
     // Errors: a clear message on stderr and exit code 1.
     let bad = delta(
         url,

@@ -31,7 +31,8 @@ enum Command {
         /// Registry URL.
         #[arg(long, env = "DELTA_REGISTRY", default_value = "http://127.0.0.1:50051")]
         registry: String,
-        /// A worker token (`delta-registry token create --kind worker`).
+        /// A worker token (`delta-registry token create --worker --namespace NS --scope write`;
+        /// `--scope read` verifies only).
         #[arg(long, env = "DELTA_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// CA certificate for a TLS registry.

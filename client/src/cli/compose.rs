@@ -11,7 +11,7 @@ use crate::compose::{ComposeOptions, Merge, Mode, compose};
 /// Arguments.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Deltas: folders (native or PEFT, with --base-table) or registry references.
+    /// Deltas: folders (native or PEFT, with --base PATH) or registry references.
     #[arg(required = true)]
     pub deltas: Vec<String>,
     /// Output folder (a native delta, pushable).

@@ -28,9 +28,21 @@ pub struct GcArgs {
     /// List what would be removed.
     #[arg(long)]
     pub dry_run: bool,
-    /// Keep blobs referenced within this many seconds (default: the registry's).
-    #[arg(long, default_value_t = 0)]
-    pub grace_seconds: u64,
+    /// Keep blobs referenced or uploaded within this period (`30s`, `2h`, or seconds; the
+    /// default is the registry's own, 1h unless its operator changed it), as
+    /// `delta-registry gc --grace` does.
+    #[arg(long = "grace", alias = "grace-seconds", value_parser = parse_grace)]
+    pub grace: Option<u64>,
+}
+
+/// `--grace`: a duration (`90s`, `2h`) or plain seconds.
+fn parse_grace(s: &str) -> Result<u64, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    humantime::parse_duration(s)
+        .map(|d| d.as_secs())
+        .map_err(|e| format!("{s:?} is not a duration such as 90s or 2h: {e}"))
 }
 
 /// Yanks or restores.
@@ -103,7 +115,7 @@ pub async fn gc(args: GcArgs, ctx: &Ctx) -> anyhow::Result<()> {
     let (blobs, bytes, digests) = ctx
         .remote()
         .await?
-        .collect_garbage(args.dry_run, args.grace_seconds)
+        .collect_garbage(args.dry_run, args.grace.unwrap_or(0))
         .await
         .context("gc failed")?;
     if ctx.json {
@@ -115,6 +127,15 @@ pub async fn gc(args: GcArgs, ctx: &Ctx) -> anyhow::Result<()> {
         println!("{d}");
     }
     let verb = if args.dry_run { "would free" } else { "freed" };
-    println!("{verb} {} in {blobs} blobs", human_bytes(bytes));
+    let grace = match args.grace {
+        Some(g) if g > 0 => {
+            humantime::format_duration(std::time::Duration::from_secs(g)).to_string()
+        }
+        _ => "the registry's default".to_owned(),
+    };
+    println!(
+        "{verb} {} in {blobs} blobs (blobs referenced or uploaded within the grace period, {grace}, are kept: --grace)",
+        human_bytes(bytes)
+    );
     Ok(())
 }
