@@ -1,5 +1,6 @@
 //! Push and pull: the operations behind `delta push` and `delta pull`, as a library.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use delta_proto::reference::{Reference, Repository, Selector};
@@ -209,6 +210,8 @@ pub struct PushOptions {
     /// Push tensors holding NaN or ±Inf (refused by default: such a delta breaks whatever
     /// applies it).
     pub allow_nonfinite: bool,
+    /// Annotations to set on the manifest (over the folder's own, key by key).
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Pushes a native or PEFT delta folder as the next version of `target` (`ns/name[:tag]`),
@@ -223,7 +226,7 @@ pub async fn push(
 ) -> Result<PushReport> {
     let opts = PushOptions {
         tags: tags.to_vec(),
-        allow_nonfinite: false,
+        ..PushOptions::default()
     };
     push_with(remote, dir, target, base_name, &opts, progress).await
 }
@@ -251,7 +254,9 @@ pub async fn push_with(
         crate::apply::LoadedDelta::open(&label, prepared.manifest.clone(), &prepared.paths)?
             .check_finite()?;
     }
-    let manifest = &prepared.manifest;
+    let mut manifest = prepared.manifest.clone();
+    manifest.annotations.extend(opts.annotations.clone());
+    let manifest = &manifest;
     let digests: Vec<Digest> = manifest.files.iter().map(|f| f.digest).collect();
     let missing = remote.missing(&digests).await?;
     let total: u64 = manifest

@@ -135,6 +135,48 @@ async fn quick_start_through_the_binary() {
     let ls = delta(url, cache, &["ls"]);
     assert!(String::from_utf8_lossy(&ls.stdout).contains("team/demo"));
 
+    // `--annotation` on push is what `ls --annotation` finds.
+    let tagged = delta(
+        url,
+        cache,
+        &[
+            "push",
+            delta_dir.to_str().unwrap(),
+            "team/annotated",
+            "--base",
+            "tiny",
+            "--annotation",
+            "task=sentiment",
+            "--annotation",
+            "license=mit",
+        ],
+    );
+    assert!(
+        tagged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tagged.stderr)
+    );
+    let found = delta(url, cache, &["ls", "--annotation", "task=sentiment"]);
+    let text = String::from_utf8_lossy(&found.stdout);
+    assert!(
+        text.contains("team/annotated") && !text.contains("team/demo"),
+        "{text}"
+    );
+    let bad = delta(
+        url,
+        cache,
+        &[
+            "push",
+            delta_dir.to_str().unwrap(),
+            "team/x",
+            "--base",
+            "tiny",
+            "--annotation",
+            "oops",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not KEY=VALUE"));
+
     // gc speaks the server's `--grace` (a duration; `--grace-seconds` still parses) and
     // says what the grace period kept.
     let gc = delta(url, cache, &["gc", "--dry-run", "--grace", "2h"]);

@@ -24,6 +24,18 @@ pub struct Args {
     /// Push tensors that hold NaN or ±Inf (refused by default).
     #[arg(long)]
     pub allow_nonfinite: bool,
+    /// An annotation `KEY=VALUE` (repeatable): `task=sentiment`, `license=apache-2.0`;
+    /// `delta ls --annotation KEY=VALUE` finds it.
+    #[arg(long = "annotation", value_parser = parse_annotation)]
+    pub annotations: Vec<(String, String)>,
+}
+
+/// `--annotation KEY=VALUE`.
+fn parse_annotation(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 /// Pushes.
@@ -33,6 +45,7 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let opts = hub::PushOptions {
         tags: args.tags.clone(),
         allow_nonfinite: args.allow_nonfinite,
+        annotations: args.annotations.iter().cloned().collect(),
     };
     let r = hub::push_with(
         &remote,
