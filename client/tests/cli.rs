@@ -133,7 +133,16 @@ async fn quick_start_through_the_binary() {
     );
 
     let ls = delta(url, cache, &["ls"]);
-    assert!(String::from_utf8_lossy(&ls.stdout).contains("team/demo"));
+    let listed = String::from_utf8_lossy(&ls.stdout);
+    assert!(listed.contains("team/demo"));
+    // Times read as times.
+    assert!(
+        listed.contains("updated 20") && listed.contains("Z"),
+        "{listed}"
+    );
+    let show = delta(url, cache, &["show", "team/demo"]);
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(shown.contains("pushed:   20"), "{shown}");
 
     // `--annotation` on push is what `ls --annotation` finds.
     let tagged = delta(

@@ -366,7 +366,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(dir) => tokio::task::block_in_place(|| {
             for e in open_meta(&dir)?.list_audit()? {
                 let who = e.token.map_or("open".to_owned(), |t| format!("token {t}"));
-                println!("{}\t{who}\t{}\t{}\t{}", e.at, e.action, e.target, e.digest);
+                println!(
+                    "{}\t{who}\t{}\t{}\t{}",
+                    when(e.at),
+                    e.action,
+                    e.target,
+                    e.digest
+                );
             }
             Ok(())
         }),
@@ -462,7 +468,7 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
                 let state = match (t.revoked_at, t.expires_at) {
                     (Some(_), _) => "revoked".to_owned(),
                     (None, Some(e)) if e <= now() => "expired".to_owned(),
-                    (None, Some(e)) => format!("expires {e}"),
+                    (None, Some(e)) => format!("expires {}", when(e)),
                     (None, None) => "active".to_owned(),
                 };
                 println!(
@@ -511,6 +517,17 @@ struct FileConfig {
 
 /// Store options from the file, kept for `build_config`.
 static FILE_STORE_OPTIONS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Unix seconds as an RFC 3339 UTC time (`2026-12-02T16:28:15Z`).
+fn when(unix: i64) -> String {
+    match u64::try_from(unix) {
+        Ok(s) => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+        )
+        .to_string(),
+        Err(_) => unix.to_string(),
+    }
+}
 
 /// Fills every setting that no flag or environment variable gave from `args.config`.
 fn merge_file(args: &mut ServeArgs, m: &clap::ArgMatches) -> anyhow::Result<()> {

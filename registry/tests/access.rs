@@ -298,3 +298,52 @@ async fn fsck_reports_stale_staging_files() {
     assert!(!leftover.exists());
     assert!(fsck(false).contains("0 stale staging"));
 }
+
+/// `token ls` and `audit` print times as RFC 3339 UTC, not raw Unix seconds.
+#[test]
+fn token_ls_and_audit_print_readable_times() {
+    let data = tempfile::tempdir().unwrap();
+    create_token(
+        data.path(),
+        &["--namespace", "team", "--scope", "write", "--expires", "2h"],
+    );
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--data-dir")
+            .arg(data.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let year = |s: &str| {
+        s.split(|c: char| c.is_whitespace())
+            .any(|w| w.len() == 20 && w.ends_with('Z') && w.as_bytes()[10] == b'T')
+    };
+    let ls = run(&["token", "ls"]);
+    assert!(ls.contains("expires 20") && year(&ls), "{ls}");
+    // One audited action, as a push records it.
+    {
+        use delta_registry::MetaStore;
+        let meta = delta_registry::SqlMeta::open(&data.path().join("registry.sqlite")).unwrap();
+        meta.audit(&delta_registry::meta::AuditEntry {
+            at: 1_796_000_000,
+            token: Some(1),
+            action: "push".into(),
+            target: "team/x:v1".into(),
+            digest: String::new(),
+        })
+        .unwrap();
+    }
+    let audit = run(&["audit"]);
+    assert!(audit.contains("2026-11-30T"), "{audit}");
+    assert!(audit.lines().count() >= 1, "{audit}");
+    for line in audit.lines() {
+        assert!(year(line), "{line}");
+    }
+}

@@ -33,7 +33,8 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             let rows: Vec<_> = repos
                 .iter()
                 .map(|r| json!({"repository": r.repository, "latest_version": r.latest_version, "digest": r.latest_digest,
-                                "base": r.base_fingerprint, "method": r.method, "versions": r.versions, "yanked": r.yanked}))
+                                "base": r.base_fingerprint, "method": r.method, "versions": r.versions, "yanked": r.yanked,
+                                "updated_at": r.updated_at}))
                 .collect();
             return ctx.print_json(&json!(rows));
         }
@@ -44,11 +45,12 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
                 format!("{} versions", r.versions)
             };
             println!(
-                "{:<40} v{:<4} {:<10} {versions}  base {}",
+                "{:<40} v{:<4} {:<10} {versions}  base {}  updated {}",
                 r.repository,
                 r.latest_version,
                 r.method,
-                short(&r.base_fingerprint)
+                short(&r.base_fingerprint),
+                super::when(r.updated_at)
             );
         }
         return Ok(());

@@ -126,6 +126,17 @@ pub enum Command {
     },
 }
 
+/// Unix seconds as an RFC 3339 UTC time (`2026-12-02T16:28:15Z`), `-` for none.
+pub(crate) fn when(unix: i64) -> String {
+    match u64::try_from(unix) {
+        Ok(s) if s > 0 => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+        )
+        .to_string(),
+        _ => "-".to_owned(),
+    }
+}
+
 /// What every subcommand gets.
 #[derive(Debug)]
 pub struct Ctx {

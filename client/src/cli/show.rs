@@ -37,7 +37,7 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     }
     if ctx.json {
         let manifest: serde_json::Value = serde_json::from_slice(&m.canonical_json())?;
-        let versions: Vec<_> = versions.iter().map(|v| json!({"version": v.version, "digest": v.digest, "tags": v.tags, "size": v.size})).collect();
+        let versions: Vec<_> = versions.iter().map(|v| json!({"version": v.version, "digest": v.digest, "tags": v.tags, "size": v.size, "created_at": v.created_at})).collect();
         return ctx.print_json(&json!({
             "repository": r.repository, "version": r.version, "digest": r.digest.to_string(), "tags": r.tags,
             "yanked": r.yanked,
@@ -52,6 +52,9 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         if r.yanked { "  (YANKED)" } else { "" }
     );
     println!("tags:     {}", r.tags.join(", "));
+    if let Some(v) = versions.iter().find(|v| v.version == r.version) {
+        println!("pushed:   {}", super::when(v.created_at));
+    }
     println!("method:   {}", m.method);
     println!(
         "base:     {} {}",
@@ -116,10 +119,11 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     println!("versions:");
     for v in versions {
         println!(
-            "  v{:<4} {} {:>10} {}",
+            "  v{:<4} {} {:>10} {} {}",
             v.version,
             v.digest,
             human_bytes(v.size),
+            super::when(v.created_at),
             v.tags.join(",")
         );
     }
