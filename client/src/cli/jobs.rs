@@ -166,6 +166,40 @@ fn check_jsonl(bytes: &[u8], what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A verification report as people read it: the verdict, where it ran, each check, the
+/// metrics measured and whether they equal the recorded ones.
+fn verification_summary(report: &serde_json::Value) -> String {
+    let verdict = if report["passed"] == json!(true) {
+        "passed"
+    } else {
+        "FAILED"
+    };
+    let mut out = format!(
+        "verification {verdict} on {} ({})\n",
+        report["worker"].as_str().unwrap_or("?"),
+        report["device"].as_str().unwrap_or("?")
+    );
+    for c in report["checks"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  check: {}\n", c.as_str().unwrap_or("?")));
+    }
+    if let Some(m) = report["metrics"].as_object() {
+        let shown: Vec<String> = m
+            .iter()
+            .map(|(k, v)| match v.as_f64() {
+                Some(x) => format!("{k} {x:.6}"),
+                None => format!("{k} {v}"),
+            })
+            .collect();
+        out.push_str(&format!("  measured: {}\n", shown.join(", ")));
+    }
+    match report["matches_recorded"].as_bool() {
+        Some(true) => out.push_str("  equal to the metrics recorded at training\n"),
+        Some(false) => out.push_str("  DIFFERENT from the metrics recorded at training\n"),
+        None => out.push_str("  no recorded metrics to compare\n"),
+    }
+    out
+}
+
 fn info_json(info: &delta_proto::JobInfo) -> serde_json::Value {
     let result: serde_json::Value = serde_json::from_str(&info.result).unwrap_or(json!(null));
     json!({
@@ -203,7 +237,10 @@ async fn finish(
         }
         info = now;
     }
-    if ctx.json {
+    if ctx.json && follow {
+        // Following prints one JSON object per line (the events, then the job).
+        println!("{}", serde_json::to_string(&info_json(&info))?);
+    } else if ctx.json {
         ctx.print_json(&info_json(&info))?;
     } else if info.state == "succeeded" {
         let result: serde_json::Value = serde_json::from_str(&info.result).unwrap_or(json!(null));
@@ -215,7 +252,7 @@ async fn finish(
                 result["digest"].as_str().unwrap_or("?")
             );
         } else {
-            println!("{}", serde_json::to_string_pretty(&result)?);
+            print!("{}", verification_summary(&result));
         }
     } else if !follow {
         println!("job {} is {}", info.id, info.state);
@@ -224,4 +261,29 @@ async fn finish(
         bail!("job {} failed: {}", info.id, info.error);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verification_report_reads_as_sentences_not_json() {
+        let report = json!({
+            "manifest": "blake3:00", "passed": true, "worker": "w1", "device": "cpu",
+            "checks": ["base fingerprint blake3:aa matches", "blake3:00: every tensor is finite"],
+            "metrics": {"eval_accuracy": 0.9375, "eval_loss": 0.25}, "recorded": {},
+            "matches_recorded": true,
+        });
+        let text = verification_summary(&report);
+        assert_eq!(
+            text,
+            "verification passed on w1 (cpu)\n  check: base fingerprint blake3:aa matches\n  \
+             check: blake3:00: every tensor is finite\n  measured: eval_accuracy 0.937500, \
+             eval_loss 0.250000\n  equal to the metrics recorded at training\n"
+        );
+        assert!(!text.contains('{'));
+        let failed = verification_summary(&json!({"passed": false, "matches_recorded": false}));
+        assert!(failed.starts_with("verification FAILED") && failed.contains("DIFFERENT"));
+    }
 }
