@@ -103,6 +103,30 @@ pub struct WhoAmI {
     pub expires_at: Option<i64>,
 }
 
+/// A failed connection, in plain words where the cause is a known setup mistake.
+pub(crate) fn connect_error(url: &str, source: tonic::transport::Error) -> Error {
+    let mut chain = format!("{source:?}");
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&source);
+    while let Some(c) = cause {
+        chain.push_str(&format!(" {c:?}"));
+        cause = c.source();
+    }
+    if chain.contains("CaUsedAsEndEntity") {
+        return Error::Invalid(format!(
+            "cannot connect to {url}: its TLS certificate is a CA certificate \
+             (basicConstraints CA:TRUE, what a bare `openssl req -x509` makes), and TLS refuses \
+             a CA certificate as a server's own. Give the server an end-entity certificate: \
+             `delta-registry tls self-signed --out DIR --name HOST` writes one (trust it with \
+             --ca-cert DIR/cert.pem), or add `-addext basicConstraints=critical,CA:FALSE` to \
+             the openssl command"
+        ));
+    }
+    Error::Connect {
+        url: url.to_owned(),
+        source,
+    }
+}
+
 pub(crate) fn bearer(token: Option<&str>) -> Result<Option<MetadataValue<Ascii>>> {
     token
         .map(|t| {
@@ -170,10 +194,10 @@ impl Remote {
         let channel = if opts.lazy {
             endpoint.connect_lazy()
         } else {
-            endpoint.connect().await.map_err(|source| Error::Connect {
-                url: url.to_owned(),
-                source,
-            })?
+            endpoint
+                .connect()
+                .await
+                .map_err(|source| connect_error(url, source))?
         };
         Ok(Self::over(channel, Auth(auth), url))
     }

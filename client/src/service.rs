@@ -126,7 +126,10 @@ impl Service {
             }
             endpoint = endpoint.tls_config(tls).map_err(connect_err)?;
         }
-        let channel = endpoint.connect().await.map_err(connect_err)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| crate::remote::connect_error(url, e))?;
         Ok(Self {
             client: InferenceClient::with_interceptor(channel, Auth(bearer(token)?))
                 .max_decoding_message_size(64 << 20),

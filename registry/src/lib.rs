@@ -35,6 +35,7 @@ pub mod server;
 pub mod service;
 mod sql;
 pub mod telemetry;
+pub mod tls;
 mod uploads;
 
 pub use blobs::BlobStore;

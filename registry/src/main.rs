@@ -41,6 +41,24 @@ enum Command {
     Gc(GcArgs),
     /// Re-hash every blob and check the database against the store; exits 1 on any problem.
     Fsck(FsckArgs),
+    /// TLS certificates.
+    #[command(subcommand)]
+    Tls(TlsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TlsCommand {
+    /// Write a self-signed server certificate (`cert.pem`) and its key (`key.pem`, 0600):
+    /// serve with `--tls-cert DIR/cert.pem --tls-key DIR/key.pem`, and clients trust it with
+    /// `--ca-cert DIR/cert.pem`.
+    SelfSigned {
+        /// Folder to write into (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Host names and IP addresses clients use to reach the registry (repeatable).
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1"])]
+        names: Vec<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -363,6 +381,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Tls(TlsCommand::SelfSigned { out, names }) => {
+            let (cert, key) = delta_registry::tls::self_signed(&names)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let (cert_path, key_path) = (out.join("cert.pem"), out.join("key.pem"));
+            std::fs::write(&cert_path, cert)
+                .with_context(|| format!("writing {}", cert_path.display()))?;
+            write_private(&key_path, key.as_bytes())?;
+            println!("wrote {} and {}", cert_path.display(), key_path.display());
+            println!(
+                "serve:  delta-registry serve --tls-cert {} --tls-key {}",
+                cert_path.display(),
+                key_path.display()
+            );
+            println!(
+                "client: delta --registry https://{}:50051 --ca-cert {} ls",
+                names.first().map(String::as_str).unwrap_or("localhost"),
+                cert_path.display()
+            );
+            Ok(())
+        }
         Command::Audit(dir) => tokio::task::block_in_place(|| {
             for e in open_meta(&dir)?.list_audit()? {
                 let who = e.token.map_or("open".to_owned(), |t| format!("token {t}"));
@@ -517,6 +555,20 @@ struct FileConfig {
 
 /// Store options from the file, kept for `build_config`.
 static FILE_STORE_OPTIONS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
+/// Writes a file only its owner can read.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
 
 /// Unix seconds as an RFC 3339 UTC time (`2026-12-02T16:28:15Z`).
 fn when(unix: i64) -> String {

@@ -185,3 +185,37 @@ fn a_closed_pipe_ends_check_config_quietly() {
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
+
+/// `tls self-signed` writes a certificate and a private key only its owner can read.
+#[test]
+fn tls_self_signed_writes_a_certificate_and_a_private_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_delta-registry"))
+        .args(["tls", "self-signed", "--name", "registry.internal", "--out"])
+        .arg(dir.path().join("tls"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cert = std::fs::read_to_string(dir.path().join("tls/cert.pem")).unwrap();
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    let key = dir.path().join("tls/key.pem");
+    assert!(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("--tls-cert") && printed.contains("https://registry.internal"),
+        "{printed}"
+    );
+}

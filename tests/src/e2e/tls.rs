@@ -12,12 +12,13 @@ use crate::{TestRegistry, fixtures};
 async fn https_with_a_custom_ca() {
     let dir = tempfile::tempdir().unwrap();
     let certs = tempfile::tempdir().unwrap();
-    let key =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+    // What `delta-registry tls self-signed` writes.
+    let (cert, key) =
+        delta_registry::tls::self_signed(&["localhost".to_owned(), "127.0.0.1".to_owned()])
             .unwrap();
     let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    std::fs::write(&cert_path, key.cert.pem()).unwrap();
-    std::fs::write(&key_path, key.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
     let tls = TlsFiles {
         cert: cert_path.clone(),
         key: key_path,
@@ -90,4 +91,43 @@ async fn https_with_a_custom_ca() {
             .unwrap();
     }
     assert!(work.path().join("out/delta.safetensors").is_file());
+}
+
+/// The usual `openssl req -x509` certificate is a CA certificate, which TLS refuses as a
+/// server's own: the client says so in plain words and how to make one that works.
+#[tokio::test]
+async fn a_ca_certificate_on_the_server_is_explained() {
+    let certs = tempfile::tempdir().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let signing = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&signing).unwrap();
+    let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, signing.serialize_pem()).unwrap();
+    let tls = TlsFiles {
+        cert: cert_path.clone(),
+        key: key_path,
+    };
+    let reg = TestRegistry::start_in(tempfile::tempdir().unwrap(), |p| RegistryConfig {
+        tls: Some(tls),
+        ..RegistryConfig::for_test(p)
+    })
+    .await;
+    let url = format!("https://127.0.0.1:{}", reg.addr.port());
+    let opts = ConnectOptions {
+        token: None,
+        ca_cert: Some(cert_path),
+        lazy: false,
+    };
+    let err = match Remote::connect_opts(&url, &opts).await {
+        Ok(r) => r.list_bases().await.map(|_| ()).unwrap_err(),
+        Err(e) => e,
+    }
+    .to_string();
+    assert!(err.contains("is a CA certificate"), "{err}");
+    assert!(err.contains("delta-registry tls self-signed"), "{err}");
+    assert!(!err.contains("OtherError"), "{err}");
 }
