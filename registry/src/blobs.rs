@@ -127,6 +127,23 @@ impl BlobStore {
         }
     }
 
+    /// Writes and removes a small object under the staging prefix: the store answers and
+    /// takes writes (a bucket that does not exist, refuses the credentials or cannot be
+    /// reached fails here, not on the first push). A probe left behind by a crash is an
+    /// ordinary stale staging object for the janitor.
+    pub async fn probe(&self) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let path = StorePath::from(format!("{STAGING}/probe.{now}.{}", uuid::Uuid::new_v4()));
+        self.store
+            .put(&path, PutPayload::from_static(b"probe"))
+            .await?;
+        self.store.delete(&path).await?;
+        Ok(())
+    }
+
     /// The local filesystem under `root`, fsync'd.
     pub fn local(root: &Path) -> Result<Self> {
         let fs = LocalFileSystem::new_with_prefix(root)?.with_fsync(true);

@@ -776,7 +776,26 @@ fn redact_url(url: &str) -> String {
 
 /// What `check-config` checks beyond parsing: the store opens, TLS files read.
 fn check(config: &RegistryConfig) -> anyhow::Result<()> {
-    delta_registry::BlobStore::open(config).context("the blob store does not open")?;
+    let store = delta_registry::BlobStore::open(config).context("the blob store does not open")?;
+    // An unreachable bucket would otherwise pass here and fail every push.
+    let probe = tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(15), store.probe()).await
+        })
+    });
+    match probe {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "the blob store {} does not take a write",
+                config.store_url.as_deref().unwrap_or("(data dir)")
+            )));
+        }
+        Err(_) => anyhow::bail!(
+            "the blob store {} did not answer within 15 s",
+            config.store_url.as_deref().unwrap_or("(data dir)")
+        ),
+    }
     if let Some(url) = &config.database_url {
         // Connecting also applies missing migrations, as `serve` would.
         tokio::task::block_in_place(|| SqlMeta::open_url(url))

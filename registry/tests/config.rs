@@ -219,3 +219,37 @@ fn tls_self_signed_writes_a_certificate_and_a_private_key() {
         "{printed}"
     );
 }
+
+/// An S3 store that does not take writes fails `check-config` by name, instead of
+/// passing and failing every push with "internal error"; a working one passes.
+#[test]
+fn check_config_writes_to_the_store() {
+    let moto = delta_tests::s3::Moto::start("present");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let options: Vec<String> = moto
+        .options()
+        .into_iter()
+        .flat_map(|(k, v)| ["--store-option".to_owned(), format!("{k}={v}")])
+        .collect();
+    let run = |store: &str| {
+        let mut args = vec!["--data-dir", &data, "--store", store];
+        args.extend(options.iter().map(String::as_str));
+        check_config(&args, &[])
+    };
+    let good = run(&moto.url("registry"));
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(String::from_utf8_lossy(&good.stdout).contains("configuration OK"));
+    let missing = run("s3://no-such-bucket/registry");
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("s3://no-such-bucket/registry does not take a write"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&missing.stdout).contains("configuration OK"));
+}
