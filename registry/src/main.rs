@@ -352,11 +352,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 now(),
             )
             .await?;
+            let used_by = |d: &delta_proto::Digest| match r.users.get(d) {
+                Some(u) if !u.is_empty() => format!("\tused by {}", u.join(", ")),
+                _ => "\tused by no version".to_owned(),
+            };
             for d in &r.corrupt {
-                println!("corrupt\t{d}");
+                println!("corrupt\t{d}{}", used_by(d));
             }
             for d in &r.missing {
-                println!("missing\t{d}");
+                println!("missing\t{d}{}", used_by(d));
             }
             for k in &r.orphans {
                 println!("orphan\t{k}");

@@ -76,6 +76,9 @@ pub struct FsckReport {
     /// What killed uploads left (staging objects, partial files), older than the grace
     /// period: harmless, reported so the space is accounted for; `--repair` removes them.
     pub stale_staging: Vec<String>,
+    /// For each corrupt or missing blob, the versions whose manifest names it (what its
+    /// loss breaks until someone pushes the delta again).
+    pub users: std::collections::BTreeMap<Digest, Vec<String>>,
 }
 
 impl FsckReport {
@@ -154,7 +157,13 @@ pub async fn fsck(
             report.orphans.push(key);
         }
     }
+    for d in report.corrupt.iter().chain(&report.missing).copied() {
+        let m = meta.clone();
+        let users = tokio::task::spawn_blocking(move || m.blob_users(&d)).await??;
+        report.users.insert(d, users);
+    }
     report.stale_staging = blobs.stale_staging(grace, now).await?;
+
     if repair && !report.stale_staging.is_empty() {
         blobs.cleanup_staging(grace, grace, now).await?;
         blobs.remove_stale_staging(grace)?;

@@ -256,6 +256,9 @@ pub trait MetaStore: crate::jobs::JobStore + Send + Sync + std::fmt::Debug {
         digests: &[Digest],
         viewer: &str,
     ) -> Result<HashMap<Digest, StoredBlob>>;
+    /// The versions (`ns/name:vN`, yanked ones too) whose manifest names a blob: what a
+    /// corrupt or missing blob breaks (`fsck`).
+    fn blob_users(&self, digest: &Digest) -> Result<Vec<String>>;
     /// Appends to the audit log.
     fn audit(&self, entry: &AuditEntry) -> Result<()>;
     /// The audit log, oldest first.
@@ -585,6 +588,21 @@ impl MetaStore for SqlMeta {
                 });
             }
             Ok(Some(out))
+        })
+    }
+
+    fn blob_users(&self, digest: &Digest) -> Result<Vec<String>> {
+        self.db.read(|c| {
+            let rows = c.query(
+                "SELECT r.namespace, r.name, v.version FROM manifest_blobs mb
+                 JOIN versions v ON v.manifest = mb.manifest
+                 JOIN repositories r ON r.id = v.repository
+                 WHERE mb.blob = $1 AND v.yanked <> $2 ORDER BY r.namespace, r.name, v.version",
+                p![digest.to_string(), DELETED],
+            )?;
+            rows.iter()
+                .map(|r| Ok(format!("{}/{}:v{}", r.text(0)?, r.text(1)?, r.uint(2)?)))
+                .collect()
         })
     }
 

@@ -285,6 +285,12 @@ pub fn lifecycle(m: &dyn MetaStore) {
         3,
         "a deleted version's number is not reused"
     );
+    // What each blob's loss would break: live and yanked versions, not deleted ones.
+    assert_eq!(
+        m.blob_users(&kept).unwrap(),
+        ["team/life:v1", "team/life:v3"]
+    );
+    assert!(m.blob_users(&dropped).unwrap().is_empty());
     assert!(m.delete_tag(&r, "latest").unwrap());
     assert!(!m.delete_tag(&r, "nope").unwrap());
 

@@ -230,6 +230,8 @@ async fn a_flipped_byte_is_refused_on_pull_reported_by_fsck_and_healed_by_a_repu
         .await
         .unwrap();
     assert_eq!(report.corrupt, vec![blob]);
+    // And names what the loss breaks.
+    assert_eq!(report.users[&blob], ["team/r:v1"]);
     let repaired = fsck(meta.clone(), &blobs, true, Duration::ZERO, now())
         .await
         .unwrap();
