@@ -792,6 +792,13 @@ impl Batcher {
                     self.run_set(set);
                 }
             }
+            // A batch's activations are freed now; give the pages back, so that between
+            // batches the service holds its bases and deltas, not its last peak.
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only returns free heap memory to the kernel.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
     }
 
