@@ -22,6 +22,46 @@ pub mod s3;
 #[cfg(test)]
 mod e2e;
 
+/// A new token on a registry's metadata store (as `delta-registry token create` makes
+/// one); returns its secret. Blocking: call it from a plain thread.
+pub fn new_token(
+    meta: &delta_registry::SqlMeta,
+    namespace: &str,
+    scope: delta_registry::auth::Scope,
+    worker: bool,
+) -> String {
+    let new = delta_registry::admin::NewToken {
+        namespace: namespace.into(),
+        scope,
+        worker,
+        expires_in: None,
+        description: String::new(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64;
+    delta_registry::admin::create_token(meta, &new, now)
+        .expect("create token")
+        .1
+}
+
+/// Runs `cmd` with its standard output closed before it writes (`cmd | head -0`) and
+/// checks it ends quietly: no panic, no "Broken pipe" message, not exit code 101.
+pub fn assert_closed_pipe_is_quiet(cmd: &mut std::process::Command) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}
+
 /// A registry on 127.0.0.1:<ephemeral> over a temp dir.
 #[derive(Debug)]
 pub struct TestRegistry {

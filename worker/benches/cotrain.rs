@@ -8,30 +8,14 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use delta_client::jobs::{Example, TrainSpec};
-use delta_worker::data::{Encoded, sentiment};
+use delta_client::jobs::TrainSpec;
+use delta_worker::data::Encoded;
 use delta_worker::methods::Trainable;
 use delta_worker::run::LocalBase;
 use delta_worker::train::{Session, co_train, train};
 
 const JOBS: usize = 4;
 const STEPS: usize = 4;
-
-/// Sentences joined `join` at a time (4 fill about 64 tokens).
-fn texts(n: usize, join: usize, seed: u64) -> Vec<Example> {
-    sentiment(n * join, seed)
-        .chunks(join)
-        .map(|c| Example {
-            text: c
-                .iter()
-                .map(|e| e.text.as_str())
-                .collect::<Vec<_>>()
-                .join(" "),
-            text_pair: None,
-            label: c[0].label.clone(),
-        })
-        .collect()
-}
 
 fn main() {
     delta_worker::alloc::tune_for_training();
@@ -50,7 +34,7 @@ fn main() {
     for (batch, join) in [(16, 4), (4, 4), (16, 1)] {
         let sets: Vec<Vec<Encoded>> = (0..JOBS)
             .map(|j| {
-                let ex = texts(batch * STEPS, join, 100 + j as u64);
+                let ex = delta_worker::data::joined_sentences(batch * STEPS, join, 100 + j as u64);
                 tok.encode_all(&ex, &labels).expect("encode")
             })
             .collect();
@@ -98,7 +82,7 @@ fn main() {
     }
     // What a mixed batch costs on this backend regardless of mixing: one job whose batch is
     // the four jobs' rows together.
-    let ex = texts(64 * STEPS, 4, 100);
+    let ex = delta_worker::data::joined_sentences(64 * STEPS, 4, 100);
     let set = tok.encode_all(&ex, &labels).expect("encode");
     let mut rate = Vec::new();
     for batch in [16, 64] {

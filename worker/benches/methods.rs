@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use delta_client::jobs::TrainSpec;
-use delta_worker::data::{Example, sentiment};
+use delta_worker::data::Example;
 use delta_worker::methods::Trainable;
 use delta_worker::mounts::Mounts;
 use delta_worker::run::LocalBase;
@@ -38,18 +38,7 @@ fn peak_rss_mb() -> f64 {
 
 /// The training texts: sentences joined four at a time, so each fills 64 tokens.
 fn texts(batch: usize, steps: usize) -> Vec<Example> {
-    sentiment(batch * (steps + 1) * 4, 3)
-        .chunks(4)
-        .map(|c| Example {
-            text: c
-                .iter()
-                .map(|e| e.text.as_str())
-                .collect::<Vec<_>>()
-                .join(" "),
-            text_pair: None,
-            label: c[0].label.clone(),
-        })
-        .collect()
+    delta_worker::data::joined_sentences(batch * (steps + 1), 4, 3)
 }
 
 /// One method in this process: prints a JSON line.

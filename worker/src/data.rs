@@ -199,6 +199,23 @@ const FRAMES: &[&str] = &[
     "we found {s} {a} and would say so again.",
 ];
 
+/// Longer texts for benchmarks: `n` examples, each `join` sentiment sentences joined (four
+/// fill about 64 MiniLM tokens), labelled as the first.
+pub fn joined_sentences(n: usize, join: usize, seed: u64) -> Vec<Example> {
+    sentiment(n * join, seed)
+        .chunks(join.max(1))
+        .map(|c| Example {
+            text: c
+                .iter()
+                .map(|e| e.text.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            text_pair: None,
+            label: c[0].label.clone(),
+        })
+        .collect()
+}
+
 /// Every word the sentiment generator uses (for a word-level test tokenizer).
 pub fn sentiment_vocabulary() -> Vec<&'static str> {
     let mut words: BTreeSet<&str> = BTreeSet::new();

@@ -63,6 +63,24 @@ fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+fn fresh(specs: &[TrainSpec], base: &BaseWeights, labels: &[String]) -> Vec<Trainable> {
+    specs
+        .iter()
+        .map(|s| Trainable::new(s, base, labels).unwrap())
+        .collect()
+}
+
+fn start<'t, 'a>(
+    ts: &'t [Trainable],
+    frozen: &'t Mounts<'a>,
+    sets: &'t [Vec<Encoded>],
+) -> Vec<Session<'t, 'a>> {
+    ts.iter()
+        .zip(sets)
+        .map(|(t, set)| Session::new(t, frozen, set, None).unwrap())
+        .collect()
+}
+
 #[test]
 fn each_co_trained_run_equals_its_run_alone_and_a_failing_run_leaves_the_others() {
     let base = BaseWeights::random(delta_worker::tiny::config(), 3, &Device::Cpu).unwrap();
@@ -85,15 +103,8 @@ fn each_co_trained_run_equals_its_run_alone_and_a_failing_run_leaves_the_others(
     }
 
     // Together.
-    let ts: Vec<Trainable> = specs
-        .iter()
-        .map(|s| Trainable::new(s, &base, &labels).unwrap())
-        .collect();
-    let sessions: Vec<Session<'_, '_>> = ts
-        .iter()
-        .zip(&sets)
-        .map(|(t, set)| Session::new(t, &frozen, set, None).unwrap())
-        .collect();
+    let ts = fresh(&specs, &base, &labels);
+    let sessions = start(&ts, &frozen, &sets);
     let mut steps = vec![0usize; specs.len()];
     let results = co_train(sessions, &mut |i, p: &Progress| {
         steps[i] = p.step;
@@ -112,15 +123,8 @@ fn each_co_trained_run_equals_its_run_alone_and_a_failing_run_leaves_the_others(
     assert_eq!(steps, [6, 4, 6, 3, 5, 2]);
 
     // A run whose progress fails (a lost lease) drops out; the others are unchanged.
-    let ts: Vec<Trainable> = specs
-        .iter()
-        .map(|s| Trainable::new(s, &base, &labels).unwrap())
-        .collect();
-    let sessions: Vec<Session<'_, '_>> = ts
-        .iter()
-        .zip(&sets)
-        .map(|(t, set)| Session::new(t, &frozen, set, None).unwrap())
-        .collect();
+    let ts = fresh(&specs, &base, &labels);
+    let sessions = start(&ts, &frozen, &sets);
     let results = co_train(sessions, &mut |i, p: &Progress| {
         if i == 1 && p.step == 2 {
             anyhow::bail!("the lease was lost");

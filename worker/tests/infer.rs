@@ -3,6 +3,10 @@
 //! resolved with each caller's token; bad input, moved tags, a caller that leaves and a
 //! registry that goes down.
 
+mod common;
+
+use common::max_diff;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,22 +44,10 @@ impl Env {
             .dir
             .path()
             .join("registry.sqlite");
-        let new = delta_registry::admin::NewToken {
-            namespace: namespace.into(),
-            scope,
-            worker: false,
-            expires_in: None,
-            description: String::new(),
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let namespace = namespace.to_owned();
         std::thread::spawn(move || {
             let meta = delta_registry::SqlMeta::open(&db).unwrap();
-            delta_registry::admin::create_token(&meta, &new, now)
-                .unwrap()
-                .1
+            delta_tests::new_token(&meta, &namespace, scope, false)
         })
         .join()
         .unwrap()
@@ -163,17 +155,6 @@ async fn predict(
         .predict(request(body, token))
         .await?
         .into_inner())
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| {
-            assert_eq!(x.len(), y.len());
-            x.iter().zip(y).map(|(p, q)| (p - q).abs())
-        })
-        .fold(0.0, f32::max)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,5 +1,9 @@
 //! A batch whose rows carry different deltas gives every row what its delta gives alone.
 
+mod common;
+
+use common::max_diff;
+
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
@@ -105,17 +109,6 @@ fn ia3(base: &BaseWeights, seed: u64) -> Mounts<'_> {
     let mut m = Mounts::new(base);
     m.mount(&config, tensors).unwrap();
     m
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .flat_map(|(x, y)| {
-            assert_eq!(x.len(), y.len());
-            x.iter().zip(y).map(|(p, q)| (p - q).abs())
-        })
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -108,18 +108,7 @@ impl Env {
         scope: delta_registry::auth::Scope,
         worker: bool,
     ) -> String {
-        let new = delta_registry::admin::NewToken {
-            namespace: namespace.into(),
-            scope,
-            worker,
-            expires_in: None,
-            description: String::new(),
-        };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        self.with_meta(|m| delta_registry::admin::create_token(m, &new, now).unwrap().1)
+        self.with_meta(|m| crate::new_token(m, namespace, scope, worker))
     }
 
     /// A client that sends `secret` (or no token).
