@@ -211,6 +211,10 @@ struct Inner {
     slots: Vec<Arc<Slot>>,
     deltas: Mutex<DeltaCache>,
     resolutions: Mutex<HashMap<([u8; 32], String), Resolution>>,
+    /// Held while pulling: the on-disk cache resumes one partial file per blob, so two
+    /// callers asking for the same new delta (or deltas sharing a parent) must not pull
+    /// it at once; the second finds it in memory.
+    pulling: tokio::sync::Mutex<()>,
     opts: InferOptions,
     stats: Arc<Stats>,
 }
@@ -322,6 +326,7 @@ impl InferenceService {
                 slots,
                 deltas: Mutex::new(DeltaCache::default()),
                 resolutions: Mutex::new(HashMap::new()),
+                pulling: tokio::sync::Mutex::new(()),
                 opts,
                 stats,
             }),
@@ -448,6 +453,16 @@ impl InferenceService {
 
     /// A resolved delta and its parents, from memory or pulled (verified) from the registry.
     async fn load(&self, remote: &Remote, res: &Resolution) -> Result<Chain, Status> {
+        if let Some(chain) = self
+            .inner
+            .deltas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&res.digest)
+        {
+            return Ok(chain);
+        }
+        let _pulling = self.inner.pulling.lock().await;
         if let Some(chain) = self
             .inner
             .deltas

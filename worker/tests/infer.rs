@@ -591,12 +591,25 @@ async fn one_service_runs_many_teams_deltas_in_mixed_batches() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let moved = predict(&client, Some(&a), &["team-a/lora:prod"], &["dreadful"])
-        .await
-        .unwrap();
-    assert_eq!(moved.deltas[0].digest, newer.manifest.digest().to_string());
-    let want = alone(&base, &[newer], &["dreadful"], Output::Logits);
-    assert!(max_diff(&[moved.predictions[0].logits.clone()], &want) <= 1e-5);
+    // Six callers at once for the delta nobody has loaded yet: one pull, six answers.
+    let mut same = Vec::new();
+    for _ in 0..6 {
+        let (c, t) = (client.clone(), a.clone());
+        same.push(tokio::spawn(async move {
+            predict(&c, Some(&t), &["team-a/lora:prod"], &["dreadful"]).await
+        }));
+    }
+    let want = alone(
+        &base,
+        std::slice::from_ref(&newer),
+        &["dreadful"],
+        Output::Logits,
+    );
+    for h in same {
+        let moved = h.await.unwrap().unwrap();
+        assert_eq!(moved.deltas[0].digest, newer.manifest.digest().to_string());
+        assert!(max_diff(&[moved.predictions[0].logits.clone()], &want) <= 1e-5);
+    }
 
     // 6. The registry goes down: what callers resolved keeps serving (past the TTL), a
     // delta never loaded fails with UNAVAILABLE.
