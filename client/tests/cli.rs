@@ -143,6 +143,7 @@ async fn quick_start_through_the_binary() {
     let show = delta(url, cache, &["show", "team/demo"]);
     let shown = String::from_utf8_lossy(&show.stdout);
     assert!(shown.contains("pushed:   20"), "{shown}");
+    assert!(shown.contains("Z by open registry"), "{shown}");
 
     // `--annotation` on push is what `ls --annotation` finds.
     let tagged = delta(

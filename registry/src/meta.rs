@@ -134,6 +134,10 @@ pub struct VersionRow {
     pub size: u64,
     /// When it was pushed.
     pub created_at: i64,
+    /// Who pushed it, as the audit log recorded: `token N` (with the token's description
+    /// when it has one), `open registry` (no tokens existed), or empty (published by a
+    /// worker's `CompleteJob`, whose manifest names the job).
+    pub pushed_by: String,
 }
 
 /// A delta in a search result.
@@ -570,21 +574,46 @@ impl MetaStore for SqlMeta {
             let Some(id) = repo_id(c, repo, false)? else {
                 return Ok(None);
             };
+            // The push's audit row names the version as `ns/name:vN`.
             let rows = c.query(
-                "SELECT v.version, v.manifest, m.size, v.created_at FROM versions v
+                "SELECT v.version, v.manifest, m.size, v.created_at,
+                        (SELECT COUNT(*) FROM audit a WHERE a.action = 'push'
+                           AND a.target = CAST($2 AS TEXT) || CAST(v.version AS TEXT)),
+                        (SELECT a.token FROM audit a WHERE a.action = 'push'
+                           AND a.target = CAST($2 AS TEXT) || CAST(v.version AS TEXT)
+                         ORDER BY a.at DESC LIMIT 1)
+                 FROM versions v
                  JOIN manifests m ON m.digest = v.manifest WHERE v.repository = $1 AND v.yanked = 0
                  ORDER BY v.version DESC",
-                p![id],
+                p![id, format!("{repo}:v")],
             )?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let version = r.uint(0)?;
+                let pushed_by = match (r.int(4)?, r.opt_int(5)?) {
+                    (0, _) => String::new(),
+                    (_, None) => "open registry".to_owned(),
+                    (_, Some(t)) => {
+                        let description = c
+                            .query("SELECT description FROM tokens WHERE id = $1", p![t])?
+                            .first()
+                            .map(|d| d.text(0))
+                            .transpose()?
+                            .unwrap_or_default();
+                        if description.is_empty() {
+                            format!("token {t}")
+                        } else {
+                            format!("token {t} ({description})")
+                        }
+                    }
+                };
                 out.push(VersionRow {
                     version,
                     digest: r.digest(1)?,
                     tags: tags_of(c, id, version)?,
                     size: r.uint(2)?,
                     created_at: r.int(3)?,
+                    pushed_by,
                 });
             }
             Ok(Some(out))

@@ -1058,6 +1058,7 @@ impl Registry for RegistryService {
                 tags: v.tags,
                 size: v.size,
                 created_at: v.created_at,
+                pushed_by: v.pushed_by,
             })
             .collect();
         Ok(Response::new(pb::ListVersionsResponse { versions }))

@@ -226,6 +226,25 @@ pub fn lifecycle(m: &dyn MetaStore) {
     let r = repo("team/life");
     push(m, &r, &manifest(kept, "1"), &[]).unwrap();
     push(m, &r, &manifest(dropped, "2"), &["prod"]).unwrap();
+    // Who pushed: what the push's audit row says (none: a job's publication).
+    for (version, token) in [(1, Some(7)), (2, None)] {
+        m.audit(&AuditEntry {
+            at: 50,
+            token,
+            action: "push".into(),
+            target: format!("team/life:v{version}"),
+            digest: String::new(),
+        })
+        .unwrap();
+    }
+    let by: Vec<String> = m
+        .list_versions(&r)
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|v| v.pushed_by)
+        .collect();
+    assert_eq!(by, ["open registry", "token 7"], "newest first");
 
     assert_eq!(
         m.yank(&r, 2, true).unwrap(),
