@@ -24,8 +24,8 @@ pub struct Common {
     pub service: String,
     /// The base, by fingerprint or the service's name for it (default: the deltas' base,
     /// or the service's only one).
-    #[arg(long, default_value = "")]
-    pub base: String,
+    #[arg(long)]
+    pub base: Option<String>,
     /// Inputs sent per call (the service's limit is 256 by default).
     #[arg(long, default_value_t = 256)]
     pub chunk: usize,
@@ -65,7 +65,7 @@ async fn open(c: &Common, ctx: &Ctx) -> anyhow::Result<(Service, Target, Vec<Exa
         .with_context(|| format!("connecting to the inference service at {}", c.service))?;
     let target = Target {
         deltas: c.deltas.clone(),
-        base: c.base.clone(),
+        base: c.base.clone().unwrap_or_default(),
     };
     Ok((service, target, examples))
 }
