@@ -764,6 +764,32 @@ impl Remote {
         Ok((job, resp.events))
     }
 
+    /// Follows a job: the job now and its events after `after`, then each change, until it
+    /// ends (a stream the registry pushes; `None` from a registry without `WatchJob`).
+    pub async fn watch_job(
+        &self,
+        id: u64,
+        after: u64,
+    ) -> Result<Option<impl Stream<Item = Result<(pb::JobInfo, Vec<pb::JobEvent>)>> + use<>>> {
+        let stream = match self
+            .client
+            .clone()
+            .watch_job(pb::GetJobRequest { id, after })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::Unimplemented => return Ok(None),
+            Err(s) => return Err(s.into()),
+        };
+        Ok(Some(futures::StreamExt::map(stream, move |item| {
+            let resp = item?;
+            let job = resp
+                .job
+                .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+            Ok((job, resp.events))
+        })))
+    }
+
     /// Leases a waiting job, if any: the job and the lease token.
     pub async fn lease_job(
         &self,

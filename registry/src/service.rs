@@ -46,6 +46,9 @@ struct Inner {
     /// Woken when a job is submitted here, so long-polling workers lease it at once
     /// (jobs submitted through another replica are found by the once-a-second retry).
     jobs_submitted: tokio::sync::Notify,
+    /// Woken when a job gets an event or a new state on this replica (`WatchJob`; other
+    /// replicas' changes are seen within a second).
+    jobs_changed: tokio::sync::Notify,
 }
 
 /// The embedded database's file name in the data dir.
@@ -94,6 +97,7 @@ impl RegistryService {
                 gc_lock: tokio::sync::RwLock::new(()),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 jobs_submitted: tokio::sync::Notify::new(),
+                jobs_changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -254,6 +258,35 @@ impl RegistryService {
             }
         }
         Ok(out)
+    }
+
+    /// A job as `caller` may see it, with its events after `after`. A job is visible to
+    /// tokens covering its namespace (its team's users and workers, `*` tokens) and to its
+    /// submitter; to anyone else it looks missing, whether it exists or not.
+    async fn job_snapshot(
+        &self,
+        caller: &Caller,
+        id: u64,
+        after: u64,
+    ) -> std::result::Result<pb::GetJobResponse, Status> {
+        let job = self.meta(move |m| m.get_job(id)).await?;
+        let job = job
+            .filter(|j| {
+                caller.covers(&j.namespace)
+                    || (j.submitter.is_some() && j.submitter == caller.token_id())
+            })
+            .ok_or_else(|| Error::NotFound {
+                what: "job",
+                name: id.to_string(),
+            })?;
+        let events = self.meta(move |m| m.job_events(id, after)).await?;
+        Ok(pb::GetJobResponse {
+            job: Some(job_info(job)),
+            events: events
+                .into_iter()
+                .map(|(seq, at, body)| pb::JobEvent { seq, at, body })
+                .collect(),
+        })
     }
 
     /// Appends to the audit log.
@@ -1376,29 +1409,61 @@ impl Registry for RegistryService {
     ) -> Result<Response<pb::GetJobResponse>, Status> {
         let caller = self.caller(&req).await?;
         let req = req.into_inner();
-        let id = req.id;
-        let job = self.meta(move |m| m.get_job(id)).await?;
-        // A job is visible to tokens covering its namespace (its team's users and
-        // workers, `*` tokens) and to its submitter; to anyone else it looks missing,
-        // whether it exists or not.
-        let job = job
-            .filter(|j| {
-                caller.covers(&j.namespace)
-                    || (j.submitter.is_some() && j.submitter == caller.token_id())
-            })
-            .ok_or_else(|| Error::NotFound {
-                what: "job",
-                name: id.to_string(),
-            })?;
-        let after = req.after;
-        let events = self.meta(move |m| m.job_events(id, after)).await?;
-        Ok(Response::new(pb::GetJobResponse {
-            job: Some(job_info(job)),
-            events: events
-                .into_iter()
-                .map(|(seq, at, body)| pb::JobEvent { seq, at, body })
-                .collect(),
-        }))
+        Ok(Response::new(
+            self.job_snapshot(&caller, req.id, req.after).await?,
+        ))
+    }
+
+    type WatchJobStream = BoxStream<pb::GetJobResponse>;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = self.caller(&req).await?;
+        let req = req.into_inner();
+        // Refusals (a job the caller may not see) come before the stream starts.
+        let first = self.job_snapshot(&caller, req.id, req.after).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut snapshot = first;
+            let mut last: Option<(String, u32)> = None;
+            let mut seen = req.after;
+            loop {
+                let Some(job) = snapshot.job.clone() else {
+                    return;
+                };
+                seen = snapshot.events.last().map_or(seen, |e| e.seq.max(seen));
+                let state = (job.state.clone(), job.attempts);
+                let changed = last.as_ref() != Some(&state) || !snapshot.events.is_empty();
+                let ended = matches!(job.state.as_str(), "succeeded" | "failed");
+                if changed && tx.send(Ok(snapshot)).await.is_err() {
+                    return; // the watcher went away
+                }
+                if ended {
+                    return;
+                }
+                last = Some(state);
+                // Woken by a change on this replica, or once a second for the others'.
+                let changed = this.inner.jobs_changed.notified();
+                tokio::select! {
+                    () = changed => {}
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    () = tx.closed() => return,
+                }
+                snapshot = match this.job_snapshot(&caller, req.id, seen).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn lease_job(
@@ -1450,6 +1515,7 @@ impl Registry for RegistryService {
         };
         if let Some(j) = &job {
             tracing::info!(job = j.id, worker = %excerpt(&req.worker), attempt = j.attempts, "job leased");
+            self.inner.jobs_changed.notify_waiters();
         }
         Ok(Response::new(pb::LeaseJobResponse {
             job: job.map(job_info),
@@ -1483,6 +1549,7 @@ impl Registry for RegistryService {
         }
         self.meta(move |m| m.report_progress(req.id, &req.lease, &scope, &req.body, now()))
             .await?;
+        self.inner.jobs_changed.notify_waiters();
         Ok(Response::new(pb::ReportProgressResponse {}))
     }
 
@@ -1559,6 +1626,7 @@ impl Registry for RegistryService {
             .await?
         };
         tracing::info!(job = id, state = %done.state, error = %excerpt(&done.error), "job completed");
+        self.inner.jobs_changed.notify_waiters();
         self.record(
             &caller,
             "complete-job",

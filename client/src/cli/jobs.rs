@@ -220,22 +220,47 @@ async fn finish(
         eprintln!("job {} ({}) {}", info.id, info.kind, info.state);
     }
     let mut seen = 0u64;
-    while follow && matches!(info.state.as_str(), "queued" | "running") {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (now, events) = remote.get_job(info.id, seen).await?;
-        if now.state != info.state && !ctx.json {
+    // Prints a change; returns the last event's number.
+    let show = |now: &delta_proto::JobInfo, events: Vec<delta_proto::JobEvent>, was: &str| {
+        if now.state != was && !ctx.json {
             eprintln!("job {} {} {}", now.id, now.state, now.worker);
         }
+        let mut last = 0;
         for e in events {
-            seen = e.seq;
-            let p: Progress = serde_json::from_str(&e.body).unwrap_or_default();
+            last = last.max(e.seq);
             if ctx.json {
                 println!("{}", e.body);
             } else {
+                let p: Progress = serde_json::from_str(&e.body).unwrap_or_default();
                 eprintln!("{p}");
             }
         }
-        info = now;
+        last
+    };
+    let running = |i: &delta_proto::JobInfo| matches!(i.state.as_str(), "queued" | "running");
+    if follow && running(&info) {
+        // The registry pushes each change; one without WatchJob is polled.
+        match remote.watch_job(info.id, 0).await? {
+            Some(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(item) = futures::StreamExt::next(&mut stream).await {
+                    let (now, events) = item?;
+                    seen = seen.max(show(&now, events, &info.state));
+                    info = now;
+                    if !running(&info) {
+                        break;
+                    }
+                }
+            }
+            None => {
+                while running(&info) {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let (now, events) = remote.get_job(info.id, seen).await?;
+                    seen = seen.max(show(&now, events, &info.state));
+                    info = now;
+                }
+            }
+        }
     }
     if ctx.json && follow {
         // Following prints one JSON object per line (the events, then the job).

@@ -253,6 +253,23 @@ async fn workers_stay_in_their_namespaces(engine: Engine) {
     );
     a.get_job(a_job.id, 0).await.unwrap();
     b.get_job(b_job.id, 0).await.unwrap();
+    // Watching is reading: the same refusal, before any stream starts.
+    let watched = |r: delta_client::Result<Option<_>>| match r {
+        Ok(_) => panic!("another namespace's job was watched"),
+        Err(e) => e.to_string(),
+    };
+    let w1 = watched(a.watch_job(b_job.id, 0).await.map(|s| s.map(|_| ())));
+    let w2 = watched(a.watch_job(absent, 0).await.map(|s| s.map(|_| ())));
+    assert_eq!(
+        w1.replace(&b_job.id.to_string(), "N"),
+        w2.replace(&absent.to_string(), "N")
+    );
+    assert!(w1.contains("not found"), "{w1}");
+    {
+        let mut own = std::pin::pin!(b.watch_job(b_job.id, 0).await.unwrap().unwrap());
+        let (job, _) = futures::StreamExt::next(&mut own).await.unwrap().unwrap();
+        assert_eq!(job.id, b_job.id);
+    }
 
     // A read-scope worker is refused training jobs when it asks, before any training;
     // it may verify.
