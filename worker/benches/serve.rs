@@ -350,11 +350,13 @@ async fn main() {
         if n == 64 && label == "64" {
             println!(
                 "At 64 distinct deltas: {:.0}% of the single-delta throughput (aim ≥ 70%); \
-                 service RSS {rss:.0} MB vs base + 2 × deltas = {:.0} MB; the service holds \
-                 {empty_rss:.0} MB before any delta (base, tokenizer, code, runtime), so the \
-                 64 deltas cost {:.0} MB for {:.1} MB of tensors.",
+                 service RSS {rss:.0} MB vs base weights + 2 × deltas = {:.0} MB, or vs the \
+                 bare-base service + 2 × deltas = {:.0} MB; the service holds {empty_rss:.0} MB \
+                 before any delta (base, tokenizer, code, runtime), so the 64 deltas cost \
+                 {:.0} MB for {:.1} MB of tensors.",
                 100.0 * rps / single,
                 base_mb + 2.0 * 64.0 * delta_bytes,
+                empty_rss + 2.0 * 64.0 * delta_bytes,
                 rss - empty_rss,
                 64.0 * delta_bytes
             );
