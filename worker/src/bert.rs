@@ -1,11 +1,13 @@
 //! A BERT-family encoder written against tensor *names*, with injection points for deltas.
 //!
 //! The backbone never knows which delta methods exist: every weight is looked up by its
-//! Hugging Face name through [`Mounts::tensor`] (which applies replacements and
-//! differences), every linear layer goes through [`Mounts::linear`] (which adds LoRA
-//! branches), and three hooks take run-time modules: adapters after a sub-layer's output
-//! projection, per-layer key/value prefixes, and soft prompt tokens. A new method plugs in
-//! by filling [`Mounts`]; a decoder family would reuse it with its own forward.
+//! Hugging Face name through [`Inject::tensor`] (the `mounts` module's `Mounts` applies
+//! replacements and differences there), every linear layer goes through
+//! [`Inject::linear`] (which adds LoRA branches), and three hooks take run-time modules:
+//! adapters after a sub-layer's output projection, per-layer key/value prefixes, and soft
+//! prompt tokens. A new method plugs in by filling `Mounts`; a decoder family would reuse
+//! it with its own forward. The classification head over the encoder lives with `Mounts`
+//! (`mounts::classify`), so this module depends on nothing above it.
 //!
 //! candle traps avoided here (see `CANDLE-NOTES.md`): layer norm is built from basic ops
 //! (the fused one has no backward), softmax is `ops::softmax` (not `softmax_last_dim`),
@@ -17,11 +19,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 
-use crate::mounts::Mounts;
-
-/// What the encoder's injection points consult: one delta mounted on the base
-/// ([`Mounts`]) or a batch whose rows each carry their own delta
-/// ([`crate::mixed::MixedMounts`]). Tensors given per row have a leading row dimension
+/// What the encoder's injection points consult: one delta mounted on the base (`Mounts`)
+/// or a batch whose rows each carry their own delta (`MixedMounts`). Tensors given per row have a leading row dimension
 /// (`[rows, 1, hidden]` for a layer norm's weight) and broadcast against `[rows, len,
 /// hidden]`.
 pub trait Inject {
@@ -456,28 +455,3 @@ impl Pooling {
 pub const POOLER_WEIGHT: &str = "pooler.dense.weight";
 /// The pooler's bias.
 pub const POOLER_BIAS: &str = "pooler.dense.bias";
-
-/// Encoder, pooling (as the mounts' head says) and the classification head: logits
-/// `[batch, labels]`.
-pub fn classify(cfg: &BertConfig, m: &Mounts<'_>, batch: &Batch) -> Result<Tensor> {
-    let (h, mask) = encode(cfg, m, batch)?;
-    head(m, &h, &mask, 0)
-}
-
-/// Pooling of the last hidden states (as the mounts' head says; the pooler reads
-/// position `first`) and the classification head: logits `[batch, labels]`.
-pub fn head(m: &Mounts<'_>, hidden: &Tensor, mask: &Tensor, first: usize) -> Result<Tensor> {
-    let pooled = match m.pooling {
-        Pooling::Mean => mean_pool(hidden, mask)?,
-        Pooling::Cls => {
-            let first = hidden.narrow(1, first, 1)?.squeeze(1)?;
-            let w = m.tensor(POOLER_WEIGHT)?;
-            let b = m.tensor(POOLER_BIAS)?;
-            first.matmul(&w.t()?)?.broadcast_add(&b)?.tanh()?
-        }
-    };
-    let pooled = m.drop_classifier(&pooled)?;
-    let w = m.tensor(crate::mounts::HEAD_WEIGHT)?;
-    let b = m.tensor(crate::mounts::HEAD_BIAS)?;
-    Ok(pooled.matmul(&w.t()?)?.broadcast_add(&b)?)
-}

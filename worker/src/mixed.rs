@@ -9,7 +9,7 @@
 //! that changes a matrix the encoder shares (a replaced or differenced weight or
 //! embedding: selective, last-layer, full, diff pruning) cannot share the base's matmuls;
 //! [`shares_base`] says so and the caller runs it in a group of its own with
-//! [`crate::bert::classify`].
+//! [`crate::mounts::classify`].
 //!
 //! Every row's result equals running its delta alone up to float summation order: padded
 //! prompt and prefix positions are masked out of attention (their weight is exactly 0).
@@ -566,7 +566,7 @@ fn head(m: &Mounts<'_>, hidden: &Tensor, mask: &Tensor, first: usize) -> Result<
     if !m.replace.contains_key(HEAD_WEIGHT) && !m.base().tensors.contains_key(HEAD_WEIGHT) {
         bail!("neither the base nor the delta has a classification head (classifier.weight)");
     }
-    crate::bert::head(m, hidden, mask, first)
+    crate::mounts::head(m, hidden, mask, first)
 }
 
 /// `t` with the span `start..start + len` of axis `dim` replaced by `f` of it.

@@ -595,6 +595,35 @@ impl crate::bert::Inject for Mounts<'_> {
     }
 }
 
+/// Encoder, pooling (as the mounts' head says) and the classification head: logits
+/// `[batch, labels]`.
+pub fn classify(
+    cfg: &crate::bert::BertConfig,
+    m: &Mounts<'_>,
+    batch: &crate::bert::Batch,
+) -> Result<Tensor> {
+    let (h, mask) = crate::bert::encode(cfg, m, batch)?;
+    head(m, &h, &mask, 0)
+}
+
+/// Pooling of the last hidden states (as the mounts' head says; the pooler reads
+/// position `first`) and the classification head: logits `[batch, labels]`.
+pub fn head(m: &Mounts<'_>, hidden: &Tensor, mask: &Tensor, first: usize) -> Result<Tensor> {
+    let pooled = match m.pooling {
+        crate::bert::Pooling::Mean => crate::bert::mean_pool(hidden, mask)?,
+        crate::bert::Pooling::Cls => {
+            let first = hidden.narrow(1, first, 1)?.squeeze(1)?;
+            let w = m.tensor(crate::bert::POOLER_WEIGHT)?;
+            let b = m.tensor(crate::bert::POOLER_BIAS)?;
+            first.matmul(&w.t()?)?.broadcast_add(&b)?.tanh()?
+        }
+    };
+    let pooled = m.drop_classifier(&pooled)?;
+    let w = m.tensor(HEAD_WEIGHT)?;
+    let b = m.tensor(HEAD_BIAS)?;
+    Ok(pooled.matmul(&w.t()?)?.broadcast_add(&b)?)
+}
+
 /// `x Wᵀ` for a frozen `W`: candle's matmul backward computes the gradient of both sides,
 /// which for a frozen base weight is a wasted `[out, in]` product per layer and step. This
 /// op computes the product without a graph and attaches a backward that returns only the

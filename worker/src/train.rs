@@ -8,10 +8,11 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Tensor, Var};
 use delta_client::jobs::Progress;
 
-use crate::bert::{BaseWeights, classify};
+use crate::bert::BaseWeights;
 use crate::data::{Encoded, batch};
 use crate::methods::Trainable;
 use crate::mounts::Mounts;
+use crate::mounts::classify;
 use crate::rng::Rng;
 
 /// Evaluation results.

@@ -5,12 +5,13 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use delta_client::jobs::TrainSpec;
-use delta_worker::bert::{BaseWeights, Batch, classify};
+use delta_worker::bert::{BaseWeights, Batch};
 use delta_worker::data::{
     Example, Split, Tok, sentiment_simple as sentiment, sentiment_split, sentiment_vocabulary,
 };
 use delta_worker::methods::Trainable;
 use delta_worker::mounts::Mounts;
+use delta_worker::mounts::classify;
 use delta_worker::run::{Delta, LocalBase, TrainRequest, mount_all, train_to_dir};
 use delta_worker::train::evaluate;
 
