@@ -130,6 +130,14 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
 }
 
+/// What a call ran: its rows' values, the deltas as resolved, the base, the chain.
+struct Ran {
+    rows: Vec<Vec<f32>>,
+    deltas: Vec<pb::ResolvedDelta>,
+    slot: Arc<Slot>,
+    chain: Vec<Arc<Delta>>,
+}
+
 /// A caller's resolution of a reference.
 #[derive(Debug, Clone)]
 struct Resolution {
@@ -519,15 +527,7 @@ impl InferenceService {
         target: Option<pb::Target>,
         inputs: &[pb::Input],
         output: Output,
-    ) -> Result<
-        (
-            Vec<Vec<f32>>,
-            Vec<pb::ResolvedDelta>,
-            Arc<Slot>,
-            Vec<Arc<Delta>>,
-        ),
-        Status,
-    > {
+    ) -> Result<Ran, Status> {
         let target = target.unwrap_or_default();
         if inputs.is_empty() {
             return Err(Status::invalid_argument("the request has no inputs"));
@@ -683,7 +683,12 @@ impl InferenceService {
                 inputs.len()
             )));
         }
-        Ok((rows, resolved, slot, chain))
+        Ok(Ran {
+            rows,
+            deltas: resolved,
+            slot,
+            chain,
+        })
     }
 }
 
@@ -694,7 +699,12 @@ impl Inference for InferenceService {
         req: Request<pb::PredictRequest>,
     ) -> Result<Response<pb::PredictResponse>, Status> {
         let (target, inputs) = (req.get_ref().target.clone(), &req.get_ref().inputs);
-        let (rows, deltas, slot, chain) = self.run(&req, target, inputs, Output::Logits).await?;
+        let Ran {
+            rows,
+            deltas,
+            slot,
+            chain,
+        } = self.run(&req, target, inputs, Output::Logits).await?;
         let labels = chain
             .iter()
             .rev()
@@ -735,7 +745,9 @@ impl Inference for InferenceService {
     ) -> Result<Response<pb::EmbedResponse>, Status> {
         let (target, inputs) = (req.get_ref().target.clone(), &req.get_ref().inputs);
         let normalize = req.get_ref().normalize;
-        let (rows, deltas, slot, _) = self.run(&req, target, inputs, Output::Embedding).await?;
+        let Ran {
+            rows, deltas, slot, ..
+        } = self.run(&req, target, inputs, Output::Embedding).await?;
         let embeddings = rows
             .into_iter()
             .map(|mut values| {
