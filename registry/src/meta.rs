@@ -577,9 +577,7 @@ impl MetaStore for SqlMeta {
             // The push's audit row names the version as `ns/name:vN`.
             let rows = c.query(
                 "SELECT v.version, v.manifest, m.size, v.created_at,
-                        (SELECT COUNT(*) FROM audit a WHERE a.action = 'push'
-                           AND a.target = CAST($2 AS TEXT) || CAST(v.version AS TEXT)),
-                        (SELECT a.token FROM audit a WHERE a.action = 'push'
+                        (SELECT COALESCE(a.token, 0) FROM audit a WHERE a.action = 'push'
                            AND a.target = CAST($2 AS TEXT) || CAST(v.version AS TEXT)
                          ORDER BY a.at DESC LIMIT 1)
                  FROM versions v
@@ -590,10 +588,11 @@ impl MetaStore for SqlMeta {
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let version = r.uint(0)?;
-                let pushed_by = match (r.int(4)?, r.opt_int(5)?) {
-                    (0, _) => String::new(),
-                    (_, None) => "open registry".to_owned(),
-                    (_, Some(t)) => {
+                // No push row: published by a job; token 0: no token (ids start at 1).
+                let pushed_by = match r.opt_int(4)? {
+                    None => String::new(),
+                    Some(0) => "open registry".to_owned(),
+                    Some(t) => {
                         let description = c
                             .query("SELECT description FROM tokens WHERE id = $1", p![t])?
                             .first()

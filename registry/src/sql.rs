@@ -32,6 +32,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0004_jobs.sql"),
     include_str!("../migrations/0005_isolation.sql"),
     include_str!("../migrations/0006_job_bases.sql"),
+    include_str!("../migrations/0007_audit_target.sql"),
 ];
 
 /// A parameter or column value: the four types the schema uses.
