@@ -459,25 +459,22 @@ impl InferenceService {
         }
     }
 
-    /// A resolved delta and its parents, from memory or pulled (verified) from the registry.
-    async fn load(&self, remote: &Remote, res: &Resolution) -> Result<Chain, Status> {
-        if let Some(chain) = self
-            .inner
+    /// A chain in memory, marked as just used.
+    fn cached(&self, digest: &Digest) -> Option<Chain> {
+        self.inner
             .deltas
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&res.digest)
-        {
+            .get(digest)
+    }
+
+    /// A resolved delta and its parents, from memory or pulled (verified) from the registry.
+    async fn load(&self, remote: &Remote, res: &Resolution) -> Result<Chain, Status> {
+        if let Some(chain) = self.cached(&res.digest) {
             return Ok(chain);
         }
         let _pulling = self.inner.pulling.lock().await;
-        if let Some(chain) = self
-            .inner
-            .deltas
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&res.digest)
-        {
+        if let Some(chain) = self.cached(&res.digest) {
             return Ok(chain);
         }
         let pinned = format!("{}@{}", res.repository, res.digest);
@@ -705,24 +702,12 @@ impl Inference for InferenceService {
             slot,
             chain,
         } = self.run(&req, target, inputs, Output::Logits).await?;
-        let labels = chain
-            .iter()
-            .rev()
-            .find_map(|d| d.labels())
-            .unwrap_or_default();
+        let labels = crate::run::labels_of(&chain).unwrap_or_default();
         let predictions = rows
             .into_iter()
             .map(|logits| {
-                let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let exp: Vec<f64> = logits.iter().map(|&l| f64::from(l - top).exp()).collect();
-                let sum: f64 = exp.iter().sum();
-                let probabilities: Vec<f64> = exp.iter().map(|x| x / sum).collect();
-                let index = logits
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-                    .map(|(i, _)| i)
-                    .unwrap_or(0);
+                let probabilities = crate::train::probabilities(&logits);
+                let index = crate::train::argmax(&logits);
                 pb::Prediction {
                     label_index: index as u32,
                     label: labels.get(index).cloned().unwrap_or_default(),

@@ -176,8 +176,8 @@ pub fn mount_all<'a>(base: &'a LocalBase, deltas: &[Delta]) -> Result<Mounts<'a>
 }
 
 /// Labels for a set of mounted deltas: the last delta's head wins.
-pub fn labels_of(deltas: &[Delta]) -> Option<Vec<String>> {
-    deltas.iter().rev().find_map(Delta::labels)
+pub fn labels_of<D: std::borrow::Borrow<Delta>>(deltas: &[D]) -> Option<Vec<String>> {
+    deltas.iter().rev().find_map(|d| d.borrow().labels())
 }
 
 /// A trained delta written to a folder.
@@ -559,11 +559,7 @@ pub fn predict(
         .zip(&e.logits)
         .zip(examples)
         .map(|((&p, logits), ex)| {
-            // Softmax in f64 from the f32 logits, as a reader would compute it.
-            let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exp: Vec<f64> = logits.iter().map(|&l| f64::from(l - top).exp()).collect();
-            let sum: f64 = exp.iter().sum();
-            let probabilities: Vec<f64> = exp.iter().map(|x| x / sum).collect();
+            let probabilities = crate::train::probabilities(logits);
             let mut v = json!({
                 "text": ex.text,
                 "label_index": p,

@@ -28,6 +28,25 @@ pub struct Evaluation {
     pub logits: Vec<Vec<f32>>,
 }
 
+/// The index of the largest score (the first of equal ones; 0 for none).
+pub fn argmax(scores: &[f32]) -> usize {
+    scores
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
+}
+
+/// Class probabilities from logits: the softmax in f64 from the f32 logits, as a reader
+/// would compute it.
+pub fn probabilities(logits: &[f32]) -> Vec<f64> {
+    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f64> = logits.iter().map(|&l| f64::from(l - top).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.iter().map(|x| x / sum).collect()
+}
+
 /// Runs the model over examples in batches (no graph is kept) and scores them; examples
 /// without a known label count as wrong and add no loss.
 pub fn evaluate(m: &Mounts<'_>, data: &[Encoded], batch_size: usize) -> Result<Evaluation> {
@@ -43,12 +62,7 @@ pub fn evaluate(m: &Mounts<'_>, data: &[Encoded], batch_size: usize) -> Result<E
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
         all_logits.extend(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?);
         for (e, row) in chunk.iter().zip(&logp) {
-            let pred = row
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-                .map(|(i, _)| i)
-                .unwrap_or(0);
+            let pred = argmax(row);
             predictions.push(pred);
             if let Some(gold) = e.label {
                 labelled += 1;
