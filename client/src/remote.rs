@@ -103,6 +103,28 @@ pub struct WhoAmI {
     pub expires_at: Option<i64>,
 }
 
+/// An endpoint for `url`: a 10 s connect timeout, no Nagle delay, and for `https://` TLS
+/// trusting the public web PKI and, if given, `ca_cert` (the registry's and a worker's
+/// inference service's clients both connect through it).
+pub(crate) fn endpoint(url: &str, ca_cert: Option<&Path>) -> Result<Endpoint> {
+    let connect_err = |source| Error::Connect {
+        url: url.to_owned(),
+        source,
+    };
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(connect_err)?
+        .connect_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true);
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let mut tls = ClientTlsConfig::new().with_webpki_roots();
+    if let Some(ca) = ca_cert {
+        tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca).at(ca)?));
+    }
+    endpoint.tls_config(tls).map_err(connect_err)
+}
+
 /// A failed connection, in plain words where the cause is a known setup mistake.
 pub(crate) fn connect_error(url: &str, source: tonic::transport::Error) -> Error {
     let mut chain = format!("{source:?}");
@@ -168,29 +190,11 @@ impl Remote {
     pub async fn connect_opts(url: &str, opts: &ConnectOptions) -> Result<Self> {
         let token = opts.token.as_deref();
         let auth = bearer(token)?;
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|source| Error::Connect {
-                url: url.to_owned(),
-                source,
-            })?
-            .connect_timeout(Duration::from_secs(10))
+        // Blob streams want large windows and frames.
+        let endpoint = endpoint(url, opts.ca_cert.as_deref())?
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20))
-            .max_frame_size(Some((1 << 20) - 1))
-            .tcp_nodelay(true);
-        let endpoint = if url.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_webpki_roots();
-            if let Some(ca) = &opts.ca_cert {
-                let pem = std::fs::read(ca).at(ca)?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint.tls_config(tls).map_err(|source| Error::Connect {
-                url: url.to_owned(),
-                source,
-            })?
-        } else {
-            endpoint
-        };
+            .max_frame_size(Some((1 << 20) - 1));
         let channel = if opts.lazy {
             endpoint.connect_lazy()
         } else {

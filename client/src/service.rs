@@ -2,16 +2,15 @@
 //! the one client module besides `remote` that touches generated types.
 
 use std::path::Path;
-use std::time::Duration;
 
 use delta_proto::inference as pb;
 use delta_proto::inference::inference_client::InferenceClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::Result;
 use crate::jobs::Example;
-use crate::remote::{Auth, bearer};
+use crate::remote::{Auth, bearer, connect_error, endpoint};
 
 /// A connection to an inference service, sending the caller's registry token (the
 /// service resolves deltas with it).
@@ -111,25 +110,10 @@ impl Service {
     /// Connects to `url` (`http://host:port`, or `https://` trusting the web PKI and
     /// `ca_cert`), sending `token` with every call.
     pub async fn connect(url: &str, token: Option<&str>, ca_cert: Option<&Path>) -> Result<Self> {
-        let connect_err = |source| Error::Connect {
-            url: url.to_owned(),
-            source,
-        };
-        let mut endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(connect_err)?
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true);
-        if url.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_webpki_roots();
-            if let Some(ca) = ca_cert {
-                tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(ca).at(ca)?));
-            }
-            endpoint = endpoint.tls_config(tls).map_err(connect_err)?;
-        }
-        let channel = endpoint
+        let channel = endpoint(url, ca_cert)?
             .connect()
             .await
-            .map_err(|e| crate::remote::connect_error(url, e))?;
+            .map_err(|e| connect_error(url, e))?;
         Ok(Self {
             client: InferenceClient::with_interceptor(channel, Auth(bearer(token)?))
                 .max_decoding_message_size(64 << 20),
