@@ -8,7 +8,7 @@
 use std::fmt;
 
 use crate::error::{Error, Result};
-use crate::jobs::WorkerScope;
+use crate::meta::jobs::WorkerScope;
 
 /// Token scopes, ordered: admin ⊃ write ⊃ read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

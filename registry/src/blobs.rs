@@ -197,7 +197,7 @@ impl BlobStore {
         let key = StorePath::from(format!(
             "{STAGING}/{}.{}.{}",
             digest.hex(),
-            crate::service::now(),
+            crate::clock::now(),
             uuid::Uuid::new_v4().simple()
         ));
         let upload = self.store.put_multipart(&key).await?;

@@ -13,22 +13,24 @@
 //! - `config`: [`RegistryConfig`], plain settings.
 //! - `server`: [`Server`] (open, then serve) and [`run`], the entry point (registry +
 //!   health + reflection).
-//! - `service`: [`RegistryService`], the gRPC handlers and manifest validation.
+//! - `service`: [`RegistryService`], the gRPC handlers (by concern: `blobs`, `deltas`,
+//!   `jobs`) over a shared core, and manifest validation.
 //! - `uploads`: resumable upload sessions, hashed while they stream.
 //! - `blobs`: [`BlobStore`], content-addressed bytes over `object_store` (staged uploads,
 //!   conditional publish, cleanup; `blobs/s3.rs`: incomplete multipart uploads on S3).
 //! - `maintenance`: garbage collection and fsck.
-//! - `meta`: [`MetaStore`] and [`SqlMeta`]; `jobs`: the job queue; `sql`: the SQL layer
-//!   both engines share (`sql/postgres.rs`: the PostgreSQL pool).
+//! - `meta`: [`MetaStore`] and [`SqlMeta`], with the job queue under it (`meta::jobs`);
+//!   `sql`: the SQL layer both engines share (`sql/postgres.rs`: the PostgreSQL pool).
+//! - `clock`: the one clock, at the bottom: every module may read it.
 //! - `telemetry`: request ids, per-RPC metrics, the `/metrics` endpoint.
 //! - `error`: [`Error`] and its mapping to gRPC status codes.
 
 pub mod admin;
 pub mod auth;
 pub mod blobs;
+pub mod clock;
 pub mod config;
 pub mod error;
-pub mod jobs;
 pub mod maintenance;
 pub mod meta;
 pub mod server;

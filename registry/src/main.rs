@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use delta_registry::admin::NewToken;
 use delta_registry::auth::Scope;
-use delta_registry::service::{SQLITE_FILE, now};
+use delta_registry::clock::now;
+use delta_registry::service::SQLITE_FILE;
 use delta_registry::{MetaStore, RegistryConfig, SqlMeta};
 use tracing_subscriber::EnvFilter;
 

@@ -192,7 +192,7 @@ pub struct Pushed {
 
 /// The metadata operations the registry needs. Implementations must make every write
 /// atomic and must refuse to record anything that names a blob without a row.
-pub trait MetaStore: crate::jobs::JobStore + Send + Sync + std::fmt::Debug {
+pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
     /// Records a durable blob, or refreshes its `last_referenced` time.
     fn insert_blob(&self, digest: &Digest, size: u64, now: i64) -> Result<()>;
     /// Sizes of the given blobs that have rows.
@@ -851,7 +851,7 @@ impl MetaStore for SqlMeta {
     }
 
     fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<Vec<String>> {
-        let now = crate::service::now();
+        let now = crate::clock::now();
         self.db.write(|c| {
             let id = existing_version(c, repo, version)?;
             let state = if yanked { YANKED } else { LIVE };
@@ -1021,6 +1021,7 @@ fn version_name(v: u64) -> String {
 #[cfg(any(test, feature = "conformance"))]
 #[doc(hidden)]
 pub mod conformance;
+pub mod jobs;
 #[cfg(test)]
 mod tests;
 

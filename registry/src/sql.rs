@@ -1,7 +1,7 @@
 //! One SQL layer over the two engines metadata lives in: SQLite (embedded, the default)
 //! and PostgreSQL (one database shared by many registry replicas).
 //!
-//! The metadata logic ([`crate::meta`], [`crate::jobs`]) is written once, against [`Sql`],
+//! The metadata logic ([`crate::meta`], [`crate::meta::jobs`]) is written once, against [`Sql`],
 //! in the subset of SQL both engines share, with `$1`-style placeholders. What differs is
 //! handled here and nowhere else:
 //!

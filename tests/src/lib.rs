@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`TestRegistry`]: start, address, stop.
 //! - [`fixtures`]: tiny base models, native deltas and PEFT LoRA folders.
-//! - `e2e` (tests only): the end-to-end tests, one module per area.
+//! - `e2e` (tests only): the end-to-end tests, one module per area; `tidy` (tests only):
+//!   checks over the workspace's source (no import loops).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,6 +22,8 @@ pub mod s3;
 
 #[cfg(test)]
 mod e2e;
+#[cfg(test)]
+mod tidy;
 
 /// A new token on a registry's metadata store (as `delta-registry token create` makes
 /// one); returns its secret. Blocking: call it from a plain thread.
@@ -37,11 +40,7 @@ pub fn new_token(
         expires_in: None,
         description: String::new(),
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs() as i64;
-    delta_registry::admin::create_token(meta, &new, now)
+    delta_registry::admin::create_token(meta, &new, delta_registry::clock::now())
         .expect("create token")
         .1
 }

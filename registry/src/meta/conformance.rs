@@ -14,7 +14,7 @@ use delta_proto::reference::Repository;
 use delta_proto::manifest::{BaseRef, FileEntry, MethodConfig, SCHEMA_VERSION};
 
 use crate::error::{Error, Result};
-use crate::jobs::{Completion, MAX_ATTEMPTS, WorkerScope};
+use crate::meta::jobs::{Completion, MAX_ATTEMPTS, WorkerScope};
 use crate::meta::{AuditEntry, BaseRecord, MetaStore, Pushed, SearchFilter, TokenRecord};
 
 /// A proven base record: its fingerprint is recomputed from its tensors' digests.

@@ -124,7 +124,7 @@ impl Pool {
                 sql.batch(&postgres_ddl(migration))?;
                 sql.exec(
                     "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-                    super::p![(i + 1) as i64, crate::service::now()],
+                    super::p![(i + 1) as i64, crate::clock::now()],
                 )?;
             }
             Ok(())

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use delta_registry::jobs::JobStore;
 use delta_registry::meta::conformance;
+use delta_registry::meta::jobs::JobStore;
 use delta_registry::{MetaStore, SqlMeta};
 
 use crate::postgres::{fresh_database, terminate_connections};

@@ -85,7 +85,7 @@ async fn conformance(store: BlobStore) {
         "the second finds it there: dedup, not an overwrite"
     );
     assert_eq!(store.size(&d2).await.unwrap(), Some(other.len() as u64));
-    let later = delta_registry::service::now() + 10;
+    let later = delta_registry::clock::now() + 10;
     let (nothing, hour) = (Cleanup::default(), Duration::from_secs(3600));
     let cleanup = |grace| store.cleanup_staging(grace, hour, later);
     assert_eq!(cleanup(Duration::ZERO).await.unwrap(), nothing);
@@ -167,7 +167,7 @@ async fn abandoned_multipart_uploads_are_aborted_on_s3() {
         .unwrap();
     up.put_part(PutPayload::from(bytes)).await.unwrap();
     drop(up); // killed: neither completed nor aborted
-    let now = delta_registry::service::now();
+    let now = delta_registry::clock::now();
     let hour = Duration::from_secs(3600);
     let young = store.cleanup_staging(hour, hour, now + 60).await.unwrap();
     assert_eq!(
@@ -200,7 +200,7 @@ async fn blobs_beyond_one_copy_part_are_written_in_place_on_s3() {
         store.read_range(&d, 0..16).await.unwrap(),
         Bytes::copy_from_slice(&bytes[..16])
     );
-    let later = delta_registry::service::now() + 10;
+    let later = delta_registry::clock::now() + 10;
     let done = store
         .cleanup_staging(Duration::ZERO, Duration::ZERO, later)
         .await

@@ -1,0 +1,522 @@
+//! Job handlers: submission (whatever a job makes a worker read must be the submitter's
+//! to read), watching, leases, progress, completion (publishing what the job asked for).
+
+use delta_proto::manifest::Manifest;
+use delta_proto::reference::{Repository, check_tag};
+use delta_proto::{self as pb, Digest, excerpt};
+use tonic::{Request, Response, Status};
+
+use super::{BoxStream, RegistryService};
+use crate::auth::{Caller, Scope};
+use crate::clock::now;
+use crate::error::{Error, Result};
+use crate::meta::jobs::{Completion, JobRow};
+
+impl RegistryService {
+    /// A job as `caller` may see it, with its events after `after`. A job is visible to
+    /// tokens covering its namespace (its team's users and workers, `*` tokens) and to its
+    /// submitter; to anyone else it looks missing, whether it exists or not.
+    pub(super) async fn job_snapshot(
+        &self,
+        caller: &Caller,
+        id: u64,
+        after: u64,
+    ) -> std::result::Result<pb::GetJobResponse, Status> {
+        let job = self.meta(move |m| m.get_job(id)).await?;
+        let job = job
+            .filter(|j| {
+                caller.covers(&j.namespace)
+                    || (j.submitter.is_some() && j.submitter == caller.token_id())
+            })
+            .ok_or_else(|| Error::NotFound {
+                what: "job",
+                name: id.to_string(),
+            })?;
+        let events = self.meta(move |m| m.job_events(id, after)).await?;
+        Ok(pb::GetJobResponse {
+            job: Some(job_info(job)),
+            events: events
+                .into_iter()
+                .map(|(seq, at, body)| pb::JobEvent { seq, at, body })
+                .collect(),
+        })
+    }
+}
+
+pub(super) async fn submit_job(
+    svc: &RegistryService,
+    req: Request<pb::SubmitJobRequest>,
+) -> Result<Response<pb::JobInfo>, Status> {
+    let caller = svc.caller(&req).await?;
+    let req = req.into_inner();
+    if req.spec.len() > svc.inner.config.max_manifest_bytes {
+        return Err(Error::LimitExceeded(format!(
+            "job spec is {} bytes; the limit is {}",
+            req.spec.len(),
+            svc.inner.config.max_manifest_bytes
+        ))
+        .into());
+    }
+    let mut spec: serde_json::Value = serde_json::from_str(&req.spec)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .ok_or_else(|| Error::InvalidArgument("job spec is not a JSON object".into()))?;
+    // The base the job runs on, so it waits for a worker that holds it.
+    let (repository, namespace, base) = match req.kind.as_str() {
+        "train" => {
+            let repo: Repository = req.repository.parse().map_err(Error::from)?;
+            svc.authorize(&caller, repo.namespace(), Scope::Write)
+                .await?;
+            for t in &req.tags {
+                check_tag(t).map_err(Error::from)?;
+            }
+            let base = match &spec["base"] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(fp) => {
+                    let fp: Digest = fp.parse().map_err(|_| {
+                        Error::InvalidArgument(
+                            "job spec field base must be a base fingerprint (blake3:…)".into(),
+                        )
+                    })?;
+                    if svc
+                        .visible_bases(&caller, &fp.to_string())
+                        .await?
+                        .is_empty()
+                    {
+                        return Err(Error::NotFound {
+                            what: "base",
+                            name: fp.to_string(),
+                        }
+                        .into());
+                    }
+                    fp.to_string()
+                }
+                _ => {
+                    return Err(Error::InvalidArgument(
+                        "job spec field base must be a base fingerprint (blake3:…)".into(),
+                    )
+                    .into());
+                }
+            };
+            (repo.to_string(), repo.namespace().to_owned(), base)
+        }
+        "verify" => {
+            let r = svc
+                .resolve_checked(&caller, &req.repository, Scope::Read)
+                .await?;
+            spec["manifest"] = serde_json::Value::String(r.digest.to_string());
+            let base = Manifest::from_json(&r.manifest)
+                .map(|m| m.base.fingerprint.to_string())
+                .unwrap_or_default();
+            (
+                format!("{}:v{}", r.repository, r.version),
+                r.repository.namespace().to_owned(),
+                base,
+            )
+        }
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "job kind {:?} is not train or verify",
+                excerpt(other)
+            ))
+            .into());
+        }
+    };
+    // Whatever the worker will read on the submitter's behalf must be the submitter's
+    // to read: the datasets (a digest only another namespace holds is as absent as one
+    // nobody holds) and the parent deltas.
+    let (datasets, parents) = job_inputs(&spec, &req.blobs)?;
+    let visible = svc.visible_blobs(&caller, datasets.clone()).await?;
+    if let Some(d) = datasets.iter().find(|d| !visible.contains_key(d)) {
+        return Err(Error::NotFound {
+            what: "blob",
+            name: d.to_string(),
+        }
+        .into());
+    }
+    for p in &parents {
+        svc.resolve_checked(&caller, p, Scope::Read).await?;
+    }
+    let (kind, tags, submitter) = (req.kind.clone(), req.tags.clone(), caller.token_id());
+    let spec = spec.to_string();
+    let job = svc
+        .meta(move |m| {
+            m.submit_job(
+                &kind,
+                &spec,
+                &repository,
+                &namespace,
+                &base,
+                &tags,
+                submitter,
+                now(),
+            )
+        })
+        .await?;
+    tracing::info!(job = job.id, kind = %job.kind, repository = %job.repository, "job queued");
+    svc.inner.jobs_submitted.notify_waiters();
+    svc.record(&caller, "submit-job", &job.repository, &job.id.to_string())
+        .await?;
+    Ok(Response::new(job_info(job)))
+}
+
+pub(super) async fn get_job(
+    svc: &RegistryService,
+    req: Request<pb::GetJobRequest>,
+) -> Result<Response<pb::GetJobResponse>, Status> {
+    let caller = svc.caller(&req).await?;
+    let req = req.into_inner();
+    Ok(Response::new(
+        svc.job_snapshot(&caller, req.id, req.after).await?,
+    ))
+}
+
+pub(super) async fn watch_job(
+    svc: &RegistryService,
+    req: Request<pb::GetJobRequest>,
+) -> Result<Response<BoxStream<pb::GetJobResponse>>, Status> {
+    let caller = svc.caller(&req).await?;
+    let req = req.into_inner();
+    // Refusals (a job the caller may not see) come before the stream starts.
+    let first = svc.job_snapshot(&caller, req.id, req.after).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let this = svc.clone();
+    tokio::spawn(async move {
+        let mut snapshot = first;
+        let mut last: Option<(String, u32)> = None;
+        let mut seen = req.after;
+        loop {
+            let Some(job) = snapshot.job.clone() else {
+                return;
+            };
+            seen = snapshot.events.last().map_or(seen, |e| e.seq.max(seen));
+            let state = (job.state.clone(), job.attempts);
+            let changed = last.as_ref() != Some(&state) || !snapshot.events.is_empty();
+            let ended = matches!(job.state.as_str(), "succeeded" | "failed");
+            if changed && tx.send(Ok(snapshot)).await.is_err() {
+                return; // the watcher went away
+            }
+            if ended {
+                return;
+            }
+            last = Some(state);
+            // Woken by a change on this replica, or once a second for the others'.
+            let changed = this.inner.jobs_changed.notified();
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                () = tx.closed() => return,
+            }
+            snapshot = match this.job_snapshot(&caller, req.id, seen).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+        }
+    });
+    Ok(Response::new(Box::pin(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )))
+}
+
+pub(super) async fn lease_job(
+    svc: &RegistryService,
+    req: Request<pb::LeaseJobRequest>,
+) -> Result<Response<pb::LeaseJobResponse>, Status> {
+    let caller = svc.caller(&req).await?;
+    let scope = caller.worker_scope()?;
+    let req = req.into_inner();
+    // Refused now, not after the work: a worker that may not publish asks for
+    // training jobs in vain.
+    if !scope.train && req.kinds.iter().any(|k| k == "train") {
+        return Err(Error::PermissionDenied(format!(
+            "{} has read scope: it runs verify jobs only; training jobs publish deltas and need a worker token with --scope write",
+            caller.describe()
+        ))
+        .into());
+    }
+    let mut bases = Vec::with_capacity(req.bases.len());
+    for b in &req.bases {
+        bases.push(b.parse::<Digest>().map_err(Error::from)?.to_string());
+    }
+    let secs = i64::from(lease_seconds(req.lease_seconds));
+    let lease = uuid::Uuid::new_v4().to_string();
+    // An idle worker waits here instead of asking again and again: one lease attempt
+    // now, then one when a job is submitted to this replica or a second has passed
+    // (a lease expiring, a job submitted elsewhere), until the wait is over.
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_secs(u64::from(req.wait_seconds.min(60)));
+    let job = loop {
+        let submitted = svc.inner.jobs_submitted.notified();
+        let (worker, kinds, bases, scope, l) = (
+            req.worker.clone(),
+            req.kinds.clone(),
+            bases.clone(),
+            scope.clone(),
+            lease.clone(),
+        );
+        let t = now();
+        let job = svc
+            .meta(move |m| m.lease_job(&worker, &kinds, &bases, &scope, &l, t, t + secs))
+            .await?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if job.is_some() || left.is_zero() {
+            break job;
+        }
+        let _ = tokio::time::timeout(left.min(std::time::Duration::from_secs(1)), submitted).await;
+    };
+    if let Some(j) = &job {
+        tracing::info!(job = j.id, worker = %excerpt(&req.worker), attempt = j.attempts, "job leased");
+        svc.inner.jobs_changed.notify_waiters();
+    }
+    Ok(Response::new(pb::LeaseJobResponse {
+        job: job.map(job_info),
+        lease: lease.to_string(),
+    }))
+}
+
+pub(super) async fn renew_lease(
+    svc: &RegistryService,
+    req: Request<pb::RenewLeaseRequest>,
+) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+    let caller = svc.caller(&req).await?;
+    let scope = caller.worker_scope()?;
+    let req = req.into_inner();
+    let t = now();
+    let expires = t + i64::from(lease_seconds(req.lease_seconds));
+    svc.meta(move |m| m.renew_lease(req.id, &req.lease, &scope, t, expires))
+        .await?;
+    Ok(Response::new(pb::RenewLeaseResponse { expires }))
+}
+
+pub(super) async fn report_progress(
+    svc: &RegistryService,
+    req: Request<pb::ReportProgressRequest>,
+) -> Result<Response<pb::ReportProgressResponse>, Status> {
+    let caller = svc.caller(&req).await?;
+    let scope = caller.worker_scope()?;
+    let req = req.into_inner();
+    if req.body.len() > 64 << 10 {
+        return Err(Error::LimitExceeded("progress events are at most 64 KiB".into()).into());
+    }
+    svc.meta(move |m| m.report_progress(req.id, &req.lease, &scope, &req.body, now()))
+        .await?;
+    svc.inner.jobs_changed.notify_waiters();
+    Ok(Response::new(pb::ReportProgressResponse {}))
+}
+
+pub(super) async fn complete_job(
+    svc: &RegistryService,
+    req: Request<pb::CompleteJobRequest>,
+) -> Result<Response<pb::JobInfo>, Status> {
+    let caller = svc.caller(&req).await?;
+    let scope = caller.worker_scope()?;
+    let req = req.into_inner();
+    let id = req.id;
+    let not_found = || Error::NotFound {
+        what: "job",
+        name: id.to_string(),
+    };
+    // Another namespace's job is as absent as a missing one, before anything else.
+    let job = svc
+        .meta(move |m| m.get_job(id))
+        .await?
+        .filter(|j| scope.covers(&j.namespace))
+        .ok_or_else(not_found)?;
+    let lease = req.lease.clone();
+    let done = if !req.error.is_empty() {
+        let msg = req.error.clone();
+        svc.meta(move |m| m.complete_job(id, &lease, &scope, &Completion::Failed(&msg), now()))
+            .await?
+    } else if job.kind == "train" {
+        // Publishing needs write on the job's namespace (checked again at lease time).
+        svc.authorize(&caller, &job.namespace, Scope::Write).await?;
+        if req.manifest.len() > svc.inner.config.max_manifest_bytes {
+            return Err(Error::LimitExceeded(format!(
+                "manifest is {} bytes; the limit is {}",
+                req.manifest.len(),
+                svc.inner.config.max_manifest_bytes
+            ))
+            .into());
+        }
+        let manifest = Manifest::from_json(&req.manifest).map_err(Error::from)?;
+        check_against_job(&job, &manifest)?;
+        svc.validate(&manifest, &caller).await?;
+        let body = manifest.canonical_json();
+        svc.meta(move |m| {
+            m.complete_job(
+                id,
+                &lease,
+                &scope,
+                &Completion::Trained {
+                    manifest: &manifest,
+                    body: &body,
+                },
+                now(),
+            )
+        })
+        .await?
+    } else {
+        let spec: serde_json::Value = serde_json::from_str(&job.spec).unwrap_or_default();
+        let digest = spec["manifest"].as_str().unwrap_or_default().to_owned();
+        serde_json::from_str::<serde_json::Value>(&req.report)
+            .map_err(|e| Error::InvalidArgument(format!("report is not JSON: {e}")))?;
+        let report = req.report.clone();
+        svc.meta(move |m| {
+            m.complete_job(
+                id,
+                &lease,
+                &scope,
+                &Completion::Verified {
+                    manifest: &digest,
+                    report: &report,
+                },
+                now(),
+            )
+        })
+        .await?
+    };
+    tracing::info!(job = id, state = %done.state, error = %excerpt(&done.error), "job completed");
+    svc.inner.jobs_changed.notify_waiters();
+    svc.record(
+        &caller,
+        "complete-job",
+        &done.repository,
+        &done.id.to_string(),
+    )
+    .await?;
+    Ok(Response::new(job_info(done)))
+}
+
+pub(super) async fn list_reports(
+    svc: &RegistryService,
+    req: Request<pb::ListReportsRequest>,
+) -> Result<Response<pb::ListReportsResponse>, Status> {
+    let caller = svc.caller(&req).await?;
+    let req = req.into_inner();
+    let r = svc
+        .resolve_checked(&caller, &req.reference, Scope::Read)
+        .await?;
+    let digest = r.digest.to_string();
+    let rows = svc.meta(move |m| m.list_reports(&digest)).await?;
+    Ok(Response::new(pb::ListReportsResponse {
+        reports: rows
+            .into_iter()
+            .map(|r| pb::Report {
+                manifest: r.manifest,
+                at: r.at,
+                job: r.job,
+                body: r.body,
+            })
+            .collect(),
+    }))
+}
+
+/// What a job spec makes a worker read: the dataset blobs (`train`, `eval`, and every
+/// digest the request lists in `blobs`) and the parent deltas (`parents`, references).
+fn job_inputs(spec: &serde_json::Value, listed: &[String]) -> Result<(Vec<Digest>, Vec<String>)> {
+    let mut datasets = Vec::new();
+    for d in listed {
+        datasets.push(d.parse::<Digest>()?);
+    }
+    for key in ["train", "eval"] {
+        match &spec[key] {
+            serde_json::Value::Null => {}
+            serde_json::Value::String(d) => datasets.push(d.parse::<Digest>()?),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "job spec field {key} must be a blob digest"
+                )));
+            }
+        }
+    }
+    datasets.sort_by_key(ToString::to_string);
+    datasets.dedup();
+    let parents = match &spec["parents"] {
+        serde_json::Value::Null => Vec::new(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|p| {
+                p.as_str().map(str::to_owned).ok_or_else(|| {
+                    Error::InvalidArgument("job spec parents must be references".into())
+                })
+            })
+            .collect::<Result<_>>()?,
+        _ => {
+            return Err(Error::InvalidArgument(
+                "job spec parents must be a list of references".into(),
+            ));
+        }
+    };
+    Ok((datasets, parents))
+}
+
+/// A trained delta must be what its job asked for: on the job's base, on top of the
+/// job's parents (those the job names by digest must be among the manifest's).
+fn check_against_job(job: &JobRow, manifest: &Manifest) -> Result<()> {
+    let spec: serde_json::Value = serde_json::from_str(&job.spec).unwrap_or_default();
+    if let Some(base) = spec["base"].as_str()
+        && base != manifest.base.fingerprint.to_string()
+    {
+        return Err(Error::InvalidArgument(format!(
+            "job {} trains on base {}, but the manifest's base is {}",
+            job.id,
+            excerpt(base),
+            manifest.base.fingerprint
+        )));
+    }
+    // The manifest lists each parent's whole chain (ancestors first), so it holds at least
+    // the job's parents, and every one the job named by digest.
+    let parents: Vec<&str> = spec["parents"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    if manifest.parents.len() < parents.len() {
+        return Err(Error::InvalidArgument(format!(
+            "job {} trains on {} parent(s), but the manifest names {}",
+            job.id,
+            parents.len(),
+            manifest.parents.len()
+        )));
+    }
+    for want in &parents {
+        if let Some((_, digest)) = want.split_once('@')
+            && !manifest
+                .parents
+                .iter()
+                .any(|p| p.digest.to_string() == digest)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "job {} trains on parent {}, which the manifest does not name",
+                job.id,
+                excerpt(want)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A lease length: the worker's request within 1 s..1 h (default 60 s).
+fn lease_seconds(asked: u32) -> u32 {
+    if asked == 0 { 60 } else { asked.clamp(1, 3600) }
+}
+
+fn job_info(j: JobRow) -> pb::JobInfo {
+    pb::JobInfo {
+        id: j.id,
+        kind: j.kind,
+        state: j.state,
+        spec: j.spec,
+        repository: j.repository,
+        tags: j.tags,
+        attempts: j.attempts,
+        worker: j.worker,
+        result: j.result,
+        error: j.error,
+        created: j.created,
+        updated: j.updated,
+        lease_expires: j.lease_expires,
+    }
+}
