@@ -1,11 +1,14 @@
 //! Registry + worker processes on loopback: `delta train --follow`, pull, apply, the same
-//! predictions as the worker's; verification; a worker killed mid-job; co-training.
+//! predictions as the worker's; verification; a worker killed mid-job; co-training. The
+//! worker runs on the test device (`DELTA_TEST_DEVICE`, the CPU unless
+//! `scripts/test-cuda.sh` sets it).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use clap::Parser;
 use delta_client::jobs::TrainSpec;
 use delta_tests::TestRegistry;
@@ -62,11 +65,12 @@ impl Env {
     }
 
     fn worker(&self, extra: &[&str]) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_delta-worker"))
+        Command::new(common::worker_bin())
             .args(["serve", "--registry", &self.registry.url(), "--models"])
             .arg(self.path("models"))
             .arg("--cache")
             .arg(self.path("worker-cache"))
+            .args(["--device", &common::test_device_name()])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -76,8 +80,9 @@ impl Env {
 }
 
 fn predict(base: &Path, deltas: &[&str], input: &Path) -> Vec<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_delta-worker"))
+    let out = Command::new(common::worker_bin())
         .arg("predict")
+        .args(["--device", &common::test_device_name()])
         .arg("--base")
         .arg(base)
         .args(deltas)
@@ -387,7 +392,7 @@ async fn a_worker_co_trains_queued_jobs_and_each_equals_its_job_alone() {
     tokio::task::block_in_place(|| wait(&mut worker, Duration::from_secs(120)));
 
     let remote = env.registry.remote().await;
-    let base = LocalBase::open(&env.path("models/tiny"), &Device::Cpu).unwrap();
+    let base = LocalBase::open(&env.path("models/tiny"), &common::test_device()).unwrap();
     let examples = delta_worker::data::load_jsonl(&train).unwrap();
     for (name, _) in jobs {
         let r = remote.resolve(&format!("team/{name}:co")).await.unwrap();

@@ -1,9 +1,11 @@
 //! A delta trained in stages (`--parent`), merged by `delta apply`, predicts what the
-//! worker predicts with the stages mounted: same weights, same head, same pooling.
+//! worker predicts with the stages mounted: same weights, same head, same pooling. It runs
+//! on the test device (`DELTA_TEST_DEVICE`, the CPU unless `scripts/test-cuda.sh` sets it).
+
+mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::Device;
 use delta_client::apply::{ApplyOptions, LoadedDelta, apply};
 use delta_client::jobs::TrainSpec;
 use delta_worker::data::{Example, Split, sentiment_split};
@@ -36,7 +38,8 @@ fn loaded(dir: &std::path::Path) -> LoadedDelta {
 #[test]
 fn an_applied_staged_delta_predicts_what_the_mounted_stages_predict() {
     let dir = delta_worker::run::minilm_dir().unwrap();
-    let base = LocalBase::open(&dir, &Device::Cpu).unwrap();
+    let device = common::test_device();
+    let base = LocalBase::open(&dir, &device).unwrap();
     let work = tempfile::tempdir().unwrap();
     let parent = train(&base, &["lora"], &[], &work.path().join("parent"));
     let child = train(
@@ -65,7 +68,7 @@ fn an_applied_staged_delta_predicts_what_the_mounted_stages_predict() {
         &merged.join("model.safetensors"),
     )
     .unwrap();
-    let merged_base = LocalBase::open(&merged, &Device::Cpu).unwrap();
+    let merged_base = LocalBase::open(&merged, &device).unwrap();
 
     let examples: Vec<Example> = sentiment_split(6, 9, true, Split::Eval);
     let mounted = predict(&base, &[parent, child], &examples, 64, 8).unwrap();
@@ -77,7 +80,7 @@ fn an_applied_staged_delta_predicts_what_the_mounted_stages_predict() {
         );
         for (x, y) in pm.iter().zip(&pa) {
             assert!(
-                (x - y).abs() <= 1e-5,
+                (x - y).abs() <= f64::from(common::device_tolerance(1e-5)),
                 "{}: mounted {pm:?} vs applied {pa:?}",
                 m["text"]
             );
