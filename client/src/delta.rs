@@ -550,9 +550,34 @@ pub fn parse_dtype(d: &str) -> Result<safetensors::Dtype> {
 /// Writes a pulled delta as a native folder: `delta.json` and the tensor files (copies of
 /// the cached blobs).
 pub fn write_native(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<()> {
+    write_native_with(dir, manifest, blobs, false)
+}
+
+/// [`write_native`], moving the blob files into `dir` instead of copying them: they must
+/// be on its filesystem, and are gone afterwards (`delta pull --no-cache`).
+pub fn move_native(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<()> {
+    write_native_with(dir, manifest, blobs, true)
+}
+
+fn write_native_with(
+    dir: &Path,
+    manifest: &Manifest,
+    blobs: &[PathBuf],
+    moving: bool,
+) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
+    // Where each moved blob went: two files with the same bytes share one blob.
+    let mut moved: std::collections::HashMap<&Path, PathBuf> = Default::default();
     for (f, blob) in manifest.files.iter().zip(blobs) {
-        place(blob, &dir.join(&f.path))?;
+        let to = dir.join(&f.path);
+        match moved.get(blob.as_path()) {
+            Some(first) => place(first, &to)?,
+            None if moving => {
+                std::fs::rename(blob, &to).at(&to)?;
+                moved.insert(blob, to);
+            }
+            None => place(blob, &to)?,
+        }
     }
     let pretty = serde_json::to_vec_pretty(
         &serde_json::from_slice::<Value>(&manifest.canonical_json()).unwrap_or(Value::Null),
@@ -762,6 +787,14 @@ pub fn check_output_dir(out: &Path, overwrite: bool) -> Result<bool> {
     Ok(exists)
 }
 
+/// The folder `out` is in (`.` for a bare name).
+pub fn parent_dir(out: &Path) -> PathBuf {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Fills `out` with exactly what `write` puts in a fresh folder: the folder is written
 /// beside `out` and then renamed over it, so `out` never holds a mix of old and new files
 /// (nor a half-written delta). An existing non-empty `out` is refused unless `overwrite`.
@@ -771,10 +804,7 @@ pub fn replace_dir(
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     let exists = check_output_dir(out, overwrite)?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let parent = parent_dir(out);
     std::fs::create_dir_all(&parent).at(&parent)?;
     let name = out
         .file_name()

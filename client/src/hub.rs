@@ -301,7 +301,8 @@ pub struct PullReport {
     pub manifest: Manifest,
     /// Blob bytes transferred (0 when everything was cached).
     pub bytes_downloaded: u64,
-    /// Cached path of each manifest file, in manifest order.
+    /// Cached path of each manifest file, in manifest order (empty after a `no_cache`
+    /// pull: the files are only in the output folder).
     pub blobs: Vec<PathBuf>,
     /// The version is yanked (reached through a tag, number or digest).
     pub yanked: bool,
@@ -367,6 +368,10 @@ pub struct PullOptions {
     pub format: Format,
     /// Replace a non-empty output folder (its old files all go).
     pub overwrite: bool,
+    /// Neither read nor fill the local cache: download into a temporary folder beside
+    /// `out` and move the files into place, so each byte is written once (as `hf download
+    /// --local-dir` and pip's `--no-cache-dir` do).
+    pub no_cache: bool,
 }
 
 /// Fetches `reference` and writes it to `out` in `format`; `out` must be absent or empty.
@@ -381,6 +386,7 @@ pub async fn pull(
     let opts = PullOptions {
         format,
         overwrite: false,
+        no_cache: false,
     };
     pull_with(remote, cache, reference, out, opts, progress).await
 }
@@ -397,11 +403,28 @@ pub async fn pull_with(
 ) -> Result<PullReport> {
     // Refused before anything is downloaded.
     delta::check_output_dir(out, opts.overwrite)?;
-    let report = fetch(remote, cache, reference, progress).await?;
+    if !opts.no_cache {
+        let report = fetch(remote, cache, reference, progress).await?;
+        delta::replace_dir(out, opts.overwrite, |dir| match opts.format {
+            Format::Native => delta::write_native(dir, &report.manifest, &report.blobs),
+            Format::Peft => delta::write_peft(dir, &report.manifest, &report.blobs),
+        })?;
+        return Ok(report);
+    }
+    // A throwaway cache beside `out`, on its filesystem, so that the verified downloads
+    // are renamed into the folder rather than copied; it goes when this returns.
+    let parent = delta::parent_dir(out);
+    std::fs::create_dir_all(&parent).at(&parent)?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".delta-pull-")
+        .tempdir_in(&parent)
+        .at(&parent)?;
+    let mut report = fetch(remote, &Cache::new(scratch.path()), reference, progress).await?;
     delta::replace_dir(out, opts.overwrite, |dir| match opts.format {
-        Format::Native => delta::write_native(dir, &report.manifest, &report.blobs),
+        Format::Native => delta::move_native(dir, &report.manifest, &report.blobs),
         Format::Peft => delta::write_peft(dir, &report.manifest, &report.blobs),
     })?;
+    report.blobs.clear();
     Ok(report)
 }
 

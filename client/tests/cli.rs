@@ -132,6 +132,44 @@ async fn quick_start_through_the_binary() {
         std::fs::read(delta_dir.join("delta.safetensors")).unwrap()
     );
 
+    // --no-cache: the same folder, written once; the cache is neither read nor filled,
+    // and nothing temporary is left beside the folder.
+    let no_cache_dir = dir.path().join("no-cache");
+    let out = no_cache_dir.join("pulled");
+    let fresh_cache = dir.path().join("fresh-cache");
+    let pull = delta(
+        url,
+        &fresh_cache,
+        &[
+            "--json",
+            "pull",
+            "--no-cache",
+            "team/demo:stable",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        pull.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pull.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&pull.stdout).unwrap();
+    assert!(report["bytes_downloaded"].as_u64().unwrap() > 0);
+    for f in ["delta.safetensors", "delta.json"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(dir.path().join("pulled").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert!(delta_client::Cache::new(&fresh_cache).blobs().is_empty());
+    let beside: Vec<_> = std::fs::read_dir(&no_cache_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(beside, ["pulled"]);
+
     let ls = delta(url, cache, &["ls"]);
     let listed = String::from_utf8_lossy(&ls.stdout);
     assert!(listed.contains("team/demo"));

@@ -75,6 +75,49 @@ fn key(digest: &Digest) -> StorePath {
     StorePath::from(digest.blob_key())
 }
 
+/// A local blob file in blocks of `block` bytes, read ahead by one block on a blocking
+/// thread. Unlike `LocalFileSystem::get_range`, which zero-fills each buffer before
+/// reading into it (a tenth of the registry's CPU time when serving), buffers are read
+/// into uninitialised. A file shorter than `size` ends the stream early (the caller's
+/// length and digest checks turn that into DATA_LOSS); a missing one is the object store's
+/// NotFound, as from `get_range`.
+fn read_local(path: PathBuf, size: u64, block: u64) -> BoxStream<'static, Result<Bytes>> {
+    use std::io::Read;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes>>(1);
+    tokio::task::spawn_blocking(move || {
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                let e = if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::Blob(object_store::Error::NotFound {
+                        path: path.display().to_string(),
+                        source: Box::new(e),
+                    })
+                } else {
+                    Error::Io(e)
+                };
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        let mut pos = 0;
+        while pos < size {
+            let n = block.min(size - pos);
+            let mut buf = Vec::with_capacity(n as usize);
+            if let Err(e) = (&mut file).take(n).read_to_end(&mut buf) {
+                let _ = tx.blocking_send(Err(Error::Io(e)));
+                return;
+            }
+            let short = (buf.len() as u64) < n;
+            pos += buf.len() as u64;
+            if tx.blocking_send(Ok(Bytes::from(buf))).is_err() || short {
+                return; // the reader went away, or the file ended early
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+}
+
 impl BlobStore {
     /// Opens the backend the config names: `store_url`, or the local filesystem under
     /// `data_dir/store` with fsync on every write.
@@ -322,9 +365,12 @@ impl BlobStore {
         size: u64,
         block: u64,
     ) -> BoxStream<'static, Result<Bytes>> {
+        let block = block.max(1);
+        if let Some(root) = &self.local_root {
+            return read_local(root.join(digest.blob_key()), size, block);
+        }
         let store = self.store.clone();
         let path = key(digest);
-        let block = block.max(1);
         let ranges: Vec<std::ops::Range<u64>> = (0..size.div_ceil(block))
             .map(|i| i * block..((i + 1) * block).min(size))
             .collect();

@@ -32,6 +32,12 @@ pub struct Args {
     /// Replace a non-empty output folder: afterwards it holds exactly the pulled delta.
     #[arg(long)]
     pub overwrite: bool,
+    /// Download straight into the output folder, neither reading nor filling the local
+    /// cache: each byte is written to disk once instead of twice (cache, then a copy),
+    /// as `hf download --local-dir` and pip's `--no-cache-dir` do. Every byte is still
+    /// verified.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// Pulls.
@@ -49,6 +55,7 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     let opts = hub::PullOptions {
         format,
         overwrite: args.overwrite,
+        no_cache: args.no_cache,
     };
     let r = hub::pull_with(&remote, &ctx.cache, &args.reference, &out, opts, &progress)
         .await

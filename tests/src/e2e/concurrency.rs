@@ -91,6 +91,7 @@ async fn concurrent_tag_moves_with_compare_and_swap_lose_no_update() {
                 let opts = hub::PullOptions {
                     format: delta_client::delta::Format::Native,
                     overwrite: true,
+                    no_cache: false,
                 };
                 hub::pull_with(&remote, &cache, "team/counter", &out, opts, &hidden())
                     .await

@@ -190,6 +190,44 @@ async fn gc_during_an_upload_in_flight_keeps_it() {
     assert_eq!(std::fs::read(back).unwrap(), data);
 }
 
+/// A stored blob cut short or gone (local disk): a download ends with DATA_LOSS, never a
+/// clean end of stream.
+#[tokio::test]
+async fn a_truncated_or_missing_blob_file_is_data_loss() {
+    let env = Env::start().await;
+    push(&env, "a", 1, "team/r").await;
+    let blob = env.remote.resolve("team/r").await.unwrap().manifest.files[0].digest;
+    let path = env.registry.dir.path().join("store").join(blob.blob_key());
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let out = env.path("cut.partial");
+    let e = env
+        .remote
+        .download_to(blob, &out, &hidden())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            Error::Rejected {
+                code: tonic::Code::DataLoss,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    std::fs::remove_file(&path).unwrap();
+    let e = env
+        .remote
+        .download_to(blob, &out, &hidden())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Rejected { code: tonic::Code::DataLoss, message } if message.contains("missing")),
+        "{e:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_flipped_byte_is_refused_on_pull_reported_by_fsck_and_healed_by_a_repush() {
     let env = Env::start().await;

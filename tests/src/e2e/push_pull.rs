@@ -46,6 +46,34 @@ async fn peft_folder_round_trips_with_identical_tensor_bytes() {
         serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(original, back);
 
+    // Without the cache (a fresh one stays empty): the same PEFT folder.
+    let fresh = delta_client::Cache::new(&env.path("fresh-cache"));
+    let again = env.path("pulled-peft-no-cache");
+    let opts = hub::PullOptions {
+        format: Format::Peft,
+        overwrite: false,
+        no_cache: true,
+    };
+    let report = hub::pull_with(
+        &env.remote,
+        &fresh,
+        "team-a/sst2-lora:prod",
+        &again,
+        opts,
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert!(report.bytes_downloaded > 0 && report.blobs.is_empty());
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert_eq!(
+            std::fs::read(again.join(f)).unwrap(),
+            std::fs::read(out.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert!(fresh.blobs().is_empty());
+
     // The PEFT config fields are understood, not only carried.
     let resolved = env.remote.resolve("team-a/sst2-lora").await.unwrap();
     let lora = resolved.manifest.config.lora.clone().unwrap();
