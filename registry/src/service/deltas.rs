@@ -337,9 +337,12 @@ pub(super) async fn resolve(
     svc: &RegistryService,
     req: Request<pb::ResolveRequest>,
 ) -> Result<Response<pb::ResolveResponse>, Status> {
-    let caller = svc.caller(&req).await?;
-    let r = svc
-        .resolve_checked(&caller, &req.get_ref().reference, Scope::Read)
+    // One trip to the database: authenticate, authorise, resolve.
+    let reference = req.get_ref().reference.clone();
+    let (_, r) = svc
+        .caller_and(&req, move |m, caller| {
+            super::resolve_checked_in(m, caller, &reference, Scope::Read)
+        })
         .await?;
     Ok(Response::new(pb::ResolveResponse {
         repository: r.repository.to_string(),

@@ -169,27 +169,40 @@ impl RegistryService {
 
     /// Who is calling (see `admin::authenticate`).
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller> {
-        let header = match req.metadata().get("authorization") {
-            None => None,
-            Some(v) => Some(
-                v.to_str()
-                    .map_err(|_| {
-                        Error::Unauthenticated("the authorization header is not text".into())
-                    })?
-                    .to_owned(),
-            ),
-        };
-        use std::sync::atomic::Ordering;
-        if header.is_none() && self.inner.closed.load(Ordering::Relaxed) {
+        // No header on a registry known to be closed: anonymous, without a database trip.
+        if self.inner.closed.load(std::sync::atomic::Ordering::Relaxed)
+            && authorization(req)?.is_none()
+        {
             return Ok(Caller::Anonymous);
         }
-        let caller = self
-            .meta(move |m| crate::admin::authenticate(m, header.as_deref(), now()))
+        Ok(self.caller_and(req, |_, _| Ok(())).await?.0)
+    }
+
+    /// Who is calling, and `f` run as them, in one trip to the database: one blocking
+    /// task, instead of one to authenticate and more to act.
+    async fn caller_and<T: Send + 'static, R>(
+        &self,
+        req: &Request<R>,
+        f: impl FnOnce(&dyn MetaStore, &Caller) -> Result<T> + Send + 'static,
+    ) -> Result<(Caller, T)> {
+        use std::sync::atomic::Ordering;
+        let header = authorization(req)?;
+        let closed = self.inner.closed.load(Ordering::Relaxed);
+        let (caller, out) = self
+            .meta(move |m| {
+                let caller = if header.is_none() && closed {
+                    Caller::Anonymous
+                } else {
+                    crate::admin::authenticate(m, header.as_deref(), now())?
+                };
+                let out = f(m, &caller)?;
+                Ok((caller, out))
+            })
             .await?;
         if caller != Caller::Open {
             self.inner.closed.store(true, Ordering::Relaxed);
         }
-        Ok(caller)
+        Ok((caller, out))
     }
 
     /// Checks `need` on the namespace of `repo`.
@@ -197,9 +210,8 @@ impl RegistryService {
         if matches!(caller, Caller::Open) {
             return Ok(());
         }
-        let ns = namespace.to_owned();
-        let public = self.meta(move |m| m.is_public(&ns)).await?;
-        caller.check(namespace, need, public)
+        let (c, ns) = (caller.clone(), namespace.to_owned());
+        self.meta(move |m| authorize_in(m, &c, &ns, need)).await
     }
 
     /// Whether the caller may read repositories of `namespace` (for filtering listings).
@@ -245,44 +257,68 @@ impl RegistryService {
         reference: &str,
         need: Scope,
     ) -> Result<crate::meta::Resolved> {
-        let parsed: Reference = reference.parse()?;
-        self.authorize(caller, parsed.repository.namespace(), need)
-            .await?;
-        self.resolve_ref(reference).await
+        let (c, reference) = (caller.clone(), reference.to_owned());
+        self.meta(move |m| resolve_checked_in(m, &c, &reference, need))
+            .await
     }
+}
 
-    async fn resolve_ref(&self, reference: &str) -> Result<crate::meta::Resolved> {
-        let parsed: Reference = reference.parse()?;
-        let repo = parsed.repository.clone();
-        let latest =
-            parsed.selector == delta_proto::Selector::Tag(delta_proto::reference::LATEST.into());
-        if let Some(r) = self.meta(move |m| m.resolve(&parsed)).await? {
-            return Ok(r);
-        }
-        // `latest` of a repository whose versions are all yanked: say so (the caller may
-        // read the namespace; resolve_checked authorised it) rather than "not found".
-        if latest {
-            let ns = repo.namespace().to_owned();
-            let all_yanked = self
-                .meta(move |m| m.list_repositories(Some(&ns)))
-                .await?
-                .into_iter()
-                .find(|s| s.repository == repo && s.yanked);
-            if let Some(s) = all_yanked {
-                return Err(Error::NotFound {
-                    what: "live version of",
-                    name: format!(
-                        "{repo}: all {} of its versions are yanked; pull one by number ({repo}:v{}) or un-yank it",
-                        s.versions, s.latest_version
-                    ),
-                });
-            }
-        }
-        Err(Error::NotFound {
-            what: "reference",
-            name: excerpt(reference),
-        })
+/// The `authorization` header's value, if any.
+fn authorization<T>(req: &Request<T>) -> Result<Option<String>> {
+    match req.metadata().get("authorization") {
+        None => Ok(None),
+        Some(v) => Ok(Some(
+            v.to_str()
+                .map_err(|_| Error::Unauthenticated("the authorization header is not text".into()))?
+                .to_owned(),
+        )),
     }
+}
+
+/// Checks `need` on `namespace` for `caller` (inside a database trip).
+fn authorize_in(m: &dyn MetaStore, caller: &Caller, namespace: &str, need: Scope) -> Result<()> {
+    if matches!(caller, Caller::Open) {
+        return Ok(());
+    }
+    caller.check(namespace, need, m.is_public(namespace)?)
+}
+
+/// [`RegistryService::resolve_checked`] inside a database trip: `need` on the reference's
+/// namespace first, so a refusal says nothing about whether the reference exists.
+fn resolve_checked_in(
+    m: &dyn MetaStore,
+    caller: &Caller,
+    reference: &str,
+    need: Scope,
+) -> Result<crate::meta::Resolved> {
+    let parsed: Reference = reference.parse()?;
+    let repo = parsed.repository.clone();
+    authorize_in(m, caller, repo.namespace(), need)?;
+    let latest =
+        parsed.selector == delta_proto::Selector::Tag(delta_proto::reference::LATEST.into());
+    if let Some(r) = m.resolve(&parsed)? {
+        return Ok(r);
+    }
+    // `latest` of a repository whose versions are all yanked: say so (the caller may read
+    // the namespace) rather than "not found".
+    if latest
+        && let Some(s) = m
+            .list_repositories(Some(repo.namespace()))?
+            .into_iter()
+            .find(|s| s.repository == repo && s.yanked)
+    {
+        return Err(Error::NotFound {
+            what: "live version of",
+            name: format!(
+                "{repo}: all {} of its versions are yanked; pull one by number ({repo}:v{}) or un-yank it",
+                s.versions, s.latest_version
+            ),
+        });
+    }
+    Err(Error::NotFound {
+        what: "reference",
+        name: excerpt(reference),
+    })
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send>>;
