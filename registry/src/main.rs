@@ -189,38 +189,38 @@ struct ServeArgs {
     #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_option)]
     store_option: Vec<(String, String)>,
     /// Largest blob accepted, in bytes.
-    #[arg(long, default_value_t = 64 << 30)]
+    #[arg(long, default_value_t = defaults().max_blob_bytes)]
     max_blob_bytes: u64,
     /// Largest manifest accepted, in bytes.
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = defaults().max_manifest_bytes)]
     max_manifest_bytes: usize,
     /// Most tensors in one delta.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = defaults().max_tensors)]
     max_tensors: usize,
     /// Largest safetensors header accepted, in bytes.
-    #[arg(long, default_value_t = 100_000_000)]
+    #[arg(long, default_value_t = defaults().max_header_bytes)]
     max_header_bytes: u64,
     /// Largest gRPC message accepted, in bytes (uploads stream in 1 MiB chunks). A
     /// manifest travels in one message: this must exceed --max-manifest-bytes by 64 KiB.
-    #[arg(long, default_value_t = 5 << 20)]
+    #[arg(long, default_value_t = defaults().max_message_bytes)]
     max_message_bytes: usize,
     /// Most upload sessions open at once.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = defaults().max_open_uploads)]
     max_open_uploads: usize,
     /// Most upload sessions one token may hold open (without tokens: one client address).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults().max_uploads_per_token)]
     max_uploads_per_token: usize,
     /// Most upload sessions the tokens of one namespace may hold open together.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = defaults().max_uploads_per_namespace)]
     max_uploads_per_namespace: usize,
     /// Abort upload sessions that never received a byte after this long.
-    #[arg(long, default_value = "5m")]
+    #[arg(long, default_value_t = defaults().empty_upload_ttl.into())]
     empty_upload_ttl: humantime::Duration,
     /// Cut an upload stream that sends nothing for this long (it stays resumable).
-    #[arg(long, default_value = "60s")]
+    #[arg(long, default_value_t = defaults().stream_idle_timeout.into())]
     idle_timeout: humantime::Duration,
     /// Abort upload sessions idle for this long.
-    #[arg(long, default_value = "24h")]
+    #[arg(long, default_value_t = defaults().upload_ttl.into())]
     upload_ttl: humantime::Duration,
     /// Serve TLS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
@@ -228,6 +228,15 @@ struct ServeArgs {
     /// The PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The file's `[store_options]`, below the AWS_* variables and --store-option.
+    #[arg(skip)]
+    file_store_options: Vec<(String, String)>,
+}
+
+/// The registry's defaults, shown by `--help` and used for every setting left unset: one
+/// place, `RegistryConfig::local`.
+fn defaults() -> RegistryConfig {
+    RegistryConfig::local(std::path::Path::new("delta-data"))
 }
 
 fn main() -> ExitCode {
@@ -240,11 +249,16 @@ fn main() -> ExitCode {
     let sub = matches
         .subcommand_matches("serve")
         .or_else(|| matches.subcommand_matches("check-config"));
-    if let (Command::Serve(args) | Command::CheckConfig(args), Some(sub)) = (&mut cli.command, sub)
-        && let Err(e) = merge_file(args, sub)
+    if let (Command::Serve(args) | Command::CheckConfig(args), Some(sub)) = (&cli.command, sub)
+        && let Some(path) = args.config.clone()
     {
-        eprintln!("error: {e:#}");
-        return ExitCode::FAILURE;
+        match with_file(&path, sub) {
+            Ok(merged) => cli = merged,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     // `check-config | head -2`: a closed pipe ends a command quietly, as it ends any Unix
     // tool. Not for `serve`, which must outlive whoever read its first line.
@@ -531,36 +545,6 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The settings a TOML file may hold (the serve flags' names).
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    database: Option<String>,
-    listen: Option<SocketAddr>,
-    store: Option<String>,
-    /// object_store options (`aws_endpoint`, `aws_region`, ...), beside AWS_* variables.
-    store_options: Option<std::collections::BTreeMap<String, String>>,
-    max_blob_bytes: Option<u64>,
-    max_manifest_bytes: Option<usize>,
-    max_tensors: Option<usize>,
-    max_header_bytes: Option<u64>,
-    max_message_bytes: Option<usize>,
-    max_open_uploads: Option<usize>,
-    max_uploads_per_token: Option<usize>,
-    max_uploads_per_namespace: Option<usize>,
-    empty_upload_ttl: Option<String>,
-    idle_timeout: Option<String>,
-    upload_ttl: Option<String>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    metrics_listen: Option<SocketAddr>,
-    log_format: Option<String>,
-}
-
-/// Store options from the file, kept for `build_config`.
-static FILE_STORE_OPTIONS: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
-
 /// Writes a file only its owner can read.
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
@@ -586,70 +570,89 @@ fn when(unix: i64) -> String {
     }
 }
 
-/// Fills every setting that no flag or environment variable gave from `args.config`.
-fn merge_file(args: &mut ServeArgs, m: &clap::ArgMatches) -> anyhow::Result<()> {
-    let Some(path) = args.config.clone() else {
-        return Ok(());
-    };
-    let text = std::fs::read_to_string(&path)
+/// The command line again with the TOML file's settings added for everything no flag or
+/// environment variable set: each `key = value` becomes `--key value`, so the file is
+/// parsed and checked by the same flags (one list of settings, `ServeArgs`), and the
+/// flags and environment keep their precedence. `[store_options]` is kept apart for
+/// `build_config`.
+fn with_file(path: &std::path::Path, given: &clap::ArgMatches) -> anyhow::Result<Cli> {
+    let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    let file: FileConfig =
+    let mut table: toml::Table =
         toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
-    let unset = |id: &str| {
-        matches!(
-            m.value_source(id),
+    let store_options = match table.remove("store_options") {
+        None => Vec::new(),
+        Some(toml::Value::Table(t)) => t
+            .into_iter()
+            .map(|(k, v)| match scalar(&v) {
+                Some(v) => Ok((k, v)),
+                None => anyhow::bail!(
+                    "config file {}: store_options.{k} must be a string or a number",
+                    path.display()
+                ),
+            })
+            .collect::<anyhow::Result<_>>()?,
+        Some(_) => anyhow::bail!(
+            "config file {}: store_options must be a table ([store_options])",
+            path.display()
+        ),
+    };
+    let settings: Vec<String> =
+        <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"))
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .filter(|id| id != "config" && id != "store_option")
+            .collect();
+    let mut extra = Vec::new();
+    for (key, value) in &table {
+        if !settings.contains(key) {
+            anyhow::bail!(
+                "config file {}: unknown setting {key:?} (the settings are: {}, store_options)",
+                path.display(),
+                settings.join(", ")
+            );
+        }
+        let unset = matches!(
+            given.value_source(key),
             None | Some(clap::parser::ValueSource::DefaultValue)
+        );
+        if unset {
+            let Some(value) = scalar(value) else {
+                anyhow::bail!(
+                    "config file {}: {key} must be a string or a number",
+                    path.display()
+                );
+            };
+            extra.push(format!("--{}", key.replace('_', "-")));
+            extra.push(value);
+        }
+    }
+    let argv = std::env::args_os().chain(extra.into_iter().map(Into::into));
+    let mut cli = Cli::try_parse_from(argv).map_err(|e| {
+        // The flags alone parsed: what fails now came from the file.
+        let e = e.to_string();
+        let first = e.lines().next().unwrap_or_default();
+        anyhow::anyhow!(
+            "config file {}: {}",
+            path.display(),
+            first.trim_start_matches("error: ")
         )
-    };
-    macro_rules! take {
-        ($($field:ident),*) => {$(
-            if unset(stringify!($field)) && let Some(v) = file.$field.clone() {
-                args.$field = v.into();
-            }
-        )*};
+    })?;
+    if let Command::Serve(args) | Command::CheckConfig(args) = &mut cli.command {
+        args.file_store_options = store_options;
     }
-    take!(
-        data_dir,
-        listen,
-        max_blob_bytes,
-        max_manifest_bytes,
-        max_tensors,
-        max_header_bytes,
-        max_message_bytes,
-        max_open_uploads,
-        max_uploads_per_token,
-        max_uploads_per_namespace,
-        log_format
-    );
-    macro_rules! take_opt {
-        ($($field:ident),*) => {$(
-            if unset(stringify!($field)) && file.$field.is_some() {
-                args.$field = file.$field.clone();
-            }
-        )*};
+    Ok(cli)
+}
+
+/// A TOML scalar as the text a flag would take.
+fn scalar(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
     }
-    take_opt!(database, store, tls_cert, tls_key, metrics_listen);
-    let duration = |s: &str, name: &str| -> anyhow::Result<humantime::Duration> {
-        s.parse()
-            .with_context(|| format!("config file {}: {name} {s:?}", path.display()))
-    };
-    if unset("idle_timeout")
-        && let Some(d) = &file.idle_timeout
-    {
-        args.idle_timeout = duration(d, "idle_timeout")?;
-    }
-    if unset("upload_ttl")
-        && let Some(d) = &file.upload_ttl
-    {
-        args.upload_ttl = duration(d, "upload_ttl")?;
-    }
-    if unset("empty_upload_ttl")
-        && let Some(d) = &file.empty_upload_ttl
-    {
-        args.empty_upload_ttl = duration(d, "empty_upload_ttl")?;
-    }
-    let _ = FILE_STORE_OPTIONS.set(file.store_options.unwrap_or_default().into_iter().collect());
-    Ok(())
 }
 
 fn build_config(args: &ServeArgs) -> anyhow::Result<RegistryConfig> {
@@ -689,7 +692,7 @@ fn build_config(args: &ServeArgs) -> anyhow::Result<RegistryConfig> {
     // File options first, AWS_* variables override them.
     // The file's options, then AWS_* variables, then --store-option flags.
     config.store_options = merge_options(&[
-        FILE_STORE_OPTIONS.get().cloned().unwrap_or_default(),
+        args.file_store_options.clone(),
         aws_options(),
         args.store_option.clone(),
     ]);

@@ -97,6 +97,17 @@ fn mistakes_are_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("max_tensor"), "{err}");
+    assert!(err.contains("unknown setting"), "{err}");
+    // A value is checked as its flag would be, and the file is named.
+    std::fs::write(&file, "max_tensors = \"many\"\n").unwrap();
+    let out = check_config(&["--config", file.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("config file") && err.contains("'many' for '--max-tensors"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
     let out = check_config(&["--config", "/nonexistent/registry.toml"], &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
     let out = check_config(&["--log-format", "yaml"], &[]);
