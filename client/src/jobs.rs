@@ -3,10 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Job kind: train a delta.
-pub const KIND_TRAIN: &str = "train";
-/// Job kind: verify a delta.
-pub const KIND_VERIFY: &str = "verify";
+pub use delta_proto::jobs::{JobKind, JobState};
 
 /// Every method the worker trains.
 pub const TRAIN_METHODS: &[&str] = &[

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use delta_proto::fingerprint::FingerprintEntry;
+use delta_proto::jobs::JobKind;
 use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::registry_client::RegistryClient;
 use delta_proto::{self as pb, CHUNK_SIZE, Digest};
@@ -738,14 +739,14 @@ impl Remote {
     /// Queues a job.
     pub async fn submit_job(
         &self,
-        kind: &str,
+        kind: JobKind,
         spec: &serde_json::Value,
         repository: &str,
         tags: &[String],
         blobs: &[Digest],
     ) -> Result<pb::JobInfo> {
         let req = pb::SubmitJobRequest {
-            kind: kind.to_owned(),
+            kind: kind.to_string(),
             spec: spec.to_string(),
             repository: repository.to_owned(),
             tags: tags.to_vec(),
@@ -798,7 +799,7 @@ impl Remote {
     pub async fn lease_job(
         &self,
         worker: &str,
-        kinds: &[String],
+        kinds: &[JobKind],
         lease_seconds: u32,
     ) -> Result<Option<(pb::JobInfo, String)>> {
         self.lease_job_on(worker, kinds, &[], lease_seconds, 0)
@@ -811,7 +812,7 @@ impl Remote {
     pub async fn lease_job_on(
         &self,
         worker: &str,
-        kinds: &[String],
+        kinds: &[JobKind],
         bases: &[Digest],
         lease_seconds: u32,
         wait_seconds: u32,
@@ -822,7 +823,7 @@ impl Remote {
             .lease_job(pb::LeaseJobRequest {
                 worker: worker.to_owned(),
                 lease_seconds,
-                kinds: kinds.to_vec(),
+                kinds: kinds.iter().map(ToString::to_string).collect(),
                 bases: bases.iter().map(ToString::to_string).collect(),
                 wait_seconds,
             })

@@ -11,11 +11,13 @@
 //! - `manifest`: the delta manifest, its canonical JSON and the delta-vs-base shape rules.
 //! - `fingerprint`: the base fingerprint over a tensor table.
 //! - `safetensors`: a strict safetensors header parser.
+//! - `jobs`: job kinds and states.
 //! - generated: `registry_client`, `registry_server` and the messages (re-exported here);
 //!   [`inference`]: the worker's inference service.
 
 pub mod digest;
 pub mod fingerprint;
+pub mod jobs;
 pub mod manifest;
 pub mod reference;
 pub mod safetensors;

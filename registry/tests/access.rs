@@ -152,6 +152,25 @@ async fn the_readmes_token_commands_give_workers_what_they_need() {
     let e = lease(&mut r, &["train"]).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(lease(&mut r, &["verify"]).await.unwrap().is_none());
+
+    // A kind no worker runs is named, at lease and at submission, not silently unmatched.
+    let e = lease(&mut r, &["deploy"]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "job kind \"deploy\" is not one of train, verify"
+    );
+    let e = u
+        .submit_job(pb::SubmitJobRequest {
+            kind: "deploy".into(),
+            spec: "{}".into(),
+            repository: "team-a/model".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("\"deploy\""), "{e:?}");
 }
 
 /// Failed authentications and refusals are logged with the request id, never the secret.

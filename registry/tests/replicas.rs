@@ -10,6 +10,7 @@ use std::path::Path;
 use delta_client::delta::Format;
 use delta_client::{Cache, Remote, hub};
 use delta_proto::Digest;
+use delta_proto::jobs::JobKind;
 use delta_tests::fixtures;
 use delta_tests::postgres::fresh_database;
 use delta_tests::s3::Moto;
@@ -148,7 +149,7 @@ async fn two_replicas_on_postgres_and_s3() {
         let remote = if i % 2 == 0 { &ra } else { &rb };
         submitted.push(
             remote
-                .submit_job("train", &spec, "team/jobs", &[], &[])
+                .submit_job(JobKind::Train, &spec, "team/jobs", &[], &[])
                 .await
                 .unwrap()
                 .id,

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use delta_client::Remote;
 use delta_client::hub::{Cache, fetch};
-use delta_client::jobs::{KIND_TRAIN, KIND_VERIFY, Progress, TrainJob, VerifyJob};
+use delta_client::jobs::{JobKind, Progress, TrainJob, VerifyJob};
 use delta_proto::Digest;
 use indicatif::ProgressBar;
 
@@ -68,7 +68,7 @@ pub fn scan_models(models: &Path) -> Result<HashMap<Digest, PathBuf>> {
 /// write-scope token; a read-scope token only verifies. The registry refuses a read-scope
 /// worker that asks for training jobs, so asking for what the token allows keeps such a
 /// worker useful (and says so once at start-up).
-async fn job_kinds(remote: &Remote) -> Result<Vec<String>> {
+async fn job_kinds(remote: &Remote) -> Result<Vec<JobKind>> {
     let me = remote.whoami().await?;
     if me.kind == "anonymous" {
         bail!("the registry requires a token for workers: set DELTA_TOKEN to a worker token");
@@ -78,9 +78,9 @@ async fn job_kinds(remote: &Remote) -> Result<Vec<String>> {
             namespace = %me.namespace,
             "read-scope token: verifying only; training jobs need a `--worker --scope write` token"
         );
-        return Ok(vec![KIND_VERIFY.to_owned()]);
+        return Ok(vec![JobKind::Verify]);
     }
-    Ok(vec![KIND_TRAIN.to_owned(), KIND_VERIFY.to_owned()])
+    Ok(JobKind::ALL.to_vec())
 }
 
 /// How long an idle worker's lease call waits at the registry for a job (long poll).
@@ -126,11 +126,11 @@ pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
         // (without waiting: whatever is queued now).
         let mut group = vec![(job, lease)];
         if opts.co_train > 1
-            && group[0].0.kind == KIND_TRAIN
+            && group[0].0.kind.parse() == Ok(JobKind::Train)
             && let Ok(spec) = serde_json::from_str::<TrainJob>(&group[0].0.spec)
             && let Ok(fp) = spec.base.parse::<Digest>()
         {
-            let train = [KIND_TRAIN.to_owned()];
+            let train = [JobKind::Train];
             while group.len() < opts.co_train {
                 match remote
                     .lease_job_on(&opts.name, &train, &[fp], opts.lease_seconds, 0)
@@ -521,8 +521,12 @@ async fn run_job(
     lease: &str,
     lost: Arc<AtomicBool>,
 ) -> Result<Finished> {
-    match job.kind.as_str() {
-        KIND_TRAIN => {
+    let kind: JobKind = job
+        .kind
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}: not a job this worker runs"))?;
+    match kind {
+        JobKind::Train => {
             let leased = Leased {
                 job: job.clone(),
                 lease: lease.to_owned(),
@@ -533,7 +537,7 @@ async fn run_job(
                 .pop()
                 .unwrap_or_else(|| Err(anyhow::anyhow!("the job was not run")))
         }
-        KIND_VERIFY => {
+        JobKind::Verify => {
             let spec: VerifyJob = serde_json::from_str(&job.spec)
                 .context("the job's spec is not a verification spec")?;
             let eval = parse_jsonl(&blob(remote, cache, &spec.eval).await?, "evaluation data")?;
@@ -564,6 +568,5 @@ async fn run_job(
             .await??;
             Ok(Finished::Verified(serde_json::to_string(&report)?))
         }
-        other => bail!("job kind {other:?} is not one this worker runs"),
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::Ctx;
-use crate::jobs::{KIND_TRAIN, KIND_VERIFY, Progress, TrainJob, TrainSpec, VerifyJob};
+use crate::jobs::{JobKind, JobState, Progress, TrainJob, TrainSpec, VerifyJob};
 use crate::remote::Remote;
 use delta_proto::Digest;
 
@@ -105,7 +105,7 @@ pub async fn train(args: TrainArgs, ctx: &Ctx) -> anyhow::Result<()> {
     };
     let info = remote
         .submit_job(
-            KIND_TRAIN,
+            JobKind::Train,
             &serde_json::to_value(&job)?,
             &repo.to_string(),
             &tag.into_iter().collect::<Vec<_>>(),
@@ -130,7 +130,7 @@ pub async fn verify(args: VerifyArgs, ctx: &Ctx) -> anyhow::Result<()> {
     };
     let info = remote
         .submit_job(
-            KIND_VERIFY,
+            JobKind::Verify,
             &serde_json::to_value(&job)?,
             &args.reference,
             &[],
@@ -237,7 +237,8 @@ async fn finish(
         }
         last
     };
-    let running = |i: &delta_proto::JobInfo| matches!(i.state.as_str(), "queued" | "running");
+    let state = |i: &delta_proto::JobInfo| i.state.parse::<JobState>().ok();
+    let running = |i: &delta_proto::JobInfo| state(i).is_some_and(|s| !s.is_final());
     if follow && running(&info) {
         // The registry pushes each change; one without WatchJob is polled.
         match remote.watch_job(info.id, 0).await? {
@@ -267,9 +268,9 @@ async fn finish(
         println!("{}", serde_json::to_string(&info_json(&info))?);
     } else if ctx.json {
         ctx.print_json(&info_json(&info))?;
-    } else if info.state == "succeeded" {
+    } else if state(&info) == Some(JobState::Succeeded) {
         let result: serde_json::Value = serde_json::from_str(&info.result).unwrap_or(json!(null));
-        if info.kind == KIND_TRAIN {
+        if info.kind.parse() == Ok(JobKind::Train) {
             println!(
                 "pushed {}:v{}  {}",
                 result["repository"].as_str().unwrap_or("?"),
@@ -282,7 +283,7 @@ async fn finish(
     } else if !follow {
         println!("job {} is {}", info.id, info.state);
     }
-    if info.state == "failed" {
+    if state(&info) == Some(JobState::Failed) {
         bail!("job {} failed: {}", info.id, info.error);
     }
     Ok(())

@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use delta_proto::Digest;
-use delta_proto::manifest::{Manifest, TensorInfo};
+use delta_proto::jobs::{JobKind, JobState};
+use delta_proto::manifest::{
+    BaseRef, FileEntry, Manifest, MethodConfig, SCHEMA_VERSION, TensorInfo,
+};
 use delta_proto::reference::Repository;
-
-use delta_proto::manifest::{BaseRef, FileEntry, MethodConfig, SCHEMA_VERSION};
 
 use crate::error::{Error, Result};
 use crate::meta::jobs::{Completion, MAX_ATTEMPTS, WorkerScope};
@@ -426,17 +427,35 @@ pub fn jobs(m: &dyn MetaStore) {
     let blob = stored_blob(m, "trained");
     let tags = vec!["nightly".to_owned()];
     let train = m
-        .submit_job("train", "{}", "team/jobs", "team", "", &tags, Some(7), 10)
+        .submit_job(
+            JobKind::Train,
+            "{}",
+            "team/jobs",
+            "team",
+            "",
+            &tags,
+            Some(7),
+            10,
+        )
         .unwrap();
-    assert_eq!((train.state.as_str(), train.submitter), ("queued", Some(7)));
+    assert_eq!((train.state, train.submitter), (JobState::Queued, Some(7)));
     let verify = m
-        .submit_job("verify", "{}", "team/jobs:v1", "team", "", &[], None, 11)
+        .submit_job(
+            JobKind::Verify,
+            "{}",
+            "team/jobs:v1",
+            "team",
+            "",
+            &[],
+            None,
+            11,
+        )
         .unwrap();
     assert!(verify.id > train.id);
 
     // Kinds filter; oldest first.
     let got = m
-        .lease_job("w1", &["verify".into()], &[], &all, "L1", 20, 80)
+        .lease_job("w1", &[JobKind::Verify], &[], &all, "L1", 20, 80)
         .unwrap()
         .unwrap();
     assert_eq!(got.id, verify.id);
@@ -484,7 +503,7 @@ pub fn jobs(m: &dyn MetaStore) {
             30,
         )
         .unwrap();
-    assert_eq!(done.state, "succeeded");
+    assert_eq!(done.state, JobState::Succeeded);
     let pushed = m
         .resolve(&"team/jobs:nightly".parse().unwrap())
         .unwrap()
@@ -513,7 +532,16 @@ pub fn jobs(m: &dyn MetaStore) {
 
     // A job whose workers keep vanishing fails after MAX_ATTEMPTS leases.
     let flaky = m
-        .submit_job("train", "{}", "team/flaky", "team", "", &[], None, 40)
+        .submit_job(
+            JobKind::Train,
+            "{}",
+            "team/flaky",
+            "team",
+            "",
+            &[],
+            None,
+            40,
+        )
         .unwrap();
     let mut t = 40;
     for attempt in 1..=MAX_ATTEMPTS {
@@ -535,16 +563,25 @@ pub fn jobs(m: &dyn MetaStore) {
             .is_none()
     );
     let failed = m.get_job(flaky.id).unwrap().unwrap();
-    assert_eq!(failed.state, "failed");
+    assert_eq!(failed.state, JobState::Failed);
     assert!(failed.error.contains("lost its worker"), "{}", failed.error);
 
     // Workers are confined to their namespace; read-scope workers get verify jobs only.
     let t = 100;
     let b_train = m
-        .submit_job("train", "{}", "team-b/x", "team-b", "", &[], None, t)
+        .submit_job(JobKind::Train, "{}", "team-b/x", "team-b", "", &[], None, t)
         .unwrap();
     let b_verify = m
-        .submit_job("verify", "{}", "team-b/x:v1", "team-b", "", &[], None, t)
+        .submit_job(
+            JobKind::Verify,
+            "{}",
+            "team-b/x:v1",
+            "team-b",
+            "",
+            &[],
+            None,
+            t,
+        )
         .unwrap();
     assert_eq!(b_train.namespace, "team-b");
     let scope = |ns: &str, train: bool| WorkerScope {
@@ -596,10 +633,28 @@ pub fn jobs(m: &dyn MetaStore) {
     let t = 200;
     let (fp_x, fp_y) = ("blake3:x".to_owned(), "blake3:y".to_owned());
     let on_x = m
-        .submit_job("train", "{}", "team-c/b1", "team-c", &fp_x, &[], None, t)
+        .submit_job(
+            JobKind::Train,
+            "{}",
+            "team-c/b1",
+            "team-c",
+            &fp_x,
+            &[],
+            None,
+            t,
+        )
         .unwrap();
     let anywhere = m
-        .submit_job("train", "{}", "team-c/b2", "team-c", "", &[], None, t)
+        .submit_job(
+            JobKind::Train,
+            "{}",
+            "team-c/b2",
+            "team-c",
+            "",
+            &[],
+            None,
+            t,
+        )
         .unwrap();
     let all = scope("team-c", true);
     let got = m
@@ -713,7 +768,7 @@ pub fn racing_leases(open: Open<'_>) {
     let jobs: Vec<u64> = (0..24)
         .map(|i| {
             m.submit_job(
-                "train",
+                JobKind::Train,
                 "{}",
                 &format!("team/j{i}"),
                 "team",

@@ -10,6 +10,7 @@
 //! it leases only jobs of namespaces it covers ([`WorkerScope`]), and a job outside them is
 //! as absent to its renew, progress and complete calls as one that does not exist.
 
+use delta_proto::jobs::{JobKind, JobState};
 use delta_proto::manifest::Manifest;
 use delta_proto::reference::Repository;
 
@@ -25,8 +26,8 @@ pub const MAX_ATTEMPTS: u32 = 3;
 pub struct JobRow {
     /// Id.
     pub id: u64,
-    /// `train` or `verify`.
-    pub kind: String,
+    /// What it does.
+    pub kind: JobKind,
     /// Spec JSON.
     pub spec: String,
     /// Target repository (train) or the delta's reference (verify).
@@ -36,7 +37,7 @@ pub struct JobRow {
     /// Tags for the pushed version.
     pub tags: Vec<String>,
     /// State.
-    pub state: String,
+    pub state: JobState,
     /// Submitting token.
     pub submitter: Option<i64>,
     /// Leases handed out so far.
@@ -121,7 +122,7 @@ pub trait JobStore {
     #[allow(clippy::too_many_arguments)]
     fn submit_job(
         &self,
-        kind: &str,
+        kind: JobKind,
         spec: &str,
         repository: &str,
         namespace: &str,
@@ -141,7 +142,7 @@ pub trait JobStore {
     fn lease_job(
         &self,
         worker: &str,
-        kinds: &[String],
+        kinds: &[JobKind],
         bases: &[String],
         scope: &WorkerScope,
         lease: &str,
@@ -184,14 +185,19 @@ pub trait JobStore {
 const COLUMNS: &str = "id, kind, spec, repository, tags, state, submitter, attempts, worker, \
                        lease_expires, result, error, created_at, updated_at, namespace";
 
+/// A kind or state the database holds that this version does not know.
+fn stored(e: delta_proto::jobs::UnknownName) -> Error {
+    Error::Database(format!("jobs table: {e}"))
+}
+
 fn job_row(r: &Row) -> Result<JobRow> {
     Ok(JobRow {
         id: r.uint(0)?,
-        kind: r.text(1)?,
+        kind: r.text(1)?.parse().map_err(stored)?,
         spec: r.text(2)?,
         repository: r.text(3)?,
         tags: serde_json::from_str(&r.text(4)?).unwrap_or_default(),
-        state: r.text(5)?,
+        state: r.text(5)?.parse().map_err(stored)?,
         submitter: r.opt_int(6)?,
         attempts: r.uint(7)? as u32,
         worker: r.text(8)?,
@@ -235,7 +241,7 @@ fn check_lease(
     if !scope.covers(&job.namespace) {
         return Err(not_found());
     }
-    if job.state != "running" || held.as_deref() != Some(lease) || job.lease_expires < now {
+    if job.state != JobState::Running || held.as_deref() != Some(lease) || job.lease_expires < now {
         return Err(Error::FailedPrecondition(format!(
             "job {id}: this worker no longer holds its lease (state {}, lease {}); the job may have been handed to another worker",
             job.state,
@@ -252,7 +258,7 @@ fn check_lease(
 impl JobStore for SqlMeta {
     fn submit_job(
         &self,
-        kind: &str,
+        kind: JobKind,
         spec: &str,
         repository: &str,
         namespace: &str,
@@ -267,7 +273,7 @@ impl JobStore for SqlMeta {
                 .one(
                     "INSERT INTO jobs (kind, spec, repository, namespace, base, tags, state, submitter, created_at, updated_at)
                      VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $8) RETURNING id",
-                    p![kind, spec, repository, namespace, base, &tags, submitter, now],
+                    p![kind.as_str(), spec, repository, namespace, base, &tags, submitter, now],
                 )?
                 .uint(0)?;
             load(c, id)?.ok_or_else(|| Error::NotFound {
@@ -296,7 +302,7 @@ impl JobStore for SqlMeta {
     fn lease_job(
         &self,
         worker: &str,
-        kinds: &[String],
+        kinds: &[JobKind],
         bases: &[String],
         scope: &WorkerScope,
         lease: &str,
@@ -312,7 +318,8 @@ impl JobStore for SqlMeta {
             Value::from(scope.namespace.as_str()),
             Value::from(i64::from(scope.train)),
         ];
-        for (column, values) in [("kind", kinds), ("base", bases)] {
+        let kinds: Vec<String> = kinds.iter().map(|k| k.as_str().to_owned()).collect();
+        for (column, values) in [("kind", &kinds[..]), ("base", bases)] {
             if values.is_empty() {
                 continue;
             }
@@ -408,7 +415,7 @@ impl JobStore for SqlMeta {
         self.db.write(|c| {
             let job = check_lease(c, id, lease, scope, now)?;
             let (state, result, error) = match completion {
-                Completion::Failed(msg) => ("failed", String::new(), (*msg).to_owned()),
+                Completion::Failed(msg) => (JobState::Failed, String::new(), (*msg).to_owned()),
                 Completion::Trained { manifest, body } => {
                     let repo: Repository = job.repository.parse().map_err(Error::from)?;
                     let Pushed { version, .. } = push_in(c, &repo, manifest, body, &job.tags, now)?;
@@ -417,20 +424,20 @@ impl JobStore for SqlMeta {
                         "version": version,
                         "digest": delta_proto::Digest::of(body).to_string(),
                     });
-                    ("succeeded", result.to_string(), String::new())
+                    (JobState::Succeeded, result.to_string(), String::new())
                 }
                 Completion::Verified { manifest, report } => {
                     c.exec(
                         "INSERT INTO reports (manifest, job, at, body) VALUES ($1, $2, $3, $4)",
                         p![*manifest, id, now, *report],
                     )?;
-                    ("succeeded", (*report).to_owned(), String::new())
+                    (JobState::Succeeded, (*report).to_owned(), String::new())
                 }
             };
             c.exec(
                 "UPDATE jobs SET state = $2, result = $3, error = $4, lease = NULL, lease_expires = 0,
                  updated_at = $5 WHERE id = $1",
-                p![id, state, &result, &error, now],
+                p![id, state.as_str(), &result, &error, now],
             )?;
             load(c, id)?.ok_or_else(|| Error::NotFound {
                 what: "job",

@@ -1,6 +1,7 @@
 //! Job handlers: submission (whatever a job makes a worker read must be the submitter's
 //! to read), watching, leases, progress, completion (publishing what the job asked for).
 
+use delta_proto::jobs::{JobKind, JobState, UnknownName};
 use delta_proto::manifest::Manifest;
 use delta_proto::reference::{Repository, check_tag};
 use delta_proto::{self as pb, Digest, excerpt};
@@ -61,9 +62,13 @@ pub(super) async fn submit_job(
         .ok()
         .filter(serde_json::Value::is_object)
         .ok_or_else(|| Error::InvalidArgument("job spec is not a JSON object".into()))?;
+    let kind: JobKind = req
+        .kind
+        .parse()
+        .map_err(|e: UnknownName| Error::InvalidArgument(e.to_string()))?;
     // The base the job runs on, so it waits for a worker that holds it.
-    let (repository, namespace, base) = match req.kind.as_str() {
-        "train" => {
+    let (repository, namespace, base) = match kind {
+        JobKind::Train => {
             let repo: Repository = req.repository.parse().map_err(Error::from)?;
             svc.authorize(&caller, repo.namespace(), Scope::Write)
                 .await?;
@@ -100,7 +105,7 @@ pub(super) async fn submit_job(
             };
             (repo.to_string(), repo.namespace().to_owned(), base)
         }
-        "verify" => {
+        JobKind::Verify => {
             let r = svc
                 .resolve_checked(&caller, &req.repository, Scope::Read)
                 .await?;
@@ -113,13 +118,6 @@ pub(super) async fn submit_job(
                 r.repository.namespace().to_owned(),
                 base,
             )
-        }
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "job kind {:?} is not train or verify",
-                excerpt(other)
-            ))
-            .into());
         }
     };
     // Whatever the worker will read on the submitter's behalf must be the submitter's
@@ -137,12 +135,12 @@ pub(super) async fn submit_job(
     for p in &parents {
         svc.resolve_checked(&caller, p, Scope::Read).await?;
     }
-    let (kind, tags, submitter) = (req.kind.clone(), req.tags.clone(), caller.token_id());
+    let (tags, submitter) = (req.tags.clone(), caller.token_id());
     let spec = spec.to_string();
     let job = svc
         .meta(move |m| {
             m.submit_job(
-                &kind,
+                kind,
                 &spec,
                 &repository,
                 &namespace,
@@ -192,7 +190,7 @@ pub(super) async fn watch_job(
             seen = snapshot.events.last().map_or(seen, |e| e.seq.max(seen));
             let state = (job.state.clone(), job.attempts);
             let changed = last.as_ref() != Some(&state) || !snapshot.events.is_empty();
-            let ended = matches!(job.state.as_str(), "succeeded" | "failed");
+            let ended = job.state.parse().is_ok_and(JobState::is_final);
             if changed && tx.send(Ok(snapshot)).await.is_err() {
                 return; // the watcher went away
             }
@@ -230,7 +228,13 @@ pub(super) async fn lease_job(
     let req = req.into_inner();
     // Refused now, not after the work: a worker that may not publish asks for
     // training jobs in vain.
-    if !scope.train && req.kinds.iter().any(|k| k == "train") {
+    let kinds = req
+        .kinds
+        .iter()
+        .map(|k| k.parse())
+        .collect::<std::result::Result<Vec<JobKind>, UnknownName>>()
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    if !scope.train && kinds.contains(&JobKind::Train) {
         return Err(Error::PermissionDenied(format!(
             "{} has read scope: it runs verify jobs only; training jobs publish deltas and need a worker token with --scope write",
             caller.describe()
@@ -252,7 +256,7 @@ pub(super) async fn lease_job(
         let submitted = svc.inner.jobs_submitted.notified();
         let (worker, kinds, bases, scope, l) = (
             req.worker.clone(),
-            req.kinds.clone(),
+            kinds.clone(),
             bases.clone(),
             scope.clone(),
             lease.clone(),
@@ -330,7 +334,7 @@ pub(super) async fn complete_job(
         let msg = req.error.clone();
         svc.meta(move |m| m.complete_job(id, &lease, &scope, &Completion::Failed(&msg), now()))
             .await?
-    } else if job.kind == "train" {
+    } else if job.kind == JobKind::Train {
         // Publishing needs write on the job's namespace (checked again at lease time).
         svc.authorize(&caller, &job.namespace, Scope::Write).await?;
         if req.manifest.len() > svc.inner.config.max_manifest_bytes {
@@ -506,8 +510,8 @@ fn lease_seconds(asked: u32) -> u32 {
 fn job_info(j: JobRow) -> pb::JobInfo {
     pb::JobInfo {
         id: j.id,
-        kind: j.kind,
-        state: j.state,
+        kind: j.kind.to_string(),
+        state: j.state.to_string(),
         spec: j.spec,
         repository: j.repository,
         tags: j.tags,

@@ -1,6 +1,7 @@
 //! Many clients at once.
 
 use delta_client::hub;
+use delta_proto::jobs::JobKind;
 use serde_json::json;
 
 use super::{Env, hidden};
@@ -121,7 +122,7 @@ async fn racing_workers_never_share_a_job() {
     let spec = serde_json::json!({"note": "not run: the test leases only"});
     for _ in 0..3 {
         env.remote
-            .submit_job("train", &spec, "team/raced", &[], &[])
+            .submit_job(JobKind::Train, &spec, "team/raced", &[], &[])
             .await
             .unwrap();
     }

@@ -4,6 +4,7 @@
 
 use delta_client::hub;
 use delta_proto::fingerprint::{FingerprintEntry, fingerprint};
+use delta_proto::jobs::JobKind;
 use delta_proto::manifest::TensorInfo;
 use delta_proto::{self as pb, Digest, Manifest};
 use delta_registry::MetaStore;
@@ -118,17 +119,17 @@ async fn blobs_never_cross_namespaces(engine: Engine) {
     // A job's datasets: another team's digest is as absent as nobody's.
     let spec = |d: Digest| json!({"method": "lora", "train": d.to_string()});
     let e_stolen = a
-        .submit_job("train", &spec(blob), "team-a/m", &[], &[])
+        .submit_job(JobKind::Train, &spec(blob), "team-a/m", &[], &[])
         .await
         .unwrap_err();
     let e_absent = a
-        .submit_job("train", &spec(nobody), "team-a/m", &[], &[])
+        .submit_job(JobKind::Train, &spec(nobody), "team-a/m", &[], &[])
         .await
         .unwrap_err();
     assert_eq!(code(&e_stolen), Code::NotFound);
     assert_eq!(shape(&e_stolen, &[blob]), shape(&e_absent, &[nobody]));
     let e = a
-        .submit_job("train", &json!({}), "team-a/m", &[], &[blob])
+        .submit_job(JobKind::Train, &json!({}), "team-a/m", &[], &[blob])
         .await
         .unwrap_err();
     assert_eq!(code(&e), Code::NotFound);
@@ -138,11 +139,11 @@ async fn blobs_never_cross_namespaces(engine: Engine) {
     std::fs::write(&data, "{\"text\":\"a\",\"label\":0}\n").unwrap();
     let own = a.upload_blob_file(&data, &hidden()).await.unwrap();
     let job = a
-        .submit_job("train", &spec(own), "team-a/m", &[], &[])
+        .submit_job(JobKind::Train, &spec(own), "team-a/m", &[], &[])
         .await
         .unwrap();
     let (leased, lease) = a_worker
-        .lease_job("w", &["train".into()], 60)
+        .lease_job("w", &[JobKind::Train], 60)
         .await
         .unwrap()
         .unwrap();
@@ -200,14 +201,20 @@ async fn workers_stay_in_their_namespaces(engine: Engine) {
         .client(Some(&env.token("team-a", Scope::Read, true)))
         .await;
     let any_worker = env.client(Some(&env.token("*", Scope::Write, true))).await;
-    let kinds = ["train".to_owned(), "verify".to_owned()];
+    let kinds = [JobKind::Train, JobKind::Verify];
 
     let b_job = b
-        .submit_job("train", &json!({}), "team-b/model", &["prod".into()], &[])
+        .submit_job(
+            JobKind::Train,
+            &json!({}),
+            "team-b/model",
+            &["prod".into()],
+            &[],
+        )
         .await
         .unwrap();
     let a_job = a
-        .submit_job("train", &json!({}), "team-a/model", &[], &[])
+        .submit_job(JobKind::Train, &json!({}), "team-a/model", &[], &[])
         .await
         .unwrap();
 
@@ -274,14 +281,14 @@ async fn workers_stay_in_their_namespaces(engine: Engine) {
     // A read-scope worker is refused training jobs when it asks, before any training;
     // it may verify.
     let e = a_reader
-        .lease_job("ro", &["train".into()], 60)
+        .lease_job("ro", &[JobKind::Train], 60)
         .await
         .unwrap_err();
     assert_eq!(code(&e), Code::PermissionDenied);
     assert!(e.to_string().contains("write"), "{e}");
     assert!(
         a_reader
-            .lease_job("ro", &["verify".into()], 60)
+            .lease_job("ro", &[JobKind::Verify], 60)
             .await
             .unwrap()
             .is_none()
@@ -434,7 +441,7 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
     let job = env
         .remote
         .submit_job(
-            "train",
+            JobKind::Train,
             &json!({"base": tiny.to_string()}),
             "team/m",
             &[],
@@ -442,7 +449,7 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
         )
         .await
         .unwrap();
-    let kinds = ["train".to_owned()];
+    let kinds = [JobKind::Train];
     assert!(
         env.remote
             .lease_job_on("elsewhere", &kinds, &[other], 60, 0)
@@ -477,7 +484,7 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
     let e = env
         .remote
         .submit_job(
-            "train",
+            JobKind::Train,
             &json!({"base": other.to_string()}),
             "team/m",
             &[],
@@ -488,7 +495,13 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
     assert_eq!(code(&e), Code::NotFound);
     let e = env
         .remote
-        .submit_job("train", &json!({"base": "minilm"}), "team/m", &[], &[])
+        .submit_job(
+            JobKind::Train,
+            &json!({"base": "minilm"}),
+            "team/m",
+            &[],
+            &[],
+        )
         .await
         .unwrap_err();
     assert_eq!(code(&e), Code::InvalidArgument);
@@ -500,7 +513,7 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
 #[tokio::test]
 async fn an_idle_worker_waits_for_the_next_job() {
     let env = Env::start().await;
-    let kinds = ["train".to_owned()];
+    let kinds = [JobKind::Train];
     let start = std::time::Instant::now();
     assert!(
         env.remote
@@ -516,13 +529,12 @@ async fn an_idle_worker_waits_for_the_next_job() {
 
     let waiting = {
         let remote = env.remote.clone();
-        let kinds = kinds.clone();
         tokio::spawn(async move { remote.lease_job_on("w", &kinds, &[], 60, 30).await })
     };
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let job = env
         .remote
-        .submit_job("train", &json!({}), "team/m", &[], &[])
+        .submit_job(JobKind::Train, &json!({}), "team/m", &[], &[])
         .await
         .unwrap();
     let (got, _) = waiting
