@@ -46,6 +46,19 @@ cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc
 now() { date +%s.%N; }
 mibps() { awk -v mib="$1" -v t="$2" 'BEGIN { printf "%.0f", mib / t }'; }
 per_gb() { awk -v c="$1" -v mib="$2" 'BEGIN { printf "%.2f", c / (mib / 1024) }'; }
+# start PID: notes the clock and the CPU time of the server PID.
+start() { c0=$(cpu_seconds "$1"); t0=$(now); }
+# keep NAME PID: if the time since `start` beats best_NAME, keeps it there, and the
+# server's CPU seconds since `start` in cpu_NAME.
+keep() {
+    local t c best="best_$1"
+    t=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }')
+    c=$(awk -v a="$c0" -v b="$(cpu_seconds "$2")" 'BEGIN { print b - a }')
+    if awk -v t="$t" -v b="${!best}" 'BEGIN { exit !(t < b) }'; then
+        printf -v "best_$1" %s "$t"
+        printf -v "cpu_$1" %s "$c"
+    fi
+}
 
 # The delta registry, embedded defaults (SQLite, local disk with fsync).
 port=$(free_port)
@@ -116,7 +129,7 @@ echo "| size | delta push MB/s | OCI push MB/s | push ratio | delta pull MB/s (v
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for mib in "${sizes[@]}"; do
     best_dpush=999999 best_dpull=999999 best_npull=999999 best_opush=999999 best_opull=999999
-    cpu_dpush=0 cpu_dpull=0 cpu_opush=0 cpu_opull=0
+    cpu_dpush=0 cpu_dpull=0 cpu_npull=0 cpu_opush=0 cpu_opull=0
     for run in 1 2; do
         # New random bytes each run: neither registry may skip an upload as a duplicate.
         d="$work/data-$mib-$run"
@@ -127,45 +140,40 @@ for mib in "${sizes[@]}"; do
         mb=$(awk -v b="$bytes" 'BEGIN { print b / 1e6 }')
         sync
         # delta push: a new repository each run, so every byte travels.
-        c0=$(cpu_seconds "$dpid"); t0=$(now)
+        start "$dpid"
         D push "$d/delta" "bench/d$mib-$run:t" --base "base-$mib-$run" >/dev/null 2>&1
-        t=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }'); c=$(awk -v a="$c0" -v b="$(cpu_seconds "$dpid")" 'BEGIN { print b - a }')
-        if awk -v t="$t" -v b="$best_dpush" 'BEGIN { exit !(t < b) }'; then best_dpush=$t cpu_dpush=$c; fi
+        keep dpush "$dpid"
         # delta pull: an empty cache and output folder each run.
         rm -rf "$work/cache" "$work/out"
         sync
-        c0=$(cpu_seconds "$dpid"); t0=$(now)
+        start "$dpid"
         D pull "bench/d$mib-$run:t" -o "$work/out" >/dev/null 2>&1
-        t=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }'); c=$(awk -v a="$c0" -v b="$(cpu_seconds "$dpid")" 'BEGIN { print b - a }')
-        if awk -v t="$t" -v b="$best_dpull" 'BEGIN { exit !(t < b) }'; then best_dpull=$t cpu_dpull=$c; fi
+        keep dpull "$dpid"
         cmp -s "$file" "$work/out/delta.safetensors" || { echo "pulled file differs" >&2; exit 1; }
         rm -rf "$work/cache" "$work/out"
         sync
-        t0=$(now)
+        start "$dpid"
         D pull --no-cache "bench/d$mib-$run:t" -o "$work/out" >/dev/null 2>&1
-        t=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }')
-        if awk -v t="$t" -v b="$best_npull" 'BEGIN { exit !(t < b) }'; then best_npull=$t; fi
+        keep npull "$dpid"
         cmp -s "$file" "$work/out/delta.safetensors" || { echo "pulled file differs" >&2; exit 1; }
         rm -rf "$work/cache" "$work/out"
 
         if [ -n "$oci_bin" ]; then
             sync
             repo="bench/o$mib-$run"
-            c0=$(cpu_seconds "$opid"); t0=$(now)
+            start "$opid"
             sha=$(openssl sha256 -r "$file" | cut -d' ' -f1)
             loc=$(curl -sf -X POST -D - -o /dev/null "$ourl/v2/$repo/blobs/uploads/" | tr -d '\r' | awk 'tolower($1) == "location:" { print $2 }')
             case $loc in http*) ;; *) loc="$ourl$loc" ;; esac
             sep='?'; case $loc in *\?*) sep='&' ;; esac
             curl -sf -T "$file" -H 'Content-Type: application/octet-stream' \
                 "$loc${sep}digest=sha256:$sha" -o /dev/null
-            t=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }'); c=$(awk -v a="$c0" -v b="$(cpu_seconds "$opid")" 'BEGIN { print b - a }')
-            if awk -v t="$t" -v b="$best_opush" 'BEGIN { exit !(t < b) }'; then best_opush=$t cpu_opush=$c; fi
+            keep opush "$opid"
             sync
-            c0=$(cpu_seconds "$opid"); t0=$(now)
+            start "$opid"
             got=$(curl -sf "$ourl/v2/$repo/blobs/sha256:$sha" | tee "$work/oci-out" | openssl sha256 -r | cut -d' ' -f1)
-            t=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }'); c=$(awk -v a="$c0" -v b="$(cpu_seconds "$opid")" 'BEGIN { print b - a }')
+            keep opull "$opid"
             [ "$got" = "$sha" ] || { echo "OCI pull digest differs" >&2; exit 1; }
-            if awk -v t="$t" -v b="$best_opull" 'BEGIN { exit !(t < b) }'; then best_opull=$t cpu_opull=$c; fi
             rm -f "$work/oci-out"
         fi
         rm -rf "$d"

@@ -403,28 +403,32 @@ pub async fn pull_with(
 ) -> Result<PullReport> {
     // Refused before anything is downloaded.
     delta::check_output_dir(out, opts.overwrite)?;
-    if !opts.no_cache {
-        let report = fetch(remote, cache, reference, progress).await?;
-        delta::replace_dir(out, opts.overwrite, |dir| match opts.format {
-            Format::Native => delta::write_native(dir, &report.manifest, &report.blobs),
-            Format::Peft => delta::write_peft(dir, &report.manifest, &report.blobs),
-        })?;
-        return Ok(report);
-    }
-    // A throwaway cache beside `out`, on its filesystem, so that the verified downloads
-    // are renamed into the folder rather than copied; it goes when this returns.
-    let parent = delta::parent_dir(out);
-    std::fs::create_dir_all(&parent).at(&parent)?;
-    let scratch = tempfile::Builder::new()
-        .prefix(".delta-pull-")
-        .tempdir_in(&parent)
-        .at(&parent)?;
-    let mut report = fetch(remote, &Cache::new(scratch.path()), reference, progress).await?;
+    // Without the cache: a throwaway one beside `out`, on its filesystem, so that the
+    // verified downloads are renamed into the folder rather than copied; it goes when
+    // this returns.
+    let scratch = if opts.no_cache {
+        let parent = delta::parent_dir(out);
+        std::fs::create_dir_all(&parent).at(&parent)?;
+        let dir = tempfile::Builder::new()
+            .prefix(".delta-pull-")
+            .tempdir_in(&parent)
+            .at(&parent)?;
+        Some((Cache::new(dir.path()), dir))
+    } else {
+        None
+    };
+    let used = scratch.as_ref().map_or(cache, |(c, _)| c);
+    let mut report = fetch(remote, used, reference, progress).await?;
     delta::replace_dir(out, opts.overwrite, |dir| match opts.format {
-        Format::Native => delta::move_native(dir, &report.manifest, &report.blobs),
+        Format::Native if scratch.is_some() => {
+            delta::move_native(dir, &report.manifest, &report.blobs)
+        }
+        Format::Native => delta::write_native(dir, &report.manifest, &report.blobs),
         Format::Peft => delta::write_peft(dir, &report.manifest, &report.blobs),
     })?;
-    report.blobs.clear();
+    if scratch.is_some() {
+        report.blobs.clear();
+    }
     Ok(report)
 }
 

@@ -235,6 +235,13 @@ impl From<delta_proto::reference::NameError> for Error {
     }
 }
 
+/// A job kind or state a caller named that does not exist.
+impl From<delta_proto::jobs::UnknownName> for Error {
+    fn from(e: delta_proto::jobs::UnknownName) -> Self {
+        Error::InvalidArgument(e.to_string())
+    }
+}
+
 impl From<delta_proto::manifest::ManifestError> for Error {
     fn from(e: delta_proto::manifest::ManifestError) -> Self {
         Error::InvalidManifest(e.to_string())

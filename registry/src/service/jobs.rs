@@ -1,7 +1,7 @@
 //! Job handlers: submission (whatever a job makes a worker read must be the submitter's
 //! to read), watching, leases, progress, completion (publishing what the job asked for).
 
-use delta_proto::jobs::{JobKind, JobState, UnknownName};
+use delta_proto::jobs::{JobKind, JobState};
 use delta_proto::manifest::Manifest;
 use delta_proto::reference::{Repository, check_tag};
 use delta_proto::{self as pb, Digest, excerpt};
@@ -62,10 +62,7 @@ pub(super) async fn submit_job(
         .ok()
         .filter(serde_json::Value::is_object)
         .ok_or_else(|| Error::InvalidArgument("job spec is not a JSON object".into()))?;
-    let kind: JobKind = req
-        .kind
-        .parse()
-        .map_err(|e: UnknownName| Error::InvalidArgument(e.to_string()))?;
+    let kind: JobKind = req.kind.parse().map_err(Error::from)?;
     // The base the job runs on, so it waits for a worker that holds it.
     let (repository, namespace, base) = match kind {
         JobKind::Train => {
@@ -231,9 +228,8 @@ pub(super) async fn lease_job(
     let kinds = req
         .kinds
         .iter()
-        .map(|k| k.parse())
-        .collect::<std::result::Result<Vec<JobKind>, UnknownName>>()
-        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        .map(|k| k.parse::<JobKind>().map_err(Error::from))
+        .collect::<Result<Vec<_>>>()?;
     if !scope.train && kinds.contains(&JobKind::Train) {
         return Err(Error::PermissionDenied(format!(
             "{} has read scope: it runs verify jobs only; training jobs publish deltas and need a worker token with --scope write",
