@@ -9,15 +9,17 @@
 //! it with its own forward. The classification head over the encoder lives with `Mounts`
 //! (`mounts::classify`), so this module depends on nothing above it.
 //!
-//! candle traps avoided here (see `CANDLE-NOTES.md`): layer norm is built from basic ops
-//! (the fused one has no backward), softmax is `ops::softmax` (not `softmax_last_dim`),
-//! and BERT's `gelu` is the erf form.
+//! candle traps avoided here (see `CANDLE-NOTES.md`): layer norm, the attention softmax
+//! and GELU come from `fused`, whose ops have a backward pass (candle's fused layer norm
+//! and `softmax_last_dim` have none), and BERT's `gelu` is the erf form.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+
+use crate::fused;
 
 /// What the encoder's injection points consult: one delta mounted on the base (`Mounts`)
 /// or a batch whose rows each carry their own delta (`MixedMounts`). Tensors given per row have a leading row dimension
@@ -304,15 +306,6 @@ pub struct Batch {
     pub mask: Tensor,
 }
 
-/// Layer norm from basic ops (candle's fused one has no backward pass).
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
-}
-
 /// Runs the encoder: the last hidden state `[batch, prompt + len, hidden]` and the mask
 /// over it (prompt positions are 0 there, so pooling sees only the input's tokens).
 pub fn encode(cfg: &BertConfig, m: &impl Inject, batch: &Batch) -> Result<(Tensor, Tensor)> {
@@ -337,7 +330,7 @@ pub fn encode(cfg: &BertConfig, m: &impl Inject, batch: &Batch) -> Result<(Tenso
             &typ.embedding(&batch.type_ids.flatten_all()?)?
                 .reshape((b, len, h))?,
         )?;
-    let x = layer_norm(
+    let x = fused::layer_norm(
         &x,
         &m.tensor("embeddings.LayerNorm.weight")?,
         &m.tensor("embeddings.LayerNorm.bias")?,
@@ -377,21 +370,17 @@ fn layer(cfg: &BertConfig, m: &impl Inject, l: usize, x: &Tensor, mask: &Tensor)
     let kv_len = k.dim(1)?;
     let k = split(k, kv_len)?;
     let v = split(v, kv_len)?;
-    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-    // HF adds the dtype's minimum where the mask is 0; any large negative gives the same
-    // softmax in f32.
-    let bias = ((key_mask - 1.0)? * 1e9)?.reshape((b, 1, 1, kv_len))?;
-    let probs = candle_nn::ops::softmax(&scores.broadcast_add(&bias)?, D::Minus1)?;
+    let scores = fused::matmul_t(&q, &k)?;
+    let probs = fused::attention_softmax(&scores, &key_mask, 1.0 / (d as f64).sqrt())?;
     let probs = m.drop_attention(&probs)?;
-    let ctx = probs
-        .matmul(&v)?
+    let ctx = fused::matmul(&probs, &v)?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, len, h))?;
     let a = m.linear(&format!("{p}.attention.output.dense"), &ctx)?;
     let a = m.drop_hidden(&a)?;
     let a = m.adapt(&format!("{p}.attention.output"), &a)?;
-    let x1 = layer_norm(
+    let x1 = fused::layer_norm(
         &(a + x)?,
         &m.tensor(&format!("{p}.attention.output.LayerNorm.weight"))?,
         &m.tensor(&format!("{p}.attention.output.LayerNorm.bias"))?,
@@ -399,14 +388,14 @@ fn layer(cfg: &BertConfig, m: &impl Inject, l: usize, x: &Tensor, mask: &Tensor)
     )?;
     let i = m.linear(&format!("{p}.intermediate.dense"), &x1)?;
     let i = match cfg.hidden_act.as_str() {
-        "gelu" => i.gelu_erf()?,
+        "gelu" => fused::gelu_erf(&i)?,
         "gelu_new" => i.gelu()?,
         _ => i.relu()?,
     };
     let o = m.linear(&format!("{p}.output.dense"), &i)?;
     let o = m.drop_hidden(&o)?;
     let o = m.adapt(&format!("{p}.output"), &o)?;
-    layer_norm(
+    fused::layer_norm(
         &(o + x1)?,
         &m.tensor(&format!("{p}.output.LayerNorm.weight"))?,
         &m.tensor(&format!("{p}.output.LayerNorm.bias"))?,

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - `bert`: the BERT-family encoder, written against tensor names with injection points.
+//! - `fused`: GELU, layer norm, attention softmax and frozen linear layers as fused CPU ops
+//!   with a backward pass.
 //! - `mounts`: deltas mounted on a frozen base (what the injection points consult).
 //! - `mixed`: one forward pass over rows that each carry their own delta.
 //! - `methods`: delta methods as trainable tensors named like the native delta format.
@@ -16,6 +18,7 @@
 pub mod alloc;
 pub mod bert;
 pub mod data;
+pub mod fused;
 pub mod infer;
 pub mod methods;
 pub mod mixed;

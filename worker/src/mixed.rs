@@ -362,12 +362,9 @@ impl Inject for MixedMounts<'_, '_> {
             None => x.clone(),
         };
         let flat = x.reshape((rows * len, n_in))?;
-        // Training: no gradient for the frozen base weight (see `frozen_matmul`).
-        let y = if flat.device().is_cpu() && flat.track_op() {
-            crate::mounts::frozen_matmul(&flat, &w)?
-        } else {
-            flat.matmul(&w.t()?)?
-        };
+        // No gradient for the frozen base weight (see `fused::linear`); the bias
+        // may differ per row, so it is added below.
+        let y = crate::fused::linear(&flat, &w, None)?;
         let mut y = y.reshape((rows, len, n_out))?;
         let bias = format!("{module}.bias");
         if self.base().tensors.contains_key(&bias) {

@@ -10,10 +10,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::Tensor;
 use delta_proto::manifest::MethodConfig;
 
 use crate::bert::BaseWeights;
+use crate::fused;
 
 /// Name of the classification head's weight (`[labels, hidden]`); part of every delta.
 pub const HEAD_WEIGHT: &str = "classifier.weight";
@@ -215,14 +216,8 @@ impl<'a> Mounts<'a> {
                 x2 = x2.broadcast_mul(l)?;
             }
         }
-        let mut y = if self.untouched(&wname) && x2.device().is_cpu() && x2.track_op() {
-            frozen_matmul(&x2, &w)?
-        } else {
-            x2.matmul(&w.t()?)?
-        };
-        if let Some(b) = self.maybe(&format!("{module}.bias"))? {
-            y = y.broadcast_add(&b)?;
-        }
+        let b = self.maybe(&format!("{module}.bias"))?;
+        let mut y = fused::linear(&x2, &w, b.as_ref())?;
         for lora in self.lora.get(module).into_iter().flatten() {
             let branch = x2.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
             y = (y + (branch * lora.scale)?)?;
@@ -622,51 +617,4 @@ pub fn head(m: &Mounts<'_>, hidden: &Tensor, mask: &Tensor, first: usize) -> Res
     let w = m.tensor(HEAD_WEIGHT)?;
     let b = m.tensor(HEAD_BIAS)?;
     Ok(pooled.matmul(&w.t()?)?.broadcast_add(&b)?)
-}
-
-/// `x Wᵀ` for a frozen `W`: candle's matmul backward computes the gradient of both sides,
-/// which for a frozen base weight is a wasted `[out, in]` product per layer and step. This
-/// op computes the product without a graph and attaches a backward that returns only the
-/// input's gradient, `g W`.
-pub(crate) fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let y = x.detach().matmul(&w.t()?)?;
-    Ok(x.apply_op2(&y, FrozenLinear { w: w.clone() })?)
-}
-
-struct FrozenLinear {
-    w: Tensor,
-}
-
-impl CustomOp2 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        y: &CpuStorage,
-        yl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // The product was computed outside; this op only carries it into the graph.
-        match (y, yl.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((start, end))) => {
-                Ok((CpuStorage::F32(v[start..end].to_vec()), yl.shape().clone()))
-            }
-            _ => Err(candle_core::Error::Msg(
-                "frozen-linear expects a contiguous f32 product".into(),
-            )),
-        }
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&self.w)?), None))
-    }
 }
