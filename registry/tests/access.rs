@@ -105,10 +105,17 @@ async fn the_readmes_token_commands_give_workers_what_they_need() {
     let mut a = client_with(&reg.url, Some(&admin)).await;
     let (fp, file) = base_and_lora_blob(&mut a).await;
     let mut u = client_with(&reg.url, Some(&user)).await;
+    let dataset = b"{\"text\":\"a\",\"label\":0}\n";
+    assert!(upload(&mut u, dataset, dataset.len()).await.committed);
+    let spec = serde_json::json!({
+        "base": fp.to_string(),
+        "train": Digest::of(dataset).to_string(),
+        "spec": {"methods": ["lora"]},
+    });
     for _ in 0..2 {
         u.submit_job(pb::SubmitJobRequest {
             kind: "train".into(),
-            spec: "{}".into(),
+            spec: spec.to_string(),
             repository: "team-a/model".into(),
             tags: vec!["prod".into()],
             blobs: vec![],

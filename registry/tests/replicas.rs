@@ -143,7 +143,14 @@ async fn two_replicas_on_postgres_and_s3() {
     assert_eq!(rb.resolve("team/race:at").await.unwrap().version, 13);
 
     // Workers leasing through either replica never share a job.
-    let spec = serde_json::json!({"note": "not run: the test leases only"});
+    // Not run: the test leases only.
+    let data = work.path().join("train.jsonl");
+    std::fs::write(&data, "{\"text\":\"a\",\"label\":0}\n").unwrap();
+    let spec = serde_json::json!({
+        "base": model.fingerprint().to_string(),
+        "train": ra.upload_blob_file(&data, &hidden).await.unwrap().to_string(),
+        "spec": {"methods": ["lora"]},
+    });
     let mut submitted = Vec::new();
     for i in 0..6 {
         let remote = if i % 2 == 0 { &ra } else { &rb };

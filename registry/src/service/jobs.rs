@@ -1,7 +1,7 @@
 //! Job handlers: submission (whatever a job makes a worker read must be the submitter's
 //! to read), watching, leases, progress, completion (publishing what the job asked for).
 
-use delta_proto::jobs::{JobKind, JobState};
+use delta_proto::jobs::{JobKind, JobSpec, JobState};
 use delta_proto::manifest::Manifest;
 use delta_proto::reference::{Repository, check_tag};
 use delta_proto::{self as pb, Digest, excerpt};
@@ -58,55 +58,47 @@ pub(super) async fn submit_job(
         ))
         .into());
     }
-    let mut spec: serde_json::Value = serde_json::from_str(&req.spec)
-        .ok()
-        .filter(serde_json::Value::is_object)
-        .ok_or_else(|| Error::InvalidArgument("job spec is not a JSON object".into()))?;
     let kind: JobKind = req.kind.parse().map_err(Error::from)?;
+    // The spec as the worker will read it, refused here when it names no dataset, an
+    // unknown field or a setting no run could use (not failed later by the first worker).
+    let mut spec =
+        JobSpec::parse(kind, &req.spec).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     // The base the job runs on, so it waits for a worker that holds it.
-    let (repository, namespace, base) = match kind {
-        JobKind::Train => {
+    let (repository, namespace, base) = match &mut spec {
+        JobSpec::Train(job) => {
             let repo: Repository = req.repository.parse().map_err(Error::from)?;
             svc.authorize(&caller, repo.namespace(), Scope::Write)
                 .await?;
             for t in &req.tags {
                 check_tag(t).map_err(Error::from)?;
             }
-            let base = match &spec["base"] {
-                serde_json::Value::Null => String::new(),
-                serde_json::Value::String(fp) => {
-                    let fp: Digest = fp.parse().map_err(|_| {
-                        Error::InvalidArgument(
-                            "job spec field base must be a base fingerprint (blake3:…)".into(),
-                        )
-                    })?;
-                    if svc
-                        .visible_bases(&caller, &fp.to_string())
-                        .await?
-                        .is_empty()
-                    {
-                        return Err(Error::NotFound {
-                            what: "base",
-                            name: fp.to_string(),
-                        }
-                        .into());
-                    }
-                    fp.to_string()
+            let fp: Digest = job.base.parse().map_err(|_| {
+                Error::InvalidArgument(
+                    "job spec field base must be a base fingerprint (blake3:…)".into(),
+                )
+            })?;
+            if svc
+                .visible_bases(&caller, &fp.to_string())
+                .await?
+                .is_empty()
+            {
+                return Err(Error::NotFound {
+                    what: "base",
+                    name: fp.to_string(),
                 }
-                _ => {
-                    return Err(Error::InvalidArgument(
-                        "job spec field base must be a base fingerprint (blake3:…)".into(),
-                    )
-                    .into());
-                }
-            };
-            (repo.to_string(), repo.namespace().to_owned(), base)
+                .into());
+            }
+            (
+                repo.to_string(),
+                repo.namespace().to_owned(),
+                fp.to_string(),
+            )
         }
-        JobKind::Verify => {
+        JobSpec::Verify(job) => {
             let r = svc
                 .resolve_checked(&caller, &req.repository, Scope::Read)
                 .await?;
-            spec["manifest"] = serde_json::Value::String(r.digest.to_string());
+            job.manifest = r.digest.to_string();
             let base = Manifest::from_json(&r.manifest)
                 .map(|m| m.base.fingerprint.to_string())
                 .unwrap_or_default();
@@ -133,7 +125,7 @@ pub(super) async fn submit_job(
         svc.resolve_checked(&caller, p, Scope::Read).await?;
     }
     let (tags, submitter) = (req.tags.clone(), caller.token_id());
-    let spec = spec.to_string();
+    let spec = spec.to_json();
     let job = svc
         .meta(move |m| {
             m.submit_job(
@@ -415,41 +407,26 @@ pub(super) async fn list_reports(
 }
 
 /// What a job spec makes a worker read: the dataset blobs (`train`, `eval`, and every
-/// digest the request lists in `blobs`) and the parent deltas (`parents`, references).
-fn job_inputs(spec: &serde_json::Value, listed: &[String]) -> Result<(Vec<Digest>, Vec<String>)> {
-    let mut datasets = Vec::new();
-    for d in listed {
-        datasets.push(d.parse::<Digest>()?);
-    }
-    for key in ["train", "eval"] {
-        match &spec[key] {
-            serde_json::Value::Null => {}
-            serde_json::Value::String(d) => datasets.push(d.parse::<Digest>()?),
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "job spec field {key} must be a blob digest"
-                )));
-            }
+/// digest the request lists in `blobs`) and the parent deltas (references).
+fn job_inputs(spec: &JobSpec, listed: &[String]) -> Result<(Vec<Digest>, Vec<String>)> {
+    let mut named: Vec<&str> = listed.iter().map(String::as_str).collect();
+    let parents = match spec {
+        JobSpec::Train(job) => {
+            named.push(&job.train);
+            named.extend(job.eval.as_deref());
+            job.parents.clone()
         }
-    }
-    datasets.sort_by_key(ToString::to_string);
-    datasets.dedup();
-    let parents = match &spec["parents"] {
-        serde_json::Value::Null => Vec::new(),
-        serde_json::Value::Array(a) => a
-            .iter()
-            .map(|p| {
-                p.as_str().map(str::to_owned).ok_or_else(|| {
-                    Error::InvalidArgument("job spec parents must be references".into())
-                })
-            })
-            .collect::<Result<_>>()?,
-        _ => {
-            return Err(Error::InvalidArgument(
-                "job spec parents must be a list of references".into(),
-            ));
+        JobSpec::Verify(job) => {
+            named.push(&job.eval);
+            Vec::new()
         }
     };
+    let mut datasets = named
+        .into_iter()
+        .map(|d| d.parse::<Digest>().map_err(Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    datasets.sort_by_key(ToString::to_string);
+    datasets.dedup();
     Ok((datasets, parents))
 }
 

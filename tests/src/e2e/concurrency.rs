@@ -119,7 +119,8 @@ async fn concurrent_tag_moves_with_compare_and_swap_lose_no_update() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_workers_never_share_a_job() {
     let env = Env::start().await;
-    let spec = serde_json::json!({"note": "not run: the test leases only"});
+    // Not run: the test leases only.
+    let spec = env.train_job(&env.remote).await;
     for _ in 0..3 {
         env.remote
             .submit_job(JobKind::Train, &spec, "team/raced", &[], &[])

@@ -117,7 +117,7 @@ async fn blobs_never_cross_namespaces(engine: Engine) {
     );
 
     // A job's datasets: another team's digest is as absent as nobody's.
-    let spec = |d: Digest| json!({"method": "lora", "train": d.to_string()});
+    let spec = |d: Digest| env.train_spec(d);
     let e_stolen = a
         .submit_job(JobKind::Train, &spec(blob), "team-a/m", &[], &[])
         .await
@@ -128,16 +128,16 @@ async fn blobs_never_cross_namespaces(engine: Engine) {
         .unwrap_err();
     assert_eq!(code(&e_stolen), Code::NotFound);
     assert_eq!(shape(&e_stolen, &[blob]), shape(&e_absent, &[nobody]));
+    let data = env.path("train.jsonl");
+    std::fs::write(&data, "{\"text\":\"a\",\"label\":0}\n").unwrap();
+    let own = a.upload_blob_file(&data, &hidden()).await.unwrap();
     let e = a
-        .submit_job(JobKind::Train, &json!({}), "team-a/m", &[], &[blob])
+        .submit_job(JobKind::Train, &spec(own), "team-a/m", &[], &[blob])
         .await
         .unwrap_err();
     assert_eq!(code(&e), Code::NotFound);
 
     // A worker publishing a trained delta: the same rule, at CompleteJob.
-    let data = env.path("train.jsonl");
-    std::fs::write(&data, "{\"text\":\"a\",\"label\":0}\n").unwrap();
-    let own = a.upload_blob_file(&data, &hidden()).await.unwrap();
     let job = a
         .submit_job(JobKind::Train, &spec(own), "team-a/m", &[], &[])
         .await
@@ -206,7 +206,7 @@ async fn workers_stay_in_their_namespaces(engine: Engine) {
     let b_job = b
         .submit_job(
             JobKind::Train,
-            &json!({}),
+            &env.train_job(&b).await,
             "team-b/model",
             &["prod".into()],
             &[],
@@ -214,7 +214,13 @@ async fn workers_stay_in_their_namespaces(engine: Engine) {
         .await
         .unwrap();
     let a_job = a
-        .submit_job(JobKind::Train, &json!({}), "team-a/model", &[], &[])
+        .submit_job(
+            JobKind::Train,
+            &env.train_job(&a).await,
+            "team-a/model",
+            &[],
+            &[],
+        )
         .await
         .unwrap();
 
@@ -438,15 +444,15 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
         .unwrap()
         .fingerprint();
     let other = Digest::of(b"a base this worker holds");
+    let spec = env.train_job(&env.remote).await;
+    let on_base = |base: &str| {
+        let mut s = spec.clone();
+        s["base"] = json!(base);
+        s
+    };
     let job = env
         .remote
-        .submit_job(
-            JobKind::Train,
-            &json!({"base": tiny.to_string()}),
-            "team/m",
-            &[],
-            &[],
-        )
+        .submit_job(JobKind::Train, &spec, "team/m", &[], &[])
         .await
         .unwrap();
     let kinds = [JobKind::Train];
@@ -485,7 +491,7 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
         .remote
         .submit_job(
             JobKind::Train,
-            &json!({"base": other.to_string()}),
+            &on_base(&other.to_string()),
             "team/m",
             &[],
             &[],
@@ -495,13 +501,7 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
     assert_eq!(code(&e), Code::NotFound);
     let e = env
         .remote
-        .submit_job(
-            JobKind::Train,
-            &json!({"base": "minilm"}),
-            "team/m",
-            &[],
-            &[],
-        )
+        .submit_job(JobKind::Train, &on_base("minilm"), "team/m", &[], &[])
         .await
         .unwrap_err();
     assert_eq!(code(&e), Code::InvalidArgument);
@@ -513,6 +513,7 @@ async fn jobs_wait_for_a_worker_holding_their_base() {
 #[tokio::test]
 async fn an_idle_worker_waits_for_the_next_job() {
     let env = Env::start().await;
+    let spec = env.train_job(&env.remote).await;
     let kinds = [JobKind::Train];
     let start = std::time::Instant::now();
     assert!(
@@ -534,7 +535,7 @@ async fn an_idle_worker_waits_for_the_next_job() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let job = env
         .remote
-        .submit_job(JobKind::Train, &json!({}), "team/m", &[], &[])
+        .submit_job(JobKind::Train, &spec, "team/m", &[], &[])
         .await
         .unwrap();
     let (got, _) = waiting

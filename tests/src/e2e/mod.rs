@@ -80,6 +80,27 @@ impl Env {
         }
     }
 
+    /// A training job spec on the tiny base, training LoRA on `train` (a blob digest).
+    pub(crate) fn train_spec(&self, train: delta_proto::Digest) -> serde_json::Value {
+        let base = delta_client::tensors::Model::open(&self.base)
+            .unwrap()
+            .fingerprint();
+        serde_json::json!({
+            "base": base.to_string(),
+            "train": train.to_string(),
+            "spec": {"methods": ["lora"]},
+        })
+    }
+
+    /// Uploads a one-example dataset through `remote` (so into its namespace) and returns
+    /// a training job spec on it ([`Env::train_spec`]).
+    pub(crate) async fn train_job(&self, remote: &Remote) -> serde_json::Value {
+        let data = self.path("one-example.jsonl");
+        std::fs::write(&data, "{\"text\":\"a\",\"label\":0}\n").unwrap();
+        let digest = remote.upload_blob_file(&data, &hidden()).await.unwrap();
+        self.train_spec(digest)
+    }
+
     /// The registry's metadata store, opened beside it (as the admin commands do). Its
     /// calls block, and the PostgreSQL one runs a runtime of its own: use it from a plain
     /// thread ([`Env::with_meta`]), not from the test's runtime.
