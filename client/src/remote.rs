@@ -11,6 +11,7 @@ use delta_proto::fingerprint::FingerprintEntry;
 use delta_proto::jobs::JobKind;
 use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::registry_client::RegistryClient;
+use delta_proto::tokens::{CallerKind, Scope};
 use delta_proto::{self as pb, CHUNK_SIZE, Digest};
 use futures::Stream;
 use indicatif::ProgressBar;
@@ -91,15 +92,15 @@ pub struct Resolved {
 /// Who the registry takes the caller for (`delta whoami`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WhoAmI {
-    /// `open` (no tokens exist: everything allowed), `anonymous` (no token sent), `user`
-    /// or `worker`.
-    pub kind: String,
+    /// Open (no tokens exist: everything allowed), anonymous (no token sent), a user's or
+    /// a worker's token.
+    pub kind: CallerKind,
     /// The token's id (0 without a token).
     pub token_id: u64,
     /// The token's namespace, or `*`.
     pub namespace: String,
-    /// `read`, `write` or `admin`.
-    pub scope: String,
+    /// What the caller may do (`None`: anonymous, public namespaces only).
+    pub scope: Option<Scope>,
     /// Unix seconds the token expires (`None`: never).
     pub expires_at: Option<i64>,
 }
@@ -502,11 +503,16 @@ impl Remote {
             .who_am_i(pb::WhoAmIRequest {})
             .await?
             .into_inner();
+        let unknown =
+            |e: delta_proto::UnknownName| Error::Invalid(format!("the registry's WhoAmI: {e}"));
         Ok(WhoAmI {
-            kind: r.kind,
+            kind: r.kind.parse().map_err(unknown)?,
             token_id: r.token_id,
             namespace: r.namespace,
-            scope: r.scope,
+            scope: match r.scope.as_str() {
+                "" => None,
+                s => Some(s.parse().map_err(unknown)?),
+            },
             expires_at: (r.expires_at != 0).then_some(r.expires_at),
         })
     }

@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::UnknownName;
+
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobKind {
@@ -28,15 +30,6 @@ pub enum JobState {
     Succeeded,
     /// Given up: the error says why.
     Failed,
-}
-
-/// A name that is no job kind or state.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("job {what} {name:?} is not one of {expected}")]
-pub struct UnknownName {
-    what: &'static str,
-    name: String,
-    expected: &'static str,
 }
 
 impl JobKind {
@@ -76,7 +69,7 @@ impl FromStr for JobKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| UnknownName {
-                what: "kind",
+                what: "job kind",
                 name: crate::excerpt(s),
                 expected: "train, verify",
             })
@@ -95,7 +88,7 @@ impl FromStr for JobState {
         .into_iter()
         .find(|k| k.as_str() == s)
         .ok_or_else(|| UnknownName {
-            what: "state",
+            what: "job state",
             name: crate::excerpt(s),
             expected: "queued, running, succeeded, failed",
         })

@@ -21,6 +21,7 @@ pub mod jobs;
 pub mod manifest;
 pub mod reference;
 pub mod safetensors;
+pub mod tokens;
 
 pub use digest::Digest;
 pub use manifest::Manifest;
@@ -57,6 +58,15 @@ pub mod inference {
     /// The encoded file descriptor set of the inference service, for reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("inference_descriptor");
+}
+
+/// A name that is none of a closed set's (a job kind, a token scope, …).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {name:?} is not one of {expected}")]
+pub struct UnknownName {
+    pub(crate) what: &'static str,
+    pub(crate) name: String,
+    pub(crate) expected: &'static str,
 }
 
 /// How much of a caller's input an error message repeats, in bytes.

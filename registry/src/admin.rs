@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use delta_proto::reference::Repository;
 
-use crate::auth::{Caller, Principal, Scope, hash_secret, new_secret, well_formed};
+use crate::auth::{Caller, Principal, Scope, TokenKind, hash_secret, new_secret, well_formed};
 use crate::error::{Error, Result};
 use crate::meta::{MetaStore, TokenRecord};
 
@@ -39,8 +39,12 @@ pub fn create_token(meta: &dyn MetaStore, t: &NewToken, now: i64) -> Result<(i64
     let record = TokenRecord {
         id: 0,
         namespace: t.namespace.clone(),
-        scope: t.scope.as_str().to_owned(),
-        kind: if t.worker { "worker" } else { "user" }.to_owned(),
+        scope: t.scope,
+        kind: if t.worker {
+            TokenKind::Worker
+        } else {
+            TokenKind::User
+        },
         description: t.description.clone(),
         created_at: now,
         expires_at: t.expires_in.map(|d| now + d.as_secs() as i64),
@@ -72,7 +76,7 @@ pub fn authenticate(meta: &dyn MetaStore, header: Option<&str>, now: i64) -> Res
     Ok(Caller::Token(Principal {
         token_id: t.id,
         namespace: t.namespace,
-        scope: Scope::parse(&t.scope)?,
+        scope: t.scope,
         kind: t.kind,
         expires_at: t.expires_at,
     }))

@@ -5,50 +5,10 @@
 //! only with a token for it (or for `*`) unless it is marked public. Tokens are
 //! `dlt_<64 hex>`; only their blake3 hash is stored.
 
-use std::fmt;
-
 use crate::error::{Error, Result};
 use crate::meta::jobs::WorkerScope;
 
-/// Token scopes, ordered: admin ⊃ write ⊃ read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
-    /// Pull, list, resolve.
-    Read,
-    /// Also push, tag, upload, register bases.
-    Write,
-    /// Also delete, gc.
-    Admin,
-}
-
-impl Scope {
-    /// Parses `read`, `write` or `admin`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "read" => Ok(Scope::Read),
-            "write" => Ok(Scope::Write),
-            "admin" => Ok(Scope::Admin),
-            other => Err(Error::InvalidArgument(format!(
-                "scope {other:?} must be read, write or admin"
-            ))),
-        }
-    }
-
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Write => "write",
-            Scope::Admin => "admin",
-        }
-    }
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use delta_proto::tokens::{Scope, TokenKind};
 
 /// A valid token's grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,8 +19,8 @@ pub struct Principal {
     pub namespace: String,
     /// Scope.
     pub scope: Scope,
-    /// `user` or `worker`.
-    pub kind: String,
+    /// A user's or a worker's.
+    pub kind: TokenKind,
     /// Unix seconds the token expires (`None`: never).
     pub expires_at: Option<i64>,
 }
@@ -177,7 +137,7 @@ impl Caller {
     pub fn check_worker(&self) -> Result<()> {
         match self {
             Caller::Open => Ok(()),
-            Caller::Token(p) if p.kind == "worker" => Ok(()),
+            Caller::Token(p) if p.kind == TokenKind::Worker => Ok(()),
             Caller::Anonymous => Err(Error::Unauthenticated(
                 "job leases need a worker token".into(),
             )),

@@ -235,9 +235,9 @@ impl From<delta_proto::reference::NameError> for Error {
     }
 }
 
-/// A job kind or state a caller named that does not exist.
-impl From<delta_proto::jobs::UnknownName> for Error {
-    fn from(e: delta_proto::jobs::UnknownName) -> Self {
+/// A job kind, job state or token scope a caller named that does not exist.
+impl From<delta_proto::UnknownName> for Error {
+    fn from(e: delta_proto::UnknownName) -> Self {
         Error::InvalidArgument(e.to_string())
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use delta_registry::admin::NewToken;
-use delta_registry::auth::Scope;
+use delta_registry::auth::{Scope, TokenKind};
 use delta_registry::clock::now;
 use delta_registry::service::SQLITE_FILE;
 use delta_registry::{MetaStore, RegistryConfig, SqlMeta};
@@ -506,13 +506,17 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
             };
             let new = NewToken {
                 namespace,
-                scope: Scope::parse(&scope)?,
+                scope: scope.parse::<Scope>()?,
                 worker,
                 expires_in: expires.map(Into::into),
                 description,
             };
             let (id, secret) = delta_registry::admin::create_token(&meta, &new, now())?;
-            let kind = if worker { "worker" } else { "user" };
+            let kind = if worker {
+                TokenKind::Worker
+            } else {
+                TokenKind::User
+            };
             println!(
                 "created {kind} token {id}: {} on {}",
                 new.scope, new.namespace

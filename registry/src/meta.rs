@@ -12,6 +12,7 @@ use std::path::Path;
 use delta_proto::Digest;
 use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::reference::{LATEST, Reference, Repository, Selector};
+use delta_proto::tokens::{Scope, TokenKind};
 
 use crate::error::{Error, Result};
 use crate::sql::{Db, Row, Sql, Value, p};
@@ -28,10 +29,10 @@ pub struct TokenRecord {
     pub id: i64,
     /// Namespace or `*`.
     pub namespace: String,
-    /// `read`, `write` or `admin`.
-    pub scope: String,
-    /// `user` or `worker`.
-    pub kind: String,
+    /// What it may do.
+    pub scope: Scope,
+    /// A user's or a worker's.
+    pub kind: TokenKind,
     /// Free text.
     pub description: String,
     /// Seconds since the epoch.
@@ -714,7 +715,7 @@ impl MetaStore for SqlMeta {
             c.one(
                 "INSERT INTO tokens (hash, namespace, scope, kind, description, created_at, expires_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                p![hash, &t.namespace, &t.scope, &t.kind, &t.description, t.created_at, t.expires_at],
+                p![hash, &t.namespace, t.scope.as_str(), t.kind.as_str(), &t.description, t.created_at, t.expires_at],
             )?
             .int(0)
         })
@@ -997,12 +998,17 @@ fn upsert_tag(c: &mut dyn Sql, repo: i64, tag: &str, version: u64, now: i64) -> 
 
 const TOKEN_COLUMNS: &str = "SELECT id, namespace, scope, kind, description, created_at, expires_at, revoked_at FROM tokens";
 
+/// A scope or kind the token table holds that this version does not know.
+fn stored_token(e: delta_proto::UnknownName) -> Error {
+    Error::Database(format!("tokens table: {e}"))
+}
+
 fn token_row(r: &Row) -> Result<TokenRecord> {
     Ok(TokenRecord {
         id: r.int(0)?,
         namespace: r.text(1)?,
-        scope: r.text(2)?,
-        kind: r.text(3)?,
+        scope: r.text(2)?.parse().map_err(stored_token)?,
+        kind: r.text(3)?.parse().map_err(stored_token)?,
         description: r.text(4)?,
         created_at: r.int(5)?,
         expires_at: r.opt_int(6)?,

@@ -19,6 +19,7 @@ use delta_client::Remote;
 use delta_client::hub::{Cache, fetch};
 use delta_client::jobs::{JobKind, Progress, TrainJob, VerifyJob};
 use delta_proto::Digest;
+use delta_proto::tokens::{CallerKind, Scope};
 use indicatif::ProgressBar;
 
 use crate::data::parse_jsonl;
@@ -70,10 +71,10 @@ pub fn scan_models(models: &Path) -> Result<HashMap<Digest, PathBuf>> {
 /// worker useful (and says so once at start-up).
 async fn job_kinds(remote: &Remote) -> Result<Vec<JobKind>> {
     let me = remote.whoami().await?;
-    if me.kind == "anonymous" {
+    if me.kind == CallerKind::Anonymous {
         bail!("the registry requires a token for workers: set DELTA_TOKEN to a worker token");
     }
-    if me.scope == "read" {
+    if me.scope == Some(Scope::Read) {
         tracing::warn!(
             namespace = %me.namespace,
             "read-scope token: verifying only; training jobs need a `--worker --scope write` token"

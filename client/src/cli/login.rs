@@ -6,6 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
 use anyhow::Context;
+use delta_proto::tokens::{CallerKind, Scope};
 
 use super::Ctx;
 
@@ -93,12 +94,12 @@ pub async fn login(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
 
 /// One line about who a token makes the caller.
 pub fn describe(who: &crate::remote::WhoAmI) -> String {
-    match who.kind.as_str() {
-        "open" => {
+    match who.kind {
+        CallerKind::Open => {
             "the registry is open (it has no tokens): everyone may read and write everything".into()
         }
-        "anonymous" => "no token: anonymous (public namespaces only)".into(),
-        kind => {
+        CallerKind::Anonymous => "no token: anonymous (public namespaces only)".into(),
+        kind @ (CallerKind::User | CallerKind::Worker) => {
             let expires = who.expires_at.map_or("never expires".to_owned(), |t| {
                 let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
                 format!("expires {}", humantime::format_rfc3339_seconds(at))
@@ -106,7 +107,7 @@ pub fn describe(who: &crate::remote::WhoAmI) -> String {
             format!(
                 "{kind} token {}: {} on {}, {expires}",
                 who.token_id,
-                who.scope,
+                who.scope.map_or("no scope", Scope::as_str),
                 if who.namespace == "*" {
                     "every namespace (*)"
                 } else {
@@ -122,8 +123,8 @@ pub async fn whoami(ctx: &Ctx) -> anyhow::Result<()> {
     let who = ctx.remote().await?.whoami().await?;
     if ctx.json {
         return ctx.print_json(&serde_json::json!({
-            "kind": who.kind, "token_id": who.token_id, "namespace": who.namespace,
-            "scope": who.scope, "expires_at": who.expires_at,
+            "kind": who.kind.as_str(), "token_id": who.token_id, "namespace": who.namespace,
+            "scope": who.scope.map_or("", Scope::as_str), "expires_at": who.expires_at,
         }));
     }
     println!("{}", describe(&who));

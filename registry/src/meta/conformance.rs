@@ -335,8 +335,8 @@ pub fn access(m: &dyn MetaStore) {
     let record = TokenRecord {
         id: 0,
         namespace: "team".into(),
-        scope: "write".into(),
-        kind: "user".into(),
+        scope: delta_proto::tokens::Scope::Write,
+        kind: delta_proto::tokens::TokenKind::User,
         description: "ci".into(),
         created_at: 1,
         expires_at: Some(99),

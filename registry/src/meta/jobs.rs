@@ -186,7 +186,7 @@ const COLUMNS: &str = "id, kind, spec, repository, tags, state, submitter, attem
                        lease_expires, result, error, created_at, updated_at, namespace";
 
 /// A kind or state the database holds that this version does not know.
-fn stored(e: delta_proto::jobs::UnknownName) -> Error {
+fn stored(e: delta_proto::UnknownName) -> Error {
     Error::Database(format!("jobs table: {e}"))
 }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use delta_proto::reference::Reference;
 use delta_proto::registry_server::Registry;
+use delta_proto::tokens::CallerKind;
 use delta_proto::{self as pb, Digest, excerpt};
 use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -390,17 +391,17 @@ impl Registry for RegistryService {
         let caller = self.caller(&req).await?;
         Ok(Response::new(match caller {
             Caller::Open => pb::WhoAmIResponse {
-                kind: "open".into(),
+                kind: CallerKind::Open.to_string(),
                 namespace: "*".into(),
                 scope: Scope::Admin.to_string(),
                 ..Default::default()
             },
             Caller::Anonymous => pb::WhoAmIResponse {
-                kind: "anonymous".into(),
+                kind: CallerKind::Anonymous.to_string(),
                 ..Default::default()
             },
             Caller::Token(p) => pb::WhoAmIResponse {
-                kind: p.kind,
+                kind: CallerKind::from(p.kind).to_string(),
                 token_id: p.token_id as u64,
                 namespace: p.namespace,
                 scope: p.scope.to_string(),

@@ -400,8 +400,12 @@ async fn yanked_tags_identity_and_nonfinite_tensors_are_shown() {
     let secret = env.token("team", Scope::Write, false);
     let me = env.client(Some(&secret)).await.whoami().await.unwrap();
     assert_eq!(
-        (me.kind.as_str(), me.namespace.as_str(), me.scope.as_str()),
-        ("user", "team", "write")
+        (me.kind, me.namespace.as_str(), me.scope),
+        (
+            delta_proto::tokens::CallerKind::User,
+            "team",
+            Some(Scope::Write)
+        )
     );
     let bogus = format!("dlt_{}", "1".repeat(64));
     assert!(env.cli(&["--token", &bogus, "doctor"]).await.is_err());
