@@ -5,9 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use delta_proto::jobs::{
-    JobKind, JobSpec, JobState, TRAIN_METHODS, TrainJob, TrainSpec, VerifyJob,
-};
+pub use delta_proto::jobs::{JobKind, JobSpec, JobState, Method, TrainJob, TrainSpec, VerifyJob};
 
 /// One progress event of a job (what `--follow` prints).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

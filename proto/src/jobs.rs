@@ -107,18 +107,55 @@ impl fmt::Display for JobState {
     }
 }
 
-/// Every method the worker trains.
-pub const TRAIN_METHODS: &[&str] = &[
-    "lora",
-    "adapter",
-    "bitfit",
-    "prefix",
-    "prompt",
-    "last-layer",
-    "selective",
-    "diff",
-    "full",
-];
+/// A training method the worker runs (`--method`, `spec.methods`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Low-rank updates of the target modules' weights.
+    Lora,
+    /// Bottleneck adapters (Houlsby or Pfeiffer).
+    Adapter,
+    /// Every bias.
+    Bitfit,
+    /// Per-layer key/value prefixes.
+    Prefix,
+    /// Soft prompt tokens.
+    Prompt,
+    /// The last encoder layer.
+    LastLayer,
+    /// Chosen modules, whole.
+    Selective,
+    /// A sparse difference on the target modules' weights (diff pruning).
+    Diff,
+    /// Every weight (full fine-tuning).
+    Full,
+}
+
+names!(
+    Method,
+    "method",
+    Lora => "lora",
+    Adapter => "adapter",
+    Bitfit => "bitfit",
+    Prefix => "prefix",
+    Prompt => "prompt",
+    LastLayer => "last-layer",
+    Selective => "selective",
+    Diff => "diff",
+    Full => "full"
+);
 
 /// What to train and how: methods, their settings and the optimiser's hyper-parameters.
 /// The same flags serve `delta train` (through the registry) and `delta-worker train`
@@ -129,7 +166,7 @@ pub struct TrainSpec {
     /// Methods, comma-separated; several train at once (e.g. `prompt,bitfit,adapter`):
     /// lora, adapter, bitfit, prefix, prompt, last-layer, selective, diff, full.
     #[arg(long = "method", value_delimiter = ',', required = true)]
-    pub methods: Vec<String>,
+    pub methods: Vec<Method>,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     #[serde(default = "d_rank")]
@@ -284,9 +321,9 @@ fn d_max_len() -> usize {
 
 impl TrainSpec {
     /// A spec with every default and these methods.
-    pub fn new(methods: &[&str]) -> Self {
+    pub fn new(methods: &[Method]) -> Self {
         Self {
-            methods: methods.iter().map(|m| (*m).to_owned()).collect(),
+            methods: methods.to_vec(),
             rank: d_rank(),
             alpha: None,
             rslora: false,
@@ -319,14 +356,6 @@ impl TrainSpec {
     pub fn check(&self) -> Result<(), String> {
         if self.methods.is_empty() {
             return Err("--method names no method".into());
-        }
-        for m in &self.methods {
-            if !TRAIN_METHODS.contains(&m.as_str()) {
-                return Err(format!(
-                    "--method {m:?} is not one of {}",
-                    TRAIN_METHODS.join(", ")
-                ));
-            }
         }
         if let Some(p) = &self.pooling
             && p != "cls"
@@ -366,30 +395,32 @@ impl TrainSpec {
         if !matches!(self.adapter_kind.as_str(), "houlsby" | "pfeiffer") {
             return Err("--adapter-kind must be houlsby or pfeiffer".into());
         }
-        if self.methods.iter().any(|m| m == "selective")
-            && self.modules.is_empty()
-            && self.random_modules.is_none()
-        {
+        if self.has(Method::Selective) && self.modules.is_empty() && self.random_modules.is_none() {
             return Err("selective tuning needs --modules or --random-modules".into());
         }
         Ok(())
     }
 
     /// Whether a method is part of this spec.
-    pub fn has(&self, method: &str) -> bool {
-        self.methods.iter().any(|m| m == method)
+    pub fn has(&self, method: Method) -> bool {
+        self.methods.contains(&method)
     }
 
     /// The peak learning rate: `--lr`, else 1e-4 with full or diff, 3e-2 for prompt and
     /// prefix alone (soft prompts need large steps, as in PEFT's examples), else 1e-3.
     pub fn learning_rate(&self) -> f64 {
-        self.lr.unwrap_or(if self.has("full") || self.has("diff") {
-            1e-4
-        } else if self.methods.iter().all(|m| m == "prompt" || m == "prefix") {
-            3e-2
-        } else {
-            1e-3
-        })
+        self.lr
+            .unwrap_or(if self.has(Method::Full) || self.has(Method::Diff) {
+                1e-4
+            } else if self
+                .methods
+                .iter()
+                .all(|m| matches!(m, Method::Prompt | Method::Prefix))
+            {
+                3e-2
+            } else {
+                1e-3
+            })
     }
 
     /// The LoRA alpha.
@@ -512,7 +543,11 @@ mod tests {
         else {
             panic!("a training spec");
         };
-        assert_eq!(parsed.spec, TrainSpec::new(&["lora"]), "defaults filled in");
+        assert_eq!(
+            parsed.spec,
+            TrainSpec::new(&[Method::Lora]),
+            "defaults filled in"
+        );
         let again = JobSpec::parse(JobKind::Train, &JobSpec::Train(parsed.clone()).to_json());
         assert_eq!(again, Ok(JobSpec::Train(parsed)));
         for (spec, error) in [
@@ -527,7 +562,7 @@ mod tests {
             ),
             (
                 serde_json::json!({"base": base, "train": train, "spec": {"methods": ["dora"]}}),
-                "--method \"dora\" is not one of",
+                "spec.methods[0]: unknown variant `dora`",
             ),
             (serde_json::json!({"base": base}), "missing field `train`"),
         ] {

@@ -15,6 +15,44 @@
 //! - generated: `registry_client`, `registry_server` and the messages (re-exported here);
 //!   [`inference`]: the worker's inference service.
 
+/// `as_str`, `FromStr` and `Display` over the names of a closed set.
+macro_rules! names {
+    ($ty:ident, $what:literal, $($variant:ident => $name:literal),+) => {
+        impl $ty {
+            /// Every value.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The name on the wire and in the database.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl ::std::str::FromStr for $ty {
+            type Err = $crate::UnknownName;
+            fn from_str(s: &str) -> Result<Self, $crate::UnknownName> {
+                $ty::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == s)
+                    .ok_or_else(|| $crate::UnknownName {
+                        what: $what,
+                        name: $crate::excerpt(s),
+                        expected: concat!($($name, ", "),+).trim_end_matches(", "),
+                    })
+            }
+        }
+
+        impl ::std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
 pub mod digest;
 pub mod fingerprint;
 pub mod jobs;

@@ -1,11 +1,6 @@
 //! Who a token, or a caller without one, is and what it may do: the names the registry
 //! stores in its token table and the wire carries (`WhoAmIResponse.kind`, `.scope`).
 
-use std::fmt;
-use std::str::FromStr;
-
-use crate::UnknownName;
-
 /// Token scopes, ordered: admin ⊃ write ⊃ read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scope {
@@ -37,44 +32,6 @@ pub enum CallerKind {
     User,
     /// A worker token.
     Worker,
-}
-
-/// `as_str`, `FromStr` and `Display` over the names of a closed set.
-macro_rules! names {
-    ($ty:ident, $what:literal, $($variant:ident => $name:literal),+) => {
-        impl $ty {
-            /// Every value.
-            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
-
-            /// The name on the wire and in the database.
-            pub const fn as_str(self) -> &'static str {
-                match self {
-                    $($ty::$variant => $name),+
-                }
-            }
-        }
-
-        impl FromStr for $ty {
-            type Err = UnknownName;
-            fn from_str(s: &str) -> Result<Self, UnknownName> {
-                $ty::ALL
-                    .iter()
-                    .copied()
-                    .find(|v| v.as_str() == s)
-                    .ok_or_else(|| UnknownName {
-                        what: $what,
-                        name: crate::excerpt(s),
-                        expected: concat!($($name, ", "),+).trim_end_matches(", "),
-                    })
-            }
-        }
-
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
 }
 
 names!(Scope, "scope", Read => "read", Write => "write", Admin => "admin");

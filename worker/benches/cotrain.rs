@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use delta_client::jobs::TrainSpec;
+use delta_client::jobs::{Method, TrainSpec};
 use delta_worker::data::Encoded;
 use delta_worker::methods::Trainable;
 use delta_worker::run::LocalBase;
@@ -41,7 +41,7 @@ fn main() {
         let tokens = sets[0].iter().map(|e| e.ids.len()).sum::<usize>() / sets[0].len();
         let specs: Vec<TrainSpec> = (0..JOBS)
             .map(|j| {
-                let mut s = TrainSpec::new(&["lora"]);
+                let mut s = TrainSpec::new(&[Method::Lora]);
                 s.rank = 8;
                 s.batch_size = batch;
                 s.max_steps = Some(STEPS);
@@ -86,7 +86,7 @@ fn main() {
     let set = tok.encode_all(&ex, &labels).expect("encode");
     let mut rate = Vec::new();
     for batch in [16, 64] {
-        let mut s = TrainSpec::new(&["lora"]);
+        let mut s = TrainSpec::new(&[Method::Lora]);
         s.batch_size = batch;
         s.max_steps = Some(STEPS);
         let t = Trainable::new(&s, &base.weights, &labels).expect("trainable");

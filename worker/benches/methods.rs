@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::Device;
-use delta_client::jobs::TrainSpec;
+use delta_client::jobs::{Method, TrainSpec};
 use delta_worker::data::Example;
 use delta_worker::methods::Trainable;
 use delta_worker::mounts::Mounts;
@@ -42,7 +42,7 @@ fn texts(batch: usize, steps: usize) -> Vec<Example> {
 }
 
 /// One method in this process: prints a JSON line.
-fn one(method: &str, batch: usize, steps: usize) {
+fn one(method: Method, batch: usize, steps: usize) {
     delta_worker::alloc::tune_for_training();
     let base = LocalBase::open(&minilm(), &Device::Cpu).expect("MiniLM");
     let train = texts(batch, steps);
@@ -52,7 +52,7 @@ fn one(method: &str, batch: usize, steps: usize) {
     spec.eval_every = 1_000_000;
     spec.max_len = 64;
     spec.modules = vec!["intermediate.dense".into(), "output.dense".into()];
-    spec.targets = if method == "diff" {
+    spec.targets = if method == Method::Diff {
         vec!["query".into(), "value".into()]
     } else {
         spec.targets
@@ -130,7 +130,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--one") {
         let n = |k: usize| args[i + k].parse::<usize>().expect("number");
-        one(&args[i + 1], n(2), n(3));
+        one(args[i + 1].parse().expect("method"), n(2), n(3));
         return;
     }
     let threads = std::thread::available_parallelism()
@@ -159,8 +159,8 @@ fn main() {
     }
     let full = run("full", 16, 4);
     let full_ms = full["median_ms"].as_f64().unwrap_or(f64::NAN);
-    for m in delta_client::jobs::TRAIN_METHODS {
-        let r = if *m == "full" {
+    for m in Method::ALL.iter().map(|m| m.as_str()) {
+        let r = if m == "full" {
             full.clone()
         } else {
             run(m, 16, 4)

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use delta_client::jobs::{Example, TrainSpec};
+use delta_client::jobs::{Example, Method, TrainSpec};
 use delta_client::service::{Service, Target};
 use delta_proto::manifest::{BaseRef, Manifest, SCHEMA_VERSION};
 use delta_worker::data::sentiment;
@@ -29,7 +29,7 @@ const REQUESTS: usize = 768;
 
 /// Writes a native delta of `methods` on `base` with every value moved off its
 /// initialisation (as if trained), seeded.
-fn write_delta(base: &LocalBase, methods: &[&str], seed: u64, out: &Path) {
+fn write_delta(base: &LocalBase, methods: &[Method], seed: u64, out: &Path) {
     let mut spec = TrainSpec::new(methods);
     spec.rank = 8;
     spec.seed = seed;
@@ -261,18 +261,18 @@ async fn main() {
     let mut lora = Vec::new();
     for i in 0..256u64 {
         let dir = work.path().join(format!("lora-{i}"));
-        write_delta(&base, &["lora"], i, &dir);
+        write_delta(&base, &[Method::Lora], i, &dir);
         let target = format!("bench/lora-{i}:prod");
         push(dir, target.clone()).await;
         lora.push(target);
     }
-    let kinds: [&[&str]; 6] = [
-        &["lora"],
-        &["prompt"],
-        &["prefix"],
-        &["adapter"],
-        &["bitfit"],
-        &["lora", "prompt"],
+    let kinds: [&[Method]; 6] = [
+        &[Method::Lora],
+        &[Method::Prompt],
+        &[Method::Prefix],
+        &[Method::Adapter],
+        &[Method::Bitfit],
+        &[Method::Lora, Method::Prompt],
     ];
     let mut mixed = Vec::new();
     for i in 0..64u64 {

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
-use delta_client::jobs::TrainSpec;
+use delta_client::jobs::{Method, TrainSpec};
 use delta_proto::manifest::{LoraConfig, MethodConfig};
 use serde_json::json;
 
@@ -109,10 +109,10 @@ impl Trainable {
         // Methods that replace base tensors whole.
         let mut replaced: Vec<String> = Vec::new();
         let tensor_names: Vec<String> = cfg.tensor_shapes().into_iter().map(|(n, _)| n).collect();
-        if spec.has("full") {
+        if spec.has(Method::Full) {
             replaced.extend(tensor_names.iter().cloned());
         }
-        if spec.has("bitfit") {
+        if spec.has(Method::Bitfit) {
             replaced.extend(
                 tensor_names
                     .iter()
@@ -120,12 +120,12 @@ impl Trainable {
                     .cloned(),
             );
         }
-        if spec.has("last-layer") {
+        if spec.has(Method::LastLayer) {
             let p = format!("encoder.layer.{}.", layers - 1);
             replaced.extend(tensor_names.iter().filter(|n| n.starts_with(&p)).cloned());
             other.insert("last_layer".into(), json!({ "layer": layers - 1 }));
         }
-        if spec.has("selective") {
+        if spec.has(Method::Selective) {
             let all = modules(base);
             let mut chosen = if spec.modules.is_empty() {
                 Vec::new()
@@ -157,7 +157,7 @@ impl Trainable {
         for name in &replaced {
             vars.insert(format!("{name}.replace"), base_tensor(name)?.copy()?);
         }
-        if spec.has("lora") {
+        if spec.has(Method::Lora) {
             let targets = select(&cfg.linear_modules(), &spec.targets)?;
             for m in &targets {
                 let w = base_tensor(&format!("{m}.weight"))?;
@@ -167,7 +167,7 @@ impl Trainable {
                 vars.insert(format!("{m}.lora_B"), zeros(&[out, spec.rank])?);
             }
         }
-        let lora = spec.has("lora").then(|| LoraConfig {
+        let lora = spec.has(Method::Lora).then(|| LoraConfig {
             r: spec.rank as u64,
             lora_alpha: spec.lora_alpha(),
             use_rslora: spec.rslora,
@@ -179,7 +179,7 @@ impl Trainable {
             alpha_pattern: BTreeMap::new(),
             lora_bias: false,
         });
-        if spec.has("diff") {
+        if spec.has(Method::Diff) {
             let targets = select(&cfg.linear_modules(), &spec.targets)?;
             for m in &targets {
                 let name = format!("{m}.weight");
@@ -191,7 +191,7 @@ impl Trainable {
                 json!({ "targets": targets, "sparsity": spec.sparsity, "l1": spec.l1 }),
             );
         }
-        if spec.has("adapter") {
+        if spec.has(Method::Adapter) {
             let b = spec.bottleneck;
             for l in 0..layers {
                 let mut points = vec![format!("encoder.layer.{l}.output")];
@@ -214,7 +214,7 @@ impl Trainable {
                 json!({ "kind": spec.adapter_kind, "bottleneck": b, "activation": "relu" }),
             );
         }
-        if spec.has("prefix") {
+        if spec.has(Method::Prefix) {
             let n = spec.prefix_len;
             match spec.prefix_mlp {
                 None => {
@@ -247,7 +247,7 @@ impl Trainable {
                 json!({ "length": n, "reparameterization": spec.prefix_mlp.map(|m| json!({"mlp_hidden": m, "folded": true})) }),
             );
         }
-        if spec.has("prompt") {
+        if spec.has(Method::Prompt) {
             // Initialised from the embeddings of random vocabulary tokens (Lester et al.).
             let word = base_tensor("embeddings.word_embeddings.weight")?;
             let vocab = word.dim(0)?;
@@ -309,7 +309,7 @@ impl Trainable {
     /// The manifest's `method`: the one method, or `composite`.
     pub fn method(&self) -> String {
         match self.spec.methods.as_slice() {
-            [one] => one.clone(),
+            [one] => one.to_string(),
             _ => "composite".into(),
         }
     }

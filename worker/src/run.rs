@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
-use delta_client::jobs::{Progress, TrainSpec};
+use delta_client::jobs::{Method, Progress, TrainSpec};
 use delta_proto::digest::Digest;
 use delta_proto::manifest::{BaseRef, Manifest, Parent, SCHEMA_VERSION};
 use serde_json::json;
@@ -229,7 +229,13 @@ impl Prepared<'_> {
         Progress {
             message: Some(format!(
                 "training {} ({} trainable values) on {} examples",
-                self.t.spec.methods.join("+"),
+                self.t
+                    .spec
+                    .methods
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("+"),
                 self.t.parameters(),
                 self.train.len()
             )),
@@ -246,7 +252,7 @@ pub fn prepare<'b>(base: &'b LocalBase, req: &TrainRequest<'_>) -> Result<Prepar
         bail!("training example {} has no label", i + 1);
     }
     let labels = match labels_of(req.parents) {
-        Some(l) if spec.has("full") => l,
+        Some(l) if spec.has(Method::Full) => l,
         _ => label_set(req.train),
     };
     let tok = base.tokenizer(spec.max_len)?;

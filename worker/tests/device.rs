@@ -9,7 +9,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use delta_client::jobs::{TRAIN_METHODS, TrainSpec};
+use delta_client::jobs::{Method, TrainSpec};
 use delta_worker::bert::BaseWeights;
 use delta_worker::data::{Split, Tok, sentiment_split, sentiment_vocabulary};
 use delta_worker::methods::Trainable;
@@ -63,13 +63,13 @@ fn step(spec: &TrainSpec, device: &Device) -> Step {
     }
 }
 
-fn spec(method: &str) -> TrainSpec {
+fn spec(method: Method) -> TrainSpec {
     let mut s = TrainSpec::new(&[method]);
     s.rank = 4;
     s.bottleneck = 8;
     s.prefix_len = 4;
     s.prompt_len = 4;
-    if method == "selective" {
+    if method == Method::Selective {
         s.modules = vec!["intermediate.dense".into()];
     }
     s
@@ -82,7 +82,7 @@ fn every_method_steps_on_the_test_device_as_on_the_cpu() {
     // Relative to the largest gradient of each tensor: f32 kernels on a GPU sum in
     // another order than the CPU's.
     let tol = common::device_tolerance(0.0);
-    for method in TRAIN_METHODS {
+    for &method in Method::ALL {
         let s = spec(method);
         let cpu = step(&s, &Device::Cpu);
         let dev = step(&s, &device);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 use clap::Parser;
-use delta_client::jobs::TrainSpec;
+use delta_client::jobs::{Method, TrainSpec};
 use delta_proto::inference as pb;
 use delta_proto::inference::inference_client::InferenceClient;
 use delta_registry::auth::Scope;
@@ -75,7 +75,7 @@ impl Env {
 }
 
 /// Trains a small delta on the tiny base (a few real steps) into `out`.
-fn train(base: &LocalBase, out: &Path, methods: &[&str], seed: u64) -> Delta {
+fn train(base: &LocalBase, out: &Path, methods: &[Method], seed: u64) -> Delta {
     let mut spec = TrainSpec::new(methods);
     spec.epochs = 1;
     spec.seed = seed;
@@ -180,15 +180,20 @@ async fn one_service_runs_many_teams_deltas_in_mixed_batches() {
 
     // Deltas of every kind that mixes, one that does not (last layer), a spare nobody
     // asks for until the registry is down, and one for a base the service lacks.
-    let kinds: [(&str, &str, &[&str], u64); 8] = [
-        ("team-a", "lora", &["lora"], 1),
-        ("team-a", "prompt", &["prompt"], 2),
-        ("team-a", "prefix", &["prefix"], 3),
-        ("team-a", "adapter", &["adapter"], 4),
-        ("team-b", "bitfit", &["bitfit"], 5),
-        ("team-b", "mix", &["lora", "prompt", "bitfit"], 6),
-        ("team-b", "last", &["last-layer"], 7),
-        ("team-a", "spare", &["lora"], 8),
+    let kinds: [(&str, &str, &[Method], u64); 8] = [
+        ("team-a", "lora", &[Method::Lora], 1),
+        ("team-a", "prompt", &[Method::Prompt], 2),
+        ("team-a", "prefix", &[Method::Prefix], 3),
+        ("team-a", "adapter", &[Method::Adapter], 4),
+        ("team-b", "bitfit", &[Method::Bitfit], 5),
+        (
+            "team-b",
+            "mix",
+            &[Method::Lora, Method::Prompt, Method::Bitfit],
+            6,
+        ),
+        ("team-b", "last", &[Method::LastLayer], 7),
+        ("team-a", "spare", &[Method::Lora], 8),
     ];
     let mut local = std::collections::HashMap::new();
     for (ns, name, methods, seed) in kinds {
@@ -204,7 +209,7 @@ async fn one_service_runs_many_teams_deltas_in_mixed_batches() {
         local.insert(format!("{ns}/{name}:prod"), d);
     }
     let foreign = env.path("deltas/foreign");
-    train(&other, &foreign, &["lora"], 9);
+    train(&other, &foreign, &[Method::Lora], 9);
     env.cli(
         &a,
         &[
@@ -578,7 +583,7 @@ async fn one_service_runs_many_teams_deltas_in_mixed_batches() {
 
     // 5. A moved tag is seen within the resolution TTL.
     let v2 = env.path("deltas/lora-v2");
-    let newer = train(&base, &v2, &["lora"], 11);
+    let newer = train(&base, &v2, &[Method::Lora], 11);
     env.cli(
         &a,
         &[

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
-use delta_client::jobs::TrainSpec;
+use delta_client::jobs::{Method, TrainSpec};
 use delta_worker::bert::{BaseWeights, Batch};
 use delta_worker::data::{
     Example, Split, Tok, sentiment_simple as sentiment, sentiment_split, sentiment_vocabulary,
@@ -34,13 +34,16 @@ fn setup() -> Setup {
     }
 }
 
-fn spec(methods: &[&str]) -> TrainSpec {
+fn spec(methods: &[Method]) -> TrainSpec {
     let mut s = TrainSpec::new(methods);
     s.epochs = 4;
     s.eval_every = 10;
-    s.lr = if methods.contains(&"full") || methods.contains(&"diff") {
+    s.lr = if methods.contains(&Method::Full) || methods.contains(&Method::Diff) {
         Some(2e-3)
-    } else if methods.iter().all(|m| *m == "prompt" || *m == "prefix") {
+    } else if methods
+        .iter()
+        .all(|m| matches!(m, Method::Prompt | Method::Prefix))
+    {
         None
     } else {
         Some(1e-2)
@@ -90,7 +93,7 @@ fn train_and_check(s: &TrainSpec, parents: &[Delta]) -> (Delta, BTreeMap<String,
 
 #[test]
 fn lora_trains_and_round_trips() {
-    let (d, _) = train_and_check(&spec(&["lora"]), &[]);
+    let (d, _) = train_and_check(&spec(&[Method::Lora]), &[]);
     assert_eq!(d.manifest.method, "lora");
     assert!(
         d.tensors
@@ -105,12 +108,12 @@ fn lora_trains_and_round_trips() {
 
 #[test]
 fn houlsby_and_pfeiffer_adapters_train() {
-    let (d, _) = train_and_check(&spec(&["adapter"]), &[]);
+    let (d, _) = train_and_check(&spec(&[Method::Adapter]), &[]);
     assert!(
         d.tensors
             .contains_key("adapter.encoder.layer.1.attention.output.up.weight")
     );
-    let mut s = spec(&["adapter"]);
+    let mut s = spec(&[Method::Adapter]);
     s.adapter_kind = "pfeiffer".into();
     let (d, _) = train_and_check(&s, &[]);
     assert!(
@@ -125,7 +128,7 @@ fn houlsby_and_pfeiffer_adapters_train() {
 
 #[test]
 fn bitfit_trains_only_biases() {
-    let (d, _) = train_and_check(&spec(&["bitfit"]), &[]);
+    let (d, _) = train_and_check(&spec(&[Method::Bitfit]), &[]);
     for name in d.tensors.keys() {
         assert!(
             name.ends_with(".bias.replace") || name.starts_with("classifier."),
@@ -136,9 +139,9 @@ fn bitfit_trains_only_biases() {
 
 #[test]
 fn prefix_tuning_trains_with_and_without_reparameterisation() {
-    let (d, _) = train_and_check(&spec(&["prefix"]), &[]);
+    let (d, _) = train_and_check(&spec(&[Method::Prefix]), &[]);
     assert_eq!(d.tensors["prefix.layer.1.key"].dims(), &[4, 64]);
-    let mut s = spec(&["prefix"]);
+    let mut s = spec(&[Method::Prefix]);
     s.prefix_mlp = Some(16);
     let (d, _) = train_and_check(&s, &[]);
     // The MLP is folded away: only plain prefixes are saved.
@@ -148,19 +151,19 @@ fn prefix_tuning_trains_with_and_without_reparameterisation() {
 
 #[test]
 fn prompt_tuning_trains() {
-    let (d, _) = train_and_check(&spec(&["prompt"]), &[]);
+    let (d, _) = train_and_check(&spec(&[Method::Prompt]), &[]);
     assert_eq!(d.tensors["prompt.embeddings"].dims(), &[4, 64]);
 }
 
 #[test]
 fn last_layer_and_selective_modules_train() {
-    let (d, _) = train_and_check(&spec(&["last-layer"]), &[]);
+    let (d, _) = train_and_check(&spec(&[Method::LastLayer]), &[]);
     assert!(
         d.tensors
             .keys()
             .all(|k| k.starts_with("encoder.layer.1.") || k.starts_with("classifier."))
     );
-    let mut s = spec(&["selective"]);
+    let mut s = spec(&[Method::Selective]);
     s.modules = vec!["intermediate.dense".into()];
     s.random_modules = Some(2);
     let (d, _) = train_and_check(&s, &[]);
@@ -179,7 +182,7 @@ fn last_layer_and_selective_modules_train() {
 
 #[test]
 fn diff_pruning_reports_its_sparsity() {
-    let mut s = spec(&["diff"]);
+    let mut s = spec(&[Method::Diff]);
     s.sparsity = 0.9;
     s.l1 = 1e-5;
     s.targets = vec!["dense".into()];
@@ -196,30 +199,33 @@ fn diff_pruning_reports_its_sparsity() {
 
 #[test]
 fn full_fine_tuning_is_the_baseline() {
-    let (d, m) = train_and_check(&spec(&["full"]), &[]);
+    let (d, m) = train_and_check(&spec(&[Method::Full]), &[]);
     assert!(
         d.tensors
             .contains_key("embeddings.word_embeddings.weight.replace")
     );
-    let lora = train_and_check(&spec(&["lora"]), &[]).1;
+    let lora = train_and_check(&spec(&[Method::Lora]), &[]).1;
     assert!(m["trainable_parameters"] > 20.0 * lora["trainable_parameters"]);
 }
 
 #[test]
 fn several_methods_at_once_and_sequential_stages() {
-    let (d, _) = train_and_check(&spec(&["prompt", "bitfit", "adapter"]), &[]);
+    let (d, _) = train_and_check(
+        &spec(&[Method::Prompt, Method::Bitfit, Method::Adapter]),
+        &[],
+    );
     assert_eq!(d.manifest.method, "composite");
     assert!(d.tensors.contains_key("prompt.embeddings"));
     assert!(d.tensors.keys().any(|k| k.starts_with("adapter.")));
     // A second stage trains LoRA on top of the frozen first delta and names it as parent.
-    let (d2, _) = train_and_check(&spec(&["lora"]), std::slice::from_ref(&d));
+    let (d2, _) = train_and_check(&spec(&[Method::Lora]), std::slice::from_ref(&d));
     assert_eq!(d2.manifest.parents.len(), 1);
     assert_eq!(d2.manifest.parents[0].digest, d.manifest.digest());
 }
 
 #[test]
 fn the_same_seed_gives_identical_deltas() {
-    let s = spec(&["lora"]);
+    let s = spec(&[Method::Lora]);
     let (a, _) = train_and_check(&s, &[]);
     let (b, _) = train_and_check(&s, &[]);
     assert_eq!(a.manifest.files[0].digest, b.manifest.files[0].digest);
@@ -234,7 +240,7 @@ fn gradient_accumulation_matches_a_bigger_batch() {
     // Two micro-batches of 8 and one batch of 16 see the same examples; with no dropout
     // the steps agree to rounding.
     let st = setup();
-    let mut a = spec(&["lora"]);
+    let mut a = spec(&[Method::Lora]);
     a.max_steps = Some(3);
     a.eval_every = 1000;
     let mut b = a.clone();
@@ -280,7 +286,13 @@ fn gradients_match_finite_differences() {
     let batch: Batch = delta_worker::data::batch(&refs, &Device::Cpu).unwrap();
     let gold: Vec<u32> = data.iter().map(|e| e.label.unwrap() as u32).collect();
     let gold = Tensor::new(gold.as_slice(), &Device::Cpu).unwrap();
-    let mut s = TrainSpec::new(&["lora", "adapter", "prefix", "prompt", "bitfit"]);
+    let mut s = TrainSpec::new(&[
+        Method::Lora,
+        Method::Adapter,
+        Method::Prefix,
+        Method::Prompt,
+        Method::Bitfit,
+    ]);
     s.rank = 2;
     s.bottleneck = 2;
     s.prefix_len = 2;
@@ -344,7 +356,7 @@ fn gradients_match_finite_differences() {
 fn dropout_is_seeded_and_takes_effect() {
     let st = setup();
     let run = |dropout: Option<f64>| {
-        let mut s = TrainSpec::new(&["lora"]);
+        let mut s = TrainSpec::new(&[Method::Lora]);
         s.max_steps = Some(6);
         s.rank = 4;
         s.dropout = dropout;

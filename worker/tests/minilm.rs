@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use candle_core::Device;
-use delta_client::jobs::TrainSpec;
+use delta_client::jobs::{Method, TrainSpec};
 use delta_worker::bert::{encode, mean_pool};
 use delta_worker::data::{Example, Split, sentiment_split};
 use delta_worker::mounts::Mounts;
@@ -78,7 +78,7 @@ fn lora_on_minilm_reaches_90_percent() {
     let base = LocalBase::open(&minilm(), &Device::Cpu).unwrap();
     let train = sentiment_split(960, 1, true, Split::Train);
     let eval = sentiment_split(320, 2, true, Split::Eval);
-    let mut spec = TrainSpec::new(&["lora"]);
+    let mut spec = TrainSpec::new(&[Method::Lora]);
     spec.epochs = 1;
     spec.lr = Some(2e-3);
     spec.eval_every = 20;

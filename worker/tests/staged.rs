@@ -7,11 +7,11 @@ mod common;
 use std::collections::BTreeMap;
 
 use delta_client::apply::{ApplyOptions, LoadedDelta, apply};
-use delta_client::jobs::TrainSpec;
+use delta_client::jobs::{Method, TrainSpec};
 use delta_worker::data::{Example, Split, sentiment_split};
 use delta_worker::run::{Delta, LocalBase, TrainRequest, predict, train_to_dir};
 
-fn train(base: &LocalBase, methods: &[&str], parents: &[Delta], out: &std::path::Path) -> Delta {
+fn train(base: &LocalBase, methods: &[Method], parents: &[Delta], out: &std::path::Path) -> Delta {
     let train = sentiment_split(64, 1, true, Split::Train);
     let mut spec = TrainSpec::new(methods);
     spec.max_steps = Some(4);
@@ -41,10 +41,10 @@ fn an_applied_staged_delta_predicts_what_the_mounted_stages_predict() {
     let device = common::test_device();
     let base = LocalBase::open(&dir, &device).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let parent = train(&base, &["lora"], &[], &work.path().join("parent"));
+    let parent = train(&base, &[Method::Lora], &[], &work.path().join("parent"));
     let child = train(
         &base,
-        &["bitfit"],
+        &[Method::Bitfit],
         std::slice::from_ref(&parent),
         &work.path().join("child"),
     );
