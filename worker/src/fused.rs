@@ -168,16 +168,8 @@ impl CustomOp2 for BatchedMatmul {
         }
         let items: usize = ad[..r - 2].iter().product();
         // (row stride, column stride) of each side's matrix as used.
-        let (a_rs, a_cs) = if self.ta {
-            (1, m as isize)
-        } else {
-            (k as isize, 1)
-        };
-        let (b_rs, b_cs) = if self.tb {
-            (1, k as isize)
-        } else {
-            (n as isize, 1)
-        };
+        let (a_rs, a_cs) = if self.ta { (1, m) } else { (k, 1) };
+        let (b_rs, b_cs) = if self.tb { (1, k) } else { (n, 1) };
         let mut c = vec![0f32; items * m * n];
         let threads = candle_core::utils::get_num_threads().max(1);
         par_blocks(&mut c, m * n, items.div_ceil(threads), |block, out| {
@@ -186,31 +178,9 @@ impl CustomOp2 for BatchedMatmul {
                     &a[i * m * k..(i + 1) * m * k],
                     &b[i * k * n..(i + 1) * k * n],
                 );
-                // SAFETY: `dst` is `m × n` row-major; `lhs` and `rhs` hold one item's
-                // `m × k` and `k × n` values, read with the strides of their layout.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        dst.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        lhs.as_ptr(),
-                        a_cs,
-                        a_rs,
-                        rhs.as_ptr(),
-                        b_cs,
-                        b_rs,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                let lhs = View::new(lhs, m, k, a_rs, a_cs);
+                let rhs = View::new(rhs, k, n, b_rs, b_cs);
+                gemm_into(dst, lhs, rhs, false);
             }
         });
         let mut shape = ad[..r - 2].to_vec();
@@ -344,33 +314,9 @@ impl CustomOp2 for LinearWeightGrad {
         let mut dw = vec![0f32; n_out * n_in];
         let threads = candle_core::utils::get_num_threads().max(1);
         par_blocks(&mut dw, n_in, n_out.div_ceil(threads), |block, out| {
-            // SAFETY: `out` is rows `block` of the `n_out × n_in` row-major result; the
-            // left side is `gᵀ` from column `block.start` of `g` (`rows × n_out`, read
-            // with row stride 1 and column stride `n_out`, `block.len()` rows of it), the
-            // right side `x` (`rows × n_in`, row-major).
-            unsafe {
-                gemm::gemm(
-                    block.len(),
-                    n_in,
-                    rows,
-                    out.as_mut_ptr(),
-                    1,
-                    n_in as isize,
-                    false,
-                    g.as_ptr().add(block.start),
-                    n_out as isize,
-                    1,
-                    x.as_ptr(),
-                    1,
-                    n_in as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            // `gᵀ` from column `block.start` of `g`: `block.len()` rows of `rows` values.
+            let gt = View::new(&g[block.start..], block.len(), rows, 1, n_out);
+            gemm_into(out, gt, View::new(x, rows, n_in, n_in, 1), false);
         });
         Ok((CpuStorage::F32(dw), Shape::from((n_out, n_in))))
     }
@@ -718,40 +664,89 @@ fn gemm_rows(y: &mut [f32], x: &[f32], w: &[f32], k: usize, layout: Weight, accu
     if rows == 0 || n == 0 || k == 0 || x.len() != rows * k || w.len() != n * k {
         return;
     }
-    let (rhs_rs, rhs_cs) = match layout {
-        Weight::OutByIn => (1, k as isize),
-        Weight::InByOut => (n as isize, 1),
+    let (w_rs, w_cs) = match layout {
+        Weight::OutByIn => (1, k),
+        Weight::InByOut => (n, 1),
     };
     let threads = candle_core::utils::get_num_threads().max(1);
     par_blocks(y, n, rows.div_ceil(threads), |block, out| {
-        let lhs = &x[block.start * k..block.end * k];
-        // SAFETY: `out` holds `block.len() × n` values and `lhs` `block.len() × k`, both
-        // row-major; `w` holds `n × k` values read with strides that stay inside it (the
-        // lengths were checked above).
-        unsafe {
-            gemm::gemm(
-                block.len(),
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                accumulate,
-                lhs.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                rhs_cs,
-                rhs_rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        let lhs = View::new(&x[block.start * k..block.end * k], block.len(), k, k, 1);
+        gemm_into(out, lhs, View::new(w, k, n, w_rs, w_cs), accumulate);
     });
+}
+
+/// A matrix read from a slice: `rows × cols` values, element `(i, j)` at
+/// `data[i·rs + j·cs]` (a transposed matrix is the same slice with the strides swapped).
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst = a·b`, or `dst += a·b` with `accumulate`, `dst` row-major `a.rows × b.cols`, on
+/// this thread (the callers split the work over candle's pool). The one call into gemm's
+/// unsafe interface: the shapes and bounds it relies on are checked here (a mismatch is
+/// a bug in this module, not bad input: the ops check their inputs' shapes first).
+fn gemm_into(dst: &mut [f32], a: View<'_>, b: View<'_>, accumulate: bool) {
+    assert!(
+        a.cols == b.rows && dst.len() == a.rows * b.cols && a.in_bounds() && b.in_bounds(),
+        "gemm of {}×{} by {}×{} into {} values",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols,
+        dst.len()
+    );
+    if dst.is_empty() {
+        return;
+    }
+    // SAFETY: `dst` holds `a.rows × b.cols` values written row-major, and every element
+    // of `a` and `b` read through their strides lies inside their slices (checked above).
+    unsafe {
+        gemm::gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            dst.as_mut_ptr(),
+            1,
+            b.cols as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// Runs `f` over blocks of whole rows of `out` (rows of `width` values) on candle's CPU
