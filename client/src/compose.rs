@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use delta_proto::manifest::{
-    BaseRef, LoraConfig, Manifest, MethodConfig, Role, SCHEMA_VERSION, classify,
+    BaseRef, Ia3Config, LoraConfig, Manifest, MethodConfig, Role, SCHEMA_VERSION, classify,
 };
 use serde_json::json;
 
@@ -317,6 +317,115 @@ fn target_seed(seed: u64, name: &str) -> u64 {
 
 /// Composes `deltas` into a new native delta folder at `out`.
 pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Result<ComposeReport> {
+    let (first, weights, fan_in_fan_out) = check_inputs(deltas, opts)?;
+    let t = collect(deltas, opts.mode == Mode::Sequential)?;
+    let merge = effective_merge(deltas.len(), opts, &t)?;
+    let mut c = Composer {
+        deltas,
+        weights: &weights,
+        opts,
+        merge,
+        tensors: Vec::new(),
+        truncation_error: BTreeMap::new(),
+        ranks: BTreeMap::new(),
+    };
+    c.lora(&t.lora)?;
+    c.vectors(&t)?;
+    c.sparse(&t.sparse)?;
+    let ia3 = c.ia3(&t.ia3)?;
+    c.carried(&t.carried)?;
+    c.runtime(&t.runtime)?;
+    let Composer {
+        tensors,
+        truncation_error,
+        ranks,
+        ..
+    } = c;
+    if tensors.is_empty() {
+        return Err(Error::Invalid(
+            "the inputs have no tensors to compose".into(),
+        ));
+    }
+
+    std::fs::create_dir_all(out).at(out)?;
+    let path = out.join(NATIVE_TENSORS);
+    write_tensors(
+        &path,
+        tensors
+            .iter()
+            .map(|(n, s, b, dt)| (n.clone(), (*dt).to_owned(), s.clone(), b.as_slice())),
+        None,
+    )?;
+
+    let members: Vec<serde_json::Value> = deltas
+        .iter()
+        .zip(&weights)
+        .map(|(d, w)| json!({"digest": d.digest.to_string(), "label": d.label, "weight": w, "method": d.manifest.method}))
+        .collect();
+    let mut config = MethodConfig {
+        ia3,
+        lora: lora_config(&ranks, fan_in_fan_out, !t.lora_bias.is_empty()),
+        ..MethodConfig::default()
+    };
+    if !t.runtime.is_empty() {
+        let layout = if opts.mode == Mode::Parallel {
+            "parallel"
+        } else {
+            "stack"
+        };
+        config.other.insert(
+            "composition".into(),
+            json!({"layout": layout, "members": members}),
+        );
+    }
+    let method = composed_method(deltas, &ranks, &t);
+    let mut provenance = BTreeMap::new();
+    provenance.insert(
+        "composed_from".into(),
+        json!({
+            "mode": if opts.mode == Mode::Parallel { "parallel" } else { "sequential" },
+            "merge": merge.name(),
+            "inputs": members,
+            "density": opts.density,
+            "rank": opts.rank,
+            "seed": opts.seed,
+            "tool": format!("delta {}", env!("CARGO_PKG_VERSION")),
+        }),
+    );
+    let file = crate::delta::file_entry(&path)?;
+    let manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        method,
+        config,
+        base: BaseRef {
+            fingerprint: first.manifest.base.fingerprint,
+            name: first.manifest.base.name.clone(),
+        },
+        files: vec![file],
+        parents: Vec::new(),
+        provenance,
+        annotations: BTreeMap::new(),
+    };
+    manifest.check_shape()?;
+    let pretty = serde_json::to_vec_pretty(
+        &serde_json::from_slice::<serde_json::Value>(&manifest.canonical_json())
+            .unwrap_or_default(),
+    )
+    .unwrap_or_default();
+    write_atomic(&out.join(NATIVE_MANIFEST), &pretty)?;
+    Ok(ComposeReport {
+        manifest,
+        truncation_error,
+    })
+}
+
+/// Refuses inputs that cannot be composed (none, other bases, mixed LoRA layouts, a
+/// delta before its parents, a density out of range); returns the first input, each
+/// input's weight and the LoRA layout (`fan_in_fan_out`).
+fn check_inputs<'a>(
+    deltas: &'a [LoadedDelta],
+    opts: &ComposeOptions,
+) -> Result<(&'a LoadedDelta, Vec<f32>, bool)> {
     let first = deltas
         .first()
         .ok_or_else(|| Error::Invalid("nothing to compose: name at least one delta".into()))?;
@@ -359,14 +468,19 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
             }
         }
     }
-    let t = collect(deltas, opts.mode == Mode::Sequential)?;
-    let merge = if opts.mode == Mode::Sequential {
+    Ok((first, weights, fan_in_fan_out))
+}
+
+/// The merge that runs: a sequential chain folds additive steps exactly (`cat` for
+/// `linear` and `cat`), and refuses what cannot be folded without the base.
+fn effective_merge(inputs: usize, opts: &ComposeOptions, t: &Targets) -> Result<Merge> {
+    Ok(if opts.mode == Mode::Sequential {
         if let Some(m) = t.ia3.keys().next() {
             return Err(Error::Invalid(format!(
                 "a sequential chain with IA3 scaling ({m}) cannot be folded into one delta without the base; apply it with `delta apply --sequential`"
             )));
         }
-        if t.carried.keys().any(|n| n.ends_with(".replace")) && deltas.len() > 1 {
+        if t.carried.keys().any(|n| n.ends_with(".replace")) && inputs > 1 {
             return Err(Error::Invalid(
                 "a sequential chain with replaced tensors cannot be folded into one delta without the base; apply it with `delta apply --sequential`".into(),
             ));
@@ -379,255 +493,244 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
         }
     } else {
         opts.merge
-    };
+    })
+}
 
-    let mut tensors: Vec<OutTensor> = Vec::new();
-    let mut truncation_error = BTreeMap::new();
-    let mut ranks: BTreeMap<String, u64> = BTreeMap::new();
-    let mut ia3_cfg = None;
+/// The output tensors of a composition, built kind by kind.
+struct Composer<'a> {
+    deltas: &'a [LoadedDelta],
+    weights: &'a [f32],
+    opts: &'a ComposeOptions,
+    merge: Merge,
+    tensors: Vec<OutTensor>,
+    /// Per LoRA module, the relative error of truncating a dense merge to its rank.
+    truncation_error: BTreeMap<String, f64>,
+    /// Per LoRA module, the rank written.
+    ranks: BTreeMap<String, u64>,
+}
 
-    // LoRA.
-    for (m, parts) in &t.lora {
-        let mut shapes = Vec::new();
-        for (di, a, _, _) in parts {
-            shapes.push(deltas[*di].shape(a)?);
-        }
-        let inp = shapes[0][1] as usize;
-        let out_dim = deltas[parts[0].0].shape(&parts[0].2)?[0] as usize;
-        if merge == Merge::Cat {
-            let r_total: usize = shapes.iter().map(|s| s[0] as usize).sum();
-            let mut a_cat = Vec::with_capacity(r_total * inp);
-            let mut b_cat = vec![0f32; out_dim * r_total];
-            let mut col = 0;
+impl Composer<'_> {
+    /// LoRA modules: concatenated (`cat`, exact) or merged dense and truncated back to a
+    /// rank by SVD.
+    fn lora(&mut self, lora: &BTreeMap<String, Vec<(usize, String, String, f32)>>) -> Result<()> {
+        for (m, parts) in lora {
+            let mut shapes = Vec::new();
+            for (di, a, _, _) in parts {
+                shapes.push(self.deltas[*di].shape(a)?);
+            }
+            let inp = shapes[0][1] as usize;
+            let out_dim = self.deltas[parts[0].0].shape(&parts[0].2)?[0] as usize;
+            if self.merge == Merge::Cat {
+                let r_total: usize = shapes.iter().map(|s| s[0] as usize).sum();
+                let mut a_cat = Vec::with_capacity(r_total * inp);
+                let mut b_cat = vec![0f32; out_dim * r_total];
+                let mut col = 0;
+                for ((di, a, b, s), shape) in parts.iter().zip(&shapes) {
+                    let r = shape[0] as usize;
+                    let scale = self.weights[*di] * s;
+                    a_cat.extend(self.deltas[*di].f32(a)?.iter().map(|x| x * scale));
+                    let bv = self.deltas[*di].f32(b)?;
+                    for row in 0..out_dim {
+                        b_cat[row * r_total + col..row * r_total + col + r]
+                            .copy_from_slice(&bv[row * r..(row + 1) * r]);
+                    }
+                    col += r;
+                }
+                push_lora(&mut self.tensors, m, &a_cat, &b_cat, out_dim, inp, r_total);
+                self.ranks.insert(m.clone(), r_total as u64);
+                continue;
+            }
+            let mut dense_parts = Vec::new();
             for ((di, a, b, s), shape) in parts.iter().zip(&shapes) {
                 let r = shape[0] as usize;
-                let scale = weights[*di] * s;
-                a_cat.extend(deltas[*di].f32(a)?.iter().map(|x| x * scale));
-                let bv = deltas[*di].f32(b)?;
-                for row in 0..out_dim {
-                    b_cat[row * r_total + col..row * r_total + col + r]
-                        .copy_from_slice(&bv[row * r..(row + 1) * r]);
-                }
-                col += r;
+                dense_parts.push((
+                    self.weights[*di],
+                    lora_dense(
+                        &self.deltas[*di].f32(b)?,
+                        &self.deltas[*di].f32(a)?,
+                        out_dim,
+                        inp,
+                        r,
+                        *s,
+                    )?,
+                ));
             }
-            push_lora(&mut tensors, m, &a_cat, &b_cat, out_dim, inp, r_total);
-            ranks.insert(m.clone(), r_total as u64);
-            continue;
+            let merged = merge_dense(
+                dense_parts,
+                self.merge,
+                self.opts.density,
+                target_seed(self.opts.seed, m),
+            );
+            let default_rank: usize = shapes.iter().map(|s| s[0] as usize).sum();
+            let k = self
+                .opts
+                .rank
+                .unwrap_or(default_rank)
+                .min(out_dim)
+                .min(inp)
+                .max(1);
+            let (b, a, err) =
+                truncated_svd(&merged, out_dim, inp, k, target_seed(self.opts.seed, m));
+            self.truncation_error.insert(m.clone(), err);
+            push_lora(&mut self.tensors, m, &a, &b, out_dim, inp, k);
+            self.ranks.insert(m.clone(), k as u64);
         }
-        let mut dense_parts = Vec::new();
-        for ((di, a, b, s), shape) in parts.iter().zip(&shapes) {
-            let r = shape[0] as usize;
-            dense_parts.push((
-                weights[*di],
-                lora_dense(
-                    &deltas[*di].f32(b)?,
-                    &deltas[*di].f32(a)?,
-                    out_dim,
-                    inp,
-                    r,
-                    *s,
-                )?,
-            ));
-        }
-        let merged = merge_dense(dense_parts, merge, opts.density, target_seed(opts.seed, m));
-        let default_rank: usize = shapes.iter().map(|s| s[0] as usize).sum();
-        let k = opts
-            .rank
-            .unwrap_or(default_rank)
-            .min(out_dim)
-            .min(inp)
-            .max(1);
-        let (b, a, err) = truncated_svd(&merged, out_dim, inp, k, target_seed(opts.seed, m));
-        truncation_error.insert(m.clone(), err);
-        push_lora(&mut tensors, m, &a, &b, out_dim, inp, k);
-        ranks.insert(m.clone(), k as u64);
+
+        Ok(())
     }
 
-    // LoRA biases (their scaled weighted sum, at scale 1) and dense diffs.
-    let dense_merge = if merge == Merge::Cat {
-        Merge::Linear
-    } else {
-        merge
-    };
-    let mut merge_vectors =
-        |target: &str, suffix: &str, parts: Vec<(usize, &str, f32)>| -> Result<()> {
-            let mut dense = Vec::new();
-            for (di, name, scale) in &parts {
-                dense.push((weights[*di] * scale, deltas[*di].f32(name)?));
+    /// LoRA biases (their scaled weighted sum, at scale 1) and dense diffs.
+    fn vectors(&mut self, t: &Targets) -> Result<()> {
+        let dense_merge = if self.merge == Merge::Cat {
+            Merge::Linear
+        } else {
+            self.merge
+        };
+        let mut merge_vectors =
+            |target: &str, suffix: &str, parts: Vec<(usize, &str, f32)>| -> Result<()> {
+                let mut dense = Vec::new();
+                for (di, name, scale) in &parts {
+                    dense.push((self.weights[*di] * scale, self.deltas[*di].f32(name)?));
+                }
+                let shape = self.deltas[parts[0].0].shape(parts[0].1)?;
+                let merged = merge_dense(
+                    dense,
+                    dense_merge,
+                    self.opts.density,
+                    target_seed(self.opts.seed, target),
+                );
+                self.tensors.push((
+                    format!("{target}.{suffix}"),
+                    shape,
+                    f32_bytes(&merged),
+                    "F32",
+                ));
+                Ok(())
+            };
+        for (m, parts) in &t.lora_bias {
+            merge_vectors(
+                m,
+                "lora_bias",
+                parts
+                    .iter()
+                    .map(|(di, n, s)| (*di, n.as_str(), *s))
+                    .collect(),
+            )?;
+        }
+        for (x, parts) in &t.diff {
+            merge_vectors(
+                x,
+                "diff",
+                parts.iter().map(|(di, n)| (*di, n.as_str(), 1.0)).collect(),
+            )?;
+        }
+
+        Ok(())
+    }
+
+    /// Sparse diffs: exact sums by concatenation (linear and cat only).
+    fn sparse(&mut self, sparse: &BTreeMap<String, Vec<(usize, String, String)>>) -> Result<()> {
+        for (x, parts) in sparse {
+            if !matches!(self.merge, Merge::Cat | Merge::Linear) {
+                return Err(Error::Invalid(format!(
+                    "sparse diff on {x}: only cat and linear merges keep sparse diffs exact"
+                )));
             }
-            let shape = deltas[parts[0].0].shape(parts[0].1)?;
-            let merged = merge_dense(
-                dense,
-                dense_merge,
-                opts.density,
-                target_seed(opts.seed, target),
-            );
-            tensors.push((
-                format!("{target}.{suffix}"),
-                shape,
-                f32_bytes(&merged),
+            let (mut idx, mut vals) = (Vec::new(), Vec::new());
+            for (di, i, v) in parts {
+                idx.extend(to_i64(self.deltas[*di].raw(i)?));
+                vals.extend(
+                    self.deltas[*di]
+                        .f32(v)?
+                        .iter()
+                        .map(|x| x * self.weights[*di]),
+                );
+            }
+            let idx_bytes: Vec<u8> = idx.iter().flat_map(|i| i.to_le_bytes()).collect();
+            self.tensors.push((
+                format!("{x}.diff_indices"),
+                vec![idx.len() as u64],
+                idx_bytes,
+                "I64",
+            ));
+            self.tensors.push((
+                format!("{x}.diff_values"),
+                vec![vals.len() as u64],
+                f32_bytes(&vals),
                 "F32",
             ));
-            Ok(())
-        };
-    for (m, parts) in &t.lora_bias {
-        merge_vectors(
-            m,
-            "lora_bias",
-            parts
-                .iter()
-                .map(|(di, n, s)| (*di, n.as_str(), *s))
-                .collect(),
-        )?;
-    }
-    for (x, parts) in &t.diff {
-        merge_vectors(
-            x,
-            "diff",
-            parts.iter().map(|(di, n)| (*di, n.as_str(), 1.0)).collect(),
-        )?;
-    }
-
-    // Sparse diffs: exact sums by concatenation (linear and cat only).
-    for (x, parts) in &t.sparse {
-        if !matches!(merge, Merge::Cat | Merge::Linear) {
-            return Err(Error::Invalid(format!(
-                "sparse diff on {x}: only cat and linear merges keep sparse diffs exact"
-            )));
         }
-        let (mut idx, mut vals) = (Vec::new(), Vec::new());
-        for (di, i, v) in parts {
-            idx.extend(to_i64(deltas[*di].raw(i)?));
-            vals.extend(deltas[*di].f32(v)?.iter().map(|x| x * weights[*di]));
-        }
-        let idx_bytes: Vec<u8> = idx.iter().flat_map(|i| i.to_le_bytes()).collect();
-        tensors.push((
-            format!("{x}.diff_indices"),
-            vec![idx.len() as u64],
-            idx_bytes,
-            "I64",
-        ));
-        tensors.push((
-            format!("{x}.diff_values"),
-            vec![vals.len() as u64],
-            f32_bytes(&vals),
-            "F32",
-        ));
+
+        Ok(())
     }
 
-    // IA3: weighted sum of the vectors (PEFT's add_weighted_adapter).
-    for (m, parts) in &t.ia3 {
-        if !matches!(merge, Merge::Cat | Merge::Linear) {
-            return Err(Error::Invalid(format!(
-                "IA3 vector {m}: only cat and linear merges are defined for IA3"
-            )));
-        }
-        let mut dense = Vec::new();
-        for (di, name) in parts {
-            dense.push((weights[*di], deltas[*di].f32(name)?));
-        }
-        let shape = deltas[parts[0].0].shape(&parts[0].1)?;
-        tensors.push((
-            format!("{m}.ia3_l"),
-            shape,
-            f32_bytes(&merge_dense(dense, Merge::Linear, 1.0, 0)),
-            "F32",
-        ));
-        ia3_cfg = deltas[parts[0].0].manifest.config.ia3.clone();
-    }
-
-    // Carried tensors: replacements and new tensors from exactly one input.
-    for (name, (di, input)) in &t.carried {
-        let d = &deltas[*di];
-        let w = weights[*di];
-        if (w - 1.0).abs() > f32::EPSILON {
-            return Err(Error::Invalid(format!(
-                "{}: {name} is a whole tensor; it cannot be weighted by {w} without the base",
-                d.label
-            )));
-        }
-        tensors.push((
-            name.clone(),
-            d.shape(input)?,
-            f32_bytes(&d.f32(input)?),
-            "F32",
-        ));
-    }
-
-    // Run-time modules, namespaced by input position.
-    let mut members = Vec::new();
-    for (i, d) in deltas.iter().enumerate() {
-        members.push(json!({"digest": d.digest.to_string(), "label": d.label, "weight": weights[i], "method": d.manifest.method}));
-    }
-    for (di, name) in &t.runtime {
-        let (kind, rest) = name.split_once('.').unwrap_or((name.as_str(), ""));
-        tensors.push((
-            format!("{kind}.{di}.{rest}"),
-            deltas[*di].shape(name)?,
-            f32_bytes(&deltas[*di].f32(name)?),
-            "F32",
-        ));
-    }
-    if tensors.is_empty() {
-        return Err(Error::Invalid(
-            "the inputs have no tensors to compose".into(),
-        ));
-    }
-
-    std::fs::create_dir_all(out).at(out)?;
-    let path = out.join(NATIVE_TENSORS);
-    write_tensors(
-        &path,
-        tensors
-            .iter()
-            .map(|(n, s, b, dt)| (n.clone(), (*dt).to_owned(), s.clone(), b.as_slice())),
-        None,
-    )?;
-
-    let mut config = MethodConfig {
-        ia3: ia3_cfg,
-        ..MethodConfig::default()
-    };
-    if !ranks.is_empty() {
-        let r = ranks.values().copied().max().unwrap_or(1);
-        let mut cfg = LoraConfig {
-            r,
-            lora_alpha: r as f64,
-            use_rslora: false,
-            fan_in_fan_out,
-            target_modules: ranks
-                .keys()
-                .filter_map(|m| m.rsplit('.').next())
-                .map(str::to_owned)
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-            bias: "none".into(),
-            modules_to_save: Vec::new(),
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
-            lora_bias: !t.lora_bias.is_empty(),
-        };
-        // Every module's scale is 1: alpha equals its rank.
-        for (m, rank) in &ranks {
-            if *rank != r {
-                cfg.rank_pattern.insert(m.clone(), *rank);
-                cfg.alpha_pattern.insert(m.clone(), *rank as f64);
+    /// IA3: weighted sum of the vectors (PEFT's add_weighted_adapter). Returns the IA3
+    /// config to record.
+    fn ia3(&mut self, ia3: &BTreeMap<String, Vec<(usize, String)>>) -> Result<Option<Ia3Config>> {
+        let mut config = None;
+        for (m, parts) in ia3 {
+            if !matches!(self.merge, Merge::Cat | Merge::Linear) {
+                return Err(Error::Invalid(format!(
+                    "IA3 vector {m}: only cat and linear merges are defined for IA3"
+                )));
             }
+            let mut dense = Vec::new();
+            for (di, name) in parts {
+                dense.push((self.weights[*di], self.deltas[*di].f32(name)?));
+            }
+            let shape = self.deltas[parts[0].0].shape(&parts[0].1)?;
+            self.tensors.push((
+                format!("{m}.ia3_l"),
+                shape,
+                f32_bytes(&merge_dense(dense, Merge::Linear, 1.0, 0)),
+                "F32",
+            ));
+            config = self.deltas[parts[0].0].manifest.config.ia3.clone();
         }
-        config.lora = Some(cfg);
+
+        Ok(config)
     }
-    if !t.runtime.is_empty() {
-        let layout = if opts.mode == Mode::Parallel {
-            "parallel"
-        } else {
-            "stack"
-        };
-        config.other.insert(
-            "composition".into(),
-            json!({"layout": layout, "members": members}),
-        );
+
+    /// Carried tensors: replacements and new tensors from exactly one input.
+    fn carried(&mut self, carried: &BTreeMap<String, (usize, String)>) -> Result<()> {
+        for (name, (di, input)) in carried {
+            let d = &self.deltas[*di];
+            let w = self.weights[*di];
+            if (w - 1.0).abs() > f32::EPSILON {
+                return Err(Error::Invalid(format!(
+                    "{}: {name} is a whole tensor; it cannot be weighted by {w} without the base",
+                    d.label
+                )));
+            }
+            self.tensors.push((
+                name.clone(),
+                d.shape(input)?,
+                f32_bytes(&d.f32(input)?),
+                "F32",
+            ));
+        }
+
+        Ok(())
     }
+
+    /// Run-time modules, namespaced by input position.
+    fn runtime(&mut self, runtime: &[(usize, String)]) -> Result<()> {
+        for (di, name) in runtime {
+            let (kind, rest) = name.split_once('.').unwrap_or((name.as_str(), ""));
+            self.tensors.push((
+                format!("{kind}.{di}.{rest}"),
+                self.deltas[*di].shape(name)?,
+                f32_bytes(&self.deltas[*di].f32(name)?),
+                "F32",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The composed delta's `method`: `lora` when only LoRA came out, the inputs' one method
+/// when they share it and nothing runs at run time, else `composite`.
+fn composed_method(deltas: &[LoadedDelta], ranks: &BTreeMap<String, u64>, t: &Targets) -> String {
     let methods: std::collections::BTreeSet<&str> =
         deltas.iter().map(|d| d.manifest.method.as_str()).collect();
     let only_lora = !ranks.is_empty()
@@ -635,49 +738,51 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
         && t.sparse.is_empty()
         && t.ia3.is_empty()
         && t.runtime.is_empty();
-    let method = match methods.iter().next() {
+    match methods.iter().next() {
         _ if only_lora => "lora".to_owned(),
         Some(m) if methods.len() == 1 && t.runtime.is_empty() => (*m).to_owned(),
         _ => "composite".to_owned(),
+    }
+}
+
+/// The LoRA config of the composed delta: every module's scale is 1 (alpha equals its
+/// rank), the largest rank as `r` and the others in `rank_pattern`. `None` when no
+/// LoRA was composed.
+fn lora_config(
+    ranks: &BTreeMap<String, u64>,
+    fan_in_fan_out: bool,
+    lora_bias: bool,
+) -> Option<LoraConfig> {
+    if ranks.is_empty() {
+        return None;
+    }
+    let r = ranks.values().copied().max().unwrap_or(1);
+    let mut cfg = LoraConfig {
+        r,
+        lora_alpha: r as f64,
+        use_rslora: false,
+        fan_in_fan_out,
+        target_modules: ranks
+            .keys()
+            .filter_map(|m| m.rsplit('.').next())
+            .map(str::to_owned)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        bias: "none".into(),
+        modules_to_save: Vec::new(),
+        rank_pattern: BTreeMap::new(),
+        alpha_pattern: BTreeMap::new(),
+        lora_bias,
     };
-    let mut provenance = BTreeMap::new();
-    provenance.insert(
-        "composed_from".into(),
-        json!({
-            "mode": if opts.mode == Mode::Parallel { "parallel" } else { "sequential" },
-            "merge": merge.name(),
-            "inputs": members,
-            "density": opts.density,
-            "rank": opts.rank,
-            "seed": opts.seed,
-            "tool": format!("delta {}", env!("CARGO_PKG_VERSION")),
-        }),
-    );
-    let file = crate::delta::file_entry(&path)?;
-    let manifest = Manifest {
-        schema_version: SCHEMA_VERSION,
-        method,
-        config,
-        base: BaseRef {
-            fingerprint: first.manifest.base.fingerprint,
-            name: first.manifest.base.name.clone(),
-        },
-        files: vec![file],
-        parents: Vec::new(),
-        provenance,
-        annotations: BTreeMap::new(),
-    };
-    manifest.check_shape()?;
-    let pretty = serde_json::to_vec_pretty(
-        &serde_json::from_slice::<serde_json::Value>(&manifest.canonical_json())
-            .unwrap_or_default(),
-    )
-    .unwrap_or_default();
-    write_atomic(&out.join(NATIVE_MANIFEST), &pretty)?;
-    Ok(ComposeReport {
-        manifest,
-        truncation_error,
-    })
+    // Every module's scale is 1: alpha equals its rank.
+    for (m, rank) in ranks {
+        if *rank != r {
+            cfg.rank_pattern.insert(m.clone(), *rank);
+            cfg.alpha_pattern.insert(m.clone(), *rank as f64);
+        }
+    }
+    Some(cfg)
 }
 
 #[cfg(test)]
