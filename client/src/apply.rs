@@ -495,7 +495,9 @@ fn run_plan(
     Ok(())
 }
 
-/// Merges `deltas` into `base` and writes `out`.
+/// Merges `deltas` into `base` and writes `out`: the merged safetensors file is laid out
+/// first (header and tensor offsets), then every tensor is written into a memory-mapped
+/// temp file in parallel, fsync'd and renamed over `out`.
 pub fn apply(
     base: &Model,
     base_fingerprint: Digest,
@@ -515,6 +517,73 @@ pub fn apply(
             out.display()
         )));
     }
+    let forced = check_deltas(base, base_fingerprint, deltas, opts)?;
+    let sequential = opts.sequential || deltas.iter().any(|d| !d.manifest.parents.is_empty());
+    let (plans, added) = plan(base, deltas, &weights, sequential)?;
+    let layout = layout(base, deltas, &added)?;
+    let (header_bytes, sizes, data_len) = header(base, deltas, &layout);
+    let total = 8 + header_bytes.len() as u64 + data_len;
+
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+    tmp.as_file().set_len(total).at(out)?;
+    // SAFETY: the temp file was just created by us, is not shared, and is not resized
+    // while the map lives.
+    let mut map = unsafe { MmapMut::map_mut(tmp.as_file()) }.at(out)?;
+    map[..8].copy_from_slice(&(header_bytes.len() as u64).to_le_bytes());
+    map[8..8 + header_bytes.len()].copy_from_slice(&header_bytes);
+    let mut rest = &mut map[8 + header_bytes.len()..];
+    let mut slots = Vec::with_capacity(layout.len());
+    for n in &sizes {
+        let (head, tail) = rest.split_at_mut(*n);
+        slots.push(head);
+        rest = tail;
+    }
+    let fill = Fill {
+        base,
+        deltas,
+        plans: &plans,
+        sequential,
+    };
+    let changed = layout
+        .par_iter()
+        .zip(slots.into_par_iter())
+        .map(|(entry, slot)| fill.tensor(entry, slot))
+        .collect::<Result<Vec<usize>>>()?
+        .into_iter()
+        .sum();
+    map.flush().at(out)?;
+    drop(map);
+    tmp.as_file().sync_all().at(out)?;
+    if out.exists() && !opts.overwrite {
+        return Err(Error::Invalid(format!(
+            "{} appeared while applying; pass --overwrite to replace it",
+            out.display()
+        )));
+    }
+    tmp.persist(out).map_err(|e| Error::Io {
+        path: out.to_owned(),
+        source: e.error,
+    })?;
+    Ok(ApplyReport {
+        changed,
+        added: added.len(),
+        bytes: total,
+        forced,
+    })
+}
+
+/// Checks every delta against the base (its fingerprint, unless `--force`; its tensors'
+/// names and shapes; finite values, unless allowed). Returns the labels applied by force.
+fn check_deltas(
+    base: &Model,
+    base_fingerprint: Digest,
+    deltas: &[LoadedDelta],
+    opts: &ApplyOptions,
+) -> Result<Vec<String>> {
     let mut forced = Vec::new();
     let table: BTreeMap<String, TensorInfo> = base
         .table()
@@ -539,16 +608,24 @@ pub fn apply(
             d.check_finite()?;
         }
     }
-    let sequential = opts.sequential || deltas.iter().any(|d| !d.manifest.parents.is_empty());
-    let (plans, added) = plan(base, deltas, &weights, sequential)?;
+    Ok(forced)
+}
 
-    // Layout: base tensors and added ones, by dtype size (largest first) then name, so
-    // every tensor is aligned to its element size.
-    enum Source<'a> {
-        Base(&'a str),
-        Added(usize, f32, &'a str),
-    }
-    let mut layout: Vec<(String, String, Vec<u64>, Source<'_>)> = Vec::new();
+/// Where an output tensor's values come from.
+enum Source<'a> {
+    /// The base tensor of this name, merged with its plan if it has one.
+    Base(&'a str),
+    /// A tensor a delta adds (`NAME.new` of delta `.0`, scaled by `.1`).
+    Added(usize, f32, &'a str),
+}
+
+/// One output tensor: name, dtype, shape and source.
+type Entry<'a> = (String, String, Vec<u64>, Source<'a>);
+
+/// The output's tensors: the base's and the added ones, by dtype size (largest first)
+/// then name, so every tensor is aligned to its element size.
+fn layout<'a>(base: &'a Model, deltas: &[LoadedDelta], added: &'a Added) -> Result<Vec<Entry<'a>>> {
+    let mut layout: Vec<Entry<'a>> = Vec::new();
     for name in base.names() {
         let (t, _) = base
             .get(name)
@@ -560,7 +637,7 @@ pub fn apply(
             Source::Base(name),
         ));
     }
-    for (name, (di, w)) in &added {
+    for (name, (di, w)) in added {
         let t = &deltas[*di].entry(&format!("{name}.new"))?.0;
         layout.push((
             name.clone(),
@@ -573,6 +650,16 @@ pub fn apply(
         let (sa, sb) = (dtype_size(&a.1).unwrap_or(1), dtype_size(&b.1).unwrap_or(1));
         sb.cmp(&sa).then_with(|| a.0.cmp(&b.0))
     });
+    Ok(layout)
+}
+
+/// The output's safetensors header (padded to 8 bytes; the base's metadata, plus the
+/// head's pooling), each tensor's size in bytes and the size of the data after it.
+fn header(
+    base: &Model,
+    deltas: &[LoadedDelta],
+    layout: &[Entry<'_>],
+) -> (Vec<u8>, Vec<usize>, u64) {
     let mut header = serde_json::Map::new();
     let metadata: serde_json::Map<String, serde_json::Value> = base
         .files()
@@ -602,7 +689,7 @@ pub fn apply(
     }
     let mut offset = 0u64;
     let mut sizes = Vec::with_capacity(layout.len());
-    for (name, dtype, shape, _) in &layout {
+    for (name, dtype, shape, _) in layout {
         let n = shape.iter().product::<u64>() * dtype_size(dtype).unwrap_or(1);
         header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}));
         sizes.push(n as usize);
@@ -613,88 +700,59 @@ pub fn apply(
     while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
-    let total = 8 + header_bytes.len() as u64 + offset;
 
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
-    tmp.as_file().set_len(total).at(out)?;
-    // SAFETY: the temp file was just created by us, is not shared, and is not resized
-    // while the map lives.
-    let mut map = unsafe { MmapMut::map_mut(tmp.as_file()) }.at(out)?;
-    map[..8].copy_from_slice(&(header_bytes.len() as u64).to_le_bytes());
-    map[8..8 + header_bytes.len()].copy_from_slice(&header_bytes);
-    let mut rest = &mut map[8 + header_bytes.len()..];
-    let mut slots = Vec::with_capacity(layout.len());
-    for n in &sizes {
-        let (head, tail) = rest.split_at_mut(*n);
-        slots.push(head);
-        rest = tail;
-    }
-    let changed = layout
-        .par_iter()
-        .zip(slots.into_par_iter())
-        .map(|((name, dtype, shape, source), slot)| -> Result<usize> {
-            match source {
-                Source::Added(di, w, t) => {
-                    let v: Vec<f32> = deltas[*di]
-                        .f32(&format!("{t}.new"))?
-                        .iter()
-                        .map(|x| x * w)
-                        .collect();
-                    from_f32(dtype, &v, slot)?;
-                    Ok(0)
-                }
-                Source::Base(b) => {
-                    let (_, data) = base
-                        .get(b)
-                        .ok_or_else(|| Error::Invalid(format!("base tensor {b} vanished")))?;
-                    match plans.get(*b) {
-                        None => {
+    (header_bytes, sizes, offset)
+}
+
+/// What filling one output tensor reads.
+struct Fill<'a> {
+    base: &'a Model,
+    deltas: &'a [LoadedDelta],
+    plans: &'a Plans,
+    sequential: bool,
+}
+
+impl Fill<'_> {
+    /// Writes one output tensor into its slot; returns 1 if a delta changed it.
+    fn tensor(&self, (name, dtype, shape, source): &Entry<'_>, slot: &mut [u8]) -> Result<usize> {
+        let (base, deltas, plans, sequential) =
+            (self.base, self.deltas, self.plans, self.sequential);
+        match source {
+            Source::Added(di, w, t) => {
+                let v: Vec<f32> = deltas[*di]
+                    .f32(&format!("{t}.new"))?
+                    .iter()
+                    .map(|x| x * w)
+                    .collect();
+                from_f32(dtype, &v, slot)?;
+                Ok(0)
+            }
+            Source::Base(b) => {
+                let (_, data) = base
+                    .get(b)
+                    .ok_or_else(|| Error::Invalid(format!("base tensor {b} vanished")))?;
+                match plans.get(*b) {
+                    None => {
+                        slot.copy_from_slice(data);
+                        Ok(0)
+                    }
+                    Some(plan) => {
+                        // f32: merge in place in the output (one pass over the bytes).
+                        if dtype == "F32" {
                             slot.copy_from_slice(data);
-                            Ok(0)
-                        }
-                        Some(plan) => {
-                            // f32: merge in place in the output (one pass over the bytes).
-                            if dtype == "F32" {
-                                slot.copy_from_slice(data);
-                                if let Some(w) = as_f32_mut(slot) {
-                                    run_plan(w, shape, plan, deltas, sequential)?;
-                                    return Ok(1);
-                                }
+                            if let Some(w) = as_f32_mut(slot) {
+                                run_plan(w, shape, plan, deltas, sequential)?;
+                                return Ok(1);
                             }
-                            let mut w = to_f32(dtype, data)
-                                .map_err(|e| Error::Invalid(format!("base tensor {name}: {e}")))?;
-                            run_plan(&mut w, shape, plan, deltas, sequential)?;
-                            from_f32(dtype, &w, slot)?;
-                            Ok(1)
                         }
+                        let mut w = to_f32(dtype, data)
+                            .map_err(|e| Error::Invalid(format!("base tensor {name}: {e}")))?;
+                        run_plan(&mut w, shape, plan, deltas, sequential)?;
+                        from_f32(dtype, &w, slot)?;
+                        Ok(1)
                     }
                 }
             }
-        })
-        .collect::<Result<Vec<usize>>>()?
-        .into_iter()
-        .sum();
-    map.flush().at(out)?;
-    drop(map);
-    tmp.as_file().sync_all().at(out)?;
-    if out.exists() && !opts.overwrite {
-        return Err(Error::Invalid(format!(
-            "{} appeared while applying; pass --overwrite to replace it",
-            out.display()
-        )));
+        }
     }
-    tmp.persist(out).map_err(|e| Error::Io {
-        path: out.to_owned(),
-        source: e.error,
-    })?;
-    Ok(ApplyReport {
-        changed,
-        added: added.len(),
-        bytes: total,
-        forced,
-    })
 }
