@@ -76,37 +76,56 @@ pub struct Trainable {
     hidden: usize,
 }
 
-const PREFIX_MLP: &str = "prefix_mlp.";
+/// The initial values of a [`Trainable`], method by method (see [`Trainable::new`]).
+struct Init<'a> {
+    spec: &'a TrainSpec,
+    base: &'a BaseWeights,
+    rng: Rng,
+    /// Trainable tensors by native name.
+    vars: BTreeMap<String, Tensor>,
+    /// Method settings for the manifest's config.
+    other: BTreeMap<String, serde_json::Value>,
+}
 
-impl Trainable {
-    /// Builds the trainable tensors (seeded), with a fresh head over `labels`.
-    pub fn new(spec: &TrainSpec, base: &BaseWeights, labels: &[String]) -> Result<Self> {
-        spec.check().map_err(anyhow::Error::msg)?;
-        if labels.len() < 2 {
-            bail!(
-                "training data has {} label(s); at least 2 are needed",
-                labels.len()
-            );
-        }
+impl Init<'_> {
+    fn normal(&mut self, shape: &[usize], std: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.rng.normal() * std).collect();
+        Ok(Tensor::from_vec(v, shape, &self.base.device)?)
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::zeros(shape, DType::F32, &self.base.device)?)
+    }
+
+    /// Adds a trainable tensor of normal values (drawn now, in call order).
+    fn add_normal(&mut self, name: String, shape: &[usize], std: f32) -> Result<()> {
+        let t = self.normal(shape, std)?;
+        self.vars.insert(name, t);
+        Ok(())
+    }
+
+    /// Adds a trainable tensor of zeros.
+    fn add_zeros(&mut self, name: String, shape: &[usize]) -> Result<()> {
+        let t = self.zeros(shape)?;
+        self.vars.insert(name, t);
+        Ok(())
+    }
+
+    fn base_tensor(&self, name: &str) -> Result<Tensor> {
+        self.base
+            .tensors
+            .get(name)
+            .cloned()
+            .with_context(|| format!("the base has no tensor {name}"))
+    }
+
+    /// Methods that train base tensors whole (full, BitFit, last layer, selective): a
+    /// `.replace` copy of each.
+    fn replaced(&mut self) -> Result<()> {
+        let (spec, base) = (self.spec, self.base);
         let cfg = &base.config;
-        let (h, layers) = (cfg.hidden_size, cfg.num_hidden_layers);
-        let device = base.device.clone();
-        let mut rng = Rng::new(spec.seed);
-        let mut vars: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut other: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-        let normal = |rng: &mut Rng, shape: &[usize], std: f32| -> Result<Tensor> {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| rng.normal() * std).collect();
-            Ok(Tensor::from_vec(v, shape, &device)?)
-        };
-        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &device);
-        let base_tensor = |name: &str| -> Result<Tensor> {
-            base.tensors
-                .get(name)
-                .cloned()
-                .with_context(|| format!("the base has no tensor {name}"))
-        };
-        // Methods that replace base tensors whole.
+        let layers = cfg.num_hidden_layers;
         let mut replaced: Vec<String> = Vec::new();
         let tensor_names: Vec<String> = cfg.tensor_shapes().into_iter().map(|(n, _)| n).collect();
         if spec.has(Method::Full) {
@@ -123,7 +142,8 @@ impl Trainable {
         if spec.has(Method::LastLayer) {
             let p = format!("encoder.layer.{}.", layers - 1);
             replaced.extend(tensor_names.iter().filter(|n| n.starts_with(&p)).cloned());
-            other.insert("last_layer".into(), json!({ "layer": layers - 1 }));
+            self.other
+                .insert("last_layer".into(), json!({ "layer": layers - 1 }));
         }
         if spec.has(Method::Selective) {
             let all = modules(base);
@@ -138,7 +158,7 @@ impl Trainable {
                     .filter(|m| !chosen.contains(m))
                     .cloned()
                     .collect();
-                rng.shuffle(&mut pool);
+                self.rng.shuffle(&mut pool);
                 chosen.extend(pool.into_iter().take(k));
                 chosen.sort();
             }
@@ -150,123 +170,133 @@ impl Trainable {
                         .cloned(),
                 );
             }
-            other.insert("selective".into(), json!({ "modules": chosen }));
+            self.other
+                .insert("selective".into(), json!({ "modules": chosen }));
         }
         replaced.sort();
         replaced.dedup();
         for name in &replaced {
-            vars.insert(format!("{name}.replace"), base_tensor(name)?.copy()?);
+            self.vars
+                .insert(format!("{name}.replace"), self.base_tensor(name)?.copy()?);
         }
-        if spec.has(Method::Lora) {
-            let targets = select(&cfg.linear_modules(), &spec.targets)?;
-            for m in &targets {
-                let w = base_tensor(&format!("{m}.weight"))?;
-                let (out, inp) = w.dims2()?;
-                let a = normal(&mut rng, &[spec.rank, inp], 1.0 / (inp as f32).sqrt())?;
-                vars.insert(format!("{m}.lora_A"), a);
-                vars.insert(format!("{m}.lora_B"), zeros(&[out, spec.rank])?);
-            }
+        Ok(())
+    }
+
+    /// LoRA: `A` Kaiming-like, `B` zero, on every target module.
+    fn lora(&mut self) -> Result<()> {
+        let (spec, cfg) = (self.spec, &self.base.config);
+        let targets = select(&cfg.linear_modules(), &spec.targets)?;
+        for m in &targets {
+            let w = self.base_tensor(&format!("{m}.weight"))?;
+            let (out, inp) = w.dims2()?;
+            let a = self.normal(&[spec.rank, inp], 1.0 / (inp as f32).sqrt())?;
+            self.vars.insert(format!("{m}.lora_A"), a);
+            self.add_zeros(format!("{m}.lora_B"), &[out, spec.rank])?;
         }
-        let lora = spec.has(Method::Lora).then(|| LoraConfig {
-            r: spec.rank as u64,
-            lora_alpha: spec.lora_alpha(),
-            use_rslora: spec.rslora,
-            fan_in_fan_out: false,
-            target_modules: spec.targets.clone(),
-            bias: "none".into(),
-            modules_to_save: vec!["classifier".into()],
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
-            lora_bias: false,
-        });
-        if spec.has(Method::Diff) {
-            let targets = select(&cfg.linear_modules(), &spec.targets)?;
-            for m in &targets {
-                let name = format!("{m}.weight");
-                let shape = base_tensor(&name)?.dims().to_vec();
-                vars.insert(format!("{name}.diff"), zeros(&shape)?);
-            }
-            other.insert(
-                "diff".into(),
-                json!({ "targets": targets, "sparsity": spec.sparsity, "l1": spec.l1 }),
-            );
+        Ok(())
+    }
+
+    /// Diff pruning: a zero difference on every target module's weight.
+    fn diff(&mut self) -> Result<()> {
+        let (spec, cfg) = (self.spec, &self.base.config);
+        let targets = select(&cfg.linear_modules(), &spec.targets)?;
+        for m in &targets {
+            let name = format!("{m}.weight");
+            let shape = self.base_tensor(&name)?.dims().to_vec();
+            self.add_zeros(format!("{name}.diff"), &shape)?;
         }
-        if spec.has(Method::Adapter) {
-            let b = spec.bottleneck;
-            for l in 0..layers {
-                let mut points = vec![format!("encoder.layer.{l}.output")];
-                if spec.adapter_kind == "houlsby" {
-                    points.push(format!("encoder.layer.{l}.attention.output"));
-                }
-                for p in points {
-                    vars.insert(
-                        format!("adapter.{p}.down.weight"),
-                        normal(&mut rng, &[b, h], 0.02)?,
-                    );
-                    vars.insert(format!("adapter.{p}.down.bias"), zeros(&[b])?);
-                    // Zero up-projection: the adapter starts as the identity.
-                    vars.insert(format!("adapter.{p}.up.weight"), zeros(&[h, b])?);
-                    vars.insert(format!("adapter.{p}.up.bias"), zeros(&[h])?);
-                }
-            }
-            other.insert(
-                "adapter".into(),
-                json!({ "kind": spec.adapter_kind, "bottleneck": b, "activation": "relu" }),
-            );
-        }
-        if spec.has(Method::Prefix) {
-            let n = spec.prefix_len;
-            match spec.prefix_mlp {
-                None => {
-                    for l in 0..layers {
-                        vars.insert(
-                            format!("prefix.layer.{l}.key"),
-                            normal(&mut rng, &[n, h], 0.02)?,
-                        );
-                        vars.insert(
-                            format!("prefix.layer.{l}.value"),
-                            normal(&mut rng, &[n, h], 0.02)?,
-                        );
-                    }
-                }
-                Some(mid) => {
-                    let p = PREFIX_MLP;
-                    vars.insert(format!("{p}embedding"), normal(&mut rng, &[n, h], 0.02)?);
-                    let s0 = 1.0 / (h as f32).sqrt();
-                    vars.insert(format!("{p}0.weight"), normal(&mut rng, &[mid, h], s0)?);
-                    vars.insert(format!("{p}0.bias"), zeros(&[mid])?);
-                    vars.insert(
-                        format!("{p}2.weight"),
-                        normal(&mut rng, &[2 * layers * h, mid], 0.02)?,
-                    );
-                    vars.insert(format!("{p}2.bias"), zeros(&[2 * layers * h])?);
-                }
-            }
-            other.insert(
-                "prefix".into(),
-                json!({ "length": n, "reparameterization": spec.prefix_mlp.map(|m| json!({"mlp_hidden": m, "folded": true})) }),
-            );
-        }
-        if spec.has(Method::Prompt) {
-            // Initialised from the embeddings of random vocabulary tokens (Lester et al.).
-            let word = base_tensor("embeddings.word_embeddings.weight")?;
-            let vocab = word.dim(0)?;
-            let ids: Vec<u32> = (0..spec.prompt_len)
-                .map(|_| rng.below(vocab) as u32)
-                .collect();
-            let ids = Tensor::new(ids.as_slice(), &device)?;
-            vars.insert(
-                "prompt.embeddings".into(),
-                word.index_select(&ids, 0)?.copy()?,
-            );
-            other.insert("prompt".into(), json!({ "length": spec.prompt_len }));
-        }
-        // The classification head is part of every delta.
-        vars.insert(
-            format!("{HEAD_WEIGHT}.new"),
-            normal(&mut rng, &[labels.len(), h], 0.02)?,
+        self.other.insert(
+            "diff".into(),
+            json!({ "targets": targets, "sparsity": spec.sparsity, "l1": spec.l1 }),
         );
-        vars.insert(format!("{HEAD_BIAS}.new"), zeros(&[labels.len()])?);
+        Ok(())
+    }
+
+    /// Adapters after each layer's feed-forward (and attention, Houlsby) output.
+    fn adapters(&mut self) -> Result<()> {
+        let spec = self.spec;
+        let (h, layers) = (
+            self.base.config.hidden_size,
+            self.base.config.num_hidden_layers,
+        );
+        let b = spec.bottleneck;
+        for l in 0..layers {
+            let mut points = vec![format!("encoder.layer.{l}.output")];
+            if spec.adapter_kind == "houlsby" {
+                points.push(format!("encoder.layer.{l}.attention.output"));
+            }
+            for p in points {
+                self.add_normal(format!("adapter.{p}.down.weight"), &[b, h], 0.02)?;
+                self.add_zeros(format!("adapter.{p}.down.bias"), &[b])?;
+                // Zero up-projection: the adapter starts as the identity.
+                self.add_zeros(format!("adapter.{p}.up.weight"), &[h, b])?;
+                self.add_zeros(format!("adapter.{p}.up.bias"), &[h])?;
+            }
+        }
+        self.other.insert(
+            "adapter".into(),
+            json!({ "kind": spec.adapter_kind, "bottleneck": b, "activation": "relu" }),
+        );
+        Ok(())
+    }
+
+    /// Prefixes: per-layer keys and values, or the MLP that makes them.
+    fn prefix(&mut self) -> Result<()> {
+        let spec = self.spec;
+        let (h, layers) = (
+            self.base.config.hidden_size,
+            self.base.config.num_hidden_layers,
+        );
+        let n = spec.prefix_len;
+        match spec.prefix_mlp {
+            None => {
+                for l in 0..layers {
+                    self.add_normal(format!("prefix.layer.{l}.key"), &[n, h], 0.02)?;
+                    self.add_normal(format!("prefix.layer.{l}.value"), &[n, h], 0.02)?;
+                }
+            }
+            Some(mid) => {
+                let p = PREFIX_MLP;
+                self.add_normal(format!("{p}embedding"), &[n, h], 0.02)?;
+                let s0 = 1.0 / (h as f32).sqrt();
+                self.add_normal(format!("{p}0.weight"), &[mid, h], s0)?;
+                self.add_zeros(format!("{p}0.bias"), &[mid])?;
+                self.add_normal(format!("{p}2.weight"), &[2 * layers * h, mid], 0.02)?;
+                self.add_zeros(format!("{p}2.bias"), &[2 * layers * h])?;
+            }
+        }
+        self.other.insert(
+            "prefix".into(),
+            json!({ "length": n, "reparameterization": spec.prefix_mlp.map(|m| json!({"mlp_hidden": m, "folded": true})) }),
+        );
+        Ok(())
+    }
+
+    /// A soft prompt.
+    fn prompt(&mut self) -> Result<()> {
+        let spec = self.spec;
+        // Initialised from the embeddings of random vocabulary tokens (Lester et al.).
+        let word = self.base_tensor("embeddings.word_embeddings.weight")?;
+        let vocab = word.dim(0)?;
+        let ids: Vec<u32> = (0..spec.prompt_len)
+            .map(|_| self.rng.below(vocab) as u32)
+            .collect();
+        let ids = Tensor::new(ids.as_slice(), &self.base.device)?;
+        self.vars.insert(
+            "prompt.embeddings".into(),
+            word.index_select(&ids, 0)?.copy()?,
+        );
+        self.other
+            .insert("prompt".into(), json!({ "length": spec.prompt_len }));
+        Ok(())
+    }
+
+    /// The classification head, part of every delta, and what it reads.
+    fn head(&mut self, labels: &[String]) -> Result<()> {
+        let (spec, base) = (self.spec, self.base);
+        let h = base.config.hidden_size;
+        self.add_normal(format!("{HEAD_WEIGHT}.new"), &[labels.len(), h], 0.02)?;
+        self.add_zeros(format!("{HEAD_BIAS}.new"), &[labels.len()])?;
         // The head reads what Hugging Face's classifier reads when the base has a pooler,
         // unless the spec says otherwise.
         let pooling = match spec.pooling.as_deref() {
@@ -284,10 +314,70 @@ impl Trainable {
                 crate::bert::POOLER_WEIGHT
             );
         }
-        other.insert(
-            "head".into(),
-            json!({ "task": "sequence-classification", "labels": labels, "pooling": pooling.as_str() }),
-        );
+        let head = json!({
+            "task": "sequence-classification",
+            "labels": labels,
+            "pooling": pooling.as_str(),
+        });
+        self.other.insert("head".into(), head);
+        Ok(())
+    }
+}
+
+const PREFIX_MLP: &str = "prefix_mlp.";
+
+impl Trainable {
+    /// Builds the trainable tensors (seeded), with a fresh head over `labels`. Each
+    /// method's tensors come from its own step of [`Init`], in a fixed order: the seeded
+    /// generator is drawn in that order, so a spec and a seed give the same values.
+    pub fn new(spec: &TrainSpec, base: &BaseWeights, labels: &[String]) -> Result<Self> {
+        spec.check().map_err(anyhow::Error::msg)?;
+        if labels.len() < 2 {
+            bail!(
+                "training data has {} label(s); at least 2 are needed",
+                labels.len()
+            );
+        }
+        let (h, layers) = (base.config.hidden_size, base.config.num_hidden_layers);
+        let mut init = Init {
+            spec,
+            base,
+            rng: Rng::new(spec.seed),
+            vars: BTreeMap::new(),
+            other: BTreeMap::new(),
+        };
+        init.replaced()?;
+        if spec.has(Method::Lora) {
+            init.lora()?;
+        }
+        if spec.has(Method::Diff) {
+            init.diff()?;
+        }
+        if spec.has(Method::Adapter) {
+            init.adapters()?;
+        }
+        if spec.has(Method::Prefix) {
+            init.prefix()?;
+        }
+        if spec.has(Method::Prompt) {
+            init.prompt()?;
+        }
+        init.head(labels)?;
+        let Init {
+            vars, mut other, ..
+        } = init;
+        let lora = spec.has(Method::Lora).then(|| LoraConfig {
+            r: spec.rank as u64,
+            lora_alpha: spec.lora_alpha(),
+            use_rslora: spec.rslora,
+            fan_in_fan_out: false,
+            target_modules: spec.targets.clone(),
+            bias: "none".into(),
+            modules_to_save: vec!["classifier".into()],
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            lora_bias: false,
+        });
         other.insert("methods".into(), json!(spec.methods));
         let vars = vars
             .into_iter()
