@@ -491,6 +491,76 @@ pub async fn load_delta(
     crate::apply::LoadedDelta::open(&label, report.manifest, &report.blobs)
 }
 
+/// The most deltas a parent chain may hold (a longer one is refused as cyclic or absurd).
+pub const MAX_CHAIN: usize = 64;
+
+/// Pulls a parent its child recorded, pinned by the digest the child names
+/// (`repository@digest`, the repository taken from the parent's reference): never by a
+/// tag, which may have moved since the child was trained.
+pub async fn fetch_parent(
+    remote: &Remote,
+    cache: &Cache,
+    child: &str,
+    parent: &delta_proto::manifest::Parent,
+    progress: &ProgressBar,
+) -> Result<PullReport> {
+    let repo = parent
+        .reference
+        .as_deref()
+        .and_then(|r| r.parse::<Reference>().ok())
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{child}: parent {} has no reference to pull it from",
+                parent.digest
+            ))
+        })?
+        .repository;
+    fetch(
+        remote,
+        cache,
+        &format!("{repo}@{}", parent.digest),
+        progress,
+    )
+    .await
+}
+
+/// Pulls `reference` and, before it, every parent it needs (each pinned by digest, see
+/// [`fetch_parent`]): the chain in application order, each delta once, parents first,
+/// whether manifests list their whole chain or only their direct parents.
+pub async fn fetch_chain(
+    remote: &Remote,
+    cache: &Cache,
+    reference: &str,
+    progress: &ProgressBar,
+) -> Result<Vec<PullReport>> {
+    let mut out: Vec<PullReport> = Vec::new();
+    let mut pending = vec![fetch(remote, cache, reference, progress).await?];
+    let mut fetched = 0;
+    while let Some(d) = pending.pop() {
+        let missing = d
+            .manifest
+            .parents
+            .iter()
+            .find(|p| !out.iter().any(|o| o.digest == p.digest))
+            .cloned();
+        let Some(parent) = missing else {
+            out.push(d);
+            continue;
+        };
+        fetched += 1;
+        if fetched > MAX_CHAIN {
+            return Err(Error::Invalid(format!(
+                "{reference}: parent chain longer than {MAX_CHAIN} or cyclic"
+            )));
+        }
+        let label = format!("{}@{}", d.repository, d.digest);
+        let report = fetch_parent(remote, cache, &label, &parent, progress).await?;
+        pending.push(d);
+        pending.push(report);
+    }
+    Ok(out)
+}
+
 /// Puts every delta's parents before it, pulling missing ones from the registry (or
 /// refusing, with `no_deps`). A parent is matched by manifest digest.
 pub async fn with_parents(
@@ -526,31 +596,20 @@ pub async fn with_parents(
             )));
         }
         fetched += 1;
-        if fetched > 64 {
+        if fetched > MAX_CHAIN {
             return Err(Error::Invalid(format!(
-                "{}: parent chain longer than 64 or cyclic",
+                "{}: parent chain longer than {MAX_CHAIN} or cyclic",
                 d.label
             )));
         }
-        let repo = parent
-            .reference
-            .as_deref()
-            .and_then(|r| r.parse::<Reference>().ok())
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{}: parent {} has no reference to pull it from",
-                    d.label, parent.digest
-                ))
-            })?
-            .repository;
         let remote = remote.ok_or_else(|| {
             Error::Invalid(format!(
                 "{}: parent {} must be pulled, but no registry is reachable",
                 d.label, parent.digest
             ))
         })?;
-        let spec = format!("{repo}@{}", parent.digest);
-        let report = fetch(remote, cache, &spec, progress).await?;
+        let report = fetch_parent(remote, cache, &d.label, &parent, progress).await?;
+        let spec = format!("{}@{}", report.repository, report.digest);
         let loaded = crate::apply::LoadedDelta::open(&spec, report.manifest, &report.blobs)?;
         tracing::info!(parent = %spec, child = %d.label, "pulled a missing parent");
         pending.push(d);

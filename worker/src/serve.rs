@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use delta_client::Remote;
-use delta_client::hub::{Cache, fetch};
+use delta_client::hub::{self, Cache};
 use delta_client::jobs::{JobKind, Progress, TrainJob, VerifyJob};
 use delta_proto::Digest;
 use delta_proto::tokens::{CallerKind, Scope};
@@ -259,31 +259,21 @@ async fn blob(remote: &Remote, cache: &Cache, digest: &str) -> Result<Vec<u8>> {
     std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Fetches a delta and, first, every parent it names (recursively), into a chain in
-/// application order.
+/// Fetches a delta and, first, every parent it needs, into a chain in application order
+/// (`delta_client::hub::fetch_chain`: each parent pinned by the digest its child
+/// recorded, each delta once).
 pub async fn fetch_chain(remote: &Remote, cache: &Cache, reference: &str) -> Result<Vec<Delta>> {
-    let mut chain = Vec::new();
-    let mut pending = vec![reference.to_owned()];
-    while let Some(r) = pending.pop() {
-        if chain.len() > 64 {
-            bail!("parent chain of {reference} is longer than 64");
-        }
-        let report = fetch(remote, cache, &r, &ProgressBar::hidden())
-            .await
-            .with_context(|| format!("pulling {r}"))?;
-        let mut d = Delta::load_files(report.manifest, &report.blobs)?;
-        d.reference = Some(format!("{}@{}", report.repository, report.digest));
-        for p in &d.manifest.parents {
-            let repo_ref = p
-                .reference
-                .clone()
-                .with_context(|| format!("{r}: parent {} has no reference", p.digest))?;
-            pending.push(repo_ref);
-        }
-        chain.push(d);
-    }
-    chain.reverse();
-    Ok(chain)
+    let reports = hub::fetch_chain(remote, cache, reference, &ProgressBar::hidden())
+        .await
+        .with_context(|| format!("pulling {reference} and its parents"))?;
+    reports
+        .into_iter()
+        .map(|r| {
+            let mut d = Delta::load_files(r.manifest, &r.blobs)?;
+            d.reference = Some(format!("{}@{}", r.repository, r.digest));
+            Ok(d)
+        })
+        .collect()
 }
 
 /// A leased job: its lease, and the flag its renewer sets if the lease is lost.

@@ -763,6 +763,97 @@ fn half_precision_bases_keep_their_dtype() {
     }
 }
 
+/// The parent walker the CLI and the worker share: each parent is pulled by the digest
+/// its child recorded, even when the recorded reference is a tag that has moved since,
+/// and each delta comes once, whether a manifest lists its whole chain or only its
+/// direct parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_chains_are_pinned_by_digest_and_walked_once() {
+    let env = Env::start().await;
+    let push = |name: &'static str, seed: u64, parents: serde_json::Value| {
+        let dir = env.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        write_f32(
+            &dir.join("delta.safetensors"),
+            &[(
+                format!("{Q}.weight.diff"),
+                vec![HIDDEN, HIDDEN],
+                values(seed, HIDDEN * HIDDEN),
+            )],
+            None,
+        );
+        let manifest = json!({"method": "diff", "parents": parents});
+        std::fs::write(
+            dir.join("delta.json"),
+            serde_json::to_vec(&manifest).unwrap(),
+        )
+        .unwrap();
+        let remote = env.remote.clone();
+        async move {
+            hub::push(
+                &remote,
+                &dir,
+                &format!("team/{name}"),
+                "tiny",
+                &[],
+                &hidden(),
+            )
+            .await
+            .unwrap()
+            .digest
+        }
+    };
+    let a = push("a", 130, json!([])).await;
+    // `team/a:latest` moves on to another delta after b and c were trained on a.
+    let b = push(
+        "b",
+        131,
+        json!([{"digest": a.to_string(), "reference": "team/a:latest"}]),
+    )
+    .await;
+    let c = push(
+        "c",
+        132,
+        json!([
+            {"digest": a.to_string(), "reference": "team/a:latest"},
+            {"digest": b.to_string(), "reference": "team/b:v1"},
+        ]),
+    )
+    .await;
+    let d = push(
+        "d",
+        133,
+        json!([{"digest": c.to_string(), "reference": "team/c"}]),
+    )
+    .await;
+    let moved = push("a", 134, json!([])).await;
+    assert_ne!(moved, a);
+
+    let digests = |chain: Vec<hub::PullReport>| chain.iter().map(|r| r.digest).collect::<Vec<_>>();
+    let chain = |reference: &'static str| {
+        let (remote, cache) = (env.remote.clone(), env.cache.clone());
+        async move {
+            hub::fetch_chain(&remote, &cache, reference, &hidden())
+                .await
+                .unwrap()
+        }
+    };
+    // c lists its whole chain; d only its direct parent.
+    assert_eq!(digests(chain("team/c").await), [a, b, c]);
+    assert_eq!(digests(chain("team/d").await), [a, b, c, d]);
+
+    // A parent recorded without a reference cannot be pulled: refused, naming it.
+    let e_digest = push("e", 135, json!([{"digest": moved.to_string()}])).await;
+    let e = hub::fetch_chain(&env.remote, &env.cache, "team/e", &hidden())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("has no reference to pull it from"),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&e_digest.to_string()), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_pulls_missing_parents_unless_no_deps() {
     let env = Env::start().await;
