@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use delta_proto::jobs::{JobKind, JobSpec, JobState, Method, TrainJob, TrainSpec, VerifyJob};
+pub use delta_proto::jobs::{
+    Job, JobEvent, JobKind, JobSpec, JobState, Method, TrainJob, TrainSpec, VerifyJob,
+};
 
 /// One progress event of a job (what `--follow` prints).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use delta_proto::fingerprint::FingerprintEntry;
-use delta_proto::jobs::JobKind;
+use delta_proto::jobs::{Job, JobEvent, JobKind};
 use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::registry_client::RegistryClient;
 use delta_proto::tokens::{CallerKind, Scope};
@@ -750,7 +750,7 @@ impl Remote {
         repository: &str,
         tags: &[String],
         blobs: &[Digest],
-    ) -> Result<pb::JobInfo> {
+    ) -> Result<Job> {
         let req = pb::SubmitJobRequest {
             kind: kind.to_string(),
             spec: spec.to_string(),
@@ -758,21 +758,18 @@ impl Remote {
             tags: tags.to_vec(),
             blobs: blobs.iter().map(ToString::to_string).collect(),
         };
-        Ok(self.client.clone().submit_job(req).await?.into_inner())
+        job(self.client.clone().submit_job(req).await?.into_inner())
     }
 
     /// A job and its progress events after sequence number `after`.
-    pub async fn get_job(&self, id: u64, after: u64) -> Result<(pb::JobInfo, Vec<pb::JobEvent>)> {
+    pub async fn get_job(&self, id: u64, after: u64) -> Result<(Job, Vec<JobEvent>)> {
         let resp = self
             .client
             .clone()
             .get_job(pb::GetJobRequest { id, after })
             .await?
             .into_inner();
-        let job = resp
-            .job
-            .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
-        Ok((job, resp.events))
+        job_and_events(id, resp)
     }
 
     /// Follows a job: the job now and its events after `after`, then each change, until it
@@ -781,7 +778,7 @@ impl Remote {
         &self,
         id: u64,
         after: u64,
-    ) -> Result<Option<impl Stream<Item = Result<(pb::JobInfo, Vec<pb::JobEvent>)>> + use<>>> {
+    ) -> Result<Option<impl Stream<Item = Result<(Job, Vec<JobEvent>)>> + use<>>> {
         let stream = match self
             .client
             .clone()
@@ -793,11 +790,7 @@ impl Remote {
             Err(s) => return Err(s.into()),
         };
         Ok(Some(futures::StreamExt::map(stream, move |item| {
-            let resp = item?;
-            let job = resp
-                .job
-                .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
-            Ok((job, resp.events))
+            job_and_events(id, item?)
         })))
     }
 
@@ -807,7 +800,7 @@ impl Remote {
         worker: &str,
         kinds: &[JobKind],
         lease_seconds: u32,
-    ) -> Result<Option<(pb::JobInfo, String)>> {
+    ) -> Result<Option<(Job, String)>> {
         self.lease_job_on(worker, kinds, &[], lease_seconds, 0)
             .await
     }
@@ -822,7 +815,7 @@ impl Remote {
         bases: &[Digest],
         lease_seconds: u32,
         wait_seconds: u32,
-    ) -> Result<Option<(pb::JobInfo, String)>> {
+    ) -> Result<Option<(Job, String)>> {
         let resp = self
             .client
             .clone()
@@ -835,7 +828,7 @@ impl Remote {
             })
             .await?
             .into_inner();
-        Ok(resp.job.map(|j| (j, resp.lease)))
+        resp.job.map(|j| Ok((job(j)?, resp.lease))).transpose()
     }
 
     /// Extends a held lease.
@@ -873,7 +866,7 @@ impl Remote {
         error: Option<&str>,
         manifest: Option<&Manifest>,
         report: Option<&str>,
-    ) -> Result<pb::JobInfo> {
+    ) -> Result<Job> {
         let req = pb::CompleteJobRequest {
             id,
             lease: lease.to_owned(),
@@ -881,7 +874,7 @@ impl Remote {
             manifest: manifest.map(Manifest::canonical_json).unwrap_or_default(),
             report: report.unwrap_or_default().to_owned(),
         };
-        Ok(self.client.clone().complete_job(req).await?.into_inner())
+        job(self.client.clone().complete_job(req).await?.into_inner())
     }
 
     /// Verification reports on a delta.
@@ -897,4 +890,21 @@ impl Remote {
             .into_inner()
             .reports)
     }
+}
+
+/// A job from the wire; a kind or state this client does not know is the registry's
+/// error to report, not a panic.
+fn job(j: pb::JobInfo) -> Result<Job> {
+    Job::try_from(j).map_err(|e| Error::Invalid(format!("the registry sent a job with {e}")))
+}
+
+/// A `GetJob`/`WatchJob` answer as domain types.
+fn job_and_events(id: u64, resp: pb::GetJobResponse) -> Result<(Job, Vec<JobEvent>)> {
+    let j = resp
+        .job
+        .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+    Ok((
+        job(j)?,
+        resp.events.into_iter().map(JobEvent::from).collect(),
+    ))
 }

@@ -107,6 +107,80 @@ impl fmt::Display for JobState {
     }
 }
 
+/// A job as the registry reports it (`JobInfo` on the wire).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Its number.
+    pub id: u64,
+    /// What it does.
+    pub kind: JobKind,
+    /// Where it is.
+    pub state: JobState,
+    /// The spec, as queued (JSON, every default written out).
+    pub spec: String,
+    /// The repository it publishes to (train) or the version it verifies (verify).
+    pub repository: String,
+    /// Tags a trained delta gets.
+    pub tags: Vec<String>,
+    /// Leases taken so far.
+    pub attempts: u32,
+    /// The worker that holds or held it (empty: none yet).
+    pub worker: String,
+    /// JSON: train: `{repository, version, digest}`; verify: the report (empty until done).
+    pub result: String,
+    /// Why it failed (empty unless failed).
+    pub error: String,
+    /// Unix seconds it was submitted.
+    pub created: i64,
+    /// Unix seconds it last changed.
+    pub updated: i64,
+    /// Unix seconds the current lease ends, if one is held.
+    pub lease_expires: Option<i64>,
+}
+
+impl TryFrom<crate::JobInfo> for Job {
+    type Error = UnknownName;
+
+    fn try_from(j: crate::JobInfo) -> Result<Self, UnknownName> {
+        Ok(Job {
+            id: j.id,
+            kind: j.kind.parse()?,
+            state: j.state.parse()?,
+            spec: j.spec,
+            repository: j.repository,
+            tags: j.tags,
+            attempts: j.attempts,
+            worker: j.worker,
+            result: j.result,
+            error: j.error,
+            created: j.created,
+            updated: j.updated,
+            lease_expires: (j.lease_expires != 0).then_some(j.lease_expires),
+        })
+    }
+}
+
+/// One progress event of a job (`JobEvent` on the wire).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEvent {
+    /// Its sequence number within the job.
+    pub seq: u64,
+    /// Unix seconds.
+    pub at: i64,
+    /// JSON progress (`delta_client::jobs::Progress`).
+    pub body: String,
+}
+
+impl From<crate::JobEvent> for JobEvent {
+    fn from(e: crate::JobEvent) -> Self {
+        JobEvent {
+            seq: e.seq,
+            at: e.at,
+            body: e.body,
+        }
+    }
+}
+
 /// A training method the worker runs (`--method`, `spec.methods`).
 #[derive(
     Debug,

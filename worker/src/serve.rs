@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use delta_client::Remote;
 use delta_client::hub::{self, Cache};
-use delta_client::jobs::{JobKind, Progress, TrainJob, VerifyJob};
+use delta_client::jobs::{Job, JobKind, Progress, TrainJob, VerifyJob};
 use delta_proto::Digest;
 use delta_proto::tokens::{CallerKind, Scope};
 use indicatif::ProgressBar;
@@ -127,7 +127,7 @@ pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
         // (without waiting: whatever is queued now).
         let mut group = vec![(job, lease)];
         if opts.co_train > 1
-            && group[0].0.kind.parse() == Ok(JobKind::Train)
+            && group[0].0.kind == JobKind::Train
             && let Ok(spec) = serde_json::from_str::<TrainJob>(&group[0].0.spec)
             && let Ok(fp) = spec.base.parse::<Digest>()
         {
@@ -192,7 +192,7 @@ pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
 /// went to another worker) sets `lost`.
 fn renew(
     remote: &Remote,
-    job: &delta_proto::JobInfo,
+    job: &Job,
     lease: &str,
     secs: u32,
     lost: Arc<AtomicBool>,
@@ -278,7 +278,7 @@ pub async fn fetch_chain(remote: &Remote, cache: &Cache, reference: &str) -> Res
 
 /// A leased job: its lease, and the flag its renewer sets if the lease is lost.
 struct Leased {
-    job: delta_proto::JobInfo,
+    job: Job,
     lease: String,
     lost: Arc<AtomicBool>,
 }
@@ -292,11 +292,7 @@ struct TrainInput {
     parents: Vec<Delta>,
 }
 
-async fn fetch_train_input(
-    remote: &Remote,
-    cache: &Cache,
-    job: &delta_proto::JobInfo,
-) -> Result<TrainInput> {
+async fn fetch_train_input(remote: &Remote, cache: &Cache, job: &Job) -> Result<TrainInput> {
     let spec: TrainJob =
         serde_json::from_str(&job.spec).context("the job's spec is not a training spec")?;
     let fp: Digest = spec.base.parse().context("bad base fingerprint")?;
@@ -508,15 +504,11 @@ async fn run_job(
     cache: &Cache,
     bases: &HashMap<Digest, PathBuf>,
     opts: &ServeOptions,
-    job: &delta_proto::JobInfo,
+    job: &Job,
     lease: &str,
     lost: Arc<AtomicBool>,
 ) -> Result<Finished> {
-    let kind: JobKind = job
-        .kind
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{e}: not a job this worker runs"))?;
-    match kind {
+    match job.kind {
         JobKind::Train => {
             let leased = Leased {
                 job: job.clone(),

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use delta_client::jobs::TrainSpec;
+use delta_client::jobs::{JobState, TrainSpec};
 use delta_tests::TestRegistry;
 use delta_worker::data::{Split, sentiment_split, to_jsonl};
 use delta_worker::run::{Delta, LocalBase, TrainRequest, train_to_dir};
@@ -246,7 +246,7 @@ async fn a_killed_worker_leaves_nothing_and_the_job_finishes_elsewhere() {
     let start = Instant::now();
     loop {
         let (job, events) = remote.get_job(1, 0).await.unwrap();
-        if job.state == "running" && events.iter().any(|e| e.body.contains("\"step\":1")) {
+        if job.state == JobState::Running && events.iter().any(|e| e.body.contains("\"step\":1")) {
             break;
         }
         assert!(
@@ -258,7 +258,7 @@ async fn a_killed_worker_leaves_nothing_and_the_job_finishes_elsewhere() {
     first.kill().unwrap();
     first.wait().unwrap();
     let (job, _) = remote.get_job(1, 0).await.unwrap();
-    assert_eq!(job.state, "running");
+    assert_eq!(job.state, JobState::Running);
     assert!(
         remote.list_versions("team/long").await.is_err(),
         "nothing half-pushed"
@@ -268,7 +268,7 @@ async fn a_killed_worker_leaves_nothing_and_the_job_finishes_elsewhere() {
     let mut second = env.worker(&["--lease-seconds", "2", "--max-jobs", "1"]);
     wait(&mut second, Duration::from_secs(120));
     let (job, _) = remote.get_job(1, 0).await.unwrap();
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
     assert_eq!(job.attempts, 2);
     let versions = remote.list_versions("team/long").await.unwrap();
     assert_eq!(versions.len(), 1);

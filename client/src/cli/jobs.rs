@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::Ctx;
-use crate::jobs::{JobKind, JobState, Progress, TrainJob, TrainSpec, VerifyJob};
+use crate::jobs::{Job, JobEvent, JobKind, JobState, Progress, TrainJob, TrainSpec, VerifyJob};
 use crate::remote::Remote;
 use delta_proto::Digest;
 
@@ -200,28 +200,23 @@ fn verification_summary(report: &serde_json::Value) -> String {
     out
 }
 
-fn info_json(info: &delta_proto::JobInfo) -> serde_json::Value {
+fn info_json(info: &Job) -> serde_json::Value {
     let result: serde_json::Value = serde_json::from_str(&info.result).unwrap_or(json!(null));
     json!({
-        "id": info.id, "kind": info.kind, "state": info.state, "repository": info.repository,
+        "id": info.id, "kind": info.kind.as_str(), "state": info.state.as_str(), "repository": info.repository,
         "attempts": info.attempts, "worker": info.worker, "result": result, "error": info.error,
     })
 }
 
 /// Prints the job, and with `follow` streams its events until it ends; a failed job is an
 /// error (exit 1).
-async fn finish(
-    remote: &Remote,
-    ctx: &Ctx,
-    mut info: delta_proto::JobInfo,
-    follow: bool,
-) -> anyhow::Result<()> {
+async fn finish(remote: &Remote, ctx: &Ctx, mut info: Job, follow: bool) -> anyhow::Result<()> {
     if !ctx.json {
         eprintln!("job {} ({}) {}", info.id, info.kind, info.state);
     }
     let mut seen = 0u64;
     // Prints a change; returns the last event's number.
-    let show = |now: &delta_proto::JobInfo, events: Vec<delta_proto::JobEvent>, was: &str| {
+    let show = |now: &Job, events: Vec<JobEvent>, was: JobState| {
         if now.state != was && !ctx.json {
             eprintln!("job {} {} {}", now.id, now.state, now.worker);
         }
@@ -237,8 +232,7 @@ async fn finish(
         }
         last
     };
-    let state = |i: &delta_proto::JobInfo| i.state.parse::<JobState>().ok();
-    let running = |i: &delta_proto::JobInfo| state(i).is_some_and(|s| !s.is_final());
+    let running = |i: &Job| !i.state.is_final();
     if follow && running(&info) {
         // The registry pushes each change; one without WatchJob is polled.
         match remote.watch_job(info.id, 0).await? {
@@ -246,7 +240,7 @@ async fn finish(
                 let mut stream = std::pin::pin!(stream);
                 while let Some(item) = futures::StreamExt::next(&mut stream).await {
                     let (now, events) = item?;
-                    seen = seen.max(show(&now, events, &info.state));
+                    seen = seen.max(show(&now, events, info.state));
                     info = now;
                     if !running(&info) {
                         break;
@@ -257,7 +251,7 @@ async fn finish(
                 while running(&info) {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     let (now, events) = remote.get_job(info.id, seen).await?;
-                    seen = seen.max(show(&now, events, &info.state));
+                    seen = seen.max(show(&now, events, info.state));
                     info = now;
                 }
             }
@@ -268,9 +262,9 @@ async fn finish(
         println!("{}", serde_json::to_string(&info_json(&info))?);
     } else if ctx.json {
         ctx.print_json(&info_json(&info))?;
-    } else if state(&info) == Some(JobState::Succeeded) {
+    } else if info.state == JobState::Succeeded {
         let result: serde_json::Value = serde_json::from_str(&info.result).unwrap_or(json!(null));
-        if info.kind.parse() == Ok(JobKind::Train) {
+        if info.kind == JobKind::Train {
             println!(
                 "pushed {}:v{}  {}",
                 result["repository"].as_str().unwrap_or("?"),
@@ -283,7 +277,7 @@ async fn finish(
     } else if !follow {
         println!("job {} is {}", info.id, info.state);
     }
-    if state(&info) == Some(JobState::Failed) {
+    if info.state == JobState::Failed {
         bail!("job {} failed: {}", info.id, info.error);
     }
     Ok(())

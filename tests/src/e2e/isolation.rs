@@ -307,7 +307,7 @@ async fn workers_stay_in_their_namespaces(engine: Engine) {
         .unwrap()
         .unwrap();
     assert_eq!(job.id, b_job.id);
-    assert_eq!(job.state, "running");
+    assert_eq!(job.state, delta_proto::jobs::JobState::Running);
     any_worker
         .renew_lease(b_job.id, &b_lease, 60)
         .await
