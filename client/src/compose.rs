@@ -30,7 +30,7 @@ use delta_proto::manifest::{
 use serde_json::json;
 
 use crate::apply::LoadedDelta;
-use crate::delta::{NATIVE_MANIFEST, NATIVE_TENSORS, write_atomic, write_tensors};
+use crate::delta::{NATIVE_TENSORS, write_manifest, write_tensors};
 use crate::error::{Error, IoContext, Result};
 use crate::numeric::{SplitMix, f32_bytes, lora_dense, to_i64, truncated_svd};
 
@@ -407,12 +407,7 @@ pub fn compose(deltas: &[LoadedDelta], opts: &ComposeOptions, out: &Path) -> Res
         annotations: BTreeMap::new(),
     };
     manifest.check_shape()?;
-    let pretty = serde_json::to_vec_pretty(
-        &serde_json::from_slice::<serde_json::Value>(&manifest.canonical_json())
-            .unwrap_or_default(),
-    )
-    .unwrap_or_default();
-    write_atomic(&out.join(NATIVE_MANIFEST), &pretty)?;
+    write_manifest(out, &manifest)?;
     Ok(ComposeReport {
         manifest,
         truncation_error,

@@ -579,6 +579,13 @@ fn write_native_with(
             None => place(blob, &to)?,
         }
     }
+    write_manifest(dir, manifest)
+}
+
+/// Writes `delta.json` into `dir` (atomically): the manifest's canonical JSON, indented
+/// for people. Every native folder's manifest is written here (pull, compose, the
+/// worker's training runs).
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
     let pretty = serde_json::to_vec_pretty(
         &serde_json::from_slice::<Value>(&manifest.canonical_json()).unwrap_or(Value::Null),
     )

@@ -194,9 +194,9 @@ impl Remote {
         let auth = bearer(token)?;
         // Blob streams want large windows and frames.
         let endpoint = endpoint(url, opts.ca_cert.as_deref())?
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(16 << 20))
-            .max_frame_size(Some((1 << 20) - 1));
+            .initial_stream_window_size(Some(delta_proto::HTTP2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(delta_proto::HTTP2_CONNECTION_WINDOW))
+            .max_frame_size(Some(delta_proto::HTTP2_MAX_FRAME));
         let channel = if opts.lazy {
             endpoint.connect_lazy()
         } else {

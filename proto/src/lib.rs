@@ -125,6 +125,15 @@ pub fn excerpt(input: &str) -> String {
     format!("{}… ({} bytes)", &input[..end], input.len())
 }
 
+/// HTTP/2 flow-control windows, the same on both ends of a registry connection: large
+/// enough that one blob stream can fill loopback (per stream, per connection).
+pub const HTTP2_STREAM_WINDOW: u32 = 8 << 20;
+/// See [`HTTP2_STREAM_WINDOW`].
+pub const HTTP2_CONNECTION_WINDOW: u32 = 16 << 20;
+/// HTTP/2 frames of up to 1 MiB instead of 16 KiB, on both ends: a 1 MiB chunk is one
+/// frame, not 64.
+pub const HTTP2_MAX_FRAME: u32 = (1 << 20) - 1;
+
 /// Largest payload of one `UploadChunk` or `BlobChunk`. tonic's default receive limit is
 /// 4 MiB per message, so 1 MiB chunks leave headroom.
 pub const CHUNK_SIZE: usize = 1 << 20;

@@ -13,13 +13,8 @@ use crate::config::RegistryConfig;
 use crate::error::Result;
 use crate::service::RegistryService;
 
-/// HTTP/2 flow-control windows: large enough that one stream can fill loopback.
-const STREAM_WINDOW: u32 = 8 << 20;
-const CONNECTION_WINDOW: u32 = 16 << 20;
 /// How long in-flight calls may take to finish after a shutdown signal.
 const DRAIN: Duration = Duration::from_secs(10);
-/// HTTP/2 frames of up to 1 MiB instead of 16 KiB: a 1 MiB chunk is one frame, not 64.
-const MAX_FRAME: u32 = (1 << 20) - 1;
 
 /// Opens the stores and serves until `shutdown` resolves, then drains in-flight calls.
 /// The library never binds a socket: the caller passes a bound `listener`, so tests can
@@ -171,9 +166,9 @@ async fn serve(
     }
     let serve = builder
         .layer(crate::telemetry::RequestLayer)
-        .initial_stream_window_size(Some(STREAM_WINDOW))
-        .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .max_frame_size(Some(MAX_FRAME))
+        .initial_stream_window_size(Some(delta_proto::HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(delta_proto::HTTP2_CONNECTION_WINDOW))
+        .max_frame_size(Some(delta_proto::HTTP2_MAX_FRAME))
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)

@@ -424,10 +424,7 @@ fn write_trained(
         json!({ "name": "delta-worker", "version": env!("CARGO_PKG_VERSION"), "candle": "0.11" }),
     );
     manifest.check_shape()?;
-    let pretty = serde_json::to_vec_pretty(&serde_json::from_slice::<serde_json::Value>(
-        &manifest.canonical_json(),
-    )?)?;
-    delta_client::delta::write_atomic(&out.join(delta_client::delta::NATIVE_MANIFEST), &pretty)?;
+    delta_client::delta::write_manifest(out, &manifest)?;
     Ok(Trained {
         dir: out.to_owned(),
         manifest,
