@@ -257,21 +257,8 @@ pub async fn push_with(
     let mut manifest = prepared.manifest.clone();
     manifest.annotations.extend(opts.annotations.clone());
     let manifest = &manifest;
-    let digests: Vec<Digest> = manifest.files.iter().map(|f| f.digest).collect();
-    let missing = remote.missing(&digests).await?;
-    let total: u64 = manifest
-        .files
-        .iter()
-        .filter(|f| missing.contains(&f.digest))
-        .map(|f| f.size)
-        .sum();
-    progress.set_length(total);
-    let mut bytes_uploaded = 0;
-    for (f, path) in manifest.files.iter().zip(&prepared.paths) {
-        if missing.contains(&f.digest) {
-            bytes_uploaded += remote.upload_file(path, f.digest, f.size, progress).await?;
-        }
-    }
+    let (bytes_uploaded, blobs_uploaded) =
+        upload_missing(remote, manifest, &prepared.paths, progress).await?;
     progress.finish_and_clear();
     let mut all_tags: Vec<String> = tags.to_vec();
     all_tags.extend(tag);
@@ -284,8 +271,35 @@ pub async fn push_with(
         digest,
         created,
         bytes_uploaded,
-        blobs_uploaded: missing.len(),
+        blobs_uploaded,
     })
+}
+
+/// Uploads the files of `manifest` (at `paths`, in manifest order) that the registry
+/// lacks, resumably and verified; returns the bytes and blobs sent. `delta push` and the
+/// worker's trained deltas both publish through it.
+pub async fn upload_missing(
+    remote: &Remote,
+    manifest: &Manifest,
+    paths: &[PathBuf],
+    progress: &ProgressBar,
+) -> Result<(u64, usize)> {
+    let digests: Vec<Digest> = manifest.files.iter().map(|f| f.digest).collect();
+    let missing = remote.missing(&digests).await?;
+    let total: u64 = manifest
+        .files
+        .iter()
+        .filter(|f| missing.contains(&f.digest))
+        .map(|f| f.size)
+        .sum();
+    progress.set_length(total);
+    let mut bytes = 0;
+    for (f, path) in manifest.files.iter().zip(paths) {
+        if missing.contains(&f.digest) {
+            bytes += remote.upload_file(path, f.digest, f.size, progress).await?;
+        }
+    }
+    Ok((bytes, missing.len()))
 }
 
 /// What a pull did.

@@ -485,16 +485,9 @@ async fn train_group(
 /// Uploads the blobs of a trained delta the registry lacks (its manifest is published by
 /// `CompleteJob`).
 async fn upload(remote: &Remote, trained: &crate::run::Trained) -> Result<()> {
-    let digests: Vec<Digest> = trained.manifest.files.iter().map(|f| f.digest).collect();
-    let missing = remote.missing(&digests).await?;
-    for f in &trained.manifest.files {
-        if missing.contains(&f.digest) {
-            let path = trained.dir.join(&f.path);
-            remote
-                .upload_file(&path, f.digest, f.size, &ProgressBar::hidden())
-                .await?;
-        }
-    }
+    let m = &trained.manifest;
+    let paths: Vec<PathBuf> = m.files.iter().map(|f| trained.dir.join(&f.path)).collect();
+    hub::upload_missing(remote, m, &paths, &ProgressBar::hidden()).await?;
     Ok(())
 }
 
