@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use delta_proto::catalog::{DeltaSummary, RepoSummary, Report, VersionInfo};
 use delta_proto::fingerprint::FingerprintEntry;
 use delta_proto::jobs::{Job, JobEvent, JobKind};
 use delta_proto::manifest::{Manifest, TensorInfo};
@@ -518,31 +519,21 @@ impl Remote {
     }
 
     /// Repositories, optionally in one namespace.
-    pub async fn list_repositories(&self, namespace: &str) -> Result<Vec<pb::RepositorySummary>> {
+    pub async fn list_repositories(&self, namespace: &str) -> Result<Vec<RepoSummary>> {
         let req = pb::ListRepositoriesRequest {
             namespace: namespace.to_owned(),
         };
-        Ok(self
-            .client
-            .clone()
-            .list_repositories(req)
-            .await?
-            .into_inner()
-            .repositories)
+        let wire = self.client.clone().list_repositories(req).await?;
+        listed(wire.into_inner().repositories, "a repository")
     }
 
     /// Versions of a repository, newest first.
-    pub async fn list_versions(&self, repository: &str) -> Result<Vec<pb::VersionInfo>> {
+    pub async fn list_versions(&self, repository: &str) -> Result<Vec<VersionInfo>> {
         let req = pb::ListVersionsRequest {
             repository: repository.to_owned(),
         };
-        Ok(self
-            .client
-            .clone()
-            .list_versions(req)
-            .await?
-            .into_inner()
-            .versions)
+        let wire = self.client.clone().list_versions(req).await?;
+        listed(wire.into_inner().versions, "a version")
     }
 
     /// Deltas matching filters (empty strings match everything).
@@ -552,20 +543,15 @@ impl Remote {
         base_fingerprint: Option<Digest>,
         method: &str,
         annotations: BTreeMap<String, String>,
-    ) -> Result<Vec<pb::DeltaSummary>> {
+    ) -> Result<Vec<DeltaSummary>> {
         let req = pb::SearchDeltasRequest {
             namespace: namespace.to_owned(),
             base_fingerprint: base_fingerprint.map(|d| d.to_string()).unwrap_or_default(),
             method: method.to_owned(),
             annotations: annotations.into_iter().collect(),
         };
-        Ok(self
-            .client
-            .clone()
-            .search_deltas(req)
-            .await?
-            .into_inner()
-            .deltas)
+        let wire = self.client.clone().search_deltas(req).await?;
+        listed(wire.into_inner().deltas, "a delta")
     }
 
     /// Removes a tag. Returns whether it existed.
@@ -878,17 +864,12 @@ impl Remote {
     }
 
     /// Verification reports on a delta.
-    pub async fn list_reports(&self, reference: &str) -> Result<Vec<pb::Report>> {
+    pub async fn list_reports(&self, reference: &str) -> Result<Vec<Report>> {
         let req = pb::ListReportsRequest {
             reference: reference.to_owned(),
         };
-        Ok(self
-            .client
-            .clone()
-            .list_reports(req)
-            .await?
-            .into_inner()
-            .reports)
+        let wire = self.client.clone().list_reports(req).await?;
+        listed(wire.into_inner().reports, "a report")
     }
 }
 
@@ -896,6 +877,20 @@ impl Remote {
 /// error to report, not a panic.
 fn job(j: pb::JobInfo) -> Result<Job> {
     Job::try_from(j).map_err(|e| Error::Invalid(format!("the registry sent a job with {e}")))
+}
+
+/// Listed items from the wire as domain types; a malformed digest is the registry's
+/// error to report.
+fn listed<W, D: TryFrom<W, Error = delta_proto::digest::DigestError>>(
+    items: Vec<W>,
+    what: &str,
+) -> Result<Vec<D>> {
+    items
+        .into_iter()
+        .map(|w| {
+            D::try_from(w).map_err(|e| Error::Invalid(format!("the registry sent {what} with {e}")))
+        })
+        .collect()
 }
 
 /// A `GetJob`/`WatchJob` answer as domain types.

@@ -53,6 +53,7 @@ macro_rules! names {
     };
 }
 
+pub mod catalog;
 pub mod digest;
 pub mod fingerprint;
 pub mod jobs;

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
+use delta_proto::Digest;
 use serde_json::json;
 
 use super::{Ctx, human_bytes};
@@ -96,6 +97,8 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn short(digest: &str) -> &str {
-    digest.get(..19).unwrap_or(digest)
+/// `blake3:` and the first 12 hex digits.
+fn short(digest: &Digest) -> String {
+    let full = digest.to_string();
+    full.get(..19).unwrap_or(&full).to_owned()
 }

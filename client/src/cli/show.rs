@@ -37,7 +37,7 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     }
     if ctx.json {
         let manifest: serde_json::Value = serde_json::from_slice(&m.canonical_json())?;
-        let versions: Vec<_> = versions.iter().map(|v| json!({"version": v.version, "digest": v.digest, "tags": v.tags, "size": v.size, "created_at": v.created_at, "pushed_by": v.pushed_by})).collect();
+        let versions: Vec<_> = versions.iter().map(|v| json!({"version": v.version, "digest": v.digest, "tags": v.tags, "size": v.size, "created_at": v.created_at, "pushed_by": v.pushed_by.as_deref().unwrap_or("")})).collect();
         return ctx.print_json(&json!({
             "repository": r.repository, "version": r.version, "digest": r.digest.to_string(), "tags": r.tags,
             "yanked": r.yanked,
@@ -53,16 +53,16 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
     );
     println!("tags:     {}", r.tags.join(", "));
     if let Some(v) = versions.iter().find(|v| v.version == r.version) {
-        let by = match (v.pushed_by.as_str(), m.provenance.get("job")) {
-            ("", Some(job)) => format!(
+        let by = match (v.pushed_by.as_deref(), m.provenance.get("job")) {
+            (None, Some(job)) => format!(
                 " by job {job} on worker {}",
                 m.provenance
                     .get("worker")
                     .and_then(|w| w.as_str())
                     .unwrap_or("?")
             ),
-            ("", None) => String::new(),
-            (who, _) => format!(" by {who}"),
+            (None, None) => String::new(),
+            (Some(who), _) => format!(" by {who}"),
         };
         println!("pushed:   {}{by}", super::when(v.created_at));
     }
