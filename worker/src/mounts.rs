@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result, bail};
-use candle_core::Tensor;
+use candle_core::{D, Tensor};
 use delta_proto::manifest::MethodConfig;
 
 use crate::bert::BaseWeights;
@@ -219,7 +219,7 @@ impl<'a> Mounts<'a> {
         let b = self.maybe(&format!("{module}.bias"))?;
         let mut y = fused::linear(&x2, &w, b.as_ref())?;
         for lora in self.lora.get(module).into_iter().flatten() {
-            let branch = x2.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)?;
+            let branch = fused::linear(&fused::linear(&x2, &lora.a, None)?, &lora.b, None)?;
             y = (y + (branch * lora.scale)?)?;
         }
         // Output-side IA3 scales the whole output, bias included, as PEFT's IA3 layer does
@@ -248,13 +248,11 @@ impl<'a> Mounts<'a> {
         let mut x = x.clone();
         for a in self.adapters.get(point).into_iter().flatten() {
             let src = if a.parallel { &input } else { &x };
-            let down = src
-                .broadcast_matmul(&a.down_w.t()?)?
-                .broadcast_add(&a.down_b)?
-                .relu()?;
-            let mut up = down
-                .broadcast_matmul(&a.up_w.t()?)?
-                .broadcast_add(&a.up_b)?;
+            let h = src.dim(D::Minus1)?;
+            let rows = src.elem_count() / h.max(1);
+            let down =
+                fused::linear(&src.reshape((rows, h))?, &a.down_w, Some(&a.down_b))?.relu()?;
+            let mut up = fused::linear(&down, &a.up_w, Some(&a.up_b))?.reshape(src.shape())?;
             if a.weight != 1.0 {
                 up = (up * a.weight)?;
             }
@@ -610,11 +608,11 @@ pub fn head(m: &Mounts<'_>, hidden: &Tensor, mask: &Tensor, first: usize) -> Res
             let first = hidden.narrow(1, first, 1)?.squeeze(1)?;
             let w = m.tensor(crate::bert::POOLER_WEIGHT)?;
             let b = m.tensor(crate::bert::POOLER_BIAS)?;
-            first.matmul(&w.t()?)?.broadcast_add(&b)?.tanh()?
+            fused::linear(&first, &w, Some(&b))?.tanh()?
         }
     };
     let pooled = m.drop_classifier(&pooled)?;
     let w = m.tensor(HEAD_WEIGHT)?;
     let b = m.tensor(HEAD_BIAS)?;
-    Ok(pooled.matmul(&w.t()?)?.broadcast_add(&b)?)
+    fused::linear(&pooled, &w, Some(&b))
 }
