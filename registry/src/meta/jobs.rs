@@ -158,6 +158,10 @@ pub trait JobStore {
         now: i64,
         expires: i64,
     ) -> Result<()>;
+    /// The job, if the caller holds its lease now: what `complete_job` checks first,
+    /// without changing anything, so a caller without the lease learns nothing more.
+    /// Jobs outside `scope` are not found.
+    fn leased_job(&self, id: u64, lease: &str, scope: &WorkerScope, now: i64) -> Result<JobRow>;
     /// Appends a progress event (lease checked).
     fn report_progress(
         &self,
@@ -365,6 +369,10 @@ impl JobStore for SqlMeta {
                 return load(c, id);
             }
         })
+    }
+
+    fn leased_job(&self, id: u64, lease: &str, scope: &WorkerScope, now: i64) -> Result<JobRow> {
+        self.db.write(|c| check_lease(c, id, lease, scope, now))
     }
 
     fn renew_lease(

@@ -307,16 +307,13 @@ pub(super) async fn complete_job(
     let scope = caller.worker_scope()?;
     let req = req.into_inner();
     let id = req.id;
-    let not_found = || Error::NotFound {
-        what: "job",
-        name: id.to_string(),
-    };
-    // Another namespace's job is as absent as a missing one, before anything else.
+    // Another namespace's job is as absent as a missing one, and a lease this caller does
+    // not hold is refused, before the manifest or report is looked at (the transaction
+    // that completes the job checks both again).
+    let (lease, held_scope) = (req.lease.clone(), scope.clone());
     let job = svc
-        .meta(move |m| m.get_job(id))
-        .await?
-        .filter(|j| scope.covers(&j.namespace))
-        .ok_or_else(not_found)?;
+        .meta(move |m| m.leased_job(id, &lease, &held_scope, now()))
+        .await?;
     let lease = req.lease.clone();
     let done = if !req.error.is_empty() {
         let msg = req.error.clone();

@@ -161,6 +161,34 @@ async fn racing_workers_never_share_a_job() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("no longer holds its lease"), "{e}");
+    // The lease is checked before the manifest: a caller without it learns nothing about
+    // what the job expects (here, a manifest on another base).
+    let dir = env.path("published");
+    crate::fixtures::write_native_lora(&dir, 1, 2, serde_json::json!({}));
+    delta_client::hub::push(
+        &env.remote,
+        &dir,
+        "team/other",
+        "tiny",
+        &[],
+        &super::hidden(),
+    )
+    .await
+    .unwrap();
+    let mut manifest = env.remote.resolve("team/other").await.unwrap().manifest;
+    manifest.base.fingerprint = delta_proto::Digest::of(b"another base");
+    let e = env
+        .remote
+        .complete_job(*id, "not-the-lease", None, Some(&manifest), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no longer holds its lease"), "{e}");
+    let e = env
+        .remote
+        .complete_job(*id, lease, None, Some(&manifest), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("trains on base"), "{e}");
     env.remote.renew_lease(*id, lease, 60).await.unwrap();
     let done = env
         .remote
