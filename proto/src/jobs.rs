@@ -3,9 +3,6 @@
 //! the specs that travel as JSON in `SubmitJobRequest.spec`, which the registry parses
 //! and checks ([`JobSpec::parse`]) before it queues a job.
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
 use crate::UnknownName;
@@ -32,78 +29,20 @@ pub enum JobState {
     Failed,
 }
 
-impl JobKind {
-    /// Every kind.
-    pub const ALL: [JobKind; 2] = [JobKind::Train, JobKind::Verify];
-
-    /// The name on the wire and in the database.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Train => "train",
-            JobKind::Verify => "verify",
-        }
-    }
-}
+names!(JobKind, "job kind", Train => "train", Verify => "verify");
+names!(
+    JobState,
+    "job state",
+    Queued => "queued",
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed"
+);
 
 impl JobState {
-    /// The name on the wire and in the database.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-        }
-    }
-
     /// Whether the job will not change again.
     pub const fn is_final(self) -> bool {
         matches!(self, JobState::Succeeded | JobState::Failed)
-    }
-}
-
-impl FromStr for JobKind {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        JobKind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| UnknownName {
-                what: "job kind",
-                name: crate::excerpt(s),
-                expected: "train, verify",
-            })
-    }
-}
-
-impl FromStr for JobState {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        [
-            JobState::Queued,
-            JobState::Running,
-            JobState::Succeeded,
-            JobState::Failed,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == s)
-        .ok_or_else(|| UnknownName {
-            what: "job state",
-            name: crate::excerpt(s),
-            expected: "queued, running, succeeded, failed",
-        })
-    }
-}
-
-impl fmt::Display for JobKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for JobState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -594,7 +533,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_unknown_names_are_refused() {
-        for k in JobKind::ALL {
+        for &k in JobKind::ALL {
             assert_eq!(k.as_str().parse::<JobKind>(), Ok(k));
         }
         for s in ["queued", "running", "succeeded", "failed"] {
