@@ -538,41 +538,111 @@ pub async fn fetch_parent(
     .await
 }
 
+/// A delta as the parent walk sees it.
+trait ChainItem {
+    /// Its manifest digest.
+    fn digest(&self) -> Digest;
+    /// The parents its manifest records.
+    fn parents(&self) -> &[delta_proto::manifest::Parent];
+    /// How messages name it.
+    fn label(&self) -> String;
+}
+
+impl ChainItem for PullReport {
+    fn digest(&self) -> Digest {
+        self.digest
+    }
+    fn parents(&self) -> &[delta_proto::manifest::Parent] {
+        &self.manifest.parents
+    }
+    fn label(&self) -> String {
+        format!("{}@{}", self.repository, self.digest)
+    }
+}
+
+impl ChainItem for crate::apply::LoadedDelta {
+    fn digest(&self) -> Digest {
+        self.digest
+    }
+    fn parents(&self) -> &[delta_proto::manifest::Parent] {
+        &self.manifest.parents
+    }
+    fn label(&self) -> String {
+        self.label.clone()
+    }
+}
+
+/// The one parent walk: puts every item's parents before it (matched by digest, each
+/// once, whether a manifest lists its whole chain or only its direct parents). The caller
+/// gets each missing parent from [`Walk::next_missing`], hands it back with [`Walk::add`],
+/// and takes the chain from [`Walk::finish`]. At most [`MAX_CHAIN`] parents are added.
+struct Walk<T> {
+    out: Vec<T>,
+    pending: Vec<T>,
+    added: usize,
+}
+
+impl<T: ChainItem> Walk<T> {
+    fn new(items: Vec<T>) -> Self {
+        Walk {
+            out: Vec::new(),
+            pending: items.into_iter().rev().collect(),
+            added: 0,
+        }
+    }
+
+    /// The next parent to get, with the label of the child that needs it; `None` when
+    /// every item has its parents before it.
+    fn next_missing(&mut self) -> Result<Option<(String, delta_proto::manifest::Parent)>> {
+        while let Some(d) = self.pending.pop() {
+            let missing = d
+                .parents()
+                .iter()
+                .find(|p| !self.out.iter().any(|o| o.digest() == p.digest))
+                .cloned();
+            let Some(parent) = missing else {
+                self.out.push(d);
+                continue;
+            };
+            if self.added >= MAX_CHAIN {
+                return Err(Error::Invalid(format!(
+                    "{}: parent chain longer than {MAX_CHAIN} or cyclic",
+                    d.label()
+                )));
+            }
+            let label = d.label();
+            self.pending.push(d);
+            return Ok(Some((label, parent)));
+        }
+        Ok(None)
+    }
+
+    /// The parent [`Walk::next_missing`] asked for.
+    fn add(&mut self, parent: T) {
+        self.added += 1;
+        self.pending.push(parent);
+    }
+
+    /// The chain, parents first.
+    fn finish(self) -> Vec<T> {
+        self.out
+    }
+}
+
 /// Pulls `reference` and, before it, every parent it needs (each pinned by digest, see
-/// [`fetch_parent`]): the chain in application order, each delta once, parents first,
-/// whether manifests list their whole chain or only their direct parents.
+/// [`fetch_parent`]): the chain in application order, each delta once, parents first.
 pub async fn fetch_chain(
     remote: &Remote,
     cache: &Cache,
     reference: &str,
     progress: &ProgressBar,
 ) -> Result<Vec<PullReport>> {
-    let mut out: Vec<PullReport> = Vec::new();
-    let mut pending = vec![fetch(remote, cache, reference, progress).await?];
-    let mut fetched = 0;
-    while let Some(d) = pending.pop() {
-        let missing = d
-            .manifest
-            .parents
-            .iter()
-            .find(|p| !out.iter().any(|o| o.digest == p.digest))
-            .cloned();
-        let Some(parent) = missing else {
-            out.push(d);
-            continue;
-        };
-        fetched += 1;
-        if fetched > MAX_CHAIN {
-            return Err(Error::Invalid(format!(
-                "{reference}: parent chain longer than {MAX_CHAIN} or cyclic"
-            )));
-        }
-        let label = format!("{}@{}", d.repository, d.digest);
-        let report = fetch_parent(remote, cache, &label, &parent, progress).await?;
-        pending.push(d);
-        pending.push(report);
+    let top = fetch(remote, cache, reference, progress).await?;
+    let mut walk = Walk::new(vec![top]);
+    while let Some((child, parent)) = walk.next_missing()? {
+        walk.add(fetch_parent(remote, cache, &child, &parent, progress).await?);
     }
-    Ok(out)
+    Ok(walk.finish())
 }
 
 /// Puts every delta's parents before it, pulling missing ones from the registry (or
@@ -584,24 +654,11 @@ pub async fn with_parents(
     no_deps: bool,
     progress: &ProgressBar,
 ) -> Result<Vec<crate::apply::LoadedDelta>> {
-    let mut out: Vec<crate::apply::LoadedDelta> = Vec::new();
-    let mut pending: Vec<crate::apply::LoadedDelta> = deltas.into_iter().rev().collect();
-    let mut fetched = 0;
-    while let Some(d) = pending.pop() {
-        let missing = d
-            .manifest
-            .parents
-            .iter()
-            .find(|p| !out.iter().any(|o| o.digest == p.digest))
-            .cloned();
-        let Some(parent) = missing else {
-            out.push(d);
-            continue;
-        };
+    let mut walk = Walk::new(deltas);
+    while let Some((child, parent)) = walk.next_missing()? {
         if no_deps {
             return Err(Error::Invalid(format!(
-                "{} was trained on top of {} ({}), which must be applied before it; name it first, or drop --no-deps to pull it",
-                d.label,
+                "{child} was trained on top of {} ({}), which must be applied before it; name it first, or drop --no-deps to pull it",
                 parent.digest,
                 parent
                     .reference
@@ -609,25 +666,17 @@ pub async fn with_parents(
                     .unwrap_or("no reference recorded")
             )));
         }
-        fetched += 1;
-        if fetched > MAX_CHAIN {
-            return Err(Error::Invalid(format!(
-                "{}: parent chain longer than {MAX_CHAIN} or cyclic",
-                d.label
-            )));
-        }
         let remote = remote.ok_or_else(|| {
             Error::Invalid(format!(
-                "{}: parent {} must be pulled, but no registry is reachable",
-                d.label, parent.digest
+                "{child}: parent {} must be pulled, but no registry is reachable",
+                parent.digest
             ))
         })?;
-        let report = fetch_parent(remote, cache, &d.label, &parent, progress).await?;
+        let report = fetch_parent(remote, cache, &child, &parent, progress).await?;
         let spec = format!("{}@{}", report.repository, report.digest);
         let loaded = crate::apply::LoadedDelta::open(&spec, report.manifest, &report.blobs)?;
-        tracing::info!(parent = %spec, child = %d.label, "pulled a missing parent");
-        pending.push(d);
-        pending.push(loaded);
+        tracing::info!(parent = %spec, child = %child, "pulled a missing parent");
+        walk.add(loaded);
     }
-    Ok(out)
+    Ok(walk.finish())
 }
