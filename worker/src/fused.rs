@@ -171,8 +171,7 @@ impl CustomOp2 for BatchedMatmul {
         let (a_rs, a_cs) = if self.ta { (1, m) } else { (k, 1) };
         let (b_rs, b_cs) = if self.tb { (1, k) } else { (n, 1) };
         let mut c = vec![0f32; items * m * n];
-        let threads = candle_core::utils::get_num_threads().max(1);
-        par_blocks(&mut c, m * n, items.div_ceil(threads), |block, out| {
+        par_blocks(&mut c, m * n, per_thread(items), |block, out| {
             for (i, dst) in block.zip(out.chunks_exact_mut(m * n)) {
                 let (lhs, rhs) = (
                     &a[i * m * k..(i + 1) * m * k],
@@ -255,7 +254,8 @@ impl CustomOp3 for Linear {
         for _ in 0..rows {
             y.extend_from_slice(b);
         }
-        gemm_rows(&mut y, x, w, n_in, Weight::OutByIn, true);
+        // `w` read with row stride 1 and column stride `n_in` is `Wᵀ` (`n_in × n_out`).
+        gemm_rows(&mut y, x, View::new(w, n_in, n_out, 1, n_in), true);
         Ok((CpuStorage::F32(y), Shape::from((rows, n_out))))
     }
 
@@ -312,8 +312,7 @@ impl CustomOp2 for LinearWeightGrad {
             );
         }
         let mut dw = vec![0f32; n_out * n_in];
-        let threads = candle_core::utils::get_num_threads().max(1);
-        par_blocks(&mut dw, n_in, n_out.div_ceil(threads), |block, out| {
+        par_blocks(&mut dw, n_in, per_thread(n_out), |block, out| {
             // `gᵀ` from column `block.start` of `g`: `block.len()` rows of `rows` values.
             let gt = View::new(&g[block.start..], block.len(), rows, 1, n_out);
             gemm_into(out, gt, View::new(x, rows, n_in, n_in, 1), false);
@@ -334,8 +333,7 @@ impl CustomOp1 for SumRows {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = f32s(s, l, "gradient")?;
         let (rows, n) = l.shape().dims2()?;
-        let threads = candle_core::utils::get_num_threads().max(1);
-        let per = rows.div_ceil(threads).max(1);
+        let per = per_thread(rows);
         // Row `i` of `partial` sums rows `i·per ..` of `g`.
         let mut partial = vec![0f32; rows.div_ceil(per) * n];
         par_blocks(&mut partial, n, 1, |block, out| {
@@ -383,7 +381,7 @@ impl CustomOp2 for LinearInputGrad {
             );
         }
         let mut dx = vec![0f32; rows * n_in];
-        gemm_rows(&mut dx, g, w, n_out, Weight::InByOut, false);
+        gemm_rows(&mut dx, g, View::new(w, n_out, n_in, n_in, 1), false);
         Ok((CpuStorage::F32(dx), Shape::from((rows, n_in))))
     }
 }
@@ -644,35 +642,27 @@ fn same_len(a: &[f32], b: &[f32]) -> candle_core::Result<()> {
     Ok(())
 }
 
-/// How a weight matrix is laid out for [`gemm_rows`], naming its (row, column) sizes as
-/// the product's (`k` inputs, `n` outputs).
-#[derive(Clone, Copy)]
-enum Weight {
-    /// `[n, k]`: the product is `x Wᵀ` (a linear layer's forward).
-    OutByIn,
-    /// `[k, n]`: the product is `x W` (its input gradient, with `W` `[out, in]`).
-    InByOut,
-}
-
-/// `y = x·W'` (or `y += x·W'` with `accumulate`), `x` `[rows, k]`, `y` `[rows, n]`, both
-/// row-major, `W'` as `layout` says. The rows are split into one block per CPU thread of
+/// `y = x·w` (or `y += x·w` with `accumulate`), `x` `[rows, w.rows]` and `y`
+/// `[rows, w.cols]` row-major. The rows are split into one block per CPU thread of
 /// candle's pool, each a single-threaded gemm: one pool of threads for every fused op, so
 /// none spins on a core the other needs (candle's own products run on rayon's).
-fn gemm_rows(y: &mut [f32], x: &[f32], w: &[f32], k: usize, layout: Weight, accumulate: bool) {
-    let n = w.len() / k.max(1);
-    let rows = y.len() / n.max(1);
-    if rows == 0 || n == 0 || k == 0 || x.len() != rows * k || w.len() != n * k {
+fn gemm_rows(y: &mut [f32], x: &[f32], w: View<'_>, accumulate: bool) {
+    let (k, n) = (w.rows, w.cols);
+    if y.is_empty() || n == 0 {
         return;
     }
-    let (w_rs, w_cs) = match layout {
-        Weight::OutByIn => (1, k),
-        Weight::InByOut => (n, 1),
-    };
-    let threads = candle_core::utils::get_num_threads().max(1);
-    par_blocks(y, n, rows.div_ceil(threads), |block, out| {
+    let rows = y.len() / n;
+    par_blocks(y, n, per_thread(rows), |block, out| {
         let lhs = View::new(&x[block.start * k..block.end * k], block.len(), k, k, 1);
-        gemm_into(out, lhs, View::new(w, k, n, w_rs, w_cs), accumulate);
+        gemm_into(out, lhs, w, accumulate);
     });
+}
+
+/// How many of `items` each of candle's CPU threads takes when they are split evenly.
+fn per_thread(items: usize) -> usize {
+    items
+        .div_ceil(candle_core::utils::get_num_threads().max(1))
+        .max(1)
 }
 
 /// A matrix read from a slice: `rows × cols` values, element `(i, j)` at
