@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::UnknownName;
+use crate::digest::Digest;
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -447,15 +448,15 @@ impl TrainSpec {
 #[serde(deny_unknown_fields)]
 pub struct TrainJob {
     /// Base fingerprint.
-    pub base: String,
+    pub base: Digest,
     /// Base name, for people.
     #[serde(default)]
     pub base_name: Option<String>,
     /// Digest of the training JSONL blob.
-    pub train: String,
+    pub train: Digest,
     /// Digest of the evaluation JSONL blob.
     #[serde(default)]
-    pub eval: Option<String>,
+    pub eval: Option<Digest>,
     /// Frozen deltas to train on top of (`repo@digest`, application order).
     #[serde(default)]
     pub parents: Vec<String>,
@@ -467,13 +468,14 @@ pub struct TrainJob {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyJob {
-    /// Manifest digest of the delta.
-    pub manifest: String,
+    /// Manifest digest of the delta (the registry writes the one the reference resolves
+    /// to when the job is queued).
+    pub manifest: Digest,
     /// The reference it was submitted as, for people.
     #[serde(default)]
     pub reference: Option<String>,
     /// Digest of the evaluation JSONL blob.
-    pub eval: String,
+    pub eval: Digest,
 }
 
 /// A job's spec, parsed by its kind.
@@ -578,6 +580,14 @@ mod tests {
                 "spec.methods[0]: unknown variant `dora`",
             ),
             (serde_json::json!({"base": base}), "missing field `train`"),
+            (
+                serde_json::json!({"base": base, "train": "sha256:00", "spec": {"methods": ["lora"]}}),
+                "train: digest \"sha256:00\" must start with \"blake3:\"",
+            ),
+            (
+                serde_json::json!({"base": "blake3:12", "train": train, "spec": {"methods": ["lora"]}}),
+                "base: digest \"blake3:12\" must be \"blake3:\" followed by 64",
+            ),
         ] {
             let e = JobSpec::parse(JobKind::Train, &spec.to_string())
                 .unwrap_err()

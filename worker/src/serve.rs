@@ -129,8 +129,8 @@ pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
         if opts.co_train > 1
             && group[0].0.kind == JobKind::Train
             && let Ok(spec) = serde_json::from_str::<TrainJob>(&group[0].0.spec)
-            && let Ok(fp) = spec.base.parse::<Digest>()
         {
+            let fp = spec.base;
             let train = [JobKind::Train];
             while group.len() < opts.co_train {
                 match remote
@@ -250,12 +250,9 @@ enum Finished {
     Verified(String),
 }
 
-async fn blob(remote: &Remote, cache: &Cache, digest: &str) -> Result<Vec<u8>> {
-    let d: Digest = digest
-        .parse()
-        .with_context(|| format!("bad digest {digest}"))?;
-    cache.fetch(remote, d, &ProgressBar::hidden()).await?;
-    let path = cache.blob_path(&d);
+async fn blob(remote: &Remote, cache: &Cache, digest: Digest) -> Result<Vec<u8>> {
+    cache.fetch(remote, digest, &ProgressBar::hidden()).await?;
+    let path = cache.blob_path(&digest);
     std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
 }
 
@@ -295,9 +292,9 @@ struct TrainInput {
 async fn fetch_train_input(remote: &Remote, cache: &Cache, job: &Job) -> Result<TrainInput> {
     let spec: TrainJob =
         serde_json::from_str(&job.spec).context("the job's spec is not a training spec")?;
-    let fp: Digest = spec.base.parse().context("bad base fingerprint")?;
-    let train = parse_jsonl(&blob(remote, cache, &spec.train).await?, "training data")?;
-    let eval = match &spec.eval {
+    let fp = spec.base;
+    let train = parse_jsonl(&blob(remote, cache, spec.train).await?, "training data")?;
+    let eval = match spec.eval {
         Some(d) => Some(parse_jsonl(
             &blob(remote, cache, d).await?,
             "evaluation data",
@@ -516,10 +513,10 @@ async fn run_job(
         JobKind::Verify => {
             let spec: VerifyJob = serde_json::from_str(&job.spec)
                 .context("the job's spec is not a verification spec")?;
-            let eval = parse_jsonl(&blob(remote, cache, &spec.eval).await?, "evaluation data")?;
+            let eval = parse_jsonl(&blob(remote, cache, spec.eval).await?, "evaluation data")?;
             let chain = fetch_chain(remote, cache, &job.repository).await?;
             let last = chain.last().context("nothing to verify")?;
-            if last.manifest.digest().to_string() != spec.manifest {
+            if last.manifest.digest() != spec.manifest {
                 bail!(
                     "{} now resolves to {}, not the submitted {}",
                     job.repository,

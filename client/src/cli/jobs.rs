@@ -96,10 +96,10 @@ pub async fn train(args: TrainArgs, ctx: &Ctx) -> anyhow::Result<()> {
         parents.push(format!("{}@{}", r.repository, r.digest));
     }
     let job = TrainJob {
-        base: base.fingerprint.to_string(),
+        base: base.fingerprint,
         base_name: Some(base.name.clone()),
-        train: train.to_string(),
-        eval: eval.map(|d| d.to_string()),
+        train,
+        eval,
         parents,
         spec: args.spec,
     };
@@ -124,9 +124,9 @@ pub async fn verify(args: VerifyArgs, ctx: &Ctx) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot resolve {}", args.reference))?;
     let job = VerifyJob {
-        manifest: r.digest.to_string(),
+        manifest: r.digest,
         reference: Some(args.reference.clone()),
-        eval: eval.to_string(),
+        eval,
     };
     let info = remote
         .submit_job(

@@ -72,11 +72,7 @@ pub(super) async fn submit_job(
             for t in &req.tags {
                 check_tag(t).map_err(Error::from)?;
             }
-            let fp: Digest = job.base.parse().map_err(|_| {
-                Error::InvalidArgument(
-                    "job spec field base must be a base fingerprint (blake3:…)".into(),
-                )
-            })?;
+            let fp = job.base;
             if svc
                 .visible_bases(&caller, &fp.to_string())
                 .await?
@@ -98,7 +94,7 @@ pub(super) async fn submit_job(
             let r = svc
                 .resolve_checked(&caller, &req.repository, Scope::Read)
                 .await?;
-            job.manifest = r.digest.to_string();
+            job.manifest = r.digest;
             let base = Manifest::from_json(&r.manifest)
                 .map(|m| m.base.fingerprint.to_string())
                 .unwrap_or_default();
@@ -348,8 +344,10 @@ pub(super) async fn complete_job(
         })
         .await?
     } else {
-        let spec: serde_json::Value = serde_json::from_str(&job.spec).unwrap_or_default();
-        let digest = spec["manifest"].as_str().unwrap_or_default().to_owned();
+        let JobSpec::Verify(spec) = stored_spec(&job)? else {
+            return Err(Error::Database(format!("job {id}'s spec is not a verification")).into());
+        };
+        let digest = spec.manifest.to_string();
         serde_json::from_str::<serde_json::Value>(&req.report)
             .map_err(|e| Error::InvalidArgument(format!("report is not JSON: {e}")))?;
         let report = req.report.clone();
@@ -406,56 +404,59 @@ pub(super) async fn list_reports(
 /// What a job spec makes a worker read: the dataset blobs (`train`, `eval`, and every
 /// digest the request lists in `blobs`) and the parent deltas (references).
 fn job_inputs(spec: &JobSpec, listed: &[String]) -> Result<(Vec<Digest>, Vec<String>)> {
-    let mut named: Vec<&str> = listed.iter().map(String::as_str).collect();
+    let mut datasets = listed
+        .iter()
+        .map(|d| d.parse::<Digest>().map_err(Error::from))
+        .collect::<Result<Vec<_>>>()?;
     let parents = match spec {
         JobSpec::Train(job) => {
-            named.push(&job.train);
-            named.extend(job.eval.as_deref());
+            datasets.push(job.train);
+            datasets.extend(job.eval);
             job.parents.clone()
         }
         JobSpec::Verify(job) => {
-            named.push(&job.eval);
+            datasets.push(job.eval);
             Vec::new()
         }
     };
-    let mut datasets = named
-        .into_iter()
-        .map(|d| d.parse::<Digest>().map_err(Error::from))
-        .collect::<Result<Vec<_>>>()?;
-    datasets.sort_by_key(ToString::to_string);
+    datasets.sort();
     datasets.dedup();
     Ok((datasets, parents))
+}
+
+/// A queued job's spec, as `SubmitJob` stored it (parsed and checked then, so a spec
+/// that no longer parses is the registry's fault, not the caller's).
+fn stored_spec(job: &JobRow) -> Result<JobSpec> {
+    JobSpec::parse(job.kind, &job.spec)
+        .map_err(|e| Error::Database(format!("job {}: stored {e}", job.id)))
 }
 
 /// A trained delta must be what its job asked for: on the job's base, on top of the
 /// job's parents (those the job names by digest must be among the manifest's).
 fn check_against_job(job: &JobRow, manifest: &Manifest) -> Result<()> {
-    let spec: serde_json::Value = serde_json::from_str(&job.spec).unwrap_or_default();
-    if let Some(base) = spec["base"].as_str()
-        && base != manifest.base.fingerprint.to_string()
-    {
+    let JobSpec::Train(spec) = stored_spec(job)? else {
+        return Err(Error::Database(format!(
+            "job {}'s spec is not a training",
+            job.id
+        )));
+    };
+    if spec.base != manifest.base.fingerprint {
         return Err(Error::InvalidArgument(format!(
             "job {} trains on base {}, but the manifest's base is {}",
-            job.id,
-            excerpt(base),
-            manifest.base.fingerprint
+            job.id, spec.base, manifest.base.fingerprint
         )));
     }
     // The manifest lists each parent's whole chain (ancestors first), so it holds at least
     // the job's parents, and every one the job named by digest.
-    let parents: Vec<&str> = spec["parents"]
-        .as_array()
-        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
-        .unwrap_or_default();
-    if manifest.parents.len() < parents.len() {
+    if manifest.parents.len() < spec.parents.len() {
         return Err(Error::InvalidArgument(format!(
             "job {} trains on {} parent(s), but the manifest names {}",
             job.id,
-            parents.len(),
+            spec.parents.len(),
             manifest.parents.len()
         )));
     }
-    for want in &parents {
+    for want in &spec.parents {
         if let Some((_, digest)) = want.split_once('@')
             && !manifest
                 .parents
