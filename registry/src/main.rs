@@ -347,7 +347,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 &blobs,
                 args.grace.into(),
                 args.dry_run,
-                now(),
+                delta_registry::meta::Actor::local(now()),
             )
             .await?;
             for d in &r.removed {
@@ -422,7 +422,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Audit(dir) => tokio::task::block_in_place(|| {
             for e in open_meta(&dir)?.list_audit()? {
-                let who = e.token.map_or("open".to_owned(), |t| format!("token {t}"));
+                let who = e
+                    .token
+                    .map_or("no token".to_owned(), |t| format!("token {t}"));
                 println!(
                     "{}\t{who}\t{}\t{}\t{}",
                     when(e.at),

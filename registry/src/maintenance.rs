@@ -9,7 +9,7 @@ use futures::StreamExt;
 
 use crate::blobs::BlobStore;
 use crate::error::{Error, Result};
-use crate::meta::MetaStore;
+use crate::meta::{Actor, MetaStore};
 
 /// What a garbage collection removed (or, dry, would remove).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,11 +32,12 @@ pub async fn collect_garbage(
     blobs: &BlobStore,
     grace: Duration,
     dry_run: bool,
-    now: i64,
+    who: Actor,
 ) -> Result<GcReport> {
-    let cutoff = now - grace.as_secs() as i64;
+    let cutoff = who.at - grace.as_secs() as i64;
     let m = meta.clone();
-    let rows = tokio::task::spawn_blocking(move || m.collect_garbage(cutoff, dry_run)).await??;
+    let rows =
+        tokio::task::spawn_blocking(move || m.collect_garbage(cutoff, dry_run, &who)).await??;
     let mut report = GcReport {
         dry_run,
         ..GcReport::default()

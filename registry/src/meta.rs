@@ -58,6 +58,39 @@ pub struct AuditEntry {
     pub digest: String,
 }
 
+/// Who makes a change, and when. Every write that changes what callers see takes one and
+/// records its audit row in the transaction that makes the change: the log never names a
+/// change that did not happen, nor misses one that did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actor {
+    /// The caller's token (`None`: an open registry, or an administrator on the data dir).
+    pub token: Option<i64>,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+impl Actor {
+    /// An administrator working on the data dir (`delta-registry gc`, tests): no token.
+    pub const fn local(at: i64) -> Self {
+        Actor { token: None, at }
+    }
+}
+
+/// Appends `who`'s audit row inside the open transaction of the change it describes.
+pub(crate) fn audit_in(
+    c: &mut dyn Sql,
+    who: &Actor,
+    action: &str,
+    target: &str,
+    digest: &str,
+) -> Result<()> {
+    c.exec(
+        "INSERT INTO audit (at, token, action, target, digest) VALUES ($1, $2, $3, $4, $5)",
+        p![who.at, who.token, action, target, digest],
+    )?;
+    Ok(())
+}
+
 /// A registered base model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BaseRecord {
@@ -194,28 +227,37 @@ pub struct Pushed {
 /// The metadata operations the registry needs. Implementations must make every write
 /// atomic and must refuse to record anything that names a blob without a row.
 pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
-    /// Records a durable blob, or refreshes its `last_referenced` time.
-    fn insert_blob(&self, digest: &Digest, size: u64, now: i64) -> Result<()>;
+    /// Records a durable blob (or refreshes its `last_referenced` time and lifts a
+    /// quarantine) and links it to `namespace` (the uploader's; `None`: no namespace, as
+    /// for `*` tokens): an `upload` audit row.
+    fn store_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        namespace: Option<&str>,
+        who: &Actor,
+    ) -> Result<()>;
     /// Sizes of the given blobs that have rows.
     fn blob_sizes(&self, digests: &[Digest]) -> Result<HashMap<Digest, u64>>;
     /// Registers a base. `Ok(false)` if the name already holds this fingerprint (a
     /// record without digests then gets the new record's proof); an error if the name
     /// holds another fingerprint.
-    fn add_base(&self, base: &BaseRecord) -> Result<bool>;
+    /// An `add-base` audit row.
+    fn add_base(&self, base: &BaseRecord, who: &Actor) -> Result<bool>;
     /// The records of a name or fingerprint: proven ones first, then oldest first.
     fn find_bases(&self, name_or_fingerprint: &str) -> Result<Vec<BaseRecord>>;
     /// Every base.
     fn list_bases(&self) -> Result<Vec<BaseRecord>>;
     /// Records a validated manifest as the next version of `repo` and moves `tags` and
     /// `latest` to it. Re-pushing the latest version's manifest is a no-op that still
-    /// applies the tags.
+    /// applies the tags. A `push` audit row.
     fn push_manifest(
         &self,
         repo: &Repository,
         manifest: &Manifest,
         body: &[u8],
         tags: &[String],
-        now: i64,
+        who: &Actor,
     ) -> Result<Pushed>;
     /// Resolves a reference.
     fn resolve(&self, reference: &Reference) -> Result<Option<Resolved>>;
@@ -226,14 +268,15 @@ pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
     /// Deltas matching a filter (every version).
     fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaRow>>;
     /// Points `tag` at `version`; with `expected`, only if the tag is there now (0: absent).
-    /// Returns the previous version (0: none).
+    /// Returns the previous version (0: none). The version must exist and not be deleted.
+    /// A `tag` audit row.
     fn set_tag(
         &self,
         repo: &Repository,
         tag: &str,
         version: u64,
         expected: Option<u64>,
-        now: i64,
+        who: &Actor,
     ) -> Result<u64>;
 
     /// How many tokens exist (revoked ones included: once tokens exist, the registry is closed).
@@ -250,8 +293,6 @@ pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
     fn is_public(&self, namespace: &str) -> Result<bool>;
     /// Marks a namespace public-read, or private again.
     fn set_public(&self, namespace: &str, public: bool) -> Result<()>;
-    /// Links a stored blob to a namespace (the uploader's).
-    fn link_blob(&self, digest: &Digest, namespace: &str) -> Result<()>;
     /// The blobs among `digests` that have a row *and* are visible to `viewer` (see
     /// [`crate::auth::Caller::blob_viewer`]: `*` sees every blob, a namespace sees the blobs
     /// linked to it or to a public namespace, `""` only those of public namespaces). One
@@ -264,24 +305,35 @@ pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
     /// The versions (`ns/name:vN`, yanked ones too) whose manifest names a blob: what a
     /// corrupt or missing blob breaks (`fsck`).
     fn blob_users(&self, digest: &Digest) -> Result<Vec<String>>;
-    /// Appends to the audit log.
-    fn audit(&self, entry: &AuditEntry) -> Result<()>;
     /// The audit log, oldest first.
     fn list_audit(&self) -> Result<Vec<AuditEntry>>;
 
     /// Yanks (or un-yanks) a version: still pullable by version or digest, hidden from
     /// listings, and `latest` moves to the newest version that is not yanked. Returns the
-    /// tags that point at the version afterwards (`latest` included when it does).
-    fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<Vec<String>>;
+    /// tags that point at the version afterwards (`latest` included when it does). A
+    /// `yank` or `unyank` audit row.
+    fn yank(
+        &self,
+        repo: &Repository,
+        version: u64,
+        yanked: bool,
+        who: &Actor,
+    ) -> Result<Vec<String>>;
     /// Deletes a version: unresolvable from now on, its tags removed, its number never
-    /// reused; its blobs become garbage unless other versions use them.
-    fn delete_version(&self, repo: &Repository, version: u64, now: i64) -> Result<()>;
-    /// Deletes a tag. `false` if it did not exist.
-    fn delete_tag(&self, repo: &Repository, tag: &str) -> Result<bool>;
+    /// reused; its blobs become garbage unless other versions use them. A `delete` audit
+    /// row.
+    fn delete_version(&self, repo: &Repository, version: u64, who: &Actor) -> Result<()>;
+    /// Deletes a tag. `false` if it did not exist; else an `untag` audit row.
+    fn delete_tag(&self, repo: &Repository, tag: &str, who: &Actor) -> Result<bool>;
     /// Blobs no live version references and nobody referenced since `cutoff`. Unless
     /// `dry_run`, their rows are removed in the same transaction (the caller then deletes
-    /// the bytes).
-    fn collect_garbage(&self, cutoff: i64, dry_run: bool) -> Result<Vec<(Digest, u64)>>;
+    /// the bytes), with a `gc` audit row.
+    fn collect_garbage(
+        &self,
+        cutoff: i64,
+        dry_run: bool,
+        who: &Actor,
+    ) -> Result<Vec<(Digest, u64)>>;
     /// Every blob row: digest, size, whether marked corrupt.
     fn all_blobs(&self) -> Result<Vec<(Digest, u64, bool)>>;
     /// Marks a blob corrupt (after quarantining its bytes).
@@ -394,14 +446,27 @@ fn base_record(r: &Row) -> Result<BaseRecord> {
 }
 
 impl MetaStore for SqlMeta {
-    fn insert_blob(&self, digest: &Digest, size: u64, now: i64) -> Result<()> {
-        self.db.read(|c| {
+    fn store_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        namespace: Option<&str>,
+        who: &Actor,
+    ) -> Result<()> {
+        self.db.write(|c| {
             c.exec(
                 "INSERT INTO blobs (digest, size, created_at, last_referenced) VALUES ($1, $2, $3, $3)
                  ON CONFLICT (digest) DO UPDATE SET last_referenced = excluded.last_referenced, corrupt = 0",
-                p![digest, size, now],
+                p![digest, size, who.at],
             )?;
-            Ok(())
+            if let Some(ns) = namespace {
+                c.exec(
+                    "INSERT INTO blob_links (blob, namespace) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    p![digest, ns],
+                )?;
+            }
+            let d = digest.to_string();
+            audit_in(c, who, "upload", &d, &d)
         })
     }
 
@@ -420,7 +485,7 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn add_base(&self, base: &BaseRecord) -> Result<bool> {
+    fn add_base(&self, base: &BaseRecord, who: &Actor) -> Result<bool> {
         let bad = |e: serde_json::Error| Error::InvalidArgument(e.to_string());
         let tensors = serde_json::to_string(&base.tensors).map_err(bad)?;
         let digests = if base.proven() {
@@ -428,12 +493,14 @@ impl MetaStore for SqlMeta {
         } else {
             String::new()
         };
+        let fingerprint = base.fingerprint.to_string();
         self.db.write(|c| {
             let added = c.exec(
                 "INSERT INTO bases (name, fingerprint, tensors, created_at, digests) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (name) DO NOTHING",
                 p![&base.name, &base.fingerprint, &tensors, base.created_at, &digests],
             )? > 0;
+            audit_in(c, who, "add-base", &base.name, &fingerprint)?;
             if added {
                 return Ok(true);
             }
@@ -444,7 +511,7 @@ impl MetaStore for SqlMeta {
                     p![&base.name],
                 )?
                 .text(0)?;
-            if fp == base.fingerprint.to_string() {
+            if fp == fingerprint {
                 // A record from before proofs existed gets this one's table and digests.
                 if base.proven() {
                     c.exec(
@@ -492,10 +559,14 @@ impl MetaStore for SqlMeta {
         manifest: &Manifest,
         body: &[u8],
         tags: &[String],
-        now: i64,
+        who: &Actor,
     ) -> Result<Pushed> {
-        self.db
-            .write(|c| push_in(c, repo, manifest, body, tags, now))
+        self.db.write(|c| {
+            let pushed = push_in(c, repo, manifest, body, tags, who.at)?;
+            let target = format!("{repo}:v{}", pushed.version);
+            audit_in(c, who, "push", &target, &Digest::of(body).to_string())?;
+            Ok(pushed)
+        })
     }
 
     fn resolve(&self, reference: &Reference) -> Result<Option<Resolved>> {
@@ -676,13 +747,10 @@ impl MetaStore for SqlMeta {
         tag: &str,
         version: u64,
         expected: Option<u64>,
-        now: i64,
+        who: &Actor,
     ) -> Result<u64> {
         self.db.write(|c| {
-            let id = repo_id(c, repo, true)?.ok_or_else(|| Error::NotFound {
-                what: "repository",
-                name: repo.to_string(),
-            })?;
+            let (id, digest) = existing_version(c, repo, version)?;
             let current = c
                 .opt(
                     "SELECT version FROM tags WHERE repository = $1 AND tag = $2",
@@ -700,7 +768,9 @@ impl MetaStore for SqlMeta {
                     version_name(expected)
                 )));
             }
-            upsert_tag(c, id, tag, version, now)?;
+            upsert_tag(c, id, tag, version, who.at)?;
+            let target = format!("{repo}:{tag} -> v{version}");
+            audit_in(c, who, "tag", &target, &digest.to_string())?;
             Ok(current)
         })
     }
@@ -777,16 +847,6 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn link_blob(&self, digest: &Digest, namespace: &str) -> Result<()> {
-        self.db.read(|c| {
-            c.exec(
-                "INSERT INTO blob_links (blob, namespace) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                p![digest, namespace],
-            )?;
-            Ok(())
-        })
-    }
-
     fn visible_blobs(
         &self,
         digests: &[Digest],
@@ -821,16 +881,6 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn audit(&self, e: &AuditEntry) -> Result<()> {
-        self.db.read(|c| {
-            c.exec(
-                "INSERT INTO audit (at, token, action, target, digest) VALUES ($1, $2, $3, $4, $5)",
-                p![e.at, e.token, &e.action, &e.target, &e.digest],
-            )?;
-            Ok(())
-        })
-    }
-
     fn list_audit(&self) -> Result<Vec<AuditEntry>> {
         self.db.read(|c| {
             c.query(
@@ -851,23 +901,37 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn yank(&self, repo: &Repository, version: u64, yanked: bool) -> Result<Vec<String>> {
-        let now = crate::clock::now();
+    fn yank(
+        &self,
+        repo: &Repository,
+        version: u64,
+        yanked: bool,
+        who: &Actor,
+    ) -> Result<Vec<String>> {
         self.db.write(|c| {
-            let id = existing_version(c, repo, version)?;
+            let (id, digest) = existing_version(c, repo, version)?;
             let state = if yanked { YANKED } else { LIVE };
             c.exec(
                 "UPDATE versions SET yanked = $3 WHERE repository = $1 AND version = $2",
                 p![id, version, state],
             )?;
-            refresh_latest(c, id, now)?;
+            refresh_latest(c, id, who.at)?;
+            let action = if yanked { "yank" } else { "unyank" };
+            audit_in(
+                c,
+                who,
+                action,
+                &format!("{repo}:v{version}"),
+                &digest.to_string(),
+            )?;
             tags_of(c, id, version)
         })
     }
 
-    fn delete_version(&self, repo: &Repository, version: u64, now: i64) -> Result<()> {
+    fn delete_version(&self, repo: &Repository, version: u64, who: &Actor) -> Result<()> {
+        let now = who.at;
         self.db.write(|c| {
-            let id = existing_version(c, repo, version)?;
+            let (id, digest) = existing_version(c, repo, version)?;
             c.exec(
                 "DELETE FROM tags WHERE repository = $1 AND version = $2",
                 p![id, version],
@@ -883,23 +947,33 @@ impl MetaStore for SqlMeta {
                     WHERE v.repository = $1 AND v.version = $2)",
                 p![id, version, now],
             )?;
-            refresh_latest(c, id, now)
+            refresh_latest(c, id, now)?;
+            audit_in(c, who, "delete", &format!("{repo}:v{version}"), &digest.to_string())
         })
     }
 
-    fn delete_tag(&self, repo: &Repository, tag: &str) -> Result<bool> {
-        self.db.read(|c| {
-            let Some(id) = repo_id(c, repo, false)? else {
+    fn delete_tag(&self, repo: &Repository, tag: &str, who: &Actor) -> Result<bool> {
+        self.db.write(|c| {
+            let Some(id) = repo_id(c, repo, true)? else {
                 return Ok(false);
             };
-            Ok(c.exec(
+            let deleted = c.exec(
                 "DELETE FROM tags WHERE repository = $1 AND tag = $2",
                 p![id, tag],
-            )? > 0)
+            )? > 0;
+            if deleted {
+                audit_in(c, who, "untag", &format!("{repo}:{tag}"), "")?;
+            }
+            Ok(deleted)
         })
     }
 
-    fn collect_garbage(&self, cutoff: i64, dry_run: bool) -> Result<Vec<(Digest, u64)>> {
+    fn collect_garbage(
+        &self,
+        cutoff: i64,
+        dry_run: bool,
+        who: &Actor,
+    ) -> Result<Vec<(Digest, u64)>> {
         let collect = |c: &mut dyn Sql| -> Result<Vec<(Digest, u64)>> {
             // Locking the candidates makes a concurrent push (which refreshes
             // `last_referenced` on the blobs it names) either finish first, and then the
@@ -924,6 +998,7 @@ impl MetaStore for SqlMeta {
                     c.exec("DELETE FROM blob_links WHERE blob = $1", p![d])?;
                     c.exec("DELETE FROM blobs WHERE digest = $1", p![d])?;
                 }
+                audit_in(c, who, "gc", &format!("{} blobs", rows.len()), "")?;
             }
             Ok(rows)
         };
@@ -954,19 +1029,21 @@ impl MetaStore for SqlMeta {
     }
 }
 
-/// The repository id (locked), after checking the version exists and is not deleted.
-fn existing_version(c: &mut dyn Sql, repo: &Repository, version: u64) -> Result<i64> {
+/// The repository id (locked) and the version's manifest digest, after checking the
+/// version exists and is not deleted.
+fn existing_version(c: &mut dyn Sql, repo: &Repository, version: u64) -> Result<(i64, Digest)> {
     let not_found = || Error::NotFound {
         what: "version",
         name: format!("{repo}:v{version}"),
     };
     let id = repo_id(c, repo, true)?.ok_or_else(not_found)?;
-    c.opt(
-        "SELECT 1 FROM versions WHERE repository = $1 AND version = $2 AND yanked < 2",
-        p![id, version],
-    )?
-    .ok_or_else(not_found)?;
-    Ok(id)
+    let row = c
+        .opt(
+            "SELECT manifest FROM versions WHERE repository = $1 AND version = $2 AND yanked < 2",
+            p![id, version],
+        )?
+        .ok_or_else(not_found)?;
+    Ok((id, row.digest(0)?))
 }
 
 /// Points `latest` at the newest version that is neither yanked nor deleted (or removes it).

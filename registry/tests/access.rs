@@ -353,18 +353,16 @@ fn token_ls_and_audit_print_readable_times() {
     };
     let ls = run(&["token", "ls"]);
     assert!(ls.contains("expires 20") && year(&ls), "{ls}");
-    // One audited action, as a push records it.
+    // One audited action: an upload, its row written with it.
     {
         use delta_registry::MetaStore;
         let meta = delta_registry::SqlMeta::open(&data.path().join("registry.sqlite")).unwrap();
-        meta.audit(&delta_registry::meta::AuditEntry {
-            at: 1_796_000_000,
+        let who = delta_registry::meta::Actor {
             token: Some(1),
-            action: "push".into(),
-            target: "team/x:v1".into(),
-            digest: String::new(),
-        })
-        .unwrap();
+            at: 1_796_000_000,
+        };
+        meta.store_blob(&delta_proto::Digest::of(b"x"), 1, None, &who)
+            .unwrap();
     }
     let audit = run(&["audit"]);
     assert!(audit.contains("2026-11-30T"), "{audit}");

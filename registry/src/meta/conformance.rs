@@ -16,7 +16,12 @@ use delta_proto::reference::Repository;
 
 use crate::error::{Error, Result};
 use crate::meta::jobs::{Completion, MAX_ATTEMPTS, WorkerScope};
-use crate::meta::{AuditEntry, BaseRecord, MetaStore, Pushed, SearchFilter, TokenRecord};
+use crate::meta::{Actor, BaseRecord, MetaStore, Pushed, SearchFilter, TokenRecord};
+
+/// A change at `t`, by no token.
+fn at(t: i64) -> Actor {
+    Actor::local(t)
+}
 
 /// A proven base record: its fingerprint is recomputed from its tensors' digests.
 fn base() -> BaseRecord {
@@ -67,16 +72,19 @@ fn manifest(blob: Digest, note: &str) -> Manifest {
 
 fn push(m: &dyn MetaStore, repo: &Repository, man: &Manifest, tags: &[&str]) -> Result<Pushed> {
     let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
-    m.push_manifest(repo, man, &man.canonical_json(), &tags, 5)
+    m.push_manifest(repo, man, &man.canonical_json(), &tags, &at(5))
 }
 
 /// Bases, pushes, versions, tags (with compare-and-swap), resolve and search.
 pub fn versions_tags_and_search(m: &dyn MetaStore) {
-    assert!(m.add_base(&base()).unwrap());
-    assert!(!m.add_base(&base()).unwrap());
+    assert!(m.add_base(&base(), &at(1)).unwrap());
+    assert!(!m.add_base(&base(), &at(1)).unwrap());
     let mut other = base();
     other.fingerprint = Digest::of(b"other");
-    assert!(matches!(m.add_base(&other), Err(Error::AlreadyExists(_))));
+    assert!(matches!(
+        m.add_base(&other, &at(1)),
+        Err(Error::AlreadyExists(_))
+    ));
     assert_eq!(m.find_bases("tiny").unwrap(), vec![base()]);
     assert_eq!(
         m.find_bases(&base().fingerprint.to_string()).unwrap()[0].name,
@@ -92,7 +100,7 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
         created_at: 0,
         ..base()
     };
-    assert!(m.add_base(&legacy).unwrap());
+    assert!(m.add_base(&legacy, &at(1)).unwrap());
     let by_fp = m.find_bases(&base().fingerprint.to_string()).unwrap();
     assert_eq!(
         by_fp.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
@@ -104,7 +112,7 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
         name: "legacy".into(),
         ..base()
     };
-    assert!(!m.add_base(&proven).unwrap());
+    assert!(!m.add_base(&proven, &at(1)).unwrap());
     let upgraded = &m.find_bases("legacy").unwrap()[0];
     assert!(upgraded.proven());
     assert_eq!(upgraded.tensors, base().tensors);
@@ -118,8 +126,26 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
         Err(Error::FailedPrecondition(_))
     ));
     assert!(m.list_repositories(None).unwrap().is_empty());
+    // Refused writes leave no audit row: the base registrations that stood are there,
+    // the conflicting one and the refused push are not.
+    let actions = |m: &dyn MetaStore| -> Vec<String> {
+        m.list_audit()
+            .unwrap()
+            .into_iter()
+            .map(|e| format!("{} {}", e.action, e.target))
+            .collect()
+    };
+    assert_eq!(
+        actions(m),
+        [
+            "add-base tiny",
+            "add-base tiny",
+            "add-base legacy",
+            "add-base legacy"
+        ]
+    );
 
-    m.insert_blob(&blob, 10, 2).unwrap();
+    m.store_blob(&blob, 10, None, &at(2)).unwrap();
     assert_eq!(
         push(m, &repo, &manifest(blob, "a"), &["prod"]).unwrap(),
         Pushed {
@@ -166,12 +192,25 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
     );
 
     // Compare-and-swap on tags.
-    assert_eq!(m.set_tag(&repo, "prod", 2, Some(1), 6).unwrap(), 1);
+    assert_eq!(m.set_tag(&repo, "prod", 2, Some(1), &at(6)).unwrap(), 1);
     assert!(matches!(
-        m.set_tag(&repo, "prod", 1, Some(1), 7),
+        m.set_tag(&repo, "prod", 1, Some(1), &at(7)),
         Err(Error::FailedPrecondition(_))
     ));
-    assert_eq!(m.set_tag(&repo, "new", 1, Some(0), 7).unwrap(), 0);
+    assert_eq!(m.set_tag(&repo, "new", 1, Some(0), &at(7)).unwrap(), 0);
+    assert!(matches!(
+        m.set_tag(&repo, "gone", 9, None, &at(8)),
+        Err(Error::NotFound { .. })
+    ));
+    let log = actions(m);
+    assert_eq!(
+        log[log.len() - 3..],
+        [
+            "push team/sst2:v2",
+            "tag team/sst2:prod -> v2",
+            "tag team/sst2:new -> v1"
+        ]
+    );
 
     let versions = m.list_versions(&repo).unwrap().unwrap();
     assert_eq!(
@@ -216,28 +255,24 @@ fn repo(s: &str) -> Repository {
 
 fn stored_blob(m: &dyn MetaStore, name: &str) -> Digest {
     let blob = Digest::of(name.as_bytes());
-    m.insert_blob(&blob, 10, 2).unwrap();
+    m.store_blob(&blob, 10, None, &at(2)).unwrap();
     blob
 }
 
 /// Yank, delete (numbers never reused), `latest`, garbage collection, corrupt marks.
 pub fn lifecycle(m: &dyn MetaStore) {
-    m.add_base(&base()).unwrap();
+    m.add_base(&base(), &at(1)).unwrap();
     let (kept, dropped) = (stored_blob(m, "kept"), stored_blob(m, "dropped"));
     let r = repo("team/life");
-    push(m, &r, &manifest(kept, "1"), &[]).unwrap();
-    push(m, &r, &manifest(dropped, "2"), &["prod"]).unwrap();
-    // Who pushed: what the push's audit row says (none: a job's publication).
-    for (version, token) in [(1, Some(7)), (2, None)] {
-        m.audit(&AuditEntry {
-            at: 50,
-            token,
-            action: "push".into(),
-            target: format!("team/life:v{version}"),
-            digest: String::new(),
-        })
+    // Who pushed: what the push's audit row says (written with the push).
+    let first = manifest(kept, "1");
+    let by_7 = Actor {
+        token: Some(7),
+        at: 5,
+    };
+    m.push_manifest(&r, &first, &first.canonical_json(), &[], &by_7)
         .unwrap();
-    }
+    push(m, &r, &manifest(dropped, "2"), &["prod"]).unwrap();
     let by: Vec<String> = m
         .list_versions(&r)
         .unwrap()
@@ -248,7 +283,7 @@ pub fn lifecycle(m: &dyn MetaStore) {
     assert_eq!(by, ["open registry", "token 7"], "newest first");
 
     assert_eq!(
-        m.yank(&r, 2, true).unwrap(),
+        m.yank(&r, 2, true, &at(60)).unwrap(),
         ["prod"],
         "yanking says which tags still point at the version"
     );
@@ -265,7 +300,7 @@ pub fn lifecycle(m: &dyn MetaStore) {
     );
     assert_eq!(m.list_versions(&r).unwrap().unwrap().len(), 1);
     // Every version yanked: the repository is listed as such, not dropped.
-    assert_eq!(m.yank(&r, 1, true).unwrap(), Vec::<String>::new());
+    assert_eq!(m.yank(&r, 1, true, &at(60)).unwrap(), Vec::<String>::new());
     let listed = m.list_repositories(Some("team")).unwrap();
     let life = listed
         .iter()
@@ -274,9 +309,9 @@ pub fn lifecycle(m: &dyn MetaStore) {
     assert!(life.yanked);
     assert_eq!((life.latest_version, life.versions), (2, 2));
     assert!(m.resolve(&"team/life".parse().unwrap()).unwrap().is_none());
-    assert_eq!(m.yank(&r, 1, false).unwrap(), ["latest"]);
+    assert_eq!(m.yank(&r, 1, false, &at(60)).unwrap(), ["latest"]);
     assert!(!m.list_repositories(Some("team")).unwrap()[0].yanked);
-    m.yank(&r, 2, false).unwrap();
+    m.yank(&r, 2, false, &at(60)).unwrap();
     assert_eq!(
         m.resolve(&"team/life".parse().unwrap())
             .unwrap()
@@ -285,7 +320,7 @@ pub fn lifecycle(m: &dyn MetaStore) {
         2
     );
 
-    m.delete_version(&r, 2, 100).unwrap();
+    m.delete_version(&r, 2, &at(100)).unwrap();
     assert!(
         m.resolve(&"team/life:v2".parse().unwrap())
             .unwrap()
@@ -297,7 +332,7 @@ pub fn lifecycle(m: &dyn MetaStore) {
             .is_none()
     );
     assert!(matches!(
-        m.delete_version(&r, 2, 100),
+        m.delete_version(&r, 2, &at(100)),
         Err(Error::NotFound { .. })
     ));
     assert_eq!(
@@ -311,21 +346,21 @@ pub fn lifecycle(m: &dyn MetaStore) {
         ["team/life:v1", "team/life:v3"]
     );
     assert!(m.blob_users(&dropped).unwrap().is_empty());
-    assert!(m.delete_tag(&r, "latest").unwrap());
-    assert!(!m.delete_tag(&r, "nope").unwrap());
+    assert!(m.delete_tag(&r, "latest", &at(100)).unwrap());
+    assert!(!m.delete_tag(&r, "nope", &at(100)).unwrap());
 
     // The deleted version's blob is garbage once its grace period ends.
-    assert!(m.collect_garbage(100, false).unwrap().is_empty());
-    let dry = m.collect_garbage(101, true).unwrap();
+    assert!(m.collect_garbage(100, false, &at(120)).unwrap().is_empty());
+    let dry = m.collect_garbage(101, true, &at(120)).unwrap();
     assert_eq!(dry, vec![(dropped, 10)]);
-    assert_eq!(m.collect_garbage(101, false).unwrap(), dry);
+    assert_eq!(m.collect_garbage(101, false, &at(120)).unwrap(), dry);
     assert!(m.blob_sizes(&[dropped]).unwrap().is_empty());
     assert_eq!(m.blob_sizes(&[kept]).unwrap()[&kept], 10);
 
     m.mark_corrupt(&kept).unwrap();
     assert_eq!(m.all_blobs().unwrap(), vec![(kept, 10, true)]);
     assert!(m.blob_sizes(&[kept]).unwrap().is_empty());
-    m.insert_blob(&kept, 10, 200).unwrap();
+    m.store_blob(&kept, 10, None, &at(200)).unwrap();
     assert_eq!(m.all_blobs().unwrap(), vec![(kept, 10, false)]);
 }
 
@@ -370,8 +405,8 @@ pub fn access(m: &dyn MetaStore) {
     };
     assert!(visible("team").is_empty());
     assert_eq!(visible("*"), vec![blob], "`*` sees every stored blob");
-    m.link_blob(&blob, "team").unwrap();
-    m.link_blob(&blob, "team").unwrap();
+    m.store_blob(&blob, 10, Some("team"), &at(3)).unwrap();
+    m.store_blob(&blob, 10, Some("team"), &at(3)).unwrap();
     assert_eq!(visible("team"), vec![blob]);
     assert!(visible("other").is_empty());
     assert!(
@@ -397,33 +432,35 @@ pub fn access(m: &dyn MetaStore) {
     assert!(!found[&blob].corrupt);
     m.mark_corrupt(&blob).unwrap();
     assert!(m.visible_blobs(&[blob], "team").unwrap()[&blob].corrupt);
-    m.insert_blob(&blob, 10, 3).unwrap();
+    m.store_blob(&blob, 10, None, &at(3)).unwrap();
     assert!(!m.visible_blobs(&[blob], "team").unwrap()[&blob].corrupt);
 
-    let entry = AuditEntry {
-        at: 3,
+    // Each upload wrote its row with it, naming the token that made it.
+    let by_token = Actor {
         token: Some(id),
-        action: "push".into(),
-        target: "team/x".into(),
-        digest: blob.to_string(),
+        at: 4,
     };
-    m.audit(&entry).unwrap();
-    m.audit(&AuditEntry {
-        token: None,
-        ..entry.clone()
-    })
-    .unwrap();
+    m.store_blob(&blob, 10, Some("team"), &by_token).unwrap();
     let log = m.list_audit().unwrap();
-    assert_eq!(log.len(), 2);
-    assert_eq!(log[0], entry);
-    assert_eq!(log[1].token, None);
+    assert_eq!(log.len(), 5);
+    assert!(log.iter().all(|e| e.action == "upload"
+        && e.target == blob.to_string()
+        && e.digest == blob.to_string()));
+    assert_eq!(
+        log.iter().map(|e| e.at).collect::<Vec<_>>(),
+        [2, 3, 3, 3, 4]
+    );
+    assert_eq!(
+        log.iter().map(|e| e.token).collect::<Vec<_>>(),
+        [None, None, None, None, Some(id)]
+    );
 }
 
 /// The job queue: leases, renewals, refusals of lost leases, progress, completion that
 /// publishes, reports, and failure after [`MAX_ATTEMPTS`] lost leases.
 pub fn jobs(m: &dyn MetaStore) {
     let all = WorkerScope::all();
-    m.add_base(&base()).unwrap();
+    m.add_base(&base(), &at(1)).unwrap();
     let blob = stored_blob(m, "trained");
     let tags = vec!["nightly".to_owned()];
     let train = m
@@ -434,8 +471,10 @@ pub fn jobs(m: &dyn MetaStore) {
             "team",
             "",
             &tags,
-            Some(7),
-            10,
+            &Actor {
+                token: Some(7),
+                at: 10,
+            },
         )
         .unwrap();
     assert_eq!((train.state, train.submitter), (JobState::Queued, Some(7)));
@@ -447,8 +486,10 @@ pub fn jobs(m: &dyn MetaStore) {
             "team",
             "",
             &[],
-            None,
-            11,
+            &Actor {
+                token: None,
+                at: 11,
+            },
         )
         .unwrap();
     assert!(verify.id > train.id);
@@ -500,7 +541,7 @@ pub fn jobs(m: &dyn MetaStore) {
                 manifest: &man,
                 body: &body,
             },
-            30,
+            &at(30),
         )
         .unwrap();
     assert_eq!(done.state, JobState::Succeeded);
@@ -509,8 +550,16 @@ pub fn jobs(m: &dyn MetaStore) {
         .unwrap()
         .unwrap();
     assert_eq!(pushed.version, 1);
+    // A job's publication is audited as the completion (by the worker), not as a push.
+    let versions = m.list_versions(&repo("team/jobs")).unwrap().unwrap();
+    assert_eq!(versions[0].pushed_by, "");
+    let last = m.list_audit().unwrap().pop().unwrap();
+    assert_eq!(
+        (last.action.as_str(), last.target.as_str(), last.digest),
+        ("complete-job", "team/jobs", train.id.to_string())
+    );
     assert!(
-        m.complete_job(train.id, "L2", &all, &Completion::Failed("late"), 31)
+        m.complete_job(train.id, "L2", &all, &Completion::Failed("late"), &at(31))
             .is_err(),
         "a finished job takes no second completion"
     );
@@ -524,7 +573,7 @@ pub fn jobs(m: &dyn MetaStore) {
             manifest: &digest,
             report: r#"{"accuracy":1.0}"#,
         },
-        32,
+        &at(32),
     )
     .unwrap();
     let reports = m.list_reports(&digest).unwrap();
@@ -539,8 +588,10 @@ pub fn jobs(m: &dyn MetaStore) {
             "team",
             "",
             &[],
-            None,
-            40,
+            &Actor {
+                token: None,
+                at: 40,
+            },
         )
         .unwrap();
     let mut t = 40;
@@ -569,7 +620,15 @@ pub fn jobs(m: &dyn MetaStore) {
     // Workers are confined to their namespace; read-scope workers get verify jobs only.
     let t = 100;
     let b_train = m
-        .submit_job(JobKind::Train, "{}", "team-b/x", "team-b", "", &[], None, t)
+        .submit_job(
+            JobKind::Train,
+            "{}",
+            "team-b/x",
+            "team-b",
+            "",
+            &[],
+            &Actor { token: None, at: t },
+        )
         .unwrap();
     let b_verify = m
         .submit_job(
@@ -579,8 +638,7 @@ pub fn jobs(m: &dyn MetaStore) {
             "team-b",
             "",
             &[],
-            None,
-            t,
+            &Actor { token: None, at: t },
         )
         .unwrap();
     assert_eq!(b_train.namespace, "team-b");
@@ -609,7 +667,7 @@ pub fn jobs(m: &dyn MetaStore) {
     for call in [
         m.renew_lease(b_verify.id, "B1", &a, t, t + 50),
         m.report_progress(b_verify.id, "B1", &a, "{}", t),
-        m.complete_job(b_verify.id, "B1", &a, &Completion::Failed("x"), t)
+        m.complete_job(b_verify.id, "B1", &a, &Completion::Failed("x"), &at(t))
             .map(|_| ()),
     ] {
         assert!(matches!(call, Err(Error::NotFound { .. })), "{call:?}");
@@ -624,7 +682,7 @@ pub fn jobs(m: &dyn MetaStore) {
         "B1",
         &scope("team-b", false),
         &Completion::Failed("x"),
-        t,
+        &at(t),
     )
     .unwrap();
 
@@ -640,8 +698,7 @@ pub fn jobs(m: &dyn MetaStore) {
             "team-c",
             &fp_x,
             &[],
-            None,
-            t,
+            &Actor { token: None, at: t },
         )
         .unwrap();
     let anywhere = m
@@ -652,8 +709,7 @@ pub fn jobs(m: &dyn MetaStore) {
             "team-c",
             "",
             &[],
-            None,
-            t,
+            &Actor { token: None, at: t },
         )
         .unwrap();
     let all = scope("team-c", true);
@@ -689,7 +745,7 @@ pub fn jobs(m: &dyn MetaStore) {
 /// compare-and-swap tag moves never lose an update.
 pub fn concurrent_writers(open: Open<'_>) {
     let m = open();
-    m.add_base(&base()).unwrap();
+    m.add_base(&base(), &at(1)).unwrap();
     let blob = stored_blob(m.as_ref(), "race");
     let r = repo("team/race");
     let versions: Vec<u64> = std::thread::scope(|s| {
@@ -723,7 +779,7 @@ pub fn concurrent_writers(open: Open<'_>) {
 
     // Four writers move `counter` one version up at a time, each move conditional on the
     // version it read: 20 moves from v1 must end at v21, each starting version used once.
-    m.set_tag(&r, "counter", 1, None, 1).unwrap();
+    m.set_tag(&r, "counter", 1, None, &at(1)).unwrap();
     let moved_from: Vec<u64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
             .map(|_| {
@@ -737,7 +793,7 @@ pub fn concurrent_writers(open: Open<'_>) {
                             .unwrap()
                             .unwrap()
                             .version;
-                        match m.set_tag(r, "counter", now + 1, Some(now), 2) {
+                        match m.set_tag(r, "counter", now + 1, Some(now), &at(2)) {
                             Ok(prev) => from.push(prev),
                             Err(Error::FailedPrecondition(_)) => {}
                             Err(e) => panic!("{e}"),
@@ -774,8 +830,7 @@ pub fn racing_leases(open: Open<'_>) {
                 "team",
                 "",
                 &[],
-                None,
-                1,
+                &Actor { token: None, at: 1 },
             )
             .unwrap()
             .id

@@ -15,7 +15,7 @@ use delta_proto::manifest::Manifest;
 use delta_proto::reference::Repository;
 
 use crate::error::{Error, Result};
-use crate::meta::{Pushed, SqlMeta, push_in};
+use crate::meta::{Actor, Pushed, SqlMeta, audit_in, push_in};
 use crate::sql::{Row, Sql, Value, p};
 
 /// Leases lost before a job fails for good.
@@ -118,7 +118,7 @@ impl WorkerScope {
 /// Job storage. Blocking, like [`crate::meta::MetaStore`].
 pub trait JobStore {
     /// Queues a job in `namespace` (its repository's) on base fingerprint `base` (`""`:
-    /// none named; any worker may take it).
+    /// none named; any worker may take it), submitted by `who` (a `submit-job` audit row).
     #[allow(clippy::too_many_arguments)]
     fn submit_job(
         &self,
@@ -128,8 +128,7 @@ pub trait JobStore {
         namespace: &str,
         base: &str,
         tags: &[String],
-        submitter: Option<i64>,
-        now: i64,
+        who: &Actor,
     ) -> Result<JobRow>;
     /// A job by id.
     fn get_job(&self, id: u64) -> Result<Option<JobRow>>;
@@ -171,14 +170,15 @@ pub trait JobStore {
         body: &str,
         now: i64,
     ) -> Result<()>;
-    /// Finishes a job (lease checked), publishing its result in the same transaction.
+    /// Finishes a job (lease checked), publishing its result in the same transaction, with
+    /// `who`'s `complete-job` audit row.
     fn complete_job(
         &self,
         id: u64,
         lease: &str,
         scope: &WorkerScope,
         completion: &Completion<'_>,
-        now: i64,
+        who: &Actor,
     ) -> Result<JobRow>;
     /// Reports on a manifest, oldest first.
     fn list_reports(&self, manifest: &str) -> Result<Vec<ReportRow>>;
@@ -268,8 +268,7 @@ impl JobStore for SqlMeta {
         namespace: &str,
         base: &str,
         tags: &[String],
-        submitter: Option<i64>,
-        now: i64,
+        who: &Actor,
     ) -> Result<JobRow> {
         let tags = serde_json::to_string(tags).unwrap_or_else(|_| "[]".into());
         self.db.write(|c| {
@@ -277,9 +276,10 @@ impl JobStore for SqlMeta {
                 .one(
                     "INSERT INTO jobs (kind, spec, repository, namespace, base, tags, state, submitter, created_at, updated_at)
                      VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7, $8, $8) RETURNING id",
-                    p![kind.as_str(), spec, repository, namespace, base, &tags, submitter, now],
+                    p![kind.as_str(), spec, repository, namespace, base, &tags, who.token, who.at],
                 )?
                 .uint(0)?;
+            audit_in(c, who, "submit-job", repository, &id.to_string())?;
             load(c, id)?.ok_or_else(|| Error::NotFound {
                 what: "job",
                 name: id.to_string(),
@@ -418,8 +418,9 @@ impl JobStore for SqlMeta {
         lease: &str,
         scope: &WorkerScope,
         completion: &Completion<'_>,
-        now: i64,
+        who: &Actor,
     ) -> Result<JobRow> {
+        let now = who.at;
         self.db.write(|c| {
             let job = check_lease(c, id, lease, scope, now)?;
             let (state, result, error) = match completion {
@@ -447,6 +448,7 @@ impl JobStore for SqlMeta {
                  updated_at = $5 WHERE id = $1",
                 p![id, state.as_str(), &result, &error, now],
             )?;
+            audit_in(c, who, "complete-job", &job.repository, &id.to_string())?;
             load(c, id)?.ok_or_else(|| Error::NotFound {
                 what: "job",
                 name: id.to_string(),

@@ -8,9 +8,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{BoxStream, RegistryService};
+use super::{BoxStream, RegistryService, actor};
 use crate::auth::{Caller, Scope};
-use crate::clock::now;
 use crate::error::{Error, Result};
 use crate::uploads::{Holder, Progress};
 
@@ -21,16 +20,8 @@ impl RegistryService {
         size: u64,
         caller: &Caller,
     ) -> Result<()> {
-        let ns = caller.blob_namespace().map(str::to_owned);
-        self.meta(move |m| {
-            m.insert_blob(&digest, size, now())?;
-            match ns {
-                Some(ns) => m.link_blob(&digest, &ns),
-                None => Ok(()),
-            }
-        })
-        .await?;
-        self.record(caller, "upload", &digest.to_string(), &digest.to_string())
+        let (ns, who) = (caller.blob_namespace().map(str::to_owned), actor(caller));
+        self.meta(move |m| m.store_blob(&digest, size, ns.as_deref(), &who))
             .await?;
         tracing::info!(digest = %digest, bytes = size, "blob stored");
         Ok(())

@@ -10,7 +10,7 @@ use delta_proto::reference::{Repository, check_tag};
 use delta_proto::{self as pb, Digest, excerpt};
 use tonic::{Request, Response, Status};
 
-use super::RegistryService;
+use super::{RegistryService, actor};
 use crate::auth::{Caller, Scope};
 use crate::clock::now;
 use crate::error::{Error, Result};
@@ -219,7 +219,6 @@ pub(super) async fn add_base(
         ))
         .into());
     }
-    let name_for_audit = req.name.clone();
     let (tensors, digests) = entries.into_iter().map(|e| (e.info, e.digest)).unzip();
     let record = BaseRecord {
         name: req.name,
@@ -228,14 +227,8 @@ pub(super) async fn add_base(
         digests,
         created_at: now(),
     };
-    let created = svc.meta(move |m| m.add_base(&record)).await?;
-    svc.record(
-        &caller,
-        "add-base",
-        &name_for_audit,
-        &fingerprint.to_string(),
-    )
-    .await?;
+    let who = actor(&caller);
+    let created = svc.meta(move |m| m.add_base(&record, &who)).await?;
     Ok(Response::new(pb::AddBaseResponse {
         fingerprint: fingerprint.to_string(),
         created,
@@ -313,18 +306,11 @@ pub(super) async fn push_manifest(
     let body = manifest.canonical_json();
     let digest = Digest::of(&body);
     let tags = req.tags.clone();
-    let r = repo.clone();
+    let (r, who) = (repo.clone(), actor(&caller));
     let pushed = svc
-        .meta(move |m| m.push_manifest(&r, &manifest, &body, &tags, now()))
+        .meta(move |m| m.push_manifest(&r, &manifest, &body, &tags, &who))
         .await?;
     tracing::info!(repository = %repo, version = pushed.version, digest = %digest, created = pushed.created, "manifest pushed");
-    svc.record(
-        &caller,
-        "push",
-        &format!("{repo}:v{}", pushed.version),
-        &digest.to_string(),
-    )
-    .await?;
     Ok(Response::new(pb::PushManifestResponse {
         repository: repo.to_string(),
         version: pushed.version,
@@ -478,18 +464,11 @@ pub(super) async fn set_tag(
         .resolve_checked(&caller, &req.reference, Scope::Write)
         .await?;
     let (repo, tag, version) = (target.repository.clone(), req.tag.clone(), target.version);
-    let expected = req.expected_version;
+    let (expected, who) = (req.expected_version, actor(&caller));
     let previous = svc
-        .meta(move |m| m.set_tag(&repo, &tag, version, expected, now()))
+        .meta(move |m| m.set_tag(&repo, &tag, version, expected, &who))
         .await?;
     tracing::info!(version, previous, "tag set");
-    svc.record(
-        &caller,
-        "tag",
-        &format!("{}:{} -> v{version}", target.repository, req.tag),
-        &target.digest.to_string(),
-    )
-    .await?;
     Ok(Response::new(pb::SetTagResponse {
         repository: target.repository.to_string(),
         tag: req.tag,
@@ -508,12 +487,8 @@ pub(super) async fn delete_tag(
     svc.authorize(&caller, repo.namespace(), Scope::Write)
         .await?;
     check_tag(&req.tag).map_err(Error::from)?;
-    let (r, tag) = (repo.clone(), req.tag.clone());
-    let deleted = svc.meta(move |m| m.delete_tag(&r, &tag)).await?;
-    if deleted {
-        svc.record(&caller, "untag", &format!("{repo}:{}", req.tag), "")
-            .await?;
-    }
+    let (r, tag, who) = (repo.clone(), req.tag.clone(), actor(&caller));
+    let deleted = svc.meta(move |m| m.delete_tag(&r, &tag, &who)).await?;
     Ok(Response::new(pb::DeleteTagResponse { deleted }))
 }
 
@@ -527,15 +502,10 @@ pub(super) async fn yank_version(
         .resolve_checked(&caller, &req.reference, Scope::Admin)
         .await?;
     let (repo, version, yanked) = (target.repository.clone(), target.version, !req.undo);
-    let tags = svc.meta(move |m| m.yank(&repo, version, yanked)).await?;
-    let action = if req.undo { "unyank" } else { "yank" };
-    svc.record(
-        &caller,
-        action,
-        &format!("{}:v{version}", target.repository),
-        &target.digest.to_string(),
-    )
-    .await?;
+    let who = actor(&caller);
+    let tags = svc
+        .meta(move |m| m.yank(&repo, version, yanked, &who))
+        .await?;
     Ok(Response::new(pb::YankVersionResponse {
         repository: target.repository.to_string(),
         version,
@@ -553,15 +523,9 @@ pub(super) async fn delete_version(
         .resolve_checked(&caller, &req.reference, Scope::Admin)
         .await?;
     let (repo, version) = (target.repository.clone(), target.version);
-    svc.meta(move |m| m.delete_version(&repo, version, now()))
+    let who = actor(&caller);
+    svc.meta(move |m| m.delete_version(&repo, version, &who))
         .await?;
-    svc.record(
-        &caller,
-        "delete",
-        &format!("{}:v{version}", target.repository),
-        &target.digest.to_string(),
-    )
-    .await?;
     Ok(Response::new(pb::DeleteVersionResponse {
         repository: target.repository.to_string(),
         version,
@@ -588,19 +552,10 @@ pub(super) async fn collect_garbage(
             &svc.inner.blobs,
             grace,
             req.dry_run,
-            now(),
+            actor(&caller),
         )
         .await?
     };
-    if !req.dry_run {
-        svc.record(
-            &caller,
-            "gc",
-            &format!("{} blobs", report.removed.len()),
-            "",
-        )
-        .await?;
-    }
     Ok(Response::new(pb::CollectGarbageResponse {
         blobs: report.removed.len() as u64,
         bytes: report.bytes,

@@ -7,7 +7,7 @@ use delta_proto::reference::{Repository, check_tag};
 use delta_proto::{self as pb, Digest, excerpt};
 use tonic::{Request, Response, Status};
 
-use super::{BoxStream, RegistryService};
+use super::{BoxStream, RegistryService, actor};
 use crate::auth::{Caller, Scope};
 use crate::clock::now;
 use crate::error::{Error, Result};
@@ -120,26 +120,13 @@ pub(super) async fn submit_job(
     for p in &parents {
         svc.resolve_checked(&caller, p, Scope::Read).await?;
     }
-    let (tags, submitter) = (req.tags.clone(), caller.token_id());
+    let (tags, who) = (req.tags.clone(), actor(&caller));
     let spec = spec.to_json();
     let job = svc
-        .meta(move |m| {
-            m.submit_job(
-                kind,
-                &spec,
-                &repository,
-                &namespace,
-                &base,
-                &tags,
-                submitter,
-                now(),
-            )
-        })
+        .meta(move |m| m.submit_job(kind, &spec, &repository, &namespace, &base, &tags, &who))
         .await?;
     tracing::info!(job = job.id, kind = %job.kind, repository = %job.repository, "job queued");
     svc.inner.jobs_submitted.notify_waiters();
-    svc.record(&caller, "submit-job", &job.repository, &job.id.to_string())
-        .await?;
     Ok(Response::new(job_info(job)))
 }
 
@@ -310,10 +297,10 @@ pub(super) async fn complete_job(
     let job = svc
         .meta(move |m| m.leased_job(id, &lease, &held_scope, now()))
         .await?;
-    let lease = req.lease.clone();
+    let (lease, who) = (req.lease.clone(), actor(&caller));
     let done = if !req.error.is_empty() {
         let msg = req.error.clone();
-        svc.meta(move |m| m.complete_job(id, &lease, &scope, &Completion::Failed(&msg), now()))
+        svc.meta(move |m| m.complete_job(id, &lease, &scope, &Completion::Failed(&msg), &who))
             .await?
     } else if job.kind == JobKind::Train {
         // Publishing needs write on the job's namespace (checked again at lease time).
@@ -339,7 +326,7 @@ pub(super) async fn complete_job(
                     manifest: &manifest,
                     body: &body,
                 },
-                now(),
+                &who,
             )
         })
         .await?
@@ -360,20 +347,13 @@ pub(super) async fn complete_job(
                     manifest: &digest,
                     report: &report,
                 },
-                now(),
+                &who,
             )
         })
         .await?
     };
     tracing::info!(job = id, state = %done.state, error = %excerpt(&done.error), "job completed");
     svc.inner.jobs_changed.notify_waiters();
-    svc.record(
-        &caller,
-        "complete-job",
-        &done.repository,
-        &done.id.to_string(),
-    )
-    .await?;
     Ok(Response::new(job_info(done)))
 }
 

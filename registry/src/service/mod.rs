@@ -24,7 +24,7 @@ use crate::blobs::BlobStore;
 use crate::clock::now;
 use crate::config::RegistryConfig;
 use crate::error::{Error, Result};
-use crate::meta::{AuditEntry, MetaStore, SqlMeta, StoredBlob};
+use crate::meta::{Actor, MetaStore, SqlMeta, StoredBlob};
 use crate::uploads::Uploads;
 
 mod blobs;
@@ -232,24 +232,6 @@ impl RegistryService {
         self.meta(move |m| m.visible_blobs(&digests, &viewer)).await
     }
 
-    /// Appends to the audit log.
-    async fn record(
-        &self,
-        caller: &Caller,
-        action: &str,
-        target: &str,
-        digest: &str,
-    ) -> Result<()> {
-        let entry = AuditEntry {
-            at: now(),
-            token: caller.token_id(),
-            action: action.to_owned(),
-            target: target.to_owned(),
-            digest: digest.to_owned(),
-        };
-        self.meta(move |m| m.audit(&entry)).await
-    }
-
     /// Resolves a reference after checking `need` on its namespace, so a refusal says
     /// nothing about whether the reference exists.
     async fn resolve_checked(
@@ -273,6 +255,15 @@ fn authorization<T>(req: &Request<T>) -> Result<Option<String>> {
                 .map_err(|_| Error::Unauthenticated("the authorization header is not text".into()))?
                 .to_owned(),
         )),
+    }
+}
+
+/// `caller`, now: whom the audit row of a change names (written by the store in the
+/// change's own transaction).
+fn actor(caller: &Caller) -> Actor {
+    Actor {
+        token: caller.token_id(),
+        at: now(),
     }
 }
 

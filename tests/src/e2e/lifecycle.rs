@@ -8,6 +8,7 @@ use delta_client::delta::Format;
 use delta_client::{Error, hub};
 use delta_proto::{Digest, UploadChunk};
 use delta_registry::maintenance::{collect_garbage, fsck};
+use delta_registry::meta::Actor;
 use delta_registry::{BlobStore, MetaStore, SqlMeta};
 use serde_json::json;
 
@@ -114,20 +115,32 @@ async fn gc_frees_only_unreferenced_blobs_after_the_grace_period() {
         &blobs,
         Duration::from_secs(3600),
         false,
-        now(),
+        Actor::local(now()),
     )
     .await
     .unwrap();
     assert!(r.removed.is_empty());
     // Dry run lists the candidate and deletes nothing.
-    let dry = collect_garbage(meta.clone(), &blobs, Duration::ZERO, true, now())
-        .await
-        .unwrap();
+    let dry = collect_garbage(
+        meta.clone(),
+        &blobs,
+        Duration::ZERO,
+        true,
+        Actor::local(now()),
+    )
+    .await
+    .unwrap();
     assert_eq!(dry.removed.len(), 1);
     assert_eq!(env.stored_blobs(), 2);
-    let real = collect_garbage(meta.clone(), &blobs, Duration::ZERO, false, now())
-        .await
-        .unwrap();
+    let real = collect_garbage(
+        meta.clone(),
+        &blobs,
+        Duration::ZERO,
+        false,
+        Actor::local(now()),
+    )
+    .await
+    .unwrap();
     assert_eq!(real.removed, dry.removed);
     assert!(real.bytes > 0);
     assert_eq!(env.stored_blobs(), 1);
@@ -174,9 +187,15 @@ async fn gc_during_an_upload_in_flight_keeps_it() {
         data: data.slice(..1 << 20),
     }]);
     env.remote.upload_stream(first).await.unwrap();
-    collect_garbage(meta.clone(), &blobs, Duration::ZERO, false, now())
-        .await
-        .unwrap();
+    collect_garbage(
+        meta.clone(),
+        &blobs,
+        Duration::ZERO,
+        false,
+        Actor::local(now()),
+    )
+    .await
+    .unwrap();
     let rest = futures::stream::iter(vec![UploadChunk {
         upload_id: id,
         offset: 1 << 20,

@@ -58,7 +58,15 @@ fn connections_the_server_closed_are_replaced_without_failing_a_call() {
         terminate_connections(&url);
         std::thread::sleep(std::time::Duration::from_millis(pause));
         let job = m
-            .submit_job(JobKind::Train, "{}", "team/x", "team", "", &[], None, 1)
+            .submit_job(
+                JobKind::Train,
+                "{}",
+                "team/x",
+                "team",
+                "",
+                &[],
+                &delta_registry::meta::Actor::local(1),
+            )
             .expect("a write transaction after the restart");
         assert!(m.get_job(job.id).expect("read").is_some());
     }
