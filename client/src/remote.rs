@@ -881,7 +881,7 @@ fn job(j: pb::JobInfo) -> Result<Job> {
 
 /// Listed items from the wire as domain types; a malformed digest is the registry's
 /// error to report.
-fn listed<W, D: TryFrom<W, Error = delta_proto::digest::DigestError>>(
+fn listed<W, D: TryFrom<W, Error = delta_proto::catalog::BadListing>>(
     items: Vec<W>,
     what: &str,
 ) -> Result<Vec<D>> {

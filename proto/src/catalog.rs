@@ -1,17 +1,30 @@
-//! What the registry lists, as its clients read it: repositories, versions, deltas found
-//! by a search and verification reports, converted from the wire's messages (digests
-//! parsed strictly, "none" as `None`).
+//! What the registry lists: repositories, versions, deltas found by a search and
+//! verification reports. The registry's store returns these types and the client reads
+//! them back; both conversions to and from the wire's messages live here (digests and
+//! names parsed strictly, "none" as `None`).
 
 use std::collections::BTreeMap;
 
 use crate::Digest;
 use crate::digest::DigestError;
+use crate::reference::{NameError, Repository};
+
+/// A listing the wire carried with a malformed digest or name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadListing {
+    /// A digest that does not parse.
+    #[error("{0}")]
+    Digest(#[from] DigestError),
+    /// A repository name that does not parse.
+    #[error("{0}")]
+    Name(#[from] NameError),
+}
 
 /// One repository (`ListRepositories`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoSummary {
     /// `namespace/name`.
-    pub repository: String,
+    pub repository: Repository,
     /// Its latest version (the newest yanked one when every version is yanked).
     pub latest_version: u64,
     /// That version's manifest digest.
@@ -50,7 +63,7 @@ pub struct VersionInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeltaSummary {
     /// `namespace/name`.
-    pub repository: String,
+    pub repository: Repository,
     /// Its version.
     pub version: u64,
     /// Its manifest digest.
@@ -79,10 +92,10 @@ pub struct Report {
 }
 
 impl TryFrom<crate::RepositorySummary> for RepoSummary {
-    type Error = DigestError;
-    fn try_from(r: crate::RepositorySummary) -> Result<Self, DigestError> {
+    type Error = BadListing;
+    fn try_from(r: crate::RepositorySummary) -> Result<Self, BadListing> {
         Ok(RepoSummary {
-            repository: r.repository,
+            repository: r.repository.parse()?,
             latest_version: r.latest_version,
             latest_digest: r.latest_digest.parse()?,
             base_fingerprint: r.base_fingerprint.parse()?,
@@ -94,9 +107,24 @@ impl TryFrom<crate::RepositorySummary> for RepoSummary {
     }
 }
 
+impl From<RepoSummary> for crate::RepositorySummary {
+    fn from(r: RepoSummary) -> Self {
+        crate::RepositorySummary {
+            repository: r.repository.to_string(),
+            latest_version: r.latest_version,
+            latest_digest: r.latest_digest.to_string(),
+            base_fingerprint: r.base_fingerprint.to_string(),
+            method: r.method,
+            versions: r.versions,
+            updated_at: r.updated_at,
+            yanked: r.yanked,
+        }
+    }
+}
+
 impl TryFrom<crate::VersionInfo> for VersionInfo {
-    type Error = DigestError;
-    fn try_from(v: crate::VersionInfo) -> Result<Self, DigestError> {
+    type Error = BadListing;
+    fn try_from(v: crate::VersionInfo) -> Result<Self, BadListing> {
         Ok(VersionInfo {
             version: v.version,
             digest: v.digest.parse()?,
@@ -108,11 +136,24 @@ impl TryFrom<crate::VersionInfo> for VersionInfo {
     }
 }
 
+impl From<VersionInfo> for crate::VersionInfo {
+    fn from(v: VersionInfo) -> Self {
+        crate::VersionInfo {
+            version: v.version,
+            digest: v.digest.to_string(),
+            tags: v.tags,
+            size: v.size,
+            created_at: v.created_at,
+            pushed_by: v.pushed_by.unwrap_or_default(),
+        }
+    }
+}
+
 impl TryFrom<crate::DeltaSummary> for DeltaSummary {
-    type Error = DigestError;
-    fn try_from(d: crate::DeltaSummary) -> Result<Self, DigestError> {
+    type Error = BadListing;
+    fn try_from(d: crate::DeltaSummary) -> Result<Self, BadListing> {
         Ok(DeltaSummary {
-            repository: d.repository,
+            repository: d.repository.parse()?,
             version: d.version,
             digest: d.digest.parse()?,
             base_fingerprint: d.base_fingerprint.parse()?,
@@ -123,14 +164,78 @@ impl TryFrom<crate::DeltaSummary> for DeltaSummary {
     }
 }
 
+impl From<DeltaSummary> for crate::DeltaSummary {
+    fn from(d: DeltaSummary) -> Self {
+        crate::DeltaSummary {
+            repository: d.repository.to_string(),
+            version: d.version,
+            digest: d.digest.to_string(),
+            base_fingerprint: d.base_fingerprint.to_string(),
+            method: d.method,
+            size: d.size,
+            annotations: d.annotations.into_iter().collect(),
+        }
+    }
+}
+
 impl TryFrom<crate::Report> for Report {
-    type Error = DigestError;
-    fn try_from(r: crate::Report) -> Result<Self, DigestError> {
+    type Error = BadListing;
+    fn try_from(r: crate::Report) -> Result<Self, BadListing> {
         Ok(Report {
             manifest: r.manifest.parse()?,
             at: r.at,
             job: r.job,
             body: r.body,
         })
+    }
+}
+
+impl From<Report> for crate::Report {
+    fn from(r: Report) -> Self {
+        crate::Report {
+            manifest: r.manifest.to_string(),
+            at: r.at,
+            job: r.job,
+            body: r.body,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listings_survive_the_wire_and_malformed_ones_are_named() {
+        let d = Digest::of(b"m");
+        let summary = DeltaSummary {
+            repository: "team/x".parse().unwrap(),
+            version: 3,
+            digest: d,
+            base_fingerprint: Digest::of(b"base"),
+            method: "lora".into(),
+            size: 10,
+            annotations: [("task".to_owned(), "sst2".to_owned())].into(),
+        };
+        let wire = crate::DeltaSummary::from(summary.clone());
+        assert_eq!(DeltaSummary::try_from(wire.clone()), Ok(summary));
+        let version = VersionInfo {
+            version: 1,
+            digest: d,
+            tags: vec!["latest".into()],
+            size: 10,
+            created_at: 5,
+            pushed_by: None,
+        };
+        let back = VersionInfo::try_from(crate::VersionInfo::from(version.clone()));
+        assert_eq!(back, Ok(version));
+        let bad = crate::DeltaSummary {
+            repository: "no-slash".into(),
+            ..wire
+        };
+        assert!(matches!(
+            DeltaSummary::try_from(bad),
+            Err(BadListing::Name(_))
+        ));
     }
 }

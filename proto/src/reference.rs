@@ -113,6 +113,13 @@ impl FromStr for Repository {
     }
 }
 
+/// As its `namespace/name` string (JSON output of listings).
+impl serde::Serialize for Repository {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl fmt::Display for Repository {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

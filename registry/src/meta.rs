@@ -14,6 +14,8 @@ use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::reference::{LATEST, Reference, Repository, Selector};
 use delta_proto::tokens::{Scope, TokenKind};
 
+pub use delta_proto::catalog::{DeltaSummary, RepoSummary, Report, VersionInfo};
+
 use crate::error::{Error, Result};
 use crate::sql::{Db, Row, Sql, Value, p};
 
@@ -134,65 +136,6 @@ pub struct Resolved {
     pub yanked: bool,
 }
 
-/// One row of a repository listing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RepoSummary {
-    /// The repository.
-    pub repository: Repository,
-    /// Newest version.
-    pub latest_version: u64,
-    /// Its manifest digest.
-    pub latest_digest: Digest,
-    /// Its base.
-    pub base_fingerprint: Digest,
-    /// Its method.
-    pub method: String,
-    /// Number of versions.
-    pub versions: u64,
-    /// When the newest version was pushed.
-    pub updated_at: i64,
-    /// Every version is yanked: the fields above describe the newest yanked one.
-    pub yanked: bool,
-}
-
-/// One version of a repository.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VersionRow {
-    /// Version number.
-    pub version: u64,
-    /// Manifest digest.
-    pub digest: Digest,
-    /// Tags pointing at it.
-    pub tags: Vec<String>,
-    /// Total size of its files.
-    pub size: u64,
-    /// When it was pushed.
-    pub created_at: i64,
-    /// Who pushed it, as the audit log recorded: `token N` (with the token's description
-    /// when it has one), `open registry` (no tokens existed), or empty (published by a
-    /// worker's `CompleteJob`, whose manifest names the job).
-    pub pushed_by: String,
-}
-
-/// A delta in a search result.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeltaRow {
-    /// Repository.
-    pub repository: Repository,
-    /// Version.
-    pub version: u64,
-    /// Manifest digest.
-    pub digest: Digest,
-    /// Base fingerprint.
-    pub base_fingerprint: Digest,
-    /// Method.
-    pub method: String,
-    /// Total size.
-    pub size: u64,
-    /// Annotations.
-    pub annotations: BTreeMap<String, String>,
-}
-
 /// Search filters; empty fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct SearchFilter {
@@ -264,9 +207,9 @@ pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
     /// Repositories, optionally in one namespace.
     fn list_repositories(&self, namespace: Option<&str>) -> Result<Vec<RepoSummary>>;
     /// Versions of a repository, newest first. `None` if the repository does not exist.
-    fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionRow>>>;
+    fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionInfo>>>;
     /// Deltas matching a filter (every version).
-    fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaRow>>;
+    fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaSummary>>;
     /// Points `tag` at `version`; with `expected`, only if the tag is there now (0: absent).
     /// Returns the previous version (0: none). The version must exist and not be deleted.
     /// A `tag` audit row.
@@ -641,7 +584,7 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionRow>>> {
+    fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionInfo>>> {
         self.db.read(|c| {
             let Some(id) = repo_id(c, repo, false)? else {
                 return Ok(None);
@@ -662,8 +605,8 @@ impl MetaStore for SqlMeta {
                 let version = r.uint(0)?;
                 // No push row: published by a job; token 0: no token (ids start at 1).
                 let pushed_by = match r.opt_int(4)? {
-                    None => String::new(),
-                    Some(0) => "open registry".to_owned(),
+                    None => None,
+                    Some(0) => Some("open registry".to_owned()),
                     Some(t) => {
                         let description = c
                             .query("SELECT description FROM tokens WHERE id = $1", p![t])?
@@ -671,14 +614,14 @@ impl MetaStore for SqlMeta {
                             .map(|d| d.text(0))
                             .transpose()?
                             .unwrap_or_default();
-                        if description.is_empty() {
+                        Some(if description.is_empty() {
                             format!("token {t}")
                         } else {
                             format!("token {t} ({description})")
-                        }
+                        })
                     }
                 };
-                out.push(VersionRow {
+                out.push(VersionInfo {
                     version,
                     digest: r.digest(1)?,
                     tags: tags_of(c, id, version)?,
@@ -706,7 +649,7 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaRow>> {
+    fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaSummary>> {
         self.db.read(|c| {
             let rows = c.query(
                 "SELECT r.namespace, r.name, v.version, m.digest, m.base_fingerprint, m.method, m.size
@@ -726,7 +669,7 @@ impl MetaStore for SqlMeta {
                     .map(|a| Ok((a.text(0)?, a.text(1)?)))
                     .collect::<Result<BTreeMap<_, _>>>()?;
                 if filter.annotations.iter().all(|(k, v)| annotations.get(k) == Some(v)) {
-                    out.push(DeltaRow {
+                    out.push(DeltaSummary {
                         repository: r.repo(0)?,
                         version: r.uint(2)?,
                         digest,

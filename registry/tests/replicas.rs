@@ -92,7 +92,7 @@ async fn two_replicas_on_postgres_and_s3() {
     );
     let listed = rb.list_repositories("team").await.unwrap();
     assert_eq!(listed.len(), 1);
-    assert_eq!(listed[0].repository, "team/shared");
+    assert_eq!(listed[0].repository.to_string(), "team/shared");
 
     // Eight pushes to one repository, alternating replicas: eight distinct versions.
     let mut tasks = Vec::new();

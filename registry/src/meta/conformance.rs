@@ -273,14 +273,18 @@ pub fn lifecycle(m: &dyn MetaStore) {
     m.push_manifest(&r, &first, &first.canonical_json(), &[], &by_7)
         .unwrap();
     push(m, &r, &manifest(dropped, "2"), &["prod"]).unwrap();
-    let by: Vec<String> = m
+    let by: Vec<Option<String>> = m
         .list_versions(&r)
         .unwrap()
         .unwrap()
         .into_iter()
         .map(|v| v.pushed_by)
         .collect();
-    assert_eq!(by, ["open registry", "token 7"], "newest first");
+    assert_eq!(
+        by,
+        [Some("open registry".into()), Some("token 7".into())],
+        "newest first"
+    );
 
     assert_eq!(
         m.yank(&r, 2, true, &at(60)).unwrap(),
@@ -552,7 +556,7 @@ pub fn jobs(m: &dyn MetaStore) {
     assert_eq!(pushed.version, 1);
     // A job's publication is audited as the completion (by the worker), not as a push.
     let versions = m.list_versions(&repo("team/jobs")).unwrap().unwrap();
-    assert_eq!(versions[0].pushed_by, "");
+    assert_eq!(versions[0].pushed_by, None);
     let last = m.list_audit().unwrap().pop().unwrap();
     assert_eq!(
         (last.action.as_str(), last.target.as_str(), last.digest),

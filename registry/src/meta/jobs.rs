@@ -15,7 +15,7 @@ use delta_proto::manifest::Manifest;
 use delta_proto::reference::Repository;
 
 use crate::error::{Error, Result};
-use crate::meta::{Actor, Pushed, SqlMeta, audit_in, push_in};
+use crate::meta::{Actor, Pushed, Report, SqlMeta, audit_in, push_in};
 use crate::sql::{Row, Sql, Value, p};
 
 /// Leases lost before a job fails for good.
@@ -54,19 +54,6 @@ pub struct JobRow {
     pub created: i64,
     /// Last change.
     pub updated: i64,
-}
-
-/// A report row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReportRow {
-    /// Manifest digest.
-    pub manifest: String,
-    /// Job that made it.
-    pub job: u64,
-    /// When.
-    pub at: i64,
-    /// Report JSON.
-    pub body: String,
 }
 
 /// How a job ends.
@@ -181,7 +168,7 @@ pub trait JobStore {
         who: &Actor,
     ) -> Result<JobRow>;
     /// Reports on a manifest, oldest first.
-    fn list_reports(&self, manifest: &str) -> Result<Vec<ReportRow>>;
+    fn list_reports(&self, manifest: &str) -> Result<Vec<Report>>;
     /// Jobs by state, and how many running jobs hold a live lease at `now`.
     fn job_counts(&self, now: i64) -> Result<(std::collections::BTreeMap<String, u64>, u64)>;
 }
@@ -456,7 +443,7 @@ impl JobStore for SqlMeta {
         })
     }
 
-    fn list_reports(&self, manifest: &str) -> Result<Vec<ReportRow>> {
+    fn list_reports(&self, manifest: &str) -> Result<Vec<Report>> {
         self.db.read(|c| {
             c.query(
                 "SELECT manifest, job, at, body FROM reports WHERE manifest = $1 ORDER BY id",
@@ -464,8 +451,8 @@ impl JobStore for SqlMeta {
             )?
             .iter()
             .map(|r| {
-                Ok(ReportRow {
-                    manifest: r.text(0)?,
+                Ok(Report {
+                    manifest: r.digest(0)?,
                     job: r.uint(1)?,
                     at: r.int(2)?,
                     body: r.text(3)?,

@@ -360,19 +360,7 @@ pub(super) async fn list_repositories(
             rows.push(r);
         }
     }
-    let repositories = rows
-        .into_iter()
-        .map(|r| pb::RepositorySummary {
-            repository: r.repository.to_string(),
-            latest_version: r.latest_version,
-            latest_digest: r.latest_digest.to_string(),
-            base_fingerprint: r.base_fingerprint.to_string(),
-            method: r.method,
-            versions: r.versions,
-            updated_at: r.updated_at,
-            yanked: r.yanked,
-        })
-        .collect();
+    let repositories = rows.into_iter().map(Into::into).collect();
     Ok(Response::new(pb::ListRepositoriesResponse { repositories }))
 }
 
@@ -392,17 +380,7 @@ pub(super) async fn list_versions(
             what: "repository",
             name: repo.to_string(),
         })?;
-    let versions = rows
-        .into_iter()
-        .map(|v| pb::VersionInfo {
-            version: v.version,
-            digest: v.digest.to_string(),
-            tags: v.tags,
-            size: v.size,
-            created_at: v.created_at,
-            pushed_by: v.pushed_by,
-        })
-        .collect();
+    let versions = rows.into_iter().map(Into::into).collect();
     Ok(Response::new(pb::ListVersionsResponse { versions }))
 }
 
@@ -437,18 +415,7 @@ pub(super) async fn search_deltas(
             rows.push(d);
         }
     }
-    let deltas = rows
-        .into_iter()
-        .map(|d| pb::DeltaSummary {
-            repository: d.repository.to_string(),
-            version: d.version,
-            digest: d.digest.to_string(),
-            base_fingerprint: d.base_fingerprint.to_string(),
-            method: d.method,
-            size: d.size,
-            annotations: d.annotations.into_iter().collect(),
-        })
-        .collect();
+    let deltas = rows.into_iter().map(Into::into).collect();
     Ok(Response::new(pb::SearchDeltasResponse { deltas }))
 }
 

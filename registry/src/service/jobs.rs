@@ -369,15 +369,7 @@ pub(super) async fn list_reports(
     let digest = r.digest.to_string();
     let rows = svc.meta(move |m| m.list_reports(&digest)).await?;
     Ok(Response::new(pb::ListReportsResponse {
-        reports: rows
-            .into_iter()
-            .map(|r| pb::Report {
-                manifest: r.manifest,
-                at: r.at,
-                job: r.job,
-                body: r.body,
-            })
-            .collect(),
+        reports: rows.into_iter().map(Into::into).collect(),
     }))
 }
 

@@ -169,7 +169,7 @@ impl Env {
             .await
             .unwrap()
             .into_iter()
-            .map(|r| (r.repository, r.versions))
+            .map(|r| (r.repository.to_string(), r.versions))
             .collect()
     }
 

@@ -221,7 +221,7 @@ async fn listing_search_tags_and_the_cli() {
     assert_eq!(
         team_a
             .iter()
-            .map(|r| r.repository.as_str())
+            .map(|r| r.repository.to_string())
             .collect::<Vec<_>>(),
         ["team-a/one", "team-a/two"]
     );
@@ -246,7 +246,7 @@ async fn listing_search_tags_and_the_cli() {
     assert_eq!(
         sentiment
             .iter()
-            .map(|d| d.repository.as_str())
+            .map(|d| d.repository.to_string())
             .collect::<Vec<_>>(),
         ["team-a/one", "team-b/three"]
     );
