@@ -1,4 +1,5 @@
-//! A bounded loopback load test: 10 000 resolves and 200 concurrent pulls against one
+//! A bounded loopback load test: 10 000 resolves, 200 concurrent pulls, then (tokens on)
+//! 400 listings of 200 repositories in 20 namespaces by a one-namespace token, against one
 //! registry, reporting error rate and p50/p99 latency.
 //!
 //! `cargo bench -p delta-tests --bench load`
@@ -118,6 +119,54 @@ async fn main() {
         }
     }
     report("pull (verified)", lat, errors, start.elapsed());
-    drop(clients);
+
+    // 200 repositories in 20 namespaces, listed whole 400 times (8 callers) by a read
+    // token of one namespace: every row's namespace is checked for the caller.
+    for i in 0..200 {
+        let dir = work.path().join(format!("r{i}"));
+        fixtures::write_native_lora(&dir, 1, 8, json!({"n": i.to_string()}));
+        let target = format!("ns{}/repo{i}", i % 20);
+        hub::push(&remote, &dir, &target, "tiny", &[], &ProgressBar::hidden())
+            .await
+            .expect("push");
+    }
+    let meta = delta_registry::SqlMeta::open(&registry.dir.path().join("registry.sqlite"))
+        .expect("open metadata");
+    let secret = tokio::task::block_in_place(|| {
+        delta_tests::new_token(&meta, "ns0", delta_registry::auth::Scope::Read, false)
+    });
+    let mut readers = Vec::new();
+    for c in &clients {
+        readers.push(c.with_token(Some(&secret)).expect("token"));
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let c = readers[w].clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut lat, mut errors) = (Vec::new(), 0);
+            for _ in 0..50 {
+                let t = Instant::now();
+                match c.list_repositories("").await {
+                    Ok(r) if r.len() == 10 => lat.push(t.elapsed()),
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.expect("task");
+        lat.extend(l);
+        errors += e;
+    }
+    report(
+        "list 200 repositories (10 readable)",
+        lat,
+        errors,
+        start.elapsed(),
+    );
+    drop((clients, readers));
     registry.stop().await;
 }

@@ -10,38 +10,23 @@ use delta_proto::reference::{Repository, check_tag};
 use delta_proto::{self as pb, Digest, excerpt};
 use tonic::{Request, Response, Status};
 
-use super::{RegistryService, actor};
+use super::{ReadFilter, RegistryService, actor};
 use crate::auth::{Caller, Scope};
 use crate::clock::now;
 use crate::error::{Error, Result};
 use crate::meta::{BaseRecord, SearchFilter};
 
 impl RegistryService {
-    /// Whether the caller may read a base record registered under `name`: a
-    /// `namespace/name` like that namespace's repositories, a global name with any token
-    /// (anonymous callers see the bases of public namespaces only).
-    pub(super) async fn base_readable(&self, caller: &Caller, name: &str) -> Result<bool> {
-        match name.split_once('/') {
-            Some((ns, _)) => self.readable(caller, ns).await,
-            None => Ok(!matches!(caller, Caller::Anonymous)),
-        }
-    }
-
     /// The records of a base name or fingerprint that the caller may read, proven ones
-    /// first.
+    /// first (one trip to the database).
     pub(super) async fn visible_bases(
         &self,
         caller: &Caller,
         key: &str,
     ) -> Result<Vec<BaseRecord>> {
-        let lookup = key.to_owned();
-        let mut out = Vec::new();
-        for b in self.meta(move |m| m.find_bases(&lookup)).await? {
-            if self.base_readable(caller, &b.name).await? {
-                out.push(b);
-            }
-        }
-        Ok(out)
+        let (caller, key) = (caller.clone(), key.to_owned());
+        self.meta(move |m| ReadFilter::new(m, &caller).bases(m.find_bases(&key)?))
+            .await
     }
 
     /// Validates a manifest against the stored blobs and its registered base. The blobs
@@ -270,14 +255,14 @@ pub(super) async fn list_bases(
     svc: &RegistryService,
     req: Request<pb::ListBasesRequest>,
 ) -> Result<Response<pb::ListBasesResponse>, Status> {
-    let caller = svc.caller(&req).await?;
-    let mut bases = Vec::new();
-    for b in svc.meta(|m| m.list_bases()).await? {
-        if svc.base_readable(&caller, &b.name).await? {
-            bases.push(base_to_pb(b));
-        }
-    }
-    Ok(Response::new(pb::ListBasesResponse { bases }))
+    let (_, bases) = svc
+        .caller_and(&req, |m, caller| {
+            ReadFilter::new(m, caller).bases(m.list_bases()?)
+        })
+        .await?;
+    Ok(Response::new(pb::ListBasesResponse {
+        bases: bases.into_iter().map(base_to_pb).collect(),
+    }))
 }
 
 #[tracing::instrument(skip_all, fields(repository = %req.get_ref().repository))]
@@ -345,21 +330,17 @@ pub(super) async fn list_repositories(
     svc: &RegistryService,
     req: Request<pb::ListRepositoriesRequest>,
 ) -> Result<Response<pb::ListRepositoriesResponse>, Status> {
-    let caller = svc.caller(&req).await?;
-    let ns = req.into_inner().namespace;
-    if !ns.is_empty() {
-        svc.authorize(&caller, &ns, Scope::Read).await?;
-    }
-    let ns = (!ns.is_empty()).then_some(ns);
-    let all = svc
-        .meta(move |m| m.list_repositories(ns.as_deref()))
+    // One trip: authenticate, authorise a named namespace, list, filter.
+    let ns = req.get_ref().namespace.clone();
+    let (_, rows) = svc
+        .caller_and(&req, move |m, caller| {
+            if !ns.is_empty() {
+                super::authorize_in(m, caller, &ns, Scope::Read)?;
+            }
+            let all = m.list_repositories((!ns.is_empty()).then_some(ns.as_str()))?;
+            ReadFilter::new(m, caller).keep(all, |r| r.repository.namespace())
+        })
         .await?;
-    let mut rows = Vec::with_capacity(all.len());
-    for r in all {
-        if svc.readable(&caller, r.repository.namespace()).await? {
-            rows.push(r);
-        }
-    }
     let repositories = rows.into_iter().map(Into::into).collect();
     Ok(Response::new(pb::ListRepositoriesResponse { repositories }))
 }
@@ -368,18 +349,16 @@ pub(super) async fn list_versions(
     svc: &RegistryService,
     req: Request<pb::ListVersionsRequest>,
 ) -> Result<Response<pb::ListVersionsResponse>, Status> {
-    let caller = svc.caller(&req).await?;
     let repo: Repository = req.get_ref().repository.parse().map_err(Error::from)?;
-    svc.authorize(&caller, repo.namespace(), Scope::Read)
+    let (_, rows) = svc
+        .caller_and(&req, move |m, caller| {
+            super::authorize_in(m, caller, repo.namespace(), Scope::Read)?;
+            m.list_versions(&repo)?.ok_or(Error::NotFound {
+                what: "repository",
+                name: repo.to_string(),
+            })
+        })
         .await?;
-    let r = repo.clone();
-    let rows = svc
-        .meta(move |m| m.list_versions(&r))
-        .await?
-        .ok_or(Error::NotFound {
-            what: "repository",
-            name: repo.to_string(),
-        })?;
     let versions = rows.into_iter().map(Into::into).collect();
     Ok(Response::new(pb::ListVersionsResponse { versions }))
 }
@@ -388,33 +367,27 @@ pub(super) async fn search_deltas(
     svc: &RegistryService,
     req: Request<pb::SearchDeltasRequest>,
 ) -> Result<Response<pb::SearchDeltasResponse>, Status> {
-    let caller = svc.caller(&req).await?;
-    let req = req.into_inner();
-    if !req.namespace.is_empty() {
-        svc.authorize(&caller, &req.namespace, Scope::Read).await?;
-    }
-    let base = if req.base_fingerprint.is_empty() {
-        None
-    } else {
-        Some(
-            req.base_fingerprint
-                .parse::<Digest>()
-                .map_err(Error::from)?,
-        )
-    };
-    let filter = SearchFilter {
-        namespace: (!req.namespace.is_empty()).then_some(req.namespace),
-        base,
-        method: (!req.method.is_empty()).then_some(req.method),
-        annotations: req.annotations.into_iter().collect(),
-    };
-    let all = svc.meta(move |m| m.search(&filter)).await?;
-    let mut rows = Vec::with_capacity(all.len());
-    for d in all {
-        if svc.readable(&caller, d.repository.namespace()).await? {
-            rows.push(d);
-        }
-    }
+    // One trip: authenticate, authorise a named namespace, search, filter.
+    let q = req.get_ref().clone();
+    let (_, rows) = svc
+        .caller_and(&req, move |m, caller| {
+            if !q.namespace.is_empty() {
+                super::authorize_in(m, caller, &q.namespace, Scope::Read)?;
+            }
+            let base = if q.base_fingerprint.is_empty() {
+                None
+            } else {
+                Some(q.base_fingerprint.parse::<Digest>()?)
+            };
+            let filter = SearchFilter {
+                namespace: (!q.namespace.is_empty()).then_some(q.namespace),
+                base,
+                method: (!q.method.is_empty()).then_some(q.method),
+                annotations: q.annotations.into_iter().collect(),
+            };
+            ReadFilter::new(m, caller).keep(m.search(&filter)?, |d| d.repository.namespace())
+        })
+        .await?;
     let deltas = rows.into_iter().map(Into::into).collect();
     Ok(Response::new(pb::SearchDeltasResponse { deltas }))
 }
@@ -424,22 +397,22 @@ pub(super) async fn set_tag(
     svc: &RegistryService,
     req: Request<pb::SetTagRequest>,
 ) -> Result<Response<pb::SetTagResponse>, Status> {
-    let caller = svc.caller(&req).await?;
-    let req = req.into_inner();
-    check_tag(&req.tag).map_err(Error::from)?;
-    let target = svc
-        .resolve_checked(&caller, &req.reference, Scope::Write)
+    check_tag(&req.get_ref().tag).map_err(Error::from)?;
+    // One trip: authenticate, resolve with write checked, move the tag (and audit it).
+    let q = req.get_ref().clone();
+    let (_, (target, previous)) = svc
+        .caller_and(&req, move |m, caller| {
+            let target = super::resolve_checked_in(m, caller, &q.reference, Scope::Write)?;
+            let (repo, version) = (&target.repository, target.version);
+            let previous = m.set_tag(repo, &q.tag, version, q.expected_version, &actor(caller))?;
+            Ok((target, previous))
+        })
         .await?;
-    let (repo, tag, version) = (target.repository.clone(), req.tag.clone(), target.version);
-    let (expected, who) = (req.expected_version, actor(&caller));
-    let previous = svc
-        .meta(move |m| m.set_tag(&repo, &tag, version, expected, &who))
-        .await?;
-    tracing::info!(version, previous, "tag set");
+    tracing::info!(version = target.version, previous, "tag set");
     Ok(Response::new(pb::SetTagResponse {
         repository: target.repository.to_string(),
-        tag: req.tag,
-        version,
+        tag: req.into_inner().tag,
+        version: target.version,
         previous_version: previous,
     }))
 }
@@ -448,14 +421,15 @@ pub(super) async fn delete_tag(
     svc: &RegistryService,
     req: Request<pb::DeleteTagRequest>,
 ) -> Result<Response<pb::DeleteTagResponse>, Status> {
-    let caller = svc.caller(&req).await?;
-    let req = req.into_inner();
-    let repo: Repository = req.repository.parse().map_err(Error::from)?;
-    svc.authorize(&caller, repo.namespace(), Scope::Write)
+    let repo: Repository = req.get_ref().repository.parse().map_err(Error::from)?;
+    let tag = req.get_ref().tag.clone();
+    let (_, deleted) = svc
+        .caller_and(&req, move |m, caller| {
+            super::authorize_in(m, caller, repo.namespace(), Scope::Write)?;
+            check_tag(&tag)?;
+            m.delete_tag(&repo, &tag, &actor(caller))
+        })
         .await?;
-    check_tag(&req.tag).map_err(Error::from)?;
-    let (r, tag, who) = (repo.clone(), req.tag.clone(), actor(&caller));
-    let deleted = svc.meta(move |m| m.delete_tag(&r, &tag, &who)).await?;
     Ok(Response::new(pb::DeleteTagResponse { deleted }))
 }
 
@@ -463,19 +437,17 @@ pub(super) async fn yank_version(
     svc: &RegistryService,
     req: Request<pb::YankVersionRequest>,
 ) -> Result<Response<pb::YankVersionResponse>, Status> {
-    let caller = svc.caller(&req).await?;
-    let req = req.into_inner();
-    let target = svc
-        .resolve_checked(&caller, &req.reference, Scope::Admin)
-        .await?;
-    let (repo, version, yanked) = (target.repository.clone(), target.version, !req.undo);
-    let who = actor(&caller);
-    let tags = svc
-        .meta(move |m| m.yank(&repo, version, yanked, &who))
+    let q = req.get_ref().clone();
+    let (_, (target, tags)) = svc
+        .caller_and(&req, move |m, caller| {
+            let target = super::resolve_checked_in(m, caller, &q.reference, Scope::Admin)?;
+            let tags = m.yank(&target.repository, target.version, !q.undo, &actor(caller))?;
+            Ok((target, tags))
+        })
         .await?;
     Ok(Response::new(pb::YankVersionResponse {
         repository: target.repository.to_string(),
-        version,
+        version: target.version,
         tags,
     }))
 }
@@ -484,18 +456,17 @@ pub(super) async fn delete_version(
     svc: &RegistryService,
     req: Request<pb::DeleteVersionRequest>,
 ) -> Result<Response<pb::DeleteVersionResponse>, Status> {
-    let caller = svc.caller(&req).await?;
-    let req = req.into_inner();
-    let target = svc
-        .resolve_checked(&caller, &req.reference, Scope::Admin)
-        .await?;
-    let (repo, version) = (target.repository.clone(), target.version);
-    let who = actor(&caller);
-    svc.meta(move |m| m.delete_version(&repo, version, &who))
+    let reference = req.get_ref().reference.clone();
+    let (_, target) = svc
+        .caller_and(&req, move |m, caller| {
+            let target = super::resolve_checked_in(m, caller, &reference, Scope::Admin)?;
+            m.delete_version(&target.repository, target.version, &actor(caller))?;
+            Ok(target)
+        })
         .await?;
     Ok(Response::new(pb::DeleteVersionResponse {
         repository: target.repository.to_string(),
-        version,
+        version: target.version,
     }))
 }
 

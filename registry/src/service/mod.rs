@@ -3,7 +3,7 @@
 //! and [`BlobStore`].
 //!
 //! This file is the shared core: the state, who is calling and what they may do
-//! (`caller`, `authorize`, `readable`, `visible_blobs`), the audit record, resolving a
+//! (`caller`, `authorize`, `ReadFilter` for listings, `visible_blobs`), resolving a
 //! reference, and the `Registry` trait, whose methods hand each call to its handler:
 //! [`blobs`] (uploads, downloads), [`deltas`] (bases, manifests, names, lifecycle) and
 //! [`jobs`] (the job queue).
@@ -24,7 +24,7 @@ use crate::blobs::BlobStore;
 use crate::clock::now;
 use crate::config::RegistryConfig;
 use crate::error::{Error, Result};
-use crate::meta::{Actor, MetaStore, SqlMeta, StoredBlob};
+use crate::meta::{Actor, BaseRecord, MetaStore, SqlMeta, StoredBlob};
 use crate::uploads::Uploads;
 
 mod blobs;
@@ -215,11 +215,6 @@ impl RegistryService {
         self.meta(move |m| authorize_in(m, &c, &ns, need)).await
     }
 
-    /// Whether the caller may read repositories of `namespace` (for filtering listings).
-    async fn readable(&self, caller: &Caller, namespace: &str) -> Result<bool> {
-        Ok(self.authorize(caller, namespace, Scope::Read).await.is_ok())
-    }
-
     /// The stored blobs among `digests` the caller may see. A blob another namespace
     /// holds is as absent as one nobody has: one database statement answers both, and no
     /// caller learns more (or sooner) about the one than about the other.
@@ -264,6 +259,73 @@ fn actor(caller: &Caller) -> Actor {
     Actor {
         token: caller.token_id(),
         at: now(),
+    }
+}
+
+/// What a caller may read, decided inside one database trip: each namespace's public flag
+/// is asked of the store once, however many listed rows name it (a listing costs one trip,
+/// not one per row).
+struct ReadFilter<'a> {
+    m: &'a dyn MetaStore,
+    caller: &'a Caller,
+    public: HashMap<String, bool>,
+}
+
+impl<'a> ReadFilter<'a> {
+    fn new(m: &'a dyn MetaStore, caller: &'a Caller) -> Self {
+        Self {
+            m,
+            caller,
+            public: HashMap::new(),
+        }
+    }
+
+    /// Whether the caller may read repositories of `namespace`.
+    fn namespace(&mut self, namespace: &str) -> Result<bool> {
+        if self.caller.covers(namespace) {
+            return Ok(true);
+        }
+        let public = match self.public.get(namespace) {
+            Some(&p) => p,
+            None => {
+                let p = self.m.is_public(namespace)?;
+                self.public.insert(namespace.to_owned(), p);
+                p
+            }
+        };
+        Ok(self.caller.check(namespace, Scope::Read, public).is_ok())
+    }
+
+    /// Whether the caller may read a base record registered under `name`: a
+    /// `namespace/name` like that namespace's repositories, a global name with any token
+    /// (anonymous callers see the bases of public namespaces only).
+    fn base(&mut self, name: &str) -> Result<bool> {
+        match name.split_once('/') {
+            Some((ns, _)) => self.namespace(ns),
+            None => Ok(!matches!(self.caller, Caller::Anonymous)),
+        }
+    }
+
+    /// The items whose namespace (`of`) the caller may read, in order.
+    fn keep<T>(&mut self, items: Vec<T>, of: impl Fn(&T) -> &str) -> Result<Vec<T>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            if self.namespace(of(&item))? {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The base records the caller may read, in order.
+    fn bases(&mut self, records: Vec<BaseRecord>) -> Result<Vec<BaseRecord>> {
+        let mut out = Vec::with_capacity(records.len());
+        for b in records {
+            if self.base(&b.name)? {
+                out.push(b);
+            }
+        }
+        Ok(out)
     }
 }
 
