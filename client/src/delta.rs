@@ -16,7 +16,7 @@ use delta_proto::manifest::{
 use serde_json::{Value, json};
 
 use crate::error::{Error, IoContext, Result};
-use crate::remote::{Base, hash_file};
+use crate::remote::{BaseRecord, hash_file};
 use crate::tensors::TensorFile;
 
 /// The native manifest file in a delta folder.
@@ -131,7 +131,7 @@ pub fn read_native(dir: &Path) -> Result<(Manifest, Vec<PathBuf>)> {
 }
 
 /// Reads a native or PEFT folder as a delta on `base`, checking it fits the base.
-pub fn prepare(dir: &Path, base: &Base) -> Result<PreparedDelta> {
+pub fn prepare(dir: &Path, base: &BaseRecord) -> Result<PreparedDelta> {
     let prepared = match detect(dir)? {
         Format::Native => prepare_native(dir, base)?,
         Format::Peft => prepare_peft(dir, base)?,
@@ -170,7 +170,7 @@ pub fn file_entry(path: &Path) -> Result<FileEntry> {
     })
 }
 
-fn prepare_native(dir: &Path, base: &Base) -> Result<PreparedDelta> {
+fn prepare_native(dir: &Path, base: &BaseRecord) -> Result<PreparedDelta> {
     let mpath = file_inside(dir, NATIVE_MANIFEST)?;
     let text = std::fs::read(&mpath).at(&mpath)?;
     let mut value: Value = serde_json::from_slice(&text)
@@ -331,7 +331,7 @@ pub fn lora_config_from_peft(cfg: &Value) -> Result<LoraConfig> {
     })
 }
 
-fn prepare_peft(dir: &Path, base: &Base) -> Result<PreparedDelta> {
+fn prepare_peft(dir: &Path, base: &BaseRecord) -> Result<PreparedDelta> {
     let cpath = file_inside(dir, PEFT_CONFIG)?;
     let text = std::fs::read(&cpath).at(&cpath)?;
     let cfg: Value = serde_json::from_slice(&text)

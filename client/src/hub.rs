@@ -467,7 +467,7 @@ pub async fn load_delta(
     remote: Option<&Remote>,
     cache: &Cache,
     spec: &str,
-    base: &crate::remote::Base,
+    base: &crate::remote::BaseRecord,
     progress: &ProgressBar,
 ) -> Result<crate::apply::LoadedDelta> {
     let path = Path::new(spec);

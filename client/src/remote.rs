@@ -7,10 +7,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+pub use delta_proto::catalog::BaseRecord;
 use delta_proto::catalog::{DeltaSummary, RepoSummary, Report, VersionInfo};
 use delta_proto::fingerprint::FingerprintEntry;
 use delta_proto::jobs::{Job, JobEvent, JobKind};
-use delta_proto::manifest::{Manifest, TensorInfo};
+use delta_proto::manifest::Manifest;
 use delta_proto::registry_client::RegistryClient;
 use delta_proto::tokens::{CallerKind, Scope};
 use delta_proto::{self as pb, CHUNK_SIZE, Digest};
@@ -60,17 +61,6 @@ pub struct Remote {
     client: RegistryClient<InterceptedService<Channel, Auth>>,
     channel: Channel,
     url: String,
-}
-
-/// A registered base model.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Base {
-    /// Name.
-    pub name: String,
-    /// Fingerprint.
-    pub fingerprint: Digest,
-    /// Tensor table.
-    pub tensors: Vec<TensorInfo>,
 }
 
 /// A resolved reference.
@@ -424,22 +414,25 @@ impl Remote {
     }
 
     /// A base by name or fingerprint.
-    pub async fn get_base(&self, name_or_fingerprint: &str) -> Result<Base> {
+    pub async fn get_base(&self, name_or_fingerprint: &str) -> Result<BaseRecord> {
         let req = pb::GetBaseRequest {
             name_or_fingerprint: name_or_fingerprint.to_owned(),
         };
-        base_from_pb(self.client.clone().get_base(req).await?.into_inner())
+        let wire = self.client.clone().get_base(req).await?.into_inner();
+        listed(vec![wire], "a base record")?
+            .pop()
+            .ok_or_else(|| Error::Invalid("the registry sent no base record".into()))
     }
 
     /// Every base.
-    pub async fn list_bases(&self) -> Result<Vec<Base>> {
+    pub async fn list_bases(&self) -> Result<Vec<BaseRecord>> {
         let resp = self
             .client
             .clone()
             .list_bases(pb::ListBasesRequest {})
             .await?
             .into_inner();
-        resp.bases.into_iter().map(base_from_pb).collect()
+        listed(resp.bases, "a base record")
     }
 
     /// Pushes a manifest. Returns `(version, digest, created)`.
@@ -631,14 +624,6 @@ impl Remote {
         let resp = self.client.clone().set_tag(req).await?.into_inner();
         Ok((resp.version, resp.previous_version))
     }
-}
-
-fn base_from_pb(b: pb::BaseRecord) -> Result<Base> {
-    Ok(Base {
-        name: b.name,
-        fingerprint: digest(&b.fingerprint)?,
-        tensors: b.tensors.into_iter().map(Into::into).collect(),
-    })
 }
 
 fn is_transient(code: Code) -> bool {

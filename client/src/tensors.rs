@@ -181,6 +181,21 @@ impl Model {
         fingerprint(&mut self.entries())
     }
 
+    /// The model as a base record named `name` (not registered: `created_at` 0): table,
+    /// per-tensor digests and fingerprint, from one pass of hashing.
+    pub fn base_record(&self, name: &str) -> delta_proto::catalog::BaseRecord {
+        let mut entries = self.entries();
+        let fingerprint = fingerprint(&mut entries);
+        let (tensors, digests) = entries.into_iter().map(|e| (e.info, e.digest)).unzip();
+        delta_proto::catalog::BaseRecord {
+            name: name.to_owned(),
+            fingerprint,
+            tensors,
+            digests,
+            created_at: 0,
+        }
+    }
+
     /// The tensor table with the blake3 of every tensor's bytes (hashed in parallel),
     /// sorted by name: what the fingerprint is computed from, and what a base record
     /// carries as the proof of its table.

@@ -1,5 +1,5 @@
-//! What the registry lists: repositories, versions, deltas found by a search and
-//! verification reports. The registry's store returns these types and the client reads
+//! What the registry lists: base records, repositories, versions, deltas found by a
+//! search and verification reports. The registry's store returns these types and the client reads
 //! them back; both conversions to and from the wire's messages live here (digests and
 //! names parsed strictly, "none" as `None`).
 
@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::Digest;
 use crate::digest::DigestError;
+use crate::manifest::TensorInfo;
 use crate::reference::{NameError, Repository};
 
 /// A listing the wire carried with a malformed digest or name.
@@ -18,6 +19,71 @@ pub enum BadListing {
     /// A repository name that does not parse.
     #[error("{0}")]
     Name(#[from] NameError),
+}
+
+/// A base model as the registry records it (`GetBase`, `ListBases`), or as a client reads
+/// it from local weights: what deltas are checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseRecord {
+    /// Registered name: `namespace/name`, or a global name (a local model: its path).
+    pub name: String,
+    /// Fingerprint of its weights.
+    pub fingerprint: Digest,
+    /// Its tensor table, sorted by name.
+    pub tensors: Vec<TensorInfo>,
+    /// The blake3 of each tensor's bytes, in `tensors` order: the proof that the table is
+    /// the fingerprint's (the registry recomputes it before storing). Empty for records
+    /// registered before proofs existed.
+    pub digests: Vec<Digest>,
+    /// Unix seconds it was registered (0: a local model, not registered).
+    pub created_at: i64,
+}
+
+impl BaseRecord {
+    /// Whether the record carries the digests that prove its table.
+    pub fn proven(&self) -> bool {
+        !self.digests.is_empty()
+    }
+}
+
+impl From<BaseRecord> for crate::BaseRecord {
+    fn from(b: BaseRecord) -> Self {
+        let digests = b.digests.iter().map(ToString::to_string);
+        crate::BaseRecord {
+            name: b.name,
+            fingerprint: b.fingerprint.to_string(),
+            tensors: b
+                .tensors
+                .into_iter()
+                .zip(digests.chain(std::iter::repeat(String::new())))
+                .map(|(t, digest)| crate::TensorInfo { digest, ..t.into() })
+                .collect(),
+            created_at: b.created_at,
+        }
+    }
+}
+
+impl TryFrom<crate::BaseRecord> for BaseRecord {
+    type Error = BadListing;
+    /// Digests are all there (a proven record) or none (one from before proofs).
+    fn try_from(b: crate::BaseRecord) -> Result<Self, BadListing> {
+        let proven = b.tensors.iter().all(|t| !t.digest.is_empty());
+        let digests = if proven {
+            b.tensors
+                .iter()
+                .map(|t| t.digest.parse())
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(BaseRecord {
+            name: b.name,
+            fingerprint: b.fingerprint.parse()?,
+            tensors: b.tensors.into_iter().map(Into::into).collect(),
+            digests,
+            created_at: b.created_at,
+        })
+    }
 }
 
 /// One repository (`ListRepositories`).
@@ -229,6 +295,25 @@ mod tests {
         };
         let back = VersionInfo::try_from(crate::VersionInfo::from(version.clone()));
         assert_eq!(back, Ok(version));
+        let base = BaseRecord {
+            name: "tiny".into(),
+            fingerprint: Digest::of(b"fp"),
+            tensors: vec![TensorInfo {
+                name: "w".into(),
+                dtype: "F32".into(),
+                shape: vec![2, 2],
+            }],
+            digests: vec![Digest::of(b"w")],
+            created_at: 7,
+        };
+        let back = BaseRecord::try_from(crate::BaseRecord::from(base.clone()));
+        assert_eq!(back, Ok(base.clone()));
+        let legacy = BaseRecord {
+            digests: Vec::new(),
+            ..base
+        };
+        let back = BaseRecord::try_from(crate::BaseRecord::from(legacy.clone()));
+        assert_eq!(back.map(|b| b.proven()), Ok(false));
         let bad = crate::DeltaSummary {
             repository: "no-slash".into(),
             ..wire

@@ -14,7 +14,7 @@ use delta_proto::manifest::{Manifest, TensorInfo};
 use delta_proto::reference::{LATEST, Reference, Repository, Selector};
 use delta_proto::tokens::{Scope, TokenKind};
 
-pub use delta_proto::catalog::{DeltaSummary, RepoSummary, Report, VersionInfo};
+pub use delta_proto::catalog::{BaseRecord, DeltaSummary, RepoSummary, Report, VersionInfo};
 
 use crate::error::{Error, Result};
 use crate::sql::{Db, Row, Sql, Value, p};
@@ -91,30 +91,6 @@ pub(crate) fn audit_in(
         p![who.at, who.token, action, target, digest],
     )?;
     Ok(())
-}
-
-/// A registered base model.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BaseRecord {
-    /// Registered name: `namespace/name`, or a global name.
-    pub name: String,
-    /// Fingerprint of its weights.
-    pub fingerprint: Digest,
-    /// Its tensor table.
-    pub tensors: Vec<TensorInfo>,
-    /// The blake3 of each tensor's bytes, in `tensors` order: the proof that the table is
-    /// the fingerprint's (the service recomputes it before storing). Empty for records
-    /// registered before proofs existed.
-    pub digests: Vec<Digest>,
-    /// Seconds since the epoch.
-    pub created_at: i64,
-}
-
-impl BaseRecord {
-    /// Whether the record carries the digests that prove its table.
-    pub fn proven(&self) -> bool {
-        !self.digests.is_empty()
-    }
 }
 
 /// A resolved reference.

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use delta_client::apply::{ApplyOptions, LoadedDelta, apply};
-use delta_client::remote::Base;
 use delta_client::tensors::Model;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -150,13 +149,8 @@ fn main() {
         });
         std::hint::black_box(raw);
         let model = Model::open(&base_path).expect("open base");
-        let (fp, fp_t) = timed(|| model.fingerprint());
-
-        let base = Base {
-            name: "bench".into(),
-            fingerprint: fp,
-            tensors: model.table(),
-        };
+        let (base, fp_t) = timed(|| model.base_record("bench"));
+        let fp = base.fingerprint;
         let prepared = delta_client::delta::prepare(&lora, &base).expect("prepare");
         let delta =
             LoadedDelta::open("lora", prepared.manifest.clone(), &prepared.paths).expect("load");

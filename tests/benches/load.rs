@@ -141,8 +141,8 @@ async fn main() {
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for w in 0..8 {
-        let c = readers[w].clone();
+    for c in &readers {
+        let c = c.clone();
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors) = (Vec::new(), 0);
             for _ in 0..50 {

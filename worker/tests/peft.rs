@@ -25,14 +25,10 @@ fn a_peft_seq_cls_lora_predicts_what_peft_predicts() {
         serde_json::from_slice(&std::fs::read(fixture.join("expected.json")).unwrap()).unwrap();
     let dir = delta_worker::run::minilm_dir().unwrap();
     let base = LocalBase::open(&dir, &Device::Cpu).unwrap();
-    let table = delta_client::tensors::Model::open(&dir.join("model.safetensors"))
+    let client_base = delta_client::tensors::Model::open(&dir.join("model.safetensors"))
         .unwrap()
-        .table();
-    let client_base = delta_client::remote::Base {
-        name: "minilm".into(),
-        fingerprint: base.fingerprint,
-        tensors: table,
-    };
+        .base_record("minilm");
+    assert_eq!(client_base.fingerprint, base.fingerprint);
     let prepared = delta_client::delta::prepare(&fixture.join("adapter"), &client_base).unwrap();
     let delta = Delta::load_files(prepared.manifest.clone(), &prepared.paths).unwrap();
     let examples: Vec<Example> = expected

@@ -8,7 +8,6 @@ use serde_json::json;
 use super::{Ctx, human_bytes};
 use crate::apply::{ApplyOptions, apply};
 use crate::hub;
-use crate::remote::Base;
 use crate::tensors::Model;
 
 /// Arguments.
@@ -52,18 +51,14 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
         );
     }
     let base_path = args.base.clone();
-    let (model, fingerprint) = tokio::task::spawn_blocking(move || {
+    let (model, base) = tokio::task::spawn_blocking(move || {
         let model = Model::open(&base_path)?;
-        let fp = model.fingerprint();
-        Ok::<_, crate::Error>((model, fp))
+        let base = model.base_record(&base_path.display().to_string());
+        Ok::<_, crate::Error>((model, base))
     })
     .await?
     .with_context(|| format!("cannot read base {}", args.base.display()))?;
-    let base = Base {
-        name: args.base.display().to_string(),
-        fingerprint,
-        tensors: model.table(),
-    };
+    let fingerprint = base.fingerprint;
     let remote = super::remote_if_needed(ctx, &args.deltas).await?;
     let deltas = super::load_deltas(ctx, remote.as_ref(), &args.deltas, &base).await?;
     let given = deltas.len();

@@ -48,11 +48,7 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
             let p = p.clone();
             tokio::task::spawn_blocking(move || {
                 let m = crate::tensors::Model::open(&p)?;
-                Ok::<_, crate::Error>(crate::remote::Base {
-                    name: p.display().to_string(),
-                    fingerprint: m.fingerprint(),
-                    tensors: m.table(),
-                })
+                Ok::<_, crate::Error>(m.base_record(&p.display().to_string()))
             })
             .await??
         }

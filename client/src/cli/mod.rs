@@ -261,7 +261,7 @@ pub async fn load_deltas(
     ctx: &Ctx,
     remote: Option<&Remote>,
     specs: &[String],
-    base: &crate::remote::Base,
+    base: &crate::remote::BaseRecord,
 ) -> anyhow::Result<Vec<crate::apply::LoadedDelta>> {
     use anyhow::Context;
     let progress = ctx.progress("pull");

@@ -248,7 +248,7 @@ pub(super) async fn get_base(
             what: "base",
             name: excerpt(&key),
         })?;
-    Ok(Response::new(base_to_pb(base)))
+    Ok(Response::new(base.into()))
 }
 
 pub(super) async fn list_bases(
@@ -261,7 +261,7 @@ pub(super) async fn list_bases(
         })
         .await?;
     Ok(Response::new(pb::ListBasesResponse {
-        bases: bases.into_iter().map(base_to_pb).collect(),
+        bases: bases.into_iter().map(Into::into).collect(),
     }))
 }
 
@@ -500,21 +500,6 @@ pub(super) async fn collect_garbage(
         digests: report.removed.iter().map(ToString::to_string).collect(),
         dry_run: report.dry_run,
     }))
-}
-
-fn base_to_pb(b: BaseRecord) -> pb::BaseRecord {
-    let digests = b.digests.iter().map(ToString::to_string);
-    pb::BaseRecord {
-        name: b.name,
-        fingerprint: b.fingerprint.to_string(),
-        tensors: b
-            .tensors
-            .into_iter()
-            .zip(digests.chain(std::iter::repeat(String::new())))
-            .map(|(t, digest)| pb::TensorInfo { digest, ..t.into() })
-            .collect(),
-        created_at: b.created_at,
-    }
 }
 
 /// The namespace a base name belongs to: `Some(ns)` for `ns/name` (its owners register

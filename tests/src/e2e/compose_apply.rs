@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use delta_client::apply::{ApplyOptions, LoadedDelta, apply};
 use delta_client::compose::{ComposeOptions, Merge, Mode, compose};
 use delta_client::hub;
-use delta_client::remote::Base;
+use delta_client::remote::BaseRecord;
 use delta_client::tensors::Model;
 use serde_json::json;
 
@@ -19,7 +19,7 @@ struct Fixture {
     dir: tempfile::TempDir,
     base_path: PathBuf,
     model: Model,
-    base: Base,
+    base: BaseRecord,
 }
 
 impl Fixture {
@@ -28,11 +28,7 @@ impl Fixture {
         let base_path = dir.path().join("base.safetensors");
         fixtures::write_base(&base_path, 1);
         let model = Model::open(&base_path).unwrap();
-        let base = Base {
-            name: "tiny".into(),
-            fingerprint: model.fingerprint(),
-            tensors: model.table(),
-        };
+        let base = model.base_record("tiny");
         Self {
             dir,
             base_path,

@@ -407,7 +407,7 @@ async fn bases_cannot_be_forged_or_squatted(engine: Engine) {
     let e1 = b.get_base("team-a/enc").await.unwrap_err().to_string();
     let e2 = b.get_base("team-a/none").await.unwrap_err().to_string();
     assert_eq!(e1.replace("enc", "X"), e2.replace("none", "X"));
-    let names = |bases: Vec<delta_client::remote::Base>| {
+    let names = |bases: Vec<delta_client::remote::BaseRecord>| {
         let mut n: Vec<String> = bases.into_iter().map(|b| b.name).collect();
         n.sort();
         n
