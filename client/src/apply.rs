@@ -81,6 +81,28 @@ impl LoadedDelta {
         Ok((t, f.data(t)))
     }
 
+    /// Checks every file hashes to the digest its manifest entry states (for files that
+    /// did not come through the verifying cache: a local folder).
+    pub fn verify_files(&self) -> Result<()> {
+        for (entry, file) in self.manifest.files.iter().zip(&self.files) {
+            let actual = Digest::of(file.bytes());
+            if actual != entry.digest {
+                return Err(Error::Invalid(format!(
+                    "{}: {} hashes to {actual}, but the manifest says {}",
+                    self.label,
+                    file.path().display(),
+                    entry.digest
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A tensor's header entry (dtype, shape) and raw little-endian bytes.
+    pub fn tensor(&self, name: &str) -> Result<(&TensorEntry, &[u8])> {
+        self.entry(name)
+    }
+
     /// A tensor's raw bytes.
     pub fn raw(&self, name: &str) -> Result<&[u8]> {
         Ok(self.entry(name)?.1)

@@ -104,26 +104,28 @@ impl Delta {
     }
 
     /// Loads a delta from its manifest and the local paths of its files (in manifest
-    /// order), checking each file's digest.
+    /// order) through the client's loader (`LoadedDelta`: mapped, tensors checked against
+    /// the manifest), checking each file's digest, then copies its tensors into candle.
     pub fn load_files(manifest: Manifest, paths: &[PathBuf]) -> Result<Self> {
+        let label = manifest.digest().to_string();
+        let loaded = delta_client::apply::LoadedDelta::open(&label, manifest, paths)?;
+        loaded.verify_files()?;
         let mut tensors = HashMap::new();
-        for (f, path) in manifest.files.iter().zip(paths) {
-            let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let actual = Digest::of(&raw);
-            if actual != f.digest {
-                bail!(
-                    "{} has digest {actual}, the manifest says {}",
-                    path.display(),
-                    f.digest
-                );
-            }
-            tensors.extend(
-                candle_core::safetensors::load_buffer(&raw, &Device::Cpu)
-                    .with_context(|| format!("loading {}", path.display()))?,
-            );
+        for name in loaded.names() {
+            let (entry, bytes) = loaded.tensor(name)?;
+            let dtype: candle_core::DType = entry.dtype.to_lowercase().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "tensor {name}: dtype {} is not one candle holds",
+                    entry.dtype
+                )
+            })?;
+            let shape: Vec<usize> = entry.shape.iter().map(|&d| d as usize).collect();
+            let t = Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)
+                .with_context(|| format!("loading tensor {name}"))?;
+            tensors.insert(name.to_owned(), t);
         }
         Ok(Self {
-            manifest,
+            manifest: loaded.manifest,
             tensors,
             reference: None,
         })

@@ -105,3 +105,28 @@ fn a_worker_classifier_predicts_what_peft_predicts_from_its_export() {
         }
     }
 }
+
+/// A delta folder whose file no longer hashes to its manifest's digest is refused,
+/// naming the file; its tensors load otherwise (dtype and shape from the header).
+#[test]
+fn a_local_delta_is_loaded_only_if_its_files_match_the_manifest() {
+    let fixture =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/worker-seq-cls/delta");
+    let good = Delta::load_dir(&fixture).unwrap();
+    let listed = good.manifest.tensors().count();
+    assert_eq!(good.tensors.len(), listed);
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["delta.json", "delta.safetensors"] {
+        std::fs::copy(fixture.join(f), dir.path().join(f)).unwrap();
+    }
+    let file = dir.path().join("delta.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&file, bytes).unwrap();
+    let e = Delta::load_dir(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("delta.safetensors hashes to") && e.contains("but the manifest says"),
+        "{e}"
+    );
+}
