@@ -146,6 +146,9 @@ pub struct Pushed {
 /// The metadata operations the registry needs. Implementations must make every write
 /// atomic and must refuse to record anything that names a blob without a row.
 pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
+    /// How many calls it serves at once to good effect; the service runs no more database
+    /// trips together than this, and the rest wait as async tasks.
+    fn parallelism(&self) -> usize;
     /// Records a durable blob (or refreshes its `last_referenced` time and lifts a
     /// quarantine) and links it to `namespace` (the uploader's; `None`: no namespace, as
     /// for `*` tokens): an `upload` audit row.
@@ -365,6 +368,16 @@ fn base_record(r: &Row) -> Result<BaseRecord> {
 }
 
 impl MetaStore for SqlMeta {
+    /// SQLite: two (one connection: one call runs while the next waits on its thread,
+    /// ready; one permit left the connection idle between calls, 13 200-13 500 resolves/s,
+    /// two 18 900-19 100/s, three or more only lengthened the tail). PostgreSQL: its pool.
+    fn parallelism(&self) -> usize {
+        match self.db {
+            Db::Sqlite(_) => 2,
+            Db::Postgres(_) => POSTGRES_POOL,
+        }
+    }
+
     fn store_blob(
         &self,
         digest: &Digest,
