@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the worker's device tests on a GPU (cuda:0), from what scripts/build-cuda.sh put in
 # target/cuda-dist/ (copied here next to this script, or named by DELTA_CUDA_DIST):
-#   device  every method's training step (loss and every gradient) on cuda:0 vs the CPU
+#   device  every method's training step (loss and every gradient) on cuda:0 vs the CPU,
+#           and with bf16 products (--precision bf16) vs f32 on cuda:0
 #   jobs    LoRA jobs trained and published through the registry's queue by a worker on
 #           cuda:0; the pulled, applied model predicts what the mounted runtime predicts;
 #           verification reproduces the recorded metrics; co-trained jobs equal each alone

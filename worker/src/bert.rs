@@ -47,6 +47,10 @@ pub trait Inject {
     fn drop_attention(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone())
     }
+    /// How the attention products are computed.
+    fn precision(&self) -> fused::Precision {
+        fused::Precision::F32
+    }
 }
 
 /// The fields of a Hugging Face BERT `config.json` the encoder uses.
@@ -211,6 +215,8 @@ pub struct BaseWeights {
     /// What a classification head merged into these weights reads (`delta apply`
     /// records it), if one was.
     pub head_pooling: Option<Pooling>,
+    /// How products are computed over these weights (f32 unless set).
+    pub precision: fused::Precision,
 }
 
 impl BaseWeights {
@@ -251,6 +257,7 @@ impl BaseWeights {
             tensors,
             device: device.clone(),
             head_pooling,
+            precision: fused::Precision::F32,
         };
         w.check()?;
         Ok(w)
@@ -291,6 +298,7 @@ impl BaseWeights {
             tensors,
             device: device.clone(),
             head_pooling: None,
+            precision: fused::Precision::F32,
         })
     }
 }
@@ -370,10 +378,10 @@ fn layer(cfg: &BertConfig, m: &impl Inject, l: usize, x: &Tensor, mask: &Tensor)
     let kv_len = k.dim(1)?;
     let k = split(k, kv_len)?;
     let v = split(v, kv_len)?;
-    let scores = fused::matmul_t(&q, &k)?;
+    let scores = fused::matmul_t_at(m.precision(), &q, &k)?;
     let probs = fused::attention_softmax(&scores, &key_mask, 1.0 / (d as f64).sqrt())?;
     let probs = m.drop_attention(&probs)?;
-    let ctx = fused::matmul(&probs, &v)?
+    let ctx = fused::matmul_at(m.precision(), &probs, &v)?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, len, h))?;

@@ -20,6 +20,85 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout,
 /// Values per block of work handed to one thread (64 KiB of f32).
 const BLOCK: usize = 16 * 1024;
 
+/// How products of activations and weights are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Mixed precision, as PyTorch's bf16 autocast: the products of linear layers and
+    /// attention take bf16 operands (accumulated in f32 by the hardware) and give f32
+    /// results; everything else (norms, softmax, residuals, the head, the loss) and every
+    /// trained value (the f32 master copy the optimiser updates) stays f32. Gradients flow
+    /// back through the casts. Meant for GPUs with bf16 units; candle's CPU widens bf16
+    /// to f32 for its products, so on the CPU it only costs time.
+    Bf16,
+}
+
+impl Precision {
+    /// Its name (`f32`, `bf16`), as recorded in a delta's provenance.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// What a delta's provenance records (`precision`; absent: f32), so that a
+    /// verification recomputes its metrics as training did.
+    pub fn recorded(provenance: &std::collections::BTreeMap<String, serde_json::Value>) -> Self {
+        match provenance.get("precision").and_then(|p| p.as_str()) {
+            Some("bf16") => Precision::Bf16,
+            _ => Precision::F32,
+        }
+    }
+}
+
+/// `a · b` with bf16 operands and an f32 result (see [`Precision::Bf16`]).
+fn bf16_product(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.to_dtype(DType::BF16)?
+        .matmul(&b.to_dtype(DType::BF16)?)?
+        .to_dtype(DType::F32)?)
+}
+
+/// [`linear`] at a precision.
+pub fn linear_at(p: Precision, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    match p {
+        Precision::F32 => linear(x, w, b),
+        Precision::Bf16 => {
+            let y = bf16_product(x, &w.t()?)?;
+            Ok(match b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        }
+    }
+}
+
+/// Candle's `a.matmul(b)` (rayon's pool), or at [`Precision::Bf16`] with bf16 operands.
+pub fn product(p: Precision, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match p {
+        Precision::F32 => Ok(a.matmul(b)?),
+        Precision::Bf16 => bf16_product(a, b),
+    }
+}
+
+/// [`matmul`] at a precision.
+pub fn matmul_at(p: Precision, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match p {
+        Precision::F32 => matmul(a, b),
+        Precision::Bf16 => bf16_product(a, b),
+    }
+}
+
+/// [`matmul_t`] at a precision.
+pub fn matmul_t_at(p: Precision, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    match p {
+        Precision::F32 => matmul_t(a, b),
+        Precision::Bf16 => bf16_product(a, &b.t()?),
+    }
+}
+
 /// Whether a tensor can take the fused path: f32 on the CPU.
 fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32

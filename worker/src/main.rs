@@ -9,6 +9,7 @@ use candle_core::Device;
 use clap::{Parser, Subcommand};
 use delta_client::jobs::TrainSpec;
 use delta_worker::data::{Split, load_jsonl, sentiment_split, to_jsonl};
+use delta_worker::fused::Precision;
 use delta_worker::run::{Delta, LocalBase, TrainRequest, predict, train_to_dir};
 
 #[derive(Parser, Debug)]
@@ -61,6 +62,10 @@ enum Command {
         /// schedule, data order, lease and result).
         #[arg(long, default_value_t = 1)]
         co_train: usize,
+        /// Training products: `f32`, or `bf16` (mixed precision for GPUs: bf16 operands,
+        /// f32 results, norms, softmax and master values; recorded in the delta).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: Precision,
     },
     /// Serve many callers' deltas over shared bases (gRPC `delta.inference.v1`), batching
     /// calls for different deltas into one forward pass.
@@ -127,6 +132,10 @@ enum Command {
         /// `cpu` or `cuda:N`.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Training products: `f32`, or `bf16` (mixed precision for GPUs: bf16 operands,
+        /// f32 results, norms, softmax and master values; recorded in the delta).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: Precision,
         #[command(flatten)]
         spec: TrainSpec,
     },
@@ -247,6 +256,7 @@ async fn run(cli: Cli) -> Result<()> {
             lease_seconds,
             max_jobs,
             co_train,
+            precision,
         } => {
             let (device, device_name) = device(&dev)?;
             let opts = delta_client::remote::ConnectOptions {
@@ -266,6 +276,7 @@ async fn run(cli: Cli) -> Result<()> {
                 poll: Duration::from_millis(250),
                 max_jobs,
                 co_train: co_train.max(1),
+                precision,
             };
             delta_worker::serve::serve(remote, serve).await
         }
@@ -320,10 +331,12 @@ async fn run(cli: Cli) -> Result<()> {
             out,
             parents,
             device: dev,
+            precision,
             spec,
         } => {
             let (device, _) = device(&dev)?;
-            let base = LocalBase::open(&base, &device)?;
+            let mut base = LocalBase::open(&base, &device)?;
+            base.weights.precision = precision;
             let train = load_jsonl(&train)?;
             let eval = eval.as_deref().map(load_jsonl).transpose()?;
             let parents = parents

@@ -18,6 +18,7 @@ use anyhow::{Context, Result, bail, ensure};
 use candle_core::{DType, Tensor};
 
 use crate::bert::{Batch, BertConfig, Inject, encode, mean_pool};
+use crate::fused::product;
 use crate::mounts::{HEAD_BIAS, HEAD_WEIGHT, Mounts};
 
 /// Rows `start..start + len` of a batch, all with one delta.
@@ -249,6 +250,7 @@ impl MixedMounts<'_, '_> {
         }
         let (rows, len, n_in) = x.dims3()?;
         let n_out = y.dim(2)?;
+        let p = self.base().precision;
         if self.segments.iter().any(|s| loras(s) > 1) {
             return self.per_segment(&y, |s, ys| {
                 let Some(ls) = s.mounts.lora.get(module) else {
@@ -257,10 +259,8 @@ impl MixedMounts<'_, '_> {
                 let xs = x.narrow(0, s.start, s.len)?.reshape((s.len * len, n_in))?;
                 let mut ys = ys;
                 for l in ls {
-                    let branch = xs
-                        .matmul(&l.a.t()?)?
-                        .matmul(&l.b.t()?)?
-                        .reshape((s.len, len, n_out))?;
+                    let down = product(p, &xs, &l.a.t()?)?;
+                    let branch = product(p, &down, &l.b.t()?)?.reshape((s.len, len, n_out))?;
                     ys = (ys + (branch * l.scale)?)?;
                 }
                 Ok(Some(ys))
@@ -307,11 +307,8 @@ impl MixedMounts<'_, '_> {
         let a = Tensor::cat(&a_rows, 0)?;
         let b = Tensor::cat(&b_rows, 0)?;
         let scales = Tensor::from_vec(scales, (rows, 1, 1), device)?;
-        let branch = x
-            .contiguous()?
-            .matmul(&a.transpose(1, 2)?)?
-            .matmul(&b.transpose(1, 2)?)?
-            .broadcast_mul(&scales)?;
+        let down = product(p, &x.contiguous()?, &a.transpose(1, 2)?)?;
+        let branch = product(p, &down, &b.transpose(1, 2)?)?.broadcast_mul(&scales)?;
         Ok((y + branch)?)
     }
 }
@@ -346,6 +343,10 @@ impl Inject for MixedMounts<'_, '_> {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
+    fn precision(&self) -> crate::fused::Precision {
+        self.base().precision
+    }
+
     fn linear(&self, module: &str, x: &Tensor) -> Result<Tensor> {
         let (rows, len, n_in) = x.dims3()?;
         ensure!(
@@ -364,7 +365,7 @@ impl Inject for MixedMounts<'_, '_> {
         let flat = x.reshape((rows * len, n_in))?;
         // No gradient for the frozen base weight (see `fused::linear`); the bias
         // may differ per row, so it is added below.
-        let y = crate::fused::linear(&flat, &w, None)?;
+        let y = crate::fused::linear_at(self.base().precision, &flat, &w, None)?;
         let mut y = y.reshape((rows, len, n_out))?;
         let bias = format!("{module}.bias");
         if self.base().tensors.contains_key(&bias) {

@@ -217,9 +217,11 @@ impl<'a> Mounts<'a> {
             }
         }
         let b = self.maybe(&format!("{module}.bias"))?;
-        let mut y = fused::linear(&x2, &w, b.as_ref())?;
+        let p = self.base.precision;
+        let mut y = fused::linear_at(p, &x2, &w, b.as_ref())?;
         for lora in self.lora.get(module).into_iter().flatten() {
-            let branch = fused::linear(&fused::linear(&x2, &lora.a, None)?, &lora.b, None)?;
+            let down = fused::linear_at(p, &x2, &lora.a, None)?;
+            let branch = fused::linear_at(p, &down, &lora.b, None)?;
             y = (y + (branch * lora.scale)?)?;
         }
         // Output-side IA3 scales the whole output, bias included, as PEFT's IA3 layer does
@@ -250,9 +252,11 @@ impl<'a> Mounts<'a> {
             let src = if a.parallel { &input } else { &x };
             let h = src.dim(D::Minus1)?;
             let rows = src.elem_count() / h.max(1);
-            let down =
-                fused::linear(&src.reshape((rows, h))?, &a.down_w, Some(&a.down_b))?.relu()?;
-            let mut up = fused::linear(&down, &a.up_w, Some(&a.up_b))?.reshape(src.shape())?;
+            let p = self.base.precision;
+            let down = fused::linear_at(p, &src.reshape((rows, h))?, &a.down_w, Some(&a.down_b))?
+                .relu()?;
+            let mut up =
+                fused::linear_at(p, &down, &a.up_w, Some(&a.up_b))?.reshape(src.shape())?;
             if a.weight != 1.0 {
                 up = (up * a.weight)?;
             }
@@ -555,6 +559,10 @@ impl crate::bert::Inject for Mounts<'_> {
 
     fn adapt(&self, point: &str, x: &Tensor) -> Result<Tensor> {
         Mounts::adapt(self, point, x)
+    }
+
+    fn precision(&self) -> fused::Precision {
+        self.base.precision
     }
 
     fn prefix_rows(&self, layer: usize, rows: usize) -> Result<Option<(Tensor, Tensor, Tensor)>> {

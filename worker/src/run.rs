@@ -425,6 +425,14 @@ fn write_trained(
         "tool".into(),
         json!({ "name": "delta-worker", "version": env!("CARGO_PKG_VERSION"), "candle": "0.11" }),
     );
+    // Mixed precision changes the numbers: recorded, so a verification runs as training
+    // did (absent: f32).
+    let precision = base.weights.precision;
+    if precision != crate::fused::Precision::F32 {
+        manifest
+            .provenance
+            .insert("precision".into(), json!(precision.as_str()));
+    }
     manifest.check_shape()?;
     delta_client::delta::write_manifest(out, &manifest)?;
     Ok(Trained {

@@ -47,6 +47,9 @@ pub struct ServeOptions {
     pub max_jobs: Option<usize>,
     /// Training jobs on one base trained together in mixed batches (1: one at a time).
     pub co_train: usize,
+    /// How training runs its products (`--precision`; verification follows what the
+    /// delta records).
+    pub precision: crate::fused::Precision,
 }
 
 /// Base folders under `models` by fingerprint.
@@ -390,7 +393,7 @@ async fn train_group(
     };
     let out_paths: Vec<PathBuf> = outs.iter().map(|o| o.path().to_owned()).collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Progress)>();
-    let device = opts.device.clone();
+    let (device, precision) = (opts.device.clone(), opts.precision);
     let stops: Vec<Arc<AtomicBool>> = index.iter().map(|&i| jobs[i].lost.clone()).collect();
     let provenances: Vec<std::collections::BTreeMap<String, serde_json::Value>> = index
         .iter()
@@ -412,7 +415,8 @@ async fn train_group(
         .collect();
     let handle =
         tokio::task::spawn_blocking(move || -> Result<Vec<Result<crate::run::Trained>>> {
-            let base = LocalBase::open_known(&dir, &device, fp)?;
+            let mut base = LocalBase::open_known(&dir, &device, fp)?;
+            base.weights.precision = precision;
             let reqs: Vec<TrainRequest<'_>> = inputs
                 .iter()
                 .zip(provenances)
@@ -534,8 +538,10 @@ async fn run_job(
                 opts.name.clone(),
                 opts.device_name.clone(),
             );
+            let precision = crate::fused::Precision::recorded(&last.manifest.provenance);
             let report = tokio::task::spawn_blocking(move || -> Result<_> {
-                let base = LocalBase::open_known(&dir, &device, fp)?;
+                let mut base = LocalBase::open_known(&dir, &device, fp)?;
+                base.weights.precision = precision;
                 verify(&base, &chain, &eval, &name, &device_name)
             })
             .await??;

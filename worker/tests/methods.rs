@@ -383,3 +383,54 @@ fn dropout_is_seeded_and_takes_effect() {
     assert_ne!(a, off, "dropout changes the training");
     assert_eq!(run(Some(0.0)).0, off);
 }
+
+/// Mixed precision (`--precision bf16`): LoRA trains as well with bf16 products, the delta
+/// records its precision, and a verification that follows the record reproduces its
+/// metrics exactly (one in f32 measures close to them, not equal).
+#[test]
+fn lora_trains_in_mixed_precision_and_verifies_as_recorded() {
+    use delta_worker::fused::Precision;
+    let mut st = setup();
+    st.base.weights.precision = Precision::Bf16;
+    let s = spec(&[Method::Lora]);
+    let out = tempfile::tempdir().unwrap();
+    let req = TrainRequest {
+        spec: &s,
+        parents: &[],
+        train: &st.train,
+        eval: Some(&st.eval),
+        base_name: Some("tiny".into()),
+        provenance: BTreeMap::new(),
+    };
+    let trained = train_to_dir(&st.base, &req, out.path(), &mut |_| Ok(())).unwrap();
+    let losses: Vec<f64> = trained.history.iter().filter_map(|p| p.loss).collect();
+    let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = losses[losses.len() - 5..].iter().sum::<f64>() / 5.0;
+    assert!(
+        last < first - 0.1,
+        "loss did not fall ({first:.3} → {last:.3})"
+    );
+    let acc = trained.metrics["eval_accuracy"];
+    assert!(acc >= 0.7, "held-out accuracy {acc}");
+    let delta = Delta::load_dir(out.path()).unwrap();
+    assert_eq!(delta.manifest.provenance["precision"], "bf16");
+    let recorded = Precision::recorded(&delta.manifest.provenance);
+    assert_eq!(recorded, Precision::Bf16);
+
+    let mut fresh = LocalBase::open(&st.base.dir, &Device::Cpu).unwrap();
+    fresh.weights.precision = recorded;
+    let report =
+        delta_worker::run::verify(&fresh, std::slice::from_ref(&delta), &st.eval, "t", "cpu")
+            .unwrap();
+    assert!(report.passed, "{:?}", report.checks);
+    assert_eq!(report.matches_recorded, Some(true), "{:?}", report.metrics);
+    fresh.weights.precision = Precision::F32;
+    let f32_report =
+        delta_worker::run::verify(&fresh, std::slice::from_ref(&delta), &st.eval, "t", "cpu")
+            .unwrap();
+    let (a, b) = (
+        f32_report.metrics["eval_loss"],
+        trained.metrics["eval_loss"],
+    );
+    assert!(a != b && (a - b).abs() < 1e-2, "f32 {a} vs bf16 {b}");
+}
