@@ -10,7 +10,8 @@
 //!
 //! # Layout
 //! - `auth`: callers, scopes and the open/closed rule; `admin`: tokens, authentication.
-//! - `config`: [`RegistryConfig`], plain settings.
+//! - `config`: [`RegistryConfig`], plain settings; `settings`: `serve`'s flags, environment
+//!   and file merged into one (`ServeArgs`), described and checked.
 //! - `server`: [`Server`] (open, then serve) and [`run`], the entry point (registry +
 //!   health + reflection).
 //! - `service`: [`RegistryService`], the gRPC handlers (by concern: `blobs`, `deltas`,
@@ -35,6 +36,7 @@ pub mod maintenance;
 pub mod meta;
 pub mod server;
 pub mod service;
+pub mod settings;
 mod sql;
 pub mod telemetry;
 pub mod tls;

@@ -1,6 +1,5 @@
 //! `delta-registry`: the registry server binary.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,6 +9,10 @@ use delta_registry::admin::NewToken;
 use delta_registry::auth::{Scope, TokenKind};
 use delta_registry::clock::now;
 use delta_registry::service::SQLITE_FILE;
+use delta_registry::settings::{
+    self, ServeArgs, aws_options, build_config, check, describe, merge_options, parse_option,
+    redact_url,
+};
 use delta_registry::{MetaStore, RegistryConfig, SqlMeta};
 use tracing_subscriber::EnvFilter;
 
@@ -155,88 +158,6 @@ struct NamespaceArgs {
     /// Make it readable only with a token again.
     #[arg(long)]
     private: bool,
-}
-
-#[derive(clap::Args, Debug)]
-struct ServeArgs {
-    /// A TOML file with any of these settings (same names, with underscores); the
-    /// environment overrides it, flags override both.
-    #[arg(long, env = "DELTA_CONFIG")]
-    config: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (`GET /metrics`).
-    #[arg(long, env = "DELTA_METRICS_LISTEN")]
-    metrics_listen: Option<SocketAddr>,
-    /// Log format: `text` or `json` (one JSON object per line).
-    #[arg(long, env = "DELTA_LOG_FORMAT", default_value = "text")]
-    log_format: String,
-    /// Directory for the SQLite database (unless --database), the blobs (unless --store)
-    /// and upload staging files.
-    #[arg(long, env = "DELTA_DATA_DIR", default_value = "delta-data")]
-    data_dir: PathBuf,
-    /// The metadata database: `postgres://user:password@host:port/db` for several
-    /// replicas sharing one PostgreSQL (default: SQLite in the data dir).
-    #[arg(long, env = "DELTA_DATABASE")]
-    database: Option<String>,
-    /// Address to listen on.
-    #[arg(long, env = "DELTA_LISTEN", default_value = "127.0.0.1:50051")]
-    listen: SocketAddr,
-    /// An object_store URL for blobs (`s3://bucket/prefix` reads the usual AWS_* variables).
-    #[arg(long, env = "DELTA_STORE")]
-    store: Option<String>,
-    /// An object_store option, e.g. `aws_endpoint=http://127.0.0.1:9000` or
-    /// `aws_region=eu-west-1` (repeatable; overrides the AWS_* variables and the file's
-    /// [store_options]).
-    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = parse_option)]
-    store_option: Vec<(String, String)>,
-    /// Largest blob accepted, in bytes.
-    #[arg(long, default_value_t = defaults().max_blob_bytes)]
-    max_blob_bytes: u64,
-    /// Largest manifest accepted, in bytes.
-    #[arg(long, default_value_t = defaults().max_manifest_bytes)]
-    max_manifest_bytes: usize,
-    /// Most tensors in one delta.
-    #[arg(long, default_value_t = defaults().max_tensors)]
-    max_tensors: usize,
-    /// Largest safetensors header accepted, in bytes.
-    #[arg(long, default_value_t = defaults().max_header_bytes)]
-    max_header_bytes: u64,
-    /// Largest gRPC message accepted, in bytes (uploads stream in 1 MiB chunks). A
-    /// manifest travels in one message: this must exceed --max-manifest-bytes by 64 KiB.
-    #[arg(long, default_value_t = defaults().max_message_bytes)]
-    max_message_bytes: usize,
-    /// Most upload sessions open at once.
-    #[arg(long, default_value_t = defaults().max_open_uploads)]
-    max_open_uploads: usize,
-    /// Most upload sessions one token may hold open (without tokens: one client address).
-    #[arg(long, default_value_t = defaults().max_uploads_per_token)]
-    max_uploads_per_token: usize,
-    /// Most upload sessions the tokens of one namespace may hold open together.
-    #[arg(long, default_value_t = defaults().max_uploads_per_namespace)]
-    max_uploads_per_namespace: usize,
-    /// Abort upload sessions that never received a byte after this long.
-    #[arg(long, default_value_t = defaults().empty_upload_ttl.into())]
-    empty_upload_ttl: humantime::Duration,
-    /// Cut an upload stream that sends nothing for this long (it stays resumable).
-    #[arg(long, default_value_t = defaults().stream_idle_timeout.into())]
-    idle_timeout: humantime::Duration,
-    /// Abort upload sessions idle for this long.
-    #[arg(long, default_value_t = defaults().upload_ttl.into())]
-    upload_ttl: humantime::Duration,
-    /// Serve TLS with this PEM certificate chain (needs --tls-key).
-    #[arg(long, requires = "tls_key")]
-    tls_cert: Option<PathBuf>,
-    /// The PEM private key for --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// The file's `[store_options]`, below the AWS_* variables and --store-option.
-    #[arg(skip)]
-    file_store_options: Vec<(String, String)>,
-}
-
-/// The registry's defaults, shown by `--help` and used for every setting left unset: one
-/// place, `RegistryConfig::local`.
-fn defaults() -> RegistryConfig {
-    RegistryConfig::local(std::path::Path::new("delta-data"))
 }
 
 fn main() -> ExitCode {
@@ -465,30 +386,6 @@ fn open_stores(
     Ok((std::sync::Arc::new(meta), blobs))
 }
 
-/// `KEY=VALUE`.
-fn parse_option(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_lowercase(), v.to_owned())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
-    }
-}
-
-/// Options from several sources, later ones winning, one entry per key.
-fn merge_options(sources: &[Vec<(String, String)>]) -> Vec<(String, String)> {
-    let merged: std::collections::BTreeMap<String, String> =
-        sources.iter().flatten().cloned().collect();
-    merged.into_iter().collect()
-}
-
-fn aws_options() -> Vec<(String, String)> {
-    // The S3 backend's settings come from the usual AWS_* variables, read here and nowhere
-    // else (libraries never read the environment).
-    std::env::vars()
-        .filter(|(k, _)| k.starts_with("AWS_"))
-        .map(|(k, v)| (k.to_lowercase(), v))
-        .collect()
-}
-
 fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
         TokenCommand::Create {
@@ -581,59 +478,11 @@ fn when(unix: i64) -> String {
 /// parsed and checked by the same flags (one list of settings, `ServeArgs`), and the
 /// flags and environment keep their precedence. `[store_options]` is kept apart for
 /// `build_config`.
+/// The command line again, with the file's settings for what it left unset (see
+/// `settings::read_file`).
 fn with_file(path: &std::path::Path, given: &clap::ArgMatches) -> anyhow::Result<Cli> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    let mut table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
-    let store_options = match table.remove("store_options") {
-        None => Vec::new(),
-        Some(toml::Value::Table(t)) => t
-            .into_iter()
-            .map(|(k, v)| match scalar(&v) {
-                Some(v) => Ok((k, v)),
-                None => anyhow::bail!(
-                    "config file {}: store_options.{k} must be a string or a number",
-                    path.display()
-                ),
-            })
-            .collect::<anyhow::Result<_>>()?,
-        Some(_) => anyhow::bail!(
-            "config file {}: store_options must be a table ([store_options])",
-            path.display()
-        ),
-    };
-    let settings: Vec<String> =
-        <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"))
-            .get_arguments()
-            .map(|a| a.get_id().to_string())
-            .filter(|id| id != "config" && id != "store_option")
-            .collect();
-    let mut extra = Vec::new();
-    for (key, value) in &table {
-        if !settings.contains(key) {
-            anyhow::bail!(
-                "config file {}: unknown setting {key:?} (the settings are: {}, store_options)",
-                path.display(),
-                settings.join(", ")
-            );
-        }
-        let unset = matches!(
-            given.value_source(key),
-            None | Some(clap::parser::ValueSource::DefaultValue)
-        );
-        if unset {
-            let Some(value) = scalar(value) else {
-                anyhow::bail!(
-                    "config file {}: {key} must be a string or a number",
-                    path.display()
-                );
-            };
-            extra.push(format!("--{}", key.replace('_', "-")));
-            extra.push(value);
-        }
-    }
-    let argv = std::env::args_os().chain(extra.into_iter().map(Into::into));
+    let file = settings::read_file(path, given)?;
+    let argv = std::env::args_os().chain(file.flags.into_iter().map(Into::into));
     let mut cli = Cli::try_parse_from(argv).map_err(|e| {
         // The flags alone parsed: what fails now came from the file.
         let e = e.to_string();
@@ -645,182 +494,9 @@ fn with_file(path: &std::path::Path, given: &clap::ArgMatches) -> anyhow::Result
         )
     })?;
     if let Command::Serve(args) | Command::CheckConfig(args) = &mut cli.command {
-        args.file_store_options = store_options;
+        args.file_store_options = file.store_options;
     }
     Ok(cli)
-}
-
-/// A TOML scalar as the text a flag would take.
-fn scalar(v: &toml::Value) -> Option<String> {
-    match v {
-        toml::Value::String(s) => Some(s.clone()),
-        toml::Value::Integer(i) => Some(i.to_string()),
-        toml::Value::Float(f) => Some(f.to_string()),
-        toml::Value::Boolean(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-fn build_config(args: &ServeArgs) -> anyhow::Result<RegistryConfig> {
-    if !matches!(args.log_format.as_str(), "text" | "json") {
-        anyhow::bail!(
-            "--log-format must be text or json, not {:?}",
-            args.log_format
-        );
-    }
-    // A manifest (and a job spec) travels in one message, with room for the rest of it.
-    let room = args.max_manifest_bytes.saturating_add(64 << 10);
-    if args.max_message_bytes < room {
-        anyhow::bail!(
-            "--max-message-bytes ({}) must be at least --max-manifest-bytes + 64 KiB ({room}): a manifest travels in one message",
-            args.max_message_bytes
-        );
-    }
-    let mut config = RegistryConfig::local(&args.data_dir);
-    config.max_blob_bytes = args.max_blob_bytes;
-    config.max_manifest_bytes = args.max_manifest_bytes;
-    config.max_tensors = args.max_tensors;
-    config.max_header_bytes = args.max_header_bytes;
-    config.max_message_bytes = args.max_message_bytes;
-    config.max_open_uploads = args.max_open_uploads;
-    config.max_uploads_per_token = args.max_uploads_per_token;
-    config.max_uploads_per_namespace = args.max_uploads_per_namespace;
-    config.empty_upload_ttl = args.empty_upload_ttl.into();
-    config.stream_idle_timeout = args.idle_timeout.into();
-    config.upload_ttl = args.upload_ttl.into();
-    config.store_url = args.store.clone();
-    config.database_url = args.database.clone();
-    config.tls = match (args.tls_cert.clone(), args.tls_key.clone()) {
-        (Some(cert), Some(key)) => Some(delta_registry::config::TlsFiles { cert, key }),
-        (None, None) => None,
-        _ => anyhow::bail!("TLS needs both tls_cert and tls_key"),
-    };
-    // File options first, AWS_* variables override them.
-    // The file's options, then AWS_* variables, then --store-option flags.
-    config.store_options = merge_options(&[
-        args.file_store_options.clone(),
-        aws_options(),
-        args.store_option.clone(),
-    ]);
-    config.metrics_addr = args.metrics_listen;
-    Ok(config)
-}
-
-/// The effective configuration, one `key = value` line each, secrets redacted.
-fn describe(args: &ServeArgs, c: &RegistryConfig) -> String {
-    let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
-    line("config", format!("{:?}", args.config));
-    line("listen", args.listen.to_string());
-    line("data_dir", c.data_dir.display().to_string());
-    line(
-        "database",
-        c.database_url.as_deref().map_or_else(
-            || format!("sqlite ({})", c.data_dir.join(SQLITE_FILE).display()),
-            redact_url,
-        ),
-    );
-    line(
-        "store",
-        c.store_url
-            .clone()
-            .unwrap_or_else(|| "local (data_dir/store)".into()),
-    );
-    for (k, v) in &c.store_options {
-        let secret = ["secret", "token", "password", "session"]
-            .iter()
-            .any(|s| k.to_lowercase().contains(s));
-        line(
-            &format!("store_options.{k}"),
-            if secret {
-                "<redacted>".into()
-            } else {
-                v.clone()
-            },
-        );
-    }
-    line("max_blob_bytes", c.max_blob_bytes.to_string());
-    line("max_manifest_bytes", c.max_manifest_bytes.to_string());
-    line("max_tensors", c.max_tensors.to_string());
-    line("max_header_bytes", c.max_header_bytes.to_string());
-    line("max_message_bytes", c.max_message_bytes.to_string());
-    line("max_open_uploads", c.max_open_uploads.to_string());
-    line("max_uploads_per_token", c.max_uploads_per_token.to_string());
-    line(
-        "max_uploads_per_namespace",
-        c.max_uploads_per_namespace.to_string(),
-    );
-    line(
-        "empty_upload_ttl",
-        humantime::format_duration(c.empty_upload_ttl).to_string(),
-    );
-    line(
-        "idle_timeout",
-        humantime::format_duration(c.stream_idle_timeout).to_string(),
-    );
-    line(
-        "upload_ttl",
-        humantime::format_duration(c.upload_ttl).to_string(),
-    );
-    line(
-        "tls",
-        c.tls
-            .as_ref()
-            .map_or("off".into(), |t| t.cert.display().to_string()),
-    );
-    line(
-        "metrics_listen",
-        c.metrics_addr.map_or("off".into(), |a| a.to_string()),
-    );
-    line("log_format", args.log_format.clone());
-    out
-}
-
-/// A URL with its password replaced by `<redacted>`.
-fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparsable URL>".into(),
-    }
-}
-
-/// What `check-config` checks beyond parsing: the store opens, TLS files read.
-fn check(config: &RegistryConfig) -> anyhow::Result<()> {
-    let store = delta_registry::BlobStore::open(config).context("the blob store does not open")?;
-    // An unreachable bucket would otherwise pass here and fail every push.
-    let probe = tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(15), store.probe()).await
-        })
-    });
-    match probe {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            return Err(anyhow::Error::new(e).context(format!(
-                "the blob store {} does not take a write",
-                config.store_url.as_deref().unwrap_or("(data dir)")
-            )));
-        }
-        Err(_) => anyhow::bail!(
-            "the blob store {} did not answer within 15 s",
-            config.store_url.as_deref().unwrap_or("(data dir)")
-        ),
-    }
-    if let Some(url) = &config.database_url {
-        // Connecting also applies missing migrations, as `serve` would.
-        tokio::task::block_in_place(|| SqlMeta::open_url(url))
-            .with_context(|| format!("the database {} does not open", redact_url(url)))?;
-    }
-    if let Some(t) = &config.tls {
-        for p in [&t.cert, &t.key] {
-            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-        }
-    }
-    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
