@@ -203,17 +203,20 @@ pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
 
     /// How many tokens exist (revoked ones included: once tokens exist, the registry is closed).
     fn token_count(&self) -> Result<u64>;
-    /// Stores a token hash. Returns its id.
+    /// Stores a token hash (a `token-create` audit row, by the administrator on the data
+    /// dir: no token). Returns its id.
     fn create_token(&self, hash: &str, record: &TokenRecord) -> Result<i64>;
     /// A token by the hash of its secret.
     fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>>;
     /// Every token.
     fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
-    /// Revokes a token. `false` if no such token.
+    /// Revokes a token (a `token-revoke` audit row when it was live). `false` if no such
+    /// token.
     fn revoke_token(&self, id: i64, now: i64) -> Result<bool>;
     /// Whether anyone may read `namespace`.
     fn is_public(&self, namespace: &str) -> Result<bool>;
-    /// Marks a namespace public-read, or private again.
+    /// Marks a namespace public-read, or private again (a `namespace-public` or
+    /// `namespace-private` audit row when it changes).
     fn set_public(&self, namespace: &str, public: bool) -> Result<()>;
     /// The blobs among `digests` that have a row *and* are visible to `viewer` (see
     /// [`crate::auth::Caller::blob_viewer`]: `*` sees every blob, a namespace sees the blobs
@@ -258,7 +261,7 @@ pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<(Digest, u64)>>;
     /// Every blob row: digest, size, whether marked corrupt.
     fn all_blobs(&self) -> Result<Vec<(Digest, u64, bool)>>;
-    /// Marks a blob corrupt (after quarantining its bytes).
+    /// Marks a blob corrupt (after quarantining its bytes): a `quarantine` audit row.
     fn mark_corrupt(&self, digest: &Digest) -> Result<()>;
 }
 
@@ -713,13 +716,17 @@ impl MetaStore for SqlMeta {
     }
 
     fn create_token(&self, hash: &str, t: &TokenRecord) -> Result<i64> {
-        self.db.read(|c| {
-            c.one(
-                "INSERT INTO tokens (hash, namespace, scope, kind, description, created_at, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                p![hash, &t.namespace, t.scope.as_str(), t.kind.as_str(), &t.description, t.created_at, t.expires_at],
-            )?
-            .int(0)
+        self.db.write(|c| {
+            let id = c
+                .one(
+                    "INSERT INTO tokens (hash, namespace, scope, kind, description, created_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    p![hash, &t.namespace, t.scope.as_str(), t.kind.as_str(), &t.description, t.created_at, t.expires_at],
+                )?
+                .int(0)?;
+            let target = format!("token {id}: {} {} on {}", t.kind, t.scope, t.namespace);
+            audit_in(c, &Actor::local(t.created_at), "token-create", &target, "")?;
+            Ok(id)
         })
     }
 
@@ -742,11 +749,20 @@ impl MetaStore for SqlMeta {
     }
 
     fn revoke_token(&self, id: i64, now: i64) -> Result<bool> {
-        self.db.read(|c| {
-            c.exec(
+        self.db.write(|c| {
+            let revoked = c.exec(
                 "UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
                 p![id, now],
             )?;
+            if revoked > 0 {
+                audit_in(
+                    c,
+                    &Actor::local(now),
+                    "token-revoke",
+                    &format!("token {id}"),
+                    "",
+                )?;
+            }
             Ok(c.opt("SELECT 1 FROM tokens WHERE id = $1", p![id])?
                 .is_some())
         })
@@ -763,17 +779,22 @@ impl MetaStore for SqlMeta {
     }
 
     fn set_public(&self, namespace: &str, public: bool) -> Result<()> {
-        self.db.read(|c| {
-            if public {
-                c.exec(
+        self.db.write(|c| {
+            let (changed, action) = if public {
+                let n = c.exec(
                     "INSERT INTO public_namespaces (namespace) VALUES ($1) ON CONFLICT DO NOTHING",
                     p![namespace],
                 )?;
+                (n, "namespace-public")
             } else {
-                c.exec(
+                let n = c.exec(
                     "DELETE FROM public_namespaces WHERE namespace = $1",
                     p![namespace],
                 )?;
+                (n, "namespace-private")
+            };
+            if changed > 0 {
+                audit_in(c, &Actor::local(crate::clock::now()), action, namespace, "")?;
             }
             Ok(())
         })
@@ -954,8 +975,11 @@ impl MetaStore for SqlMeta {
     }
 
     fn mark_corrupt(&self, digest: &Digest) -> Result<()> {
-        self.db.read(|c| {
-            c.exec("UPDATE blobs SET corrupt = 1 WHERE digest = $1", p![digest])?;
+        self.db.write(|c| {
+            if c.exec("UPDATE blobs SET corrupt = 1 WHERE digest = $1", p![digest])? > 0 {
+                let d = digest.to_string();
+                audit_in(c, &Actor::local(crate::clock::now()), "quarantine", &d, &d)?;
+            }
             Ok(())
         })
     }

@@ -439,23 +439,46 @@ pub fn access(m: &dyn MetaStore) {
     m.store_blob(&blob, 10, None, &at(3)).unwrap();
     assert!(!m.visible_blobs(&[blob], "team").unwrap()[&blob].corrupt);
 
-    // Each upload wrote its row with it, naming the token that made it.
+    // Each change wrote its row with it: the administrator's (no token) for tokens,
+    // namespaces and the quarantine; uploads naming the token that made them.
     let by_token = Actor {
         token: Some(id),
         at: 4,
     };
     m.store_blob(&blob, 10, Some("team"), &by_token).unwrap();
     let log = m.list_audit().unwrap();
-    assert_eq!(log.len(), 5);
-    assert!(log.iter().all(|e| e.action == "upload"
-        && e.target == blob.to_string()
-        && e.digest == blob.to_string()));
+    let admin: Vec<String> = log
+        .iter()
+        .filter(|e| e.action != "upload")
+        .map(|e| format!("{} {}", e.action, e.target))
+        .collect();
     assert_eq!(
-        log.iter().map(|e| e.at).collect::<Vec<_>>(),
+        admin,
+        [
+            format!("token-create token {id}: user write on team"),
+            format!("token-revoke token {id}"),
+            "namespace-public team".into(),
+            "namespace-private team".into(),
+            format!("quarantine {blob}"),
+        ],
+        "a second revocation or an unchanged namespace writes nothing"
+    );
+    assert!(
+        log.iter()
+            .all(|e| e.action == "upload" || e.token.is_none())
+    );
+    let uploads: Vec<_> = log.iter().filter(|e| e.action == "upload").collect();
+    assert!(
+        uploads
+            .iter()
+            .all(|e| e.target == blob.to_string() && e.digest == blob.to_string())
+    );
+    assert_eq!(
+        uploads.iter().map(|e| e.at).collect::<Vec<_>>(),
         [2, 3, 3, 3, 4]
     );
     assert_eq!(
-        log.iter().map(|e| e.token).collect::<Vec<_>>(),
+        uploads.iter().map(|e| e.token).collect::<Vec<_>>(),
         [None, None, None, None, Some(id)]
     );
 }
