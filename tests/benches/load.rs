@@ -28,6 +28,19 @@ fn report(what: &str, mut lat: Vec<Duration>, errors: usize, wall: Duration) {
     );
 }
 
+/// Every caller's latencies and error count, together.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<(Vec<Duration>, usize)>>,
+) -> (Vec<Duration>, usize) {
+    let (mut lat, mut errors) = (Vec::new(), 0);
+    for t in tasks {
+        let (l, e) = t.await.expect("task");
+        lat.extend(l);
+        errors += e;
+    }
+    (lat, errors)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let registry = TestRegistry::start().await;
@@ -89,12 +102,7 @@ async fn main() {
             (lat, errors)
         }));
     }
-    let (mut lat, mut errors) = (Vec::new(), 0);
-    for t in tasks {
-        let (l, e) = t.await.expect("task");
-        lat.extend(l);
-        errors += e;
-    }
+    let (lat, errors) = gather(tasks).await;
     report("resolve", lat, errors, start.elapsed());
 
     // 200 concurrent pulls of the delta's blob, each into its own file, verified.
@@ -155,12 +163,7 @@ async fn main() {
             (lat, errors)
         }));
     }
-    let (mut lat, mut errors) = (Vec::new(), 0);
-    for t in tasks {
-        let (l, e) = t.await.expect("task");
-        lat.extend(l);
-        errors += e;
-    }
+    let (lat, errors) = gather(tasks).await;
     report(
         "list 200 repositories (10 readable)",
         lat,
