@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use delta_client::Remote;
 use delta_client::hub::{self, Cache};
-use delta_client::jobs::{Job, JobKind, Progress, TrainJob, VerifyJob};
+use delta_client::jobs::{Job, JobKind, JobSpec, Progress, TrainJob};
 use delta_proto::Digest;
 use delta_proto::tokens::{CallerKind, Scope};
 use indicatif::ProgressBar;
@@ -293,8 +293,12 @@ struct TrainInput {
 }
 
 async fn fetch_train_input(remote: &Remote, cache: &Cache, job: &Job) -> Result<TrainInput> {
-    let spec: TrainJob =
-        serde_json::from_str(&job.spec).context("the job's spec is not a training spec")?;
+    // Parsed and checked as the registry checks a submitted spec, so one queued by an older
+    // registry that would not pass today fails here, naming its field.
+    let JobSpec::Train(spec) = JobSpec::parse(job.kind, &job.spec)? else {
+        bail!("job {} is not a training job", job.id);
+    };
+    let spec = *spec;
     let fp = spec.base;
     let train = parse_jsonl(&blob(remote, cache, spec.train).await?, "training data")?;
     let eval = match spec.eval {
@@ -416,7 +420,7 @@ async fn train_group(
     let handle =
         tokio::task::spawn_blocking(move || -> Result<Vec<Result<crate::run::Trained>>> {
             let mut base = LocalBase::open_known(&dir, &device, fp)?;
-            base.weights.precision = precision;
+            base.weights.set_precision(precision)?;
             let reqs: Vec<TrainRequest<'_>> = inputs
                 .iter()
                 .zip(provenances)
@@ -515,8 +519,9 @@ async fn run_job(
                 .unwrap_or_else(|| Err(anyhow::anyhow!("the job was not run")))
         }
         JobKind::Verify => {
-            let spec: VerifyJob = serde_json::from_str(&job.spec)
-                .context("the job's spec is not a verification spec")?;
+            let JobSpec::Verify(spec) = JobSpec::parse(job.kind, &job.spec)? else {
+                bail!("job {} is not a verification job", job.id);
+            };
             let eval = parse_jsonl(&blob(remote, cache, spec.eval).await?, "evaluation data")?;
             let chain = fetch_chain(remote, cache, &job.repository).await?;
             let last = chain.last().context("nothing to verify")?;
@@ -541,7 +546,7 @@ async fn run_job(
             let precision = crate::fused::Precision::recorded(&last.manifest.provenance);
             let report = tokio::task::spawn_blocking(move || -> Result<_> {
                 let mut base = LocalBase::open_known(&dir, &device, fp)?;
-                base.weights.precision = precision;
+                base.weights.set_precision(precision)?;
                 verify(&base, &chain, &eval, &name, &device_name)
             })
             .await??;
