@@ -208,7 +208,8 @@ impl BertConfig {
 pub struct BaseWeights {
     /// The configuration.
     pub config: BertConfig,
-    /// Tensors by Hugging Face name (f32).
+    /// Tensors by Hugging Face name: f32, except the encoder's linear weights at
+    /// [`fused::Precision::Bf16`] (see [`BaseWeights::set_precision`]).
     pub tensors: HashMap<String, Tensor>,
     /// The device every tensor is on.
     pub device: Device,
@@ -216,7 +217,7 @@ pub struct BaseWeights {
     /// records it), if one was.
     pub head_pooling: Option<Pooling>,
     /// How products are computed over these weights (f32 unless set).
-    pub precision: fused::Precision,
+    precision: fused::Precision,
 }
 
 impl BaseWeights {
@@ -261,6 +262,44 @@ impl BaseWeights {
         };
         w.check()?;
         Ok(w)
+    }
+
+    /// How products are computed over these weights.
+    pub fn precision(&self) -> fused::Precision {
+        self.precision
+    }
+
+    /// Sets how products are computed. At [`fused::Precision::Bf16`] the encoder's linear
+    /// weights are held in bf16 from here on: half their memory, and no cast per step (the
+    /// products take bf16 operands anyway). A method that trains such a weight whole starts
+    /// its f32 master copy from the bf16 value, as training from a bf16 checkpoint does, and
+    /// a verification that follows the delta's record rounds the same way. Going back to
+    /// f32 would not restore the digits, so it is refused: open the base again.
+    pub fn set_precision(&mut self, p: fused::Precision) -> Result<()> {
+        match (self.precision, p) {
+            (a, b) if a == b => return Ok(()),
+            (fused::Precision::Bf16, _) => bail!(
+                "this base's linear weights are held in bf16; open it again for {}",
+                p.as_str()
+            ),
+            _ => {}
+        }
+        for module in self.config.linear_modules() {
+            let name = format!("{module}.weight");
+            if let Some(t) = self.tensors.get_mut(&name) {
+                *t = t.to_dtype(DType::BF16)?;
+            }
+        }
+        self.precision = p;
+        Ok(())
+    }
+
+    /// Bytes the tensors hold.
+    pub fn bytes(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Checks every tensor the config needs is present with its shape.

@@ -336,7 +336,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let (device, _) = device(&dev)?;
             let mut base = LocalBase::open(&base, &device)?;
-            base.weights.precision = precision;
+            base.weights.set_precision(precision)?;
             let train = load_jsonl(&train)?;
             let eval = eval.as_deref().map(load_jsonl).transpose()?;
             let parents = parents

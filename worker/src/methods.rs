@@ -112,12 +112,14 @@ impl Init<'_> {
         Ok(())
     }
 
+    /// A base tensor in f32 (a linear weight held in bf16 widens: trained values are f32).
     fn base_tensor(&self, name: &str) -> Result<Tensor> {
-        self.base
+        let t = self
+            .base
             .tensors
             .get(name)
-            .cloned()
-            .with_context(|| format!("the base has no tensor {name}"))
+            .with_context(|| format!("the base has no tensor {name}"))?;
+        Ok(t.to_dtype(candle_core::DType::F32)?)
     }
 
     /// Methods that train base tensors whole (full, BitFit, last layer, selective): a

@@ -250,7 +250,7 @@ impl MixedMounts<'_, '_> {
         }
         let (rows, len, n_in) = x.dims3()?;
         let n_out = y.dim(2)?;
-        let p = self.base().precision;
+        let p = self.base().precision();
         if self.segments.iter().any(|s| loras(s) > 1) {
             return self.per_segment(&y, |s, ys| {
                 let Some(ls) = s.mounts.lora.get(module) else {
@@ -344,7 +344,7 @@ impl Inject for MixedMounts<'_, '_> {
     }
 
     fn precision(&self) -> crate::fused::Precision {
-        self.base().precision
+        self.base().precision()
     }
 
     fn linear(&self, module: &str, x: &Tensor) -> Result<Tensor> {
@@ -365,7 +365,7 @@ impl Inject for MixedMounts<'_, '_> {
         let flat = x.reshape((rows * len, n_in))?;
         // No gradient for the frozen base weight (see `fused::linear`); the bias
         // may differ per row, so it is added below.
-        let y = crate::fused::linear_at(self.base().precision, &flat, &w, None)?;
+        let y = crate::fused::linear_at(self.base().precision(), &flat, &w, None)?;
         let mut y = y.reshape((rows, len, n_out))?;
         let bias = format!("{module}.bias");
         if self.base().tensors.contains_key(&bias) {

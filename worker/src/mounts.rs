@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{D, Tensor};
+use candle_core::{D, DType, Tensor};
 use delta_proto::manifest::MethodConfig;
 
 use crate::bert::BaseWeights;
@@ -191,7 +191,10 @@ impl<'a> Mounts<'a> {
         };
         match self.diff.get(name) {
             None => Ok(t),
-            Some(ds) => ds.iter().try_fold(t, |acc, d| Ok(acc.add(d)?)),
+            // Differences are f32; a base weight held in bf16 widens to meet them.
+            Some(ds) => ds
+                .iter()
+                .try_fold(t.to_dtype(DType::F32)?, |acc, d| Ok(acc.add(d)?)),
         }
     }
 
@@ -217,7 +220,7 @@ impl<'a> Mounts<'a> {
             }
         }
         let b = self.maybe(&format!("{module}.bias"))?;
-        let p = self.base.precision;
+        let p = self.base.precision();
         let mut y = fused::linear_at(p, &x2, &w, b.as_ref())?;
         for lora in self.lora.get(module).into_iter().flatten() {
             let down = fused::linear_at(p, &x2, &lora.a, None)?;
@@ -252,7 +255,7 @@ impl<'a> Mounts<'a> {
             let src = if a.parallel { &input } else { &x };
             let h = src.dim(D::Minus1)?;
             let rows = src.elem_count() / h.max(1);
-            let p = self.base.precision;
+            let p = self.base.precision();
             let down = fused::linear_at(p, &src.reshape((rows, h))?, &a.down_w, Some(&a.down_b))?
                 .relu()?;
             let mut up =
@@ -562,7 +565,7 @@ impl crate::bert::Inject for Mounts<'_> {
     }
 
     fn precision(&self) -> fused::Precision {
-        self.base.precision
+        self.base.precision()
     }
 
     fn prefix_rows(&self, layer: usize, rows: usize) -> Result<Option<(Tensor, Tensor, Tensor)>> {

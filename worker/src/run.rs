@@ -427,7 +427,7 @@ fn write_trained(
     );
     // Mixed precision changes the numbers: recorded, so a verification runs as training
     // did (absent: f32).
-    let precision = base.weights.precision;
+    let precision = base.weights.precision();
     if precision != crate::fused::Precision::F32 {
         manifest
             .provenance

@@ -404,7 +404,7 @@ fn dropout_is_seeded_and_takes_effect() {
 fn lora_trains_in_mixed_precision_and_verifies_as_recorded() {
     use delta_worker::fused::Precision;
     let mut st = setup();
-    st.base.weights.precision = Precision::Bf16;
+    st.base.weights.set_precision(Precision::Bf16).unwrap();
     let s = spec(&[Method::Lora]);
     let out = tempfile::tempdir().unwrap();
     let trained = train_learns(&st, &s, &[], out.path());
@@ -414,13 +414,32 @@ fn lora_trains_in_mixed_precision_and_verifies_as_recorded() {
     assert_eq!(recorded, Precision::Bf16);
 
     let mut fresh = LocalBase::open(&st.base.dir, &Device::Cpu).unwrap();
-    fresh.weights.precision = recorded;
+    fresh.weights.set_precision(recorded).unwrap();
     let report =
         delta_worker::run::verify(&fresh, std::slice::from_ref(&delta), &st.eval, "t", "cpu")
             .unwrap();
     assert!(report.passed, "{:?}", report.checks);
     assert_eq!(report.matches_recorded, Some(true), "{:?}", report.metrics);
-    fresh.weights.precision = Precision::F32;
+    // Bf16 holds the linear weights in bf16 (half their bytes): no way back to f32
+    // but opening the base again.
+    let err = fresh.weights.set_precision(Precision::F32).unwrap_err();
+    assert!(err.to_string().contains("open it again"), "{err}");
+    let fresh = LocalBase::open(&st.base.dir, &Device::Cpu).unwrap();
+    let mut half = LocalBase::open(&st.base.dir, &Device::Cpu).unwrap();
+    half.weights.set_precision(Precision::Bf16).unwrap();
+    let linear: usize = st
+        .base
+        .weights
+        .config
+        .linear_modules()
+        .iter()
+        .map(|m| fresh.weights.tensors[&format!("{m}.weight")].elem_count())
+        .sum();
+    assert_eq!(
+        fresh.weights.bytes() - half.weights.bytes(),
+        linear * 2,
+        "bf16 halves the linear weights"
+    );
     let f32_report =
         delta_worker::run::verify(&fresh, std::slice::from_ref(&delta), &st.eval, "t", "cpu")
             .unwrap();
