@@ -13,7 +13,7 @@ use crate::{RegistryConfig, SqlMeta};
 
 /// `serve` and `check-config`: every setting once, with its flag, its environment variable
 /// and its default (from `RegistryConfig::local` alone).
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, serde::Serialize, Debug)]
 pub struct ServeArgs {
     /// A TOML file with any of these settings (same names, with underscores); the
     /// environment overrides it, flags override both.
@@ -71,12 +71,15 @@ pub struct ServeArgs {
     pub max_uploads_per_namespace: usize,
     /// Abort upload sessions that never received a byte after this long.
     #[arg(long, default_value_t = defaults().empty_upload_ttl.into())]
+    #[serde(serialize_with = "as_text")]
     pub empty_upload_ttl: humantime::Duration,
     /// Cut an upload stream that sends nothing for this long (it stays resumable).
     #[arg(long, default_value_t = defaults().stream_idle_timeout.into())]
+    #[serde(serialize_with = "as_text")]
     pub idle_timeout: humantime::Duration,
     /// Abort upload sessions idle for this long.
     #[arg(long, default_value_t = defaults().upload_ttl.into())]
+    #[serde(serialize_with = "as_text")]
     pub upload_ttl: humantime::Duration,
     /// Serve TLS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
@@ -86,7 +89,22 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
     /// The file's `[store_options]`, below the AWS_* variables and --store-option.
     #[arg(skip)]
+    #[serde(skip)]
     pub file_store_options: Vec<(String, String)>,
+}
+
+/// A value as its `Display` text (durations as `5m`, as their flags take them).
+fn as_text<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// The settings' names (underscored, as a file spells them), in `--help`'s order: the ids
+/// clap gives [`ServeArgs`]' fields, so a new field is a new setting everywhere at once.
+fn setting_names() -> Vec<String> {
+    <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect()
 }
 
 /// The registry's defaults, shown by `--help` and used for every setting left unset: one
@@ -155,12 +173,10 @@ pub fn read_file(path: &Path, given: &clap::ArgMatches) -> anyhow::Result<FileSe
             path.display()
         ),
     };
-    let settings: Vec<String> =
-        <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"))
-            .get_arguments()
-            .map(|a| a.get_id().to_string())
-            .filter(|id| id != "config" && id != "store_option")
-            .collect();
+    let settings: Vec<String> = setting_names()
+        .into_iter()
+        .filter(|id| id != "config" && id != "store_option")
+        .collect();
     let mut extra = Vec::new();
     for (key, value) in &table {
         if !settings.contains(key) {
@@ -249,73 +265,44 @@ pub fn build_config(args: &ServeArgs) -> anyhow::Result<RegistryConfig> {
     Ok(config)
 }
 
-/// The effective configuration, one `key = value` line each, secrets redacted.
+/// The effective configuration, one `key = value` line per setting in `--help`'s order
+/// (each as `ServeArgs` holds it after the merge; unset ones say so), the store options
+/// merged, secrets redacted.
 pub fn describe(args: &ServeArgs, c: &RegistryConfig) -> String {
+    let values = serde_json::to_value(args).unwrap_or_default();
     let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
-    line("config", format!("{:?}", args.config));
-    line("listen", args.listen.to_string());
-    line("data_dir", c.data_dir.display().to_string());
-    line(
-        "database",
-        c.database_url.as_deref().map_or_else(
-            || format!("sqlite ({})", c.data_dir.join(SQLITE_FILE).display()),
-            redact_url,
-        ),
-    );
-    line(
-        "store",
-        c.store_url
-            .clone()
-            .unwrap_or_else(|| "local (data_dir/store)".into()),
-    );
-    for (k, v) in &c.store_options {
-        let secret = ["secret", "token", "password", "session"]
-            .iter()
-            .any(|s| k.to_lowercase().contains(s));
-        line(
-            &format!("store_options.{k}"),
-            if secret {
-                "<redacted>".into()
-            } else {
-                v.clone()
+    let mut line = |k: &str, v: &str| out.push_str(&format!("{k} = {v}\n"));
+    for name in setting_names() {
+        match name.as_str() {
+            "database" => line(
+                &name,
+                &c.database_url.as_deref().map_or_else(
+                    || format!("sqlite ({})", c.data_dir.join(SQLITE_FILE).display()),
+                    redact_url,
+                ),
+            ),
+            "store" => line(
+                &name,
+                c.store_url.as_deref().unwrap_or("local (data_dir/store)"),
+            ),
+            "store_option" => {
+                for (k, v) in &c.store_options {
+                    let secret = ["secret", "token", "password", "session"]
+                        .iter()
+                        .any(|s| k.to_lowercase().contains(s));
+                    line(
+                        &format!("store_options.{k}"),
+                        if secret { "<redacted>" } else { v },
+                    );
+                }
+            }
+            _ => match values.get(&name) {
+                None | Some(serde_json::Value::Null) => line(&name, "unset"),
+                Some(serde_json::Value::String(s)) => line(&name, s),
+                Some(v) => line(&name, &v.to_string()),
             },
-        );
+        }
     }
-    line("max_blob_bytes", c.max_blob_bytes.to_string());
-    line("max_manifest_bytes", c.max_manifest_bytes.to_string());
-    line("max_tensors", c.max_tensors.to_string());
-    line("max_header_bytes", c.max_header_bytes.to_string());
-    line("max_message_bytes", c.max_message_bytes.to_string());
-    line("max_open_uploads", c.max_open_uploads.to_string());
-    line("max_uploads_per_token", c.max_uploads_per_token.to_string());
-    line(
-        "max_uploads_per_namespace",
-        c.max_uploads_per_namespace.to_string(),
-    );
-    line(
-        "empty_upload_ttl",
-        humantime::format_duration(c.empty_upload_ttl).to_string(),
-    );
-    line(
-        "idle_timeout",
-        humantime::format_duration(c.stream_idle_timeout).to_string(),
-    );
-    line(
-        "upload_ttl",
-        humantime::format_duration(c.upload_ttl).to_string(),
-    );
-    line(
-        "tls",
-        c.tls
-            .as_ref()
-            .map_or("off".into(), |t| t.cert.display().to_string()),
-    );
-    line(
-        "metrics_listen",
-        c.metrics_addr.map_or("off".into(), |a| a.to_string()),
-    );
-    line("log_format", args.log_format.clone());
     out
 }
 
