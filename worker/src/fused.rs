@@ -30,9 +30,9 @@ pub enum Precision {
     /// attention take bf16 operands (accumulated in f32 by the hardware) and give f32
     /// results; everything else (norms, softmax, residuals, the head, the loss) and every
     /// trained value (the f32 master copy the optimiser updates) stays f32. Gradients flow
-    /// back through the casts. The base's frozen linear weights are held in bf16 (see
-    /// `BaseWeights::set_precision`). Meant for GPUs with bf16 units; candle's CPU widens
-    /// bf16 to f32 for its products, so on the CPU it only costs time.
+    /// back through the casts. The base's linear weights are held in bf16 (half their
+    /// memory). Meant for GPUs with bf16 units; candle's CPU widens bf16 to f32 for its
+    /// products, so on the CPU it only costs time.
     Bf16,
 }
 
