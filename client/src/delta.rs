@@ -366,56 +366,7 @@ fn prepare_peft(dir: &Path, base: &BaseRecord) -> Result<PreparedDelta> {
                 t.name
             )));
         };
-        let role = [
-            (".lora_A.weight", ".lora_A"),
-            (".lora_B.weight", ".lora_B"),
-            (".lora_B.bias", ".lora_bias"),
-        ]
-        .into_iter()
-        .find_map(|(peft, native)| path.strip_suffix(peft).map(|m| (m, native)));
-        let ia3_module = path.strip_suffix(".ia3_l");
-        let native = match role {
-            _ if ia3 && ia3_module.is_some() => {
-                let module = ia3_module.unwrap_or_default();
-                let m = resolve_module(module, &table, ".weight").ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "tensor {}: the base has no {module}.weight (nor a module ending with it)",
-                        t.name
-                    ))
-                })?;
-                format!("{m}.ia3_l")
-            }
-            Some((module, suffix)) if !ia3 => {
-                let m = resolve_module(module, &table, ".weight").ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "tensor {}: the base has no {module}.weight (nor a module ending with it)",
-                        t.name
-                    ))
-                })?;
-                format!("{m}{suffix}")
-            }
-            Some(_) => {
-                return Err(Error::Invalid(format!(
-                    "tensor {} is a LoRA tensor in an IA3 adapter",
-                    t.name
-                )));
-            }
-            None if path.contains("lora_embedding_") || path.contains("lora_magnitude") => {
-                return Err(Error::Invalid(format!(
-                    "tensor {}: embedding LoRA and DoRA are not supported yet",
-                    t.name
-                )));
-            }
-            None => {
-                // modules_to_save and trained biases: whole tensors.
-                match path.rsplit_once('.').and_then(|(m, leaf)| {
-                    resolve_module(m, &table, &format!(".{leaf}")).map(|m| format!("{m}.{leaf}"))
-                }) {
-                    Some(target) => format!("{target}.replace"),
-                    None => format!("{path}.new"),
-                }
-            }
-        };
+        let native = native_name(&t.name, path, ia3, &table)?;
         keys.insert(native.clone(), Value::String(t.name.clone()));
         // IA3 vectors are stored (out, 1) or (1, in) by PEFT; natively they are 1-D.
         let shape = if native.ends_with(".ia3_l") {
@@ -440,33 +391,7 @@ fn prepare_peft(dir: &Path, base: &BaseRecord) -> Result<PreparedDelta> {
         None,
     )?;
 
-    let mut config = MethodConfig::default();
-    if ia3 {
-        config.ia3 = Some(Ia3Config {
-            target_modules: str_list(cfg.get("target_modules")),
-            feedforward_modules: str_list(cfg.get("feedforward_modules")),
-            fan_in_fan_out: cfg
-                .get("fan_in_fan_out")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        });
-    } else {
-        let mut lora = lora_config_from_peft(&cfg)?;
-        // Pattern keys name PEFT modules; where one names a whole module, rewrite it to the
-        // base's name for it (suffix keys like "value" already match both).
-        let rename = |k: &String| resolve_module(k, &table, ".weight").unwrap_or_else(|| k.clone());
-        lora.rank_pattern = lora
-            .rank_pattern
-            .iter()
-            .map(|(k, v)| (rename(k), *v))
-            .collect();
-        lora.alpha_pattern = lora
-            .alpha_pattern
-            .iter()
-            .map(|(k, v)| (rename(k), *v))
-            .collect();
-        config.lora = Some(lora);
-    }
+    let mut config = method_config_from_peft(&cfg, ia3, &table)?;
     config.other.insert(
         "peft".into(),
         json!({"adapter_config": cfg, "keys": keys, "shapes": shapes}),
@@ -490,6 +415,89 @@ fn prepare_peft(dir: &Path, base: &BaseRecord) -> Result<PreparedDelta> {
         paths: vec![out],
         _staging: Some(staging),
     })
+}
+
+/// The native name of a PEFT adapter's tensor (`path`: its name without PEFT's prefix):
+/// LoRA's `A`/`B`/bias and IA3's vector on the base module the name resolves to, a trained
+/// base tensor (`modules_to_save`, biases) as `.replace`, anything else the base lacks as
+/// `.new`. What native deltas cannot hold (embedding LoRA, DoRA) is refused, named.
+fn native_name(
+    name: &str,
+    path: &str,
+    ia3: bool,
+    table: &BTreeMap<&str, &TensorInfo>,
+) -> Result<String> {
+    let module_of = |module: &str| {
+        resolve_module(module, table, ".weight").ok_or_else(|| {
+            Error::Invalid(format!(
+                "tensor {name}: the base has no {module}.weight (nor a module ending with it)"
+            ))
+        })
+    };
+    let role = [
+        (".lora_A.weight", ".lora_A"),
+        (".lora_B.weight", ".lora_B"),
+        (".lora_B.bias", ".lora_bias"),
+    ]
+    .into_iter()
+    .find_map(|(peft, native)| path.strip_suffix(peft).map(|m| (m, native)));
+    Ok(match (role, path.strip_suffix(".ia3_l")) {
+        (_, Some(module)) if ia3 => format!("{}.ia3_l", module_of(module)?),
+        (Some((module, suffix)), _) if !ia3 => format!("{}{suffix}", module_of(module)?),
+        (Some(_), _) => {
+            return Err(Error::Invalid(format!(
+                "tensor {name} is a LoRA tensor in an IA3 adapter"
+            )));
+        }
+        _ if path.contains("lora_embedding_") || path.contains("lora_magnitude") => {
+            return Err(Error::Invalid(format!(
+                "tensor {name}: embedding LoRA and DoRA are not supported yet"
+            )));
+        }
+        // modules_to_save and trained biases: whole tensors.
+        _ => match path.rsplit_once('.').and_then(|(m, leaf)| {
+            resolve_module(m, table, &format!(".{leaf}")).map(|m| format!("{m}.{leaf}"))
+        }) {
+            Some(target) => format!("{target}.replace"),
+            None => format!("{path}.new"),
+        },
+    })
+}
+
+/// The native method settings of a PEFT `adapter_config.json` (IA3 or LoRA), with LoRA's
+/// per-module patterns renamed to the base's module names where they name a whole module.
+fn method_config_from_peft(
+    cfg: &Value,
+    ia3: bool,
+    table: &BTreeMap<&str, &TensorInfo>,
+) -> Result<MethodConfig> {
+    let mut config = MethodConfig::default();
+    if ia3 {
+        config.ia3 = Some(Ia3Config {
+            target_modules: str_list(cfg.get("target_modules")),
+            feedforward_modules: str_list(cfg.get("feedforward_modules")),
+            fan_in_fan_out: cfg
+                .get("fan_in_fan_out")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        });
+    } else {
+        let mut lora = lora_config_from_peft(cfg)?;
+        // Suffix keys like "value" already match both names.
+        let rename = |k: &String| resolve_module(k, table, ".weight").unwrap_or_else(|| k.clone());
+        lora.rank_pattern = lora
+            .rank_pattern
+            .iter()
+            .map(|(k, v)| (rename(k), *v))
+            .collect();
+        lora.alpha_pattern = lora
+            .alpha_pattern
+            .iter()
+            .map(|(k, v)| (rename(k), *v))
+            .collect();
+        config.lora = Some(lora);
+    }
+    Ok(config)
 }
 
 /// Writes tensors as a safetensors file (atomically: temp file + rename).
