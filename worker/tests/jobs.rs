@@ -441,3 +441,57 @@ async fn a_worker_co_trains_queued_jobs_and_each_equals_its_job_alone() {
         }
     }
 }
+
+/// A spec queued by an older registry that today's checks refuse (written into the queue's
+/// database directly, as an upgrade would find it: here a dropout of 1.5) fails at lease,
+/// the worker naming the setting, instead of training and failing at completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_spec_todays_checks_refuse_fails_at_lease_naming_it() {
+    use delta_client::jobs::{JobKind, TrainJob};
+    use delta_registry::meta::jobs::JobStore;
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        spec: TrainSpec,
+    }
+    let env = Env::start().await;
+    let base = LocalBase::open(&env.path("models/tiny"), &candle_core::Device::Cpu).unwrap();
+    let job = TrainJob {
+        base: base.fingerprint,
+        base_name: None,
+        train: delta_proto::Digest::of(b"{\"text\": \"x\", \"label\": \"positive\"}\n"),
+        eval: None,
+        parents: Vec::new(),
+        spec: Flags::try_parse_from(["t", "--method", "lora"])
+            .unwrap()
+            .spec,
+    };
+    let mut spec = serde_json::to_value(&job).unwrap();
+    spec["spec"]["dropout"] = serde_json::json!(1.5);
+    let db =
+        delta_registry::SqlMeta::open(&env.registry.dir.path().join("registry.sqlite")).unwrap();
+    let queued = db
+        .submit_job(
+            JobKind::Train,
+            &spec.to_string(),
+            "team/old",
+            "team",
+            &base.fingerprint.to_string(),
+            &[],
+            &delta_registry::meta::Actor::local(0),
+        )
+        .unwrap();
+
+    let mut worker = env.worker(&["--max-jobs", "1"]);
+    wait(&mut worker, Duration::from_secs(30));
+    let remote = env.registry.remote().await;
+    let (job, _) = remote.get_job(queued.id, 0).await.unwrap();
+    assert_eq!(job.state, JobState::Failed, "{job:?}");
+    assert!(
+        job.error.contains("job spec") && job.error.contains("--dropout 1.5"),
+        "{}",
+        job.error
+    );
+    assert!(remote.list_versions("team/old").await.is_err());
+}
