@@ -313,26 +313,29 @@ impl<'a> ReadFilter<'a> {
         }
     }
 
-    /// The items whose namespace (`of`) the caller may read, in order.
-    fn keep<T>(&mut self, items: Vec<T>, of: impl Fn(&T) -> &str) -> Result<Vec<T>> {
+    /// The items `allowed` passes, in order.
+    fn retain<T>(
+        &mut self,
+        items: Vec<T>,
+        allowed: impl Fn(&mut Self, &T) -> Result<bool>,
+    ) -> Result<Vec<T>> {
         let mut out = Vec::with_capacity(items.len());
         for item in items {
-            if self.namespace(of(&item))? {
+            if allowed(self, &item)? {
                 out.push(item);
             }
         }
         Ok(out)
     }
 
+    /// The items whose namespace (`of`) the caller may read, in order.
+    fn keep<T>(&mut self, items: Vec<T>, of: impl Fn(&T) -> &str) -> Result<Vec<T>> {
+        self.retain(items, |f, item| f.namespace(of(item)))
+    }
+
     /// The base records the caller may read, in order.
     fn bases(&mut self, records: Vec<BaseRecord>) -> Result<Vec<BaseRecord>> {
-        let mut out = Vec::with_capacity(records.len());
-        for b in records {
-            if self.base(&b.name)? {
-                out.push(b);
-            }
-        }
-        Ok(out)
+        self.retain(records, |f, b| f.base(&b.name))
     }
 }
 
