@@ -131,7 +131,7 @@ pub async fn serve(remote: Remote, opts: ServeOptions) -> Result<()> {
         let mut group = vec![(job, lease)];
         if opts.co_train > 1
             && group[0].0.kind == JobKind::Train
-            && let Ok(spec) = serde_json::from_str::<TrainJob>(&group[0].0.spec)
+            && let Ok(JobSpec::Train(spec)) = JobSpec::parse(group[0].0.kind, &group[0].0.spec)
         {
             let fp = spec.base;
             let train = [JobKind::Train];
