@@ -71,7 +71,8 @@ impl LoadedDelta {
         })
     }
 
-    fn entry(&self, name: &str) -> Result<(&TensorEntry, &[u8])> {
+    /// A tensor's header entry (dtype, shape) and raw little-endian bytes.
+    pub fn tensor(&self, name: &str) -> Result<(&TensorEntry, &[u8])> {
         let &(fi, ti) = self
             .index
             .get(name)
@@ -98,25 +99,20 @@ impl LoadedDelta {
         Ok(())
     }
 
-    /// A tensor's header entry (dtype, shape) and raw little-endian bytes.
-    pub fn tensor(&self, name: &str) -> Result<(&TensorEntry, &[u8])> {
-        self.entry(name)
-    }
-
     /// A tensor's raw bytes.
     pub fn raw(&self, name: &str) -> Result<&[u8]> {
-        Ok(self.entry(name)?.1)
+        Ok(self.tensor(name)?.1)
     }
 
     /// A tensor as f32.
     pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
-        let (t, data) = self.entry(name)?;
+        let (t, data) = self.tensor(name)?;
         to_f32(&t.dtype, data)
     }
 
     /// A tensor's shape.
     pub fn shape(&self, name: &str) -> Result<Vec<u64>> {
-        Ok(self.entry(name)?.0.shape.clone())
+        Ok(self.tensor(name)?.0.shape.clone())
     }
 
     /// Names of every tensor.
@@ -127,7 +123,7 @@ impl LoadedDelta {
     /// Fails if any float tensor holds NaN or ±Inf, naming it.
     pub fn check_finite(&self) -> Result<()> {
         for name in self.names() {
-            let (t, data) = self.entry(name)?;
+            let (t, data) = self.tensor(name)?;
             if let Some(pos) = crate::numeric::first_nonfinite(&t.dtype, data) {
                 return Err(Error::Invalid(format!(
                     "{}: tensor {name} has a non-finite value (NaN or Inf) at index {pos}; --allow-nonfinite accepts it anyway",
@@ -428,7 +424,7 @@ fn apply_op(w: &mut [f32], shape: &[u64], d: &LoadedDelta, weight: f32, op: &Op)
             w.iter_mut().zip(&diff).for_each(|(x, v)| *x += weight * v);
         }
         Op::Sparse { indices, values } => {
-            let idx = to_i64(d.entry(indices)?.1);
+            let idx = to_i64(d.tensor(indices)?.1);
             let vals = d.f32(values)?;
             for (i, v) in idx.iter().zip(&vals) {
                 let slot = usize::try_from(*i)
@@ -660,7 +656,7 @@ fn layout<'a>(base: &'a Model, deltas: &[LoadedDelta], added: &'a Added) -> Resu
         ));
     }
     for (name, (di, w)) in added {
-        let t = &deltas[*di].entry(&format!("{name}.new"))?.0;
+        let t = &deltas[*di].tensor(&format!("{name}.new"))?.0;
         layout.push((
             name.clone(),
             t.dtype.clone(),
