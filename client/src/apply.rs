@@ -239,134 +239,21 @@ fn plan(
     let mut added = Added::new();
     for (di, d) in deltas.iter().enumerate() {
         let w = weights[di];
-        let lora = d.manifest.config.lora.as_ref();
-        let fan = lora.is_some_and(|l| l.fan_in_fan_out);
         let mut ops: Vec<(String, Op)> = Vec::new();
         for name in d.names() {
-            let op = match classify(name) {
-                Role::LoraA(m) => {
-                    let cfg = lora.ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "{}: {name} but no LoRA settings in the manifest",
-                            d.label
-                        ))
-                    })?;
-                    let target = format!("{m}.weight");
-                    Some((
-                        target,
-                        Op::Lora {
-                            a: name.to_owned(),
-                            b: format!("{m}.lora_B"),
-                            scale: cfg.scale_for(m) as f32,
-                            transposed: fan,
-                        },
-                    ))
-                }
-                Role::LoraBias(m) => {
-                    let cfg = lora.ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "{}: {name} but no LoRA settings in the manifest",
-                            d.label
-                        ))
-                    })?;
-                    Some((
-                        format!("{m}.bias"),
-                        Op::LoraBias {
-                            name: name.to_owned(),
-                            scale: cfg.scale_for(m) as f32,
-                        },
-                    ))
-                }
-                Role::Ia3(m) => {
-                    let target = format!("{m}.weight");
-                    let (entry, _) = base.get(&target).ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "{}: {name} targets {target}, which the base lacks",
-                            d.label
-                        ))
-                    })?;
-                    let len = d.shape(name)?.first().copied().unwrap_or(0);
-                    let ia3 = d.manifest.config.ia3.as_ref();
-                    let ff = ia3.is_some_and(|c| c.is_feedforward(m));
-                    let transposed = ia3.is_some_and(|c| c.fan_in_fan_out);
-                    let (out, inp) = match entry.shape.as_slice() {
-                        [o, i] if transposed => (*i, *o),
-                        [o, i] => (*o, *i),
-                        _ => {
-                            return Err(Error::Invalid(format!(
-                                "{}: {name} targets a tensor that is not 2-D",
-                                d.label
-                            )));
-                        }
-                    };
-                    let input_side = if out == inp { ff } else { len == inp };
-                    // PEFT's merge of a module that is not feed-forward scales its bias
-                    // too (the vector multiplies the layer's whole output).
-                    let bias = format!("{m}.bias");
-                    if !input_side && base.get(&bias).is_some() {
-                        ops.push((
-                            bias,
-                            Op::Ia3Bias {
-                                name: name.to_owned(),
-                            },
-                        ));
-                    }
-                    Some((
-                        target,
-                        Op::Ia3 {
-                            name: name.to_owned(),
-                            input_side: input_side != transposed,
-                        },
-                    ))
-                }
-                Role::Diff(t) => Some((
-                    t.to_owned(),
-                    Op::Diff {
-                        name: name.to_owned(),
-                    },
-                )),
-                Role::DiffIndices(t) => Some((
-                    t.to_owned(),
-                    Op::Sparse {
-                        indices: name.to_owned(),
-                        values: format!("{t}.diff_values"),
-                    },
-                )),
-                Role::Replace(t) => Some((
-                    t.to_owned(),
-                    Op::Replace {
-                        name: name.to_owned(),
-                    },
-                )),
-                Role::New(t) => {
-                    if let Some((other, _)) = added.insert(t.to_owned(), (di, w))
-                        && other != di
-                        && !sequential
-                    {
-                        return Err(Error::Invalid(format!(
-                            "{} and {} both add tensor {t}; apply them separately or in order (--sequential: the later one's wins)",
-                            deltas[other].label, d.label
-                        )));
-                    }
-                    None
-                }
-                Role::LoraB(_) | Role::DiffValues(_) => None,
-                Role::Runtime => {
+            if let Role::New(t) = classify(name) {
+                if let Some((other, _)) = added.insert(t.to_owned(), (di, w))
+                    && other != di
+                    && !sequential
+                {
                     return Err(Error::Invalid(format!(
-                        "{}: tensor {name} belongs to an adapter, prefix or prompt, which runs beside the model and cannot be merged into its weights; run it with `delta-worker predict` instead",
-                        d.label
+                        "{} and {} both add tensor {t}; apply them separately or in order (--sequential: the later one's wins)",
+                        deltas[other].label, d.label
                     )));
                 }
-                Role::Unknown => {
-                    return Err(Error::Invalid(format!(
-                        "{}: tensor {name} has no known role",
-                        d.label
-                    )));
-                }
-            };
-            if let Some(op) = op {
-                ops.push(op);
+                continue;
             }
+            ops.extend(merge_ops(base, d, name)?);
         }
         ops.sort_by_key(|(_, op)| op.rank());
         for (target, op) in ops {
@@ -380,6 +267,118 @@ fn plan(
         }
     }
     Ok((plans, added))
+}
+
+/// What merging tensor `name` of delta `d` does: `(base tensor, op)` pairs, none for the
+/// second half of a pair (`lora_B`, `diff_values`: their first half's op reads them) and
+/// for added tensors (`plan` collects those).
+fn merge_ops(base: &Model, d: &LoadedDelta, name: &str) -> Result<Vec<(String, Op)>> {
+    let lora = d.manifest.config.lora.as_ref();
+    let lora_scale = |m: &str| {
+        lora.map(|cfg| cfg.scale_for(m) as f32).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: {name} but no LoRA settings in the manifest",
+                d.label
+            ))
+        })
+    };
+    Ok(match classify(name) {
+        Role::LoraA(m) => vec![(
+            format!("{m}.weight"),
+            Op::Lora {
+                a: name.to_owned(),
+                b: format!("{m}.lora_B"),
+                scale: lora_scale(m)?,
+                transposed: lora.is_some_and(|l| l.fan_in_fan_out),
+            },
+        )],
+        Role::LoraBias(m) => vec![(
+            format!("{m}.bias"),
+            Op::LoraBias {
+                name: name.to_owned(),
+                scale: lora_scale(m)?,
+            },
+        )],
+        Role::Ia3(m) => ia3_ops(base, d, name, m)?,
+        Role::Diff(t) => vec![(
+            t.to_owned(),
+            Op::Diff {
+                name: name.to_owned(),
+            },
+        )],
+        Role::DiffIndices(t) => vec![(
+            t.to_owned(),
+            Op::Sparse {
+                indices: name.to_owned(),
+                values: format!("{t}.diff_values"),
+            },
+        )],
+        Role::Replace(t) => vec![(
+            t.to_owned(),
+            Op::Replace {
+                name: name.to_owned(),
+            },
+        )],
+        Role::New(_) | Role::LoraB(_) | Role::DiffValues(_) => Vec::new(),
+        Role::Runtime => {
+            return Err(Error::Invalid(format!(
+                "{}: tensor {name} belongs to an adapter, prefix or prompt, which runs beside the model and cannot be merged into its weights; run it with `delta-worker predict` instead",
+                d.label
+            )));
+        }
+        Role::Unknown => {
+            return Err(Error::Invalid(format!(
+                "{}: tensor {name} has no known role",
+                d.label
+            )));
+        }
+    })
+}
+
+/// An IA3 vector `name` on module `m`: it scales the weight's input columns or its output
+/// rows (and then, as PEFT's merge does for a module that is not feed-forward, the bias
+/// too, since the vector multiplies the layer's whole output).
+fn ia3_ops(base: &Model, d: &LoadedDelta, name: &str, m: &str) -> Result<Vec<(String, Op)>> {
+    let target = format!("{m}.weight");
+    let (entry, _) = base.get(&target).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: {name} targets {target}, which the base lacks",
+            d.label
+        ))
+    })?;
+    let len = d.shape(name)?.first().copied().unwrap_or(0);
+    let ia3 = d.manifest.config.ia3.as_ref();
+    let ff = ia3.is_some_and(|c| c.is_feedforward(m));
+    let transposed = ia3.is_some_and(|c| c.fan_in_fan_out);
+    let (out, inp) = match entry.shape.as_slice() {
+        [o, i] if transposed => (*i, *o),
+        [o, i] => (*o, *i),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "{}: {name} targets a tensor that is not 2-D",
+                d.label
+            )));
+        }
+    };
+    let input_side = if out == inp { ff } else { len == inp };
+    let mut ops = Vec::with_capacity(2);
+    let bias = format!("{m}.bias");
+    if !input_side && base.get(&bias).is_some() {
+        ops.push((
+            bias,
+            Op::Ia3Bias {
+                name: name.to_owned(),
+            },
+        ));
+    }
+    ops.push((
+        target,
+        Op::Ia3 {
+            name: name.to_owned(),
+            input_side: input_side != transposed,
+        },
+    ));
+    Ok(ops)
 }
 
 fn apply_op(w: &mut [f32], shape: &[u64], d: &LoadedDelta, weight: f32, op: &Op) -> Result<()> {
