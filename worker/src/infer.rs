@@ -526,23 +526,7 @@ impl InferenceService {
         output: Output,
     ) -> Result<Ran, Status> {
         let target = target.unwrap_or_default();
-        if inputs.is_empty() {
-            return Err(Status::invalid_argument("the request has no inputs"));
-        }
-        let opts = &self.inner.opts;
-        if inputs.len() > opts.max_inputs {
-            return Err(Status::invalid_argument(format!(
-                "the request has {} inputs; at most {} are allowed per call",
-                inputs.len(),
-                opts.max_inputs
-            )));
-        }
-        if target.deltas.len() > 16 {
-            return Err(Status::invalid_argument(format!(
-                "the request composes {} deltas; at most 16 are allowed",
-                target.deltas.len()
-            )));
-        }
+        check_sizes(&target, inputs, self.inner.opts.max_inputs)?;
         let token = caller_token(req)?;
         let who = *blake3::hash(token.as_deref().unwrap_or("").as_bytes()).as_bytes();
         let remote = self
@@ -552,14 +536,9 @@ impl InferenceService {
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         let mut resolved = Vec::new();
         let mut chain: Vec<Arc<Delta>> = Vec::new();
-        let mut key = Vec::new();
         for r in &target.deltas {
             let res = self.resolve(&remote, who, r).await?;
-            let loaded = self.load(&remote, &res).await?;
-            for d in loaded.iter() {
-                key.push(d.manifest.digest());
-                chain.push(d.clone());
-            }
+            chain.extend(self.load(&remote, &res).await?.iter().cloned());
             resolved.push(pb::ResolvedDelta {
                 reference: r.clone(),
                 repository: res.repository.clone(),
@@ -567,91 +546,13 @@ impl InferenceService {
                 yanked: res.yanked,
             });
         }
-        let slot = match (chain.last(), target.base.as_str()) {
-            (Some(d), named) => {
-                let fp = d.manifest.base.fingerprint;
-                if !named.is_empty() {
-                    let s = self.slot_named(named)?;
-                    if s.fingerprint != fp {
-                        return Err(Status::failed_precondition(format!(
-                            "{} is a delta for base {fp}, not for {named} ({})",
-                            resolved.last().map(|r| r.reference.as_str()).unwrap_or(""),
-                            s.fingerprint
-                        )));
-                    }
-                }
-                self.inner
-                    .slots
-                    .iter()
-                    .find(|s| s.fingerprint == fp)
-                    .cloned()
-                    .ok_or_else(|| {
-                        Status::failed_precondition(format!(
-                            "this service does not hold base {fp}, which {} was made for",
-                            resolved.last().map(|r| r.reference.as_str()).unwrap_or("")
-                        ))
-                    })?
-            }
-            (None, "") if self.inner.slots.len() == 1 => self.inner.slots[0].clone(),
-            (None, "") => {
-                return Err(Status::invalid_argument(format!(
-                    "this service holds {} bases; name one (`base`) or a delta",
-                    self.inner.slots.len()
-                )));
-            }
-            (None, named) => self.slot_named(named)?,
-        };
-        for d in &chain {
-            if d.manifest.base.fingerprint != slot.fingerprint {
-                return Err(Status::failed_precondition(format!(
-                    "the deltas are for different bases ({} and {})",
-                    d.manifest.base.fingerprint, slot.fingerprint
-                )));
-            }
-        }
-        // Mount once here, so a delta this runtime cannot run is refused with its reason
-        // before it reaches a batch.
-        {
-            let mut m = Mounts::new(&slot.base.weights);
-            for d in &chain {
-                m.mount(&d.manifest.config, d.tensors.clone())
-                    .map_err(|e| {
-                        Status::failed_precondition(format!(
-                            "delta {} cannot run here: {e:#}",
-                            d.manifest.digest()
-                        ))
-                    })?;
-            }
-            if output == Output::Logits
-                && !m.replace.contains_key(HEAD_WEIGHT)
-                && !slot.base.weights.tensors.contains_key(HEAD_WEIGHT)
-            {
-                return Err(Status::failed_precondition(
-                    "neither the base nor the deltas have a classification head; use Embed",
-                ));
-            }
-        }
-        let mut encoded = Vec::with_capacity(inputs.len());
-        for (i, input) in inputs.iter().enumerate() {
-            let (ids, type_ids) = slot
-                .tok
-                .encode(&input.text, input.text_pair.as_deref())
-                .map_err(|e| Status::invalid_argument(format!("input {i}: {e:#}")))?;
-            if ids.len() > slot.max_tokens {
-                return Err(Status::invalid_argument(format!(
-                    "input {i} is longer than the limit of {} tokens",
-                    slot.max_tokens
-                )));
-            }
-            encoded.push(Encoded {
-                ids,
-                type_ids,
-                label: None,
-            });
-        }
+        let last = resolved.last().map(|r| r.reference.as_str()).unwrap_or("");
+        let slot = self.pick_slot(chain.last(), last, &target.base)?;
+        check_runnable(&slot, &chain, output)?;
+        let encoded = encode_inputs(&slot, inputs)?;
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            key,
+            key: chain.iter().map(|d| d.manifest.digest()).collect(),
             chain: chain.clone(),
             inputs: encoded,
             output,
@@ -662,7 +563,7 @@ impl InferenceService {
             Err(TrySendError::Full(_)) => {
                 return Err(Status::resource_exhausted(format!(
                     "the service is at its limit of {} waiting calls for this base; retry later",
-                    opts.queue
+                    self.inner.opts.queue
                 )));
             }
             Err(TrySendError::Disconnected(_)) => {
@@ -687,6 +588,123 @@ impl InferenceService {
             chain,
         })
     }
+
+    /// The base a call runs on: the one its last delta (`reference`) was made for, which
+    /// must be the base it names, if it names one; without deltas, the named base, or the
+    /// only one this service holds.
+    fn pick_slot(
+        &self,
+        last: Option<&Arc<Delta>>,
+        reference: &str,
+        named: &str,
+    ) -> Result<Arc<Slot>, Status> {
+        let slots = &self.inner.slots;
+        match (last, named) {
+            (Some(d), named) => {
+                let fp = d.manifest.base.fingerprint;
+                if !named.is_empty() {
+                    let s = self.slot_named(named)?;
+                    if s.fingerprint != fp {
+                        return Err(Status::failed_precondition(format!(
+                            "{reference} is a delta for base {fp}, not for {named} ({})",
+                            s.fingerprint
+                        )));
+                    }
+                }
+                slots
+                    .iter()
+                    .find(|s| s.fingerprint == fp)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "this service does not hold base {fp}, which {reference} was made for"
+                        ))
+                    })
+            }
+            (None, "") if slots.len() == 1 => Ok(slots[0].clone()),
+            (None, "") => Err(Status::invalid_argument(format!(
+                "this service holds {} bases; name one (`base`) or a delta",
+                slots.len()
+            ))),
+            (None, named) => self.slot_named(named),
+        }
+    }
+}
+
+/// Refuses a call with no inputs, more than `max_inputs`, or more than 16 deltas.
+fn check_sizes(target: &pb::Target, inputs: &[pb::Input], max_inputs: usize) -> Result<(), Status> {
+    if inputs.is_empty() {
+        return Err(Status::invalid_argument("the request has no inputs"));
+    }
+    if inputs.len() > max_inputs {
+        return Err(Status::invalid_argument(format!(
+            "the request has {} inputs; at most {max_inputs} are allowed per call",
+            inputs.len()
+        )));
+    }
+    if target.deltas.len() > 16 {
+        return Err(Status::invalid_argument(format!(
+            "the request composes {} deltas; at most 16 are allowed",
+            target.deltas.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Mounts the chain once on the slot's base, so a delta this runtime cannot run (or a
+/// chain for two bases, or logits without a head) is refused with its reason before it
+/// reaches a batch.
+fn check_runnable(slot: &Slot, chain: &[Arc<Delta>], output: Output) -> Result<(), Status> {
+    for d in chain {
+        if d.manifest.base.fingerprint != slot.fingerprint {
+            return Err(Status::failed_precondition(format!(
+                "the deltas are for different bases ({} and {})",
+                d.manifest.base.fingerprint, slot.fingerprint
+            )));
+        }
+    }
+    let mut m = Mounts::new(&slot.base.weights);
+    for d in chain {
+        m.mount(&d.manifest.config, d.tensors.clone())
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "delta {} cannot run here: {e:#}",
+                    d.manifest.digest()
+                ))
+            })?;
+    }
+    if output == Output::Logits
+        && !m.replace.contains_key(HEAD_WEIGHT)
+        && !slot.base.weights.tensors.contains_key(HEAD_WEIGHT)
+    {
+        return Err(Status::failed_precondition(
+            "neither the base nor the deltas have a classification head; use Embed",
+        ));
+    }
+    Ok(())
+}
+
+/// Tokenises a call's inputs with the slot's tokenizer, refusing any over its token limit.
+fn encode_inputs(slot: &Slot, inputs: &[pb::Input]) -> Result<Vec<Encoded>, Status> {
+    let mut encoded = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.iter().enumerate() {
+        let (ids, type_ids) = slot
+            .tok
+            .encode(&input.text, input.text_pair.as_deref())
+            .map_err(|e| Status::invalid_argument(format!("input {i}: {e:#}")))?;
+        if ids.len() > slot.max_tokens {
+            return Err(Status::invalid_argument(format!(
+                "input {i} is longer than the limit of {} tokens",
+                slot.max_tokens
+            )));
+        }
+        encoded.push(Encoded {
+            ids,
+            type_ids,
+            label: None,
+        });
+    }
+    Ok(encoded)
 }
 
 #[tonic::async_trait]
