@@ -29,6 +29,19 @@ impl RegistryService {
             .await
     }
 
+    /// A manifest as a caller sent it (a push, a trained job's result): refused over the
+    /// size limit before it is parsed, then parsed and checked on its own.
+    pub(super) fn parse_manifest(&self, bytes: &[u8]) -> Result<Manifest> {
+        let limit = self.inner.config.max_manifest_bytes;
+        if bytes.len() > limit {
+            return Err(Error::LimitExceeded(format!(
+                "manifest is {} bytes; the limit is {limit}",
+                bytes.len()
+            )));
+        }
+        Ok(Manifest::from_json(bytes)?)
+    }
+
     /// Validates a manifest against the stored blobs and its registered base. The blobs
     /// must be visible to `caller`, which is checked first, in one statement: a digest
     /// only another namespace holds gets the answer of one nobody holds, before any size,
@@ -278,15 +291,7 @@ pub(super) async fn push_manifest(
     for t in &req.tags {
         check_tag(t).map_err(Error::from)?;
     }
-    if req.manifest.len() > svc.inner.config.max_manifest_bytes {
-        return Err(Error::LimitExceeded(format!(
-            "manifest is {} bytes; the limit is {}",
-            req.manifest.len(),
-            svc.inner.config.max_manifest_bytes
-        ))
-        .into());
-    }
-    let manifest = Manifest::from_json(&req.manifest).map_err(Error::from)?;
+    let manifest = svc.parse_manifest(&req.manifest)?;
     svc.validate(&manifest, &caller).await?;
     let body = manifest.canonical_json();
     let digest = Digest::of(&body);

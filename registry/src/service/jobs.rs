@@ -305,15 +305,7 @@ pub(super) async fn complete_job(
     } else if job.kind == JobKind::Train {
         // Publishing needs write on the job's namespace (checked again at lease time).
         svc.authorize(&caller, &job.namespace, Scope::Write).await?;
-        if req.manifest.len() > svc.inner.config.max_manifest_bytes {
-            return Err(Error::LimitExceeded(format!(
-                "manifest is {} bytes; the limit is {}",
-                req.manifest.len(),
-                svc.inner.config.max_manifest_bytes
-            ))
-            .into());
-        }
-        let manifest = Manifest::from_json(&req.manifest).map_err(Error::from)?;
+        let manifest = svc.parse_manifest(&req.manifest)?;
         check_against_job(&job, &manifest)?;
         svc.validate(&manifest, &caller).await?;
         let body = manifest.canonical_json();

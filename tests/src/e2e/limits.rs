@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use delta_client::{Remote, hub};
+use delta_proto::jobs::JobKind;
 use delta_proto::{Digest, UploadChunk};
 use delta_registry::RegistryConfig;
 use futures::StreamExt;
@@ -111,4 +112,71 @@ async fn manifest_tensor_and_upload_limits() {
     }
     let e = t.start_upload(Digest::of(&[9]), 1).await.unwrap_err();
     assert_eq!(code(&e), Code::ResourceExhausted);
+}
+
+/// A manifest over `max_manifest_bytes` is refused before it is parsed, naming its size
+/// and the limit, whether it comes in a push or as a trained job's result; nothing is
+/// published and the job stays leased, to be completed within the limit or failed.
+#[tokio::test]
+async fn manifests_over_the_size_limit_are_refused_in_push_and_in_a_job_result() {
+    let limit = 400;
+    let (_reg, remote) = registry(|c| c.max_manifest_bytes = limit).await;
+    let work = tempfile::tempdir().unwrap();
+    let base_file = work.path().join("base.safetensors");
+    fixtures::write_base(&base_file, 1);
+    let model = delta_client::tensors::Model::open(&base_file).unwrap();
+    remote.add_base("tiny", &model.entries()).await.unwrap();
+    let dir = work.path().join("d");
+    fixtures::write_native_lora(&dir, 1, 2, json!({}));
+    let base = remote.get_base("tiny").await.unwrap();
+    let manifest = delta_client::delta::prepare(&dir, &base).unwrap().manifest;
+    let size = manifest.canonical_json().len();
+    assert!(
+        size > limit,
+        "the fixture's manifest ({size} bytes) must exceed the limit"
+    );
+    let wanted = format!("manifest is {size} bytes; the limit is {limit}");
+
+    let e = hub::push(&remote, &dir, "team/big", "tiny", &[], &hidden())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::ResourceExhausted, "{e:?}");
+    assert!(e.to_string().contains(&wanted), "{e}");
+    assert_eq!(
+        code(&remote.resolve("team/big").await.unwrap_err()),
+        Code::NotFound
+    );
+
+    // The same manifest as a training job's result (the spec itself fits the limit).
+    let data = work.path().join("one.jsonl");
+    std::fs::write(&data, "{\"text\":\"a\",\"label\":0}\n").unwrap();
+    let train = remote.upload_blob_file(&data, &hidden()).await.unwrap();
+    let spec = json!({
+        "base": model.fingerprint().to_string(),
+        "train": train.to_string(),
+        "spec": {"methods": ["lora"]},
+    });
+    assert!(spec.to_string().len() < limit);
+    let job = remote
+        .submit_job(JobKind::Train, &spec, "team/big", &[], &[])
+        .await
+        .unwrap();
+    let (leased, lease) = remote.lease_job("w", &[], 60).await.unwrap().unwrap();
+    assert_eq!(leased.id, job.id);
+    let e = remote
+        .complete_job(job.id, &lease, None, Some(&manifest), None)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), Code::ResourceExhausted, "{e:?}");
+    assert!(e.to_string().contains(&wanted), "{e}");
+    assert_eq!(
+        code(&remote.resolve("team/big").await.unwrap_err()),
+        Code::NotFound
+    );
+    // Still the worker's to finish.
+    let done = remote
+        .complete_job(job.id, &lease, Some("result too large"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(done.state, delta_proto::jobs::JobState::Failed);
 }
