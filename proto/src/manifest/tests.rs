@@ -130,29 +130,116 @@ fn lora_shapes_are_checked_against_the_base() {
     patterned.check_against_base(&base()).unwrap();
 }
 
+fn typed(name: &str, dtype: &str, shape: &[u64]) -> TensorInfo {
+    TensorInfo {
+        dtype: dtype.into(),
+        ..ti(name, shape)
+    }
+}
+
 #[test]
 fn other_roles_are_checked() {
     let ok = lora(vec![
         ti("enc.q.bias.replace", &[8]),
         ti("enc.ff.weight.diff", &[16, 8]),
         ti("enc.ff.ia3_l", &[8]),
+        ti("enc.q.ia3_l", &[8]),
+        ti("enc.q.lora_bias", &[8]),
+        typed("enc.q.weight.diff_indices", "I64", &[3]),
+        ti("enc.q.weight.diff_values", &[3]),
         ti("classifier.weight.new", &[2, 8]),
         ti("adapter.layer0.down", &[8, 2]),
     ]);
     ok.check_against_base(&base()).unwrap();
-    for bad in [
-        ti("enc.q.bias.replace", &[9]),
-        ti("enc.q.weight.diff", &[4, 8]),
-        ti("enc.q.weight.new", &[8, 4]),
-        ti("enc.q.ia3_l", &[3]),
-        ti("enc.q.weight.mystery", &[8, 4]),
-    ] {
-        let name = bad.name.clone();
+    // Each refusal names the tensor and the reason.
+    let cases: Vec<(Vec<TensorInfo>, &str)> = vec![
+        (
+            vec![ti("enc.q.bias.replace", &[9])],
+            "differs from base enc.q.bias",
+        ),
+        (
+            vec![ti("enc.q.weight.diff", &[4, 8])],
+            "differs from base enc.q.weight",
+        ),
+        (
+            vec![ti("enc.k.weight.diff", &[8, 4])],
+            "targets enc.k.weight, which the base does not have",
+        ),
+        (
+            vec![ti("enc.q.weight.new", &[8, 4])],
+            "which the base already has",
+        ),
+        (
+            vec![ti("enc.q.ia3_l", &[3])],
+            "fits neither side of enc.q.weight",
+        ),
+        (
+            vec![ti("enc.q.lora_bias", &[4])],
+            "does not match the output size of enc.q.weight",
+        ),
+        (
+            vec![ti("enc.q.weight.mystery", &[8, 4])],
+            "has no known role",
+        ),
+        (
+            vec![typed("enc.q.weight.diff", "I32", &[8, 4])],
+            "dtype I32 is not a float type",
+        ),
+        (
+            vec![ti("enc.q.lora_B", &[8, 2])],
+            "has no matching enc.q.lora_A",
+        ),
+        (
+            vec![ti("enc.q.lora_A", &[2, 4])],
+            "has no matching enc.q.lora_B",
+        ),
+        (
+            vec![ti("enc.q.weight.diff_values", &[3])],
+            "has no matching enc.q.weight.diff_indices",
+        ),
+        (
+            vec![typed("enc.q.weight.diff_indices", "I64", &[3])],
+            "has no matching enc.q.weight.diff_values",
+        ),
+        (
+            vec![
+                typed("enc.q.weight.diff_indices", "F32", &[3]),
+                ti("enc.q.weight.diff_values", &[3]),
+            ],
+            "sparse diff needs I64 indices [k] and values [k]",
+        ),
+        (
+            vec![
+                typed("enc.q.weight.diff_indices", "I64", &[3]),
+                ti("enc.q.weight.diff_values", &[4]),
+            ],
+            "sparse diff needs I64 indices [k] and values [k]",
+        ),
+    ];
+    for (tensors, reason) in cases {
+        let first = tensors[0].name.clone();
+        let err = lora(tensors)
+            .check_against_base(&base())
+            .expect_err(&first)
+            .to_string();
         assert!(
-            lora(vec![bad]).check_against_base(&base()).is_err(),
-            "{name} accepted"
+            err.contains(&first) && err.contains(reason),
+            "{first}: {err}"
         );
     }
+}
+
+#[test]
+fn fan_in_fan_out_lora_reads_the_base_weight_transposed() {
+    let mut m = lora(vec![
+        ti("enc.q.lora_A", &[2, 8]),
+        ti("enc.q.lora_B", &[4, 2]),
+        ti("enc.q.lora_bias", &[4]),
+    ]);
+    let err = m.check_against_base(&base()).unwrap_err().to_string();
+    assert!(err.contains("expected A [r, 4] and B [8, r]"), "{err}");
+    m.config.lora.as_mut().unwrap().fan_in_fan_out = true;
+    m.check_against_base(&base()).unwrap();
 }
 
 #[test]
