@@ -369,147 +369,173 @@ impl Manifest {
     ) -> Result<(), ManifestError> {
         let all: BTreeMap<&str, &TensorInfo> =
             self.tensors().map(|(_, t)| (t.name.as_str(), t)).collect();
-        let fan_in_fan_out = self.config.lora.as_ref().is_some_and(|l| l.fan_in_fan_out);
-        let base_tensor = |delta: &str, target: &str| {
-            base.get(target).ok_or_else(|| {
-                tensor_err(
-                    delta,
-                    format!("targets {target}, which the base does not have"),
-                )
-            })
+        let check = BaseCheck {
+            base,
+            all: &all,
+            lora: self.config.lora.as_ref(),
         };
         for (name, t) in &all {
-            if !is_float(&t.dtype) && !name.ends_with(".diff_indices") {
-                return Err(tensor_err(
-                    name,
-                    format!("dtype {} is not a float type", t.dtype),
-                ));
+            check.tensor(name, t)?;
+        }
+        Ok(())
+    }
+}
+
+/// A delta's tensors (`all`, by name) checked one by one against a base's tensor table.
+struct BaseCheck<'a> {
+    base: &'a BTreeMap<String, TensorInfo>,
+    all: &'a BTreeMap<&'a str, &'a TensorInfo>,
+    lora: Option<&'a LoraConfig>,
+}
+
+impl BaseCheck<'_> {
+    /// Tensor `name` of the delta against its role.
+    fn tensor(&self, name: &str, t: &TensorInfo) -> Result<(), ManifestError> {
+        if !is_float(&t.dtype) && !name.ends_with(".diff_indices") {
+            return Err(tensor_err(
+                name,
+                format!("dtype {} is not a float type", t.dtype),
+            ));
+        }
+        match classify(name) {
+            Role::Runtime => {}
+            Role::LoraA(m) => self.lora_a(name, t, m)?,
+            Role::LoraB(m) => {
+                self.partner(name, &format!("{m}.lora_A"))?;
             }
-            match classify(name) {
-                Role::Runtime => {}
-                Role::LoraA(m) => {
-                    let b_name = format!("{m}.lora_B");
-                    let b = all
-                        .get(b_name.as_str())
-                        .ok_or_else(|| tensor_err(name, format!("has no matching {b_name}")))?;
-                    let w = base_tensor(name, &format!("{m}.weight"))?;
-                    let [out, inp] = two_d(name, &w.shape, "base weight")?;
-                    let (out, inp) = if fan_in_fan_out {
-                        (inp, out)
-                    } else {
-                        (out, inp)
-                    };
-                    let [r, a_in] = two_d(name, &t.shape, "lora_A")?;
-                    if let Some(cfg) = &self.config.lora {
-                        let declared = cfg.rank_for(m);
-                        if declared != r {
-                            return Err(tensor_err(
-                                name,
-                                format!(
-                                    "has rank {r} but the LoRA config declares {declared} for {m} (r / rank_pattern)"
-                                ),
-                            ));
-                        }
-                    }
-                    let [b_out, b_r] = two_d(&b_name, &b.shape, "lora_B")?;
-                    if a_in != inp || b_out != out || b_r != r || r == 0 {
-                        return Err(tensor_err(
-                            name,
-                            format!(
-                                "LoRA shapes A {:?} and B {:?} do not fit base weight {m}.weight {:?}: expected A [r, {inp}] and B [{out}, r]",
-                                t.shape, b.shape, w.shape
-                            ),
-                        ));
-                    }
-                }
-                Role::LoraB(m) => {
-                    let a = format!("{m}.lora_A");
-                    if !all.contains_key(a.as_str()) {
-                        return Err(tensor_err(name, format!("has no matching {a}")));
-                    }
-                }
-                Role::LoraBias(m) => {
-                    let w = base_tensor(name, &format!("{m}.weight"))?;
-                    let out = if fan_in_fan_out {
-                        w.shape.get(1)
-                    } else {
-                        w.shape.first()
-                    };
-                    if t.shape.as_slice() != [out.copied().unwrap_or(0)] {
-                        return Err(tensor_err(
-                            name,
-                            format!(
-                                "shape {:?} does not match the output size of {m}.weight {:?}",
-                                t.shape, w.shape
-                            ),
-                        ));
-                    }
-                }
-                Role::Ia3(m) => {
-                    let w = base_tensor(name, &format!("{m}.weight"))?;
-                    let [out, inp] = two_d(name, &w.shape, "base weight")?;
-                    let ok = t.shape.as_slice() == [out] || t.shape.as_slice() == [inp];
-                    if !ok {
-                        return Err(tensor_err(
-                            name,
-                            format!(
-                                "IA3 vector {:?} fits neither side of {m}.weight {:?}",
-                                t.shape, w.shape
-                            ),
-                        ));
-                    }
-                }
-                Role::Diff(target) | Role::Replace(target) => {
-                    let b = base_tensor(name, target)?;
-                    if b.shape != t.shape {
-                        return Err(tensor_err(
-                            name,
-                            format!(
-                                "shape {:?} differs from base {target} {:?}",
-                                t.shape, b.shape
-                            ),
-                        ));
-                    }
-                }
-                Role::DiffIndices(target) => {
-                    base_tensor(name, target)?;
-                    let values = format!("{target}.diff_values");
-                    let v = all
-                        .get(values.as_str())
-                        .ok_or_else(|| tensor_err(name, format!("has no matching {values}")))?;
-                    if t.dtype != "I64" || t.shape.len() != 1 || v.shape != t.shape {
-                        return Err(tensor_err(
-                            name,
-                            format!(
-                                "sparse diff needs I64 indices [k] and values [k], got {} {:?} and {:?}",
-                                t.dtype, t.shape, v.shape
-                            ),
-                        ));
-                    }
-                }
-                Role::DiffValues(target) => {
-                    let idx = format!("{target}.diff_indices");
-                    if !all.contains_key(idx.as_str()) {
-                        return Err(tensor_err(name, format!("has no matching {idx}")));
-                    }
-                }
-                Role::New(target) => {
-                    if base.contains_key(target) {
-                        return Err(tensor_err(
-                            name,
-                            format!("adds {target}, which the base already has: use .replace"),
-                        ));
-                    }
-                }
-                Role::Unknown => {
+            Role::LoraBias(m) => {
+                let w = self.base_tensor(name, &format!("{m}.weight"))?;
+                let out = if self.fan_in_fan_out() {
+                    w.shape.get(1)
+                } else {
+                    w.shape.first()
+                };
+                if t.shape.as_slice() != [out.copied().unwrap_or(0)] {
                     return Err(tensor_err(
                         name,
-                        "has no known role: expected a suffix .lora_A, .lora_B, .lora_bias, .ia3_l, .diff, .diff_indices, .diff_values, .replace or .new, or a prefix adapter., prefix. or prompt.",
+                        format!(
+                            "shape {:?} does not match the output size of {m}.weight {:?}",
+                            t.shape, w.shape
+                        ),
                     ));
                 }
             }
+            Role::Ia3(m) => {
+                let w = self.base_tensor(name, &format!("{m}.weight"))?;
+                let [out, inp] = two_d(name, &w.shape, "base weight")?;
+                if t.shape.as_slice() != [out] && t.shape.as_slice() != [inp] {
+                    return Err(tensor_err(
+                        name,
+                        format!(
+                            "IA3 vector {:?} fits neither side of {m}.weight {:?}",
+                            t.shape, w.shape
+                        ),
+                    ));
+                }
+            }
+            Role::Diff(target) | Role::Replace(target) => {
+                let b = self.base_tensor(name, target)?;
+                if b.shape != t.shape {
+                    return Err(tensor_err(
+                        name,
+                        format!(
+                            "shape {:?} differs from base {target} {:?}",
+                            t.shape, b.shape
+                        ),
+                    ));
+                }
+            }
+            Role::DiffIndices(target) => {
+                self.base_tensor(name, target)?;
+                let v = self.partner(name, &format!("{target}.diff_values"))?;
+                if t.dtype != "I64" || t.shape.len() != 1 || v.shape != t.shape {
+                    return Err(tensor_err(
+                        name,
+                        format!(
+                            "sparse diff needs I64 indices [k] and values [k], got {} {:?} and {:?}",
+                            t.dtype, t.shape, v.shape
+                        ),
+                    ));
+                }
+            }
+            Role::DiffValues(target) => {
+                self.partner(name, &format!("{target}.diff_indices"))?;
+            }
+            Role::New(target) => {
+                if self.base.contains_key(target) {
+                    return Err(tensor_err(
+                        name,
+                        format!("adds {target}, which the base already has: use .replace"),
+                    ));
+                }
+            }
+            Role::Unknown => {
+                return Err(tensor_err(
+                    name,
+                    "has no known role: expected a suffix .lora_A, .lora_B, .lora_bias, .ia3_l, .diff, .diff_indices, .diff_values, .replace or .new, or a prefix adapter., prefix. or prompt.",
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// LoRA `A` of module `m`: `[r, in]`, with a `B` of `[out, r]` for the base weight
+    /// `[out, in]` (`[in, out]` with `fan_in_fan_out`), and the rank the config declares.
+    fn lora_a(&self, name: &str, t: &TensorInfo, m: &str) -> Result<(), ManifestError> {
+        let b_name = format!("{m}.lora_B");
+        let b = self.partner(name, &b_name)?;
+        let w = self.base_tensor(name, &format!("{m}.weight"))?;
+        let [out, inp] = two_d(name, &w.shape, "base weight")?;
+        let (out, inp) = if self.fan_in_fan_out() {
+            (inp, out)
+        } else {
+            (out, inp)
+        };
+        let [r, a_in] = two_d(name, &t.shape, "lora_A")?;
+        if let Some(cfg) = self.lora {
+            let declared = cfg.rank_for(m);
+            if declared != r {
+                return Err(tensor_err(
+                    name,
+                    format!(
+                        "has rank {r} but the LoRA config declares {declared} for {m} (r / rank_pattern)"
+                    ),
+                ));
+            }
+        }
+        let [b_out, b_r] = two_d(&b_name, &b.shape, "lora_B")?;
+        if a_in != inp || b_out != out || b_r != r || r == 0 {
+            return Err(tensor_err(
+                name,
+                format!(
+                    "LoRA shapes A {:?} and B {:?} do not fit base weight {m}.weight {:?}: expected A [r, {inp}] and B [{out}, r]",
+                    t.shape, b.shape, w.shape
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn fan_in_fan_out(&self) -> bool {
+        self.lora.is_some_and(|l| l.fan_in_fan_out)
+    }
+
+    /// The base tensor `target` that delta tensor `delta` acts on.
+    fn base_tensor(&self, delta: &str, target: &str) -> Result<&TensorInfo, ManifestError> {
+        self.base.get(target).ok_or_else(|| {
+            tensor_err(
+                delta,
+                format!("targets {target}, which the base does not have"),
+            )
+        })
+    }
+
+    /// The other half of a pair (`lora_A`/`lora_B`, `diff_indices`/`diff_values`).
+    fn partner(&self, name: &str, partner: &str) -> Result<&TensorInfo, ManifestError> {
+        self.all
+            .get(partner)
+            .copied()
+            .ok_or_else(|| tensor_err(name, format!("has no matching {partner}")))
     }
 }
 
