@@ -411,21 +411,10 @@ impl<'a> Mounts<'a> {
                 let d = take(name)?;
                 self.diff.entry(t.to_owned()).or_default().push(d);
             } else if let Some(t) = name.strip_suffix(".diff_indices") {
-                let idx = take(name)?
-                    .to_dtype(candle_core::DType::I64)?
-                    .to_vec1::<i64>()?;
-                let vals = take(&format!("{t}.diff_values"))?.to_vec1::<f32>()?;
+                let indices = take(name)?;
+                let values = take(&format!("{t}.diff_values"))?;
                 let shape = self.tensor(t)?.dims().to_vec();
-                let n: usize = shape.iter().product();
-                let mut dense = vec![0f32; n];
-                for (i, v) in idx.iter().zip(vals) {
-                    let i = usize::try_from(*i)
-                        .ok()
-                        .filter(|i| *i < n)
-                        .with_context(|| format!("{name}: index {i} is outside {t}"))?;
-                    dense[i] += v;
-                }
-                let d = Tensor::from_vec(dense, shape, &device)?;
+                let d = dense_diff(name, t, &indices, &values, &shape)?;
                 self.diff.entry(t.to_owned()).or_default().push(d);
             } else if name.ends_with(".diff_values") {
                 continue;
@@ -551,6 +540,32 @@ impl<'a> Mounts<'a> {
     }
 }
 
+/// Sparse diff `name` of base tensor `target` (`indices` into the flattened tensor,
+/// `values` added there) as a dense f32 tensor of `shape` on the values' device; repeated
+/// indices add up.
+fn dense_diff(
+    name: &str,
+    target: &str,
+    indices: &Tensor,
+    values: &Tensor,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let idx = indices
+        .to_dtype(candle_core::DType::I64)?
+        .to_vec1::<i64>()?;
+    let vals = values.to_vec1::<f32>()?;
+    let n: usize = shape.iter().product();
+    let mut dense = vec![0f32; n];
+    for (i, v) in idx.iter().zip(vals) {
+        let i = usize::try_from(*i)
+            .ok()
+            .filter(|i| *i < n)
+            .with_context(|| format!("{name}: index {i} is outside {target}"))?;
+        dense[i] += v;
+    }
+    Ok(Tensor::from_vec(dense, shape, values.device())?)
+}
+
 impl crate::bert::Inject for Mounts<'_> {
     fn tensor(&self, name: &str) -> Result<Tensor> {
         Mounts::tensor(self, name)
@@ -626,4 +641,30 @@ pub fn head(m: &Mounts<'_>, hidden: &Tensor, mask: &Tensor, first: usize) -> Res
     let w = m.tensor(HEAD_WEIGHT)?;
     let b = m.tensor(HEAD_BIAS)?;
     fused::linear(&pooled, &w, Some(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::dense_diff;
+
+    #[test]
+    fn a_sparse_diff_densifies_adding_repeated_indices_and_refuses_any_outside() {
+        let values = Tensor::new(&[1f32, 2.0, 0.5], &Device::Cpu).unwrap();
+        let indices = Tensor::new(&[5i64, 0, 5], &Device::Cpu).unwrap();
+        let d = dense_diff("w.diff_indices", "w", &indices, &values, &[2, 3]).unwrap();
+        assert_eq!(
+            d.to_vec2::<f32>().unwrap(),
+            vec![vec![2.0, 0.0, 0.0], vec![0.0, 0.0, 1.5]]
+        );
+        for bad in [6i64, -1] {
+            let indices = Tensor::new(&[0i64, bad, 1], &Device::Cpu).unwrap();
+            let e = dense_diff("w.diff_indices", "w", &indices, &values, &[2, 3]).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("w.diff_indices: index {bad} is outside w")
+            );
+        }
+    }
 }
