@@ -85,60 +85,16 @@ async fn serve(
     health_reporter
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
-    // Both reflection versions: grpcurl speaks v1, grpcio's Python tooling v1alpha.
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(delta_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_err = |e: tonic_reflection::server::Error| {
-        crate::Error::InvalidArgument(format!("reflection: {e}"))
-    };
-    let reflection = reflection_builder().build_v1().map_err(reflection_err)?;
-    let reflection_alpha = reflection_builder()
-        .build_v1alpha()
-        .map_err(reflection_err)?;
-
-    let janitor = {
-        let service = service.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            let mut minutes = 0u64;
-            loop {
-                tick.tick().await;
-                let n = service.expire_uploads().await;
-                if n > 0 {
-                    tracing::info!(expired = n, "expired idle uploads");
-                }
-                // At start-up and hourly: staging objects other replicas (or this one,
-                // before a crash) completed but never published.
-                if minutes.is_multiple_of(60) {
-                    service.cleanup_staging().await;
-                }
-                minutes += 1;
-            }
-        })
-    };
-
+    let (reflection, reflection_alpha) = reflection()?;
+    let janitor = spawn_janitor(service.clone());
     let metrics_listener = match (metrics_listener, config.metrics_addr) {
         (Some(l), _) => Some(l),
         (None, Some(a)) => Some(TcpListener::bind(a).await?),
         (None, None) => None,
     };
-    let metrics = match metrics_listener {
-        None => None,
-        Some(l) => {
-            tracing::info!(addr = %l.local_addr()?, "metrics on /metrics");
-            let service = service.clone();
-            Some(tokio::spawn(crate::telemetry::serve_metrics(
-                l,
-                move || {
-                    let service = service.clone();
-                    async move { service.gauges().await.unwrap_or_default() }
-                },
-            )))
-        }
-    };
+    let metrics = metrics_listener
+        .map(|l| spawn_metrics(l, service.clone()))
+        .transpose()?;
     let registry = RegistryServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -152,19 +108,7 @@ async fn serve(
     });
     let mut drain_rx = stop_rx.clone();
     let mut serve_rx = stop_rx;
-    let mut builder = GrpcServer::builder();
-    if let Some(tls) = &config.tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| {
-                crate::Error::InvalidArgument(format!("cannot read {}: {e}", p.display()))
-            })
-        };
-        let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
-        builder = builder
-            .tls_config(ServerTlsConfig::new().identity(identity))
-            .map_err(|e| crate::Error::InvalidArgument(format!("TLS certificate or key: {e}")))?;
-    }
-    let serve = builder
+    let serve = builder(&config)?
         .layer(crate::telemetry::RequestLayer)
         .initial_stream_window_size(Some(delta_proto::HTTP2_STREAM_WINDOW))
         .initial_connection_window_size(Some(delta_proto::HTTP2_CONNECTION_WINDOW))
@@ -200,4 +144,79 @@ async fn serve(
     }
     tracing::info!("registry stopped");
     Ok(result?)
+}
+
+/// The reflection services, both versions: grpcurl speaks v1, grpcio's Python tooling
+/// v1alpha.
+fn reflection() -> Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(delta_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let err = |e: tonic_reflection::server::Error| {
+        crate::Error::InvalidArgument(format!("reflection: {e}"))
+    };
+    Ok((
+        builder().build_v1().map_err(err)?,
+        builder().build_v1alpha().map_err(err)?,
+    ))
+}
+
+/// Every minute, expires idle uploads; at start-up and hourly, removes the staging
+/// objects other replicas (or this one, before a crash) completed but never published.
+fn spawn_janitor(service: RegistryService) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut minutes = 0u64;
+        loop {
+            tick.tick().await;
+            let n = service.expire_uploads().await;
+            if n > 0 {
+                tracing::info!(expired = n, "expired idle uploads");
+            }
+            if minutes.is_multiple_of(60) {
+                service.cleanup_staging().await;
+            }
+            minutes += 1;
+        }
+    })
+}
+
+/// Serves `/metrics` on `listener`, with the registry's gauges read at each scrape.
+fn spawn_metrics(
+    listener: TcpListener,
+    service: RegistryService,
+) -> Result<tokio::task::JoinHandle<()>> {
+    tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
+    Ok(tokio::spawn(crate::telemetry::serve_metrics(
+        listener,
+        move || {
+            let service = service.clone();
+            async move { service.gauges().await.unwrap_or_default() }
+        },
+    )))
+}
+
+/// The gRPC server builder, with TLS when the config names a certificate and key.
+fn builder(config: &RegistryConfig) -> Result<GrpcServer> {
+    let builder = GrpcServer::builder();
+    let Some(tls) = &config.tls else {
+        return Ok(builder);
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p)
+            .map_err(|e| crate::Error::InvalidArgument(format!("cannot read {}: {e}", p.display())))
+    };
+    let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    builder
+        .tls_config(ServerTlsConfig::new().identity(identity))
+        .map_err(|e| crate::Error::InvalidArgument(format!("TLS certificate or key: {e}")))
 }
