@@ -136,16 +136,20 @@ async fn manifests_over_the_size_limit_are_refused_in_push_and_in_a_job_result()
         "the fixture's manifest ({size} bytes) must exceed the limit"
     );
     let wanted = format!("manifest is {size} bytes; the limit is {limit}");
+    // Refused naming size and limit, and nothing published.
+    let refused = async |e: delta_client::Error| {
+        assert_eq!(code(&e), Code::ResourceExhausted, "{e:?}");
+        assert!(e.to_string().contains(&wanted), "{e}");
+        assert_eq!(
+            code(&remote.resolve("team/big").await.unwrap_err()),
+            Code::NotFound
+        );
+    };
 
     let e = hub::push(&remote, &dir, "team/big", "tiny", &[], &hidden())
         .await
         .unwrap_err();
-    assert_eq!(code(&e), Code::ResourceExhausted, "{e:?}");
-    assert!(e.to_string().contains(&wanted), "{e}");
-    assert_eq!(
-        code(&remote.resolve("team/big").await.unwrap_err()),
-        Code::NotFound
-    );
+    refused(e).await;
 
     // The same manifest as a training job's result (the spec itself fits the limit).
     let data = work.path().join("one.jsonl");
@@ -167,12 +171,7 @@ async fn manifests_over_the_size_limit_are_refused_in_push_and_in_a_job_result()
         .complete_job(job.id, &lease, None, Some(&manifest), None)
         .await
         .unwrap_err();
-    assert_eq!(code(&e), Code::ResourceExhausted, "{e:?}");
-    assert!(e.to_string().contains(&wanted), "{e}");
-    assert_eq!(
-        code(&remote.resolve("team/big").await.unwrap_err()),
-        Code::NotFound
-    );
+    refused(e).await;
     // Still the worker's to finish.
     let done = remote
         .complete_job(job.id, &lease, Some("result too large"), None, None)
