@@ -11,7 +11,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tonic::Code;
 
-use super::{code, hidden};
+use super::{Engine, Env, code, hidden};
 use crate::{TestRegistry, fixtures};
 
 async fn registry(tune: impl FnOnce(&mut RegistryConfig)) -> (TestRegistry, Remote) {
@@ -76,37 +76,22 @@ async fn oversized_messages_and_blobs_are_refused() {
 
 #[tokio::test]
 async fn manifest_tensor_and_upload_limits() {
-    let (reg, remote) = registry(|c| {
+    let env = Env::start_tuned(Engine::Sqlite, |c| {
         c.max_tensors = 3;
         c.max_uploads_per_token = 2;
     })
     .await;
-    let work = tempfile::tempdir().unwrap();
-    let base = work.path().join("base.safetensors");
-    fixtures::write_base(&base, 1);
-    let model = delta_client::tensors::Model::open(&base).unwrap();
-    remote.add_base("tiny", &model.entries()).await.unwrap();
-    let dir = work.path().join("d");
+    let dir = env.path("d");
     fixtures::write_native_lora(&dir, 1, 2, json!({})); // 8 tensors
-    let e = hub::push(&remote, &dir, "team/many", "tiny", &[], &hidden())
+    let e = hub::push(&env.remote, &dir, "team/many", "tiny", &[], &hidden())
         .await
         .unwrap_err();
     assert_eq!(code(&e), Code::ResourceExhausted);
     assert!(e.to_string().contains("8 tensors"), "{e}");
 
     // Per-token upload sessions.
-    let meta = delta_registry::SqlMeta::open(&reg.dir.path().join("registry.sqlite")).unwrap();
-    let new = delta_registry::admin::NewToken {
-        namespace: "team".into(),
-        scope: delta_registry::auth::Scope::Write,
-        worker: false,
-        expires_in: None,
-        description: String::new(),
-    };
-    let (_, secret) = delta_registry::admin::create_token(&meta, &new, 0).unwrap();
-    let t = Remote::connect_with(&reg.url(), Some(&secret))
-        .await
-        .unwrap();
+    let secret = env.token("team", delta_registry::auth::Scope::Write, false);
+    let t = env.client(Some(&secret)).await;
     for i in 0..2u8 {
         t.start_upload(Digest::of(&[i]), 1).await.unwrap();
     }
@@ -120,13 +105,9 @@ async fn manifest_tensor_and_upload_limits() {
 #[tokio::test]
 async fn manifests_over_the_size_limit_are_refused_in_push_and_in_a_job_result() {
     let limit = 400;
-    let (_reg, remote) = registry(|c| c.max_manifest_bytes = limit).await;
-    let work = tempfile::tempdir().unwrap();
-    let base_file = work.path().join("base.safetensors");
-    fixtures::write_base(&base_file, 1);
-    let model = delta_client::tensors::Model::open(&base_file).unwrap();
-    remote.add_base("tiny", &model.entries()).await.unwrap();
-    let dir = work.path().join("d");
+    let env = Env::start_tuned(Engine::Sqlite, |c| c.max_manifest_bytes = limit).await;
+    let remote = &env.remote;
+    let dir = env.path("d");
     fixtures::write_native_lora(&dir, 1, 2, json!({}));
     let base = remote.get_base("tiny").await.unwrap();
     let manifest = delta_client::delta::prepare(&dir, &base).unwrap().manifest;
@@ -146,20 +127,13 @@ async fn manifests_over_the_size_limit_are_refused_in_push_and_in_a_job_result()
         );
     };
 
-    let e = hub::push(&remote, &dir, "team/big", "tiny", &[], &hidden())
+    let e = hub::push(remote, &dir, "team/big", "tiny", &[], &hidden())
         .await
         .unwrap_err();
     refused(e).await;
 
     // The same manifest as a training job's result (the spec itself fits the limit).
-    let data = work.path().join("one.jsonl");
-    std::fs::write(&data, "{\"text\":\"a\",\"label\":0}\n").unwrap();
-    let train = remote.upload_blob_file(&data, &hidden()).await.unwrap();
-    let spec = json!({
-        "base": model.fingerprint().to_string(),
-        "train": train.to_string(),
-        "spec": {"methods": ["lora"]},
-    });
+    let spec = env.train_job(remote).await;
     assert!(spec.to_string().len() < limit);
     let job = remote
         .submit_job(JobKind::Train, &spec, "team/big", &[], &[])

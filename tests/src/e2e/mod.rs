@@ -52,6 +52,14 @@ impl Env {
 
     /// [`Env::start`] with the registry's metadata on `engine` (a fresh database).
     pub(crate) async fn start_on(engine: Engine) -> Self {
+        Self::start_tuned(engine, |_| {}).await
+    }
+
+    /// [`Env::start_on`] with the registry's test config changed by `tune` (a limit, say).
+    pub(crate) async fn start_tuned(
+        engine: Engine,
+        tune: impl FnOnce(&mut delta_registry::RegistryConfig),
+    ) -> Self {
         let database = match engine {
             Engine::Sqlite => None,
             Engine::Postgres => Some(crate::postgres::fresh_database()),
@@ -60,6 +68,7 @@ impl Env {
         let registry = TestRegistry::start_in(tempfile::tempdir().unwrap(), move |p| {
             let mut c = delta_registry::RegistryConfig::for_test(p);
             c.database_url = url;
+            tune(&mut c);
             c
         })
         .await;
