@@ -2,7 +2,8 @@
 //!
 //! A blob lives at `blobs/blake3/<hex[..2]>/<hex>`. An upload writes a private staging
 //! object (`staging/<hex>.<id>`) with a multipart upload, which every backend makes visible
-//! only on `complete` (LocalFileSystem stages to a hidden `path#N` file and renames; S3
+//! only on `complete` (on local disk the registry's own writer, [`local`], stages to a
+//! hidden `path#0` file, starting its writeback part by part, then fsyncs and renames; S3
 //! assembles the parts); the upload layer completes it only after the bytes hashed to the
 //! declared digest, then [`BlobStore::publish`] copies it to the blob's key with a
 //! conditional create: of racing uploads of one digest exactly one wins, the others find
@@ -25,6 +26,7 @@ use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutOpt
 use crate::config::RegistryConfig;
 use crate::error::{Error, Result};
 
+mod local;
 mod s3;
 
 /// Where staged uploads live until they are published or cleaned up, under keys
@@ -62,8 +64,10 @@ pub struct Staging {
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
-    /// The root directory when the backend is the local filesystem (for the staging-file
-    /// janitor, which `list` cannot see).
+    /// The root directory when the backend is the local filesystem: blobs are read
+    /// ([`read_local`]) and uploads written ([`local::WritebackUpload`]) there directly,
+    /// and partial files that `list` does not show are swept
+    /// ([`BlobStore::remove_stale_staging`]).
     local_root: Option<PathBuf>,
     /// On S3: lists and aborts incomplete multipart uploads, which `list` cannot see.
     s3: Option<Arc<s3::Janitor>>,
@@ -243,7 +247,10 @@ impl BlobStore {
             crate::clock::now(),
             uuid::Uuid::new_v4().simple()
         ));
-        let upload = self.store.put_multipart(&key).await?;
+        let upload: Box<dyn MultipartUpload> = match &self.local_root {
+            Some(root) => Box::new(local::WritebackUpload::create(root.join(key.as_ref())).await?),
+            None => self.store.put_multipart(&key).await?,
+        };
         Ok((
             Staging {
                 key,
