@@ -108,7 +108,7 @@ impl MultipartUpload for WritebackUpload {
         self.offset += len;
         let file = self.file.clone();
         Box::pin(async move {
-            let file = file.ok_or(finished())?;
+            let file = file.ok_or_else(finished)?;
             blocking(move || {
                 let mut at = offset;
                 for chunk in data.iter() {
@@ -124,7 +124,7 @@ impl MultipartUpload for WritebackUpload {
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
         // `WriteMultipart::finish` awaits every part before it calls this.
-        let file = self.file.take().ok_or(finished())?;
+        let file = self.file.take().ok_or_else(finished)?;
         let (partial, dest) = (self.partial.clone(), self.dest.clone());
         blocking(move || {
             file.sync_all()?;
@@ -144,7 +144,7 @@ impl MultipartUpload for WritebackUpload {
     }
 
     async fn abort(&mut self) -> object_store::Result<()> {
-        self.file.take().ok_or(finished())?;
+        self.file.take().ok_or_else(finished)?;
         let partial = self.partial.clone();
         blocking(move || std::fs::remove_file(&partial)).await
     }

@@ -24,6 +24,16 @@ fn data(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// The whole blob of `size` bytes, read with `BlobStore::stream` in 3 MiB blocks.
+async fn streamed(store: &BlobStore, d: &Digest, size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = store.stream(d, size as u64, 3 << 20);
+    while let Some(chunk) = s.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    out
+}
+
 /// What every backend must do: multipart writes (8 MiB parts: S3's 5 MiB minimum for
 /// non-final parts holds) visible only once complete, aborts leaving nothing, ranged and
 /// streamed reads, small puts, listing, idempotent deletes.
@@ -50,12 +60,10 @@ async fn conformance(store: BlobStore) {
         store.read_range(&d, 100..200).await.unwrap(),
         Bytes::copy_from_slice(&big[100..200])
     );
-    let mut streamed = Vec::new();
-    let mut s = store.stream(&d, big.len() as u64, 3 << 20);
-    while let Some(chunk) = s.next().await {
-        streamed.extend_from_slice(&chunk.unwrap());
-    }
-    assert!(streamed == big, "streamed bytes differ");
+    assert!(
+        streamed(&store, &d, big.len()).await == big,
+        "streamed bytes differ"
+    );
 
     // Aborted: nothing visible.
     let other = data(6 << 20, 2);
@@ -148,12 +156,10 @@ async fn local_uploads_take_parts_in_flight_together() {
     }
     up.complete().await.unwrap();
     assert!(store.publish(&staging).await.unwrap());
-    let mut back = Vec::new();
-    let mut s = store.stream(&d, bytes.len() as u64, 3 << 20);
-    while let Some(chunk) = s.next().await {
-        back.extend_from_slice(&chunk.unwrap());
-    }
-    assert!(back == bytes, "the blob differs from what was written");
+    assert!(
+        streamed(&store, &d, bytes.len()).await == bytes,
+        "the blob differs from what was written"
+    );
 }
 
 /// A registry killed mid-upload on local disk leaves a partial file that listings do not
