@@ -558,20 +558,26 @@ pub fn parse_dtype(d: &str) -> Result<safetensors::Dtype> {
 /// Writes a pulled delta as a native folder: `delta.json` and the tensor files (copies of
 /// the cached blobs).
 pub fn write_native(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<()> {
-    write_native_with(dir, manifest, blobs, false)
+    write_native_with(dir, manifest, blobs, None)
 }
 
-/// [`write_native`], moving the blob files into `dir` instead of copying them: they must
-/// be on its filesystem, and are gone afterwards (`delta pull --no-cache`).
-pub fn move_native(dir: &Path, manifest: &Manifest, blobs: &[PathBuf]) -> Result<()> {
-    write_native_with(dir, manifest, blobs, true)
+/// [`write_native`], moving the blob files that lie under `scratch` into `dir` instead of
+/// copying them (they must be on its filesystem, and are gone afterwards): `delta pull`
+/// downloads there. Blobs elsewhere (the cache) are copied.
+pub fn move_native(
+    dir: &Path,
+    manifest: &Manifest,
+    blobs: &[PathBuf],
+    scratch: &Path,
+) -> Result<()> {
+    write_native_with(dir, manifest, blobs, Some(scratch))
 }
 
 fn write_native_with(
     dir: &Path,
     manifest: &Manifest,
     blobs: &[PathBuf],
-    moving: bool,
+    scratch: Option<&Path>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
     // Where each moved blob went: two files with the same bytes share one blob.
@@ -580,7 +586,7 @@ fn write_native_with(
         let to = dir.join(&f.path);
         match moved.get(blob.as_path()) {
             Some(first) => place(first, &to)?,
-            None if moving => {
+            None if scratch.is_some_and(|s| blob.starts_with(s)) => {
                 std::fs::rename(blob, &to).at(&to)?;
                 moved.insert(blob, to);
             }

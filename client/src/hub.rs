@@ -19,6 +19,12 @@ use crate::remote::{Remote, hash_file};
 /// matches its stamp is hashed again before use (deleted, and fetched again, if it fails).
 /// With [`Cache::rehash_all`] every use re-hashes. Nothing outside the cache ever shares a
 /// cached file's inode: pulled folders get copies.
+///
+/// A pull into a native folder writes each downloaded blob once, straight into the folder,
+/// and the cache only notes where it went (`copies/<hex>`: the file's path and its stamp
+/// just after it was verified). Later commands read that file for as long as it is still
+/// the file that was verified (same stamp); once it is edited, replaced, moved or deleted,
+/// the note is dropped and the blob is downloaded again when next needed.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
@@ -80,6 +86,10 @@ impl Cache {
         self.root.join("verified").join(d.hex())
     }
 
+    fn copy_note_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("copies").join(d.hex())
+    }
+
     /// Whether an intact copy of the blob is cached (see [`Cache::verified`]).
     pub fn has(&self, d: &Digest) -> bool {
         self.verified(d).is_ok_and(|p| p.is_some())
@@ -88,10 +98,11 @@ impl Cache {
     /// The path of the cached blob if it is there and intact: its file still matches the
     /// stamp written when it was last hashed, or it hashes to its digest now. A blob that
     /// fails the hash is deleted (the next fetch downloads it again).
+    /// Failing that, a copy noted by [`Cache::note_copy`] that is still as it was.
     pub fn verified(&self, d: &Digest) -> Result<Option<PathBuf>> {
         let path = self.blob_path(d);
         let Some(now) = stamp_of(&path) else {
-            return Ok(None);
+            return Ok(self.noted_copy(d));
         };
         let stamp = self.stamp_path(d);
         if !self.rehash_all && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&now) {
@@ -107,6 +118,44 @@ impl Cache {
         Ok(None)
     }
 
+    /// Notes that `path`, a file outside the cache, holds the blob's bytes as they are now
+    /// (the caller has just verified them): [`Cache::verified`] offers it while its stamp
+    /// is unchanged. Replaces an earlier note for the same blob. A path that is not UTF-8
+    /// is not noted.
+    pub fn note_copy(&self, d: &Digest, path: &Path) -> Result<()> {
+        let path = std::path::absolute(path).at(path)?;
+        let (Some(stamp), Some(name)) = (stamp_of(&path), path.to_str()) else {
+            return Ok(());
+        };
+        let note = self.copy_note_path(d);
+        if let Some(dir) = note.parent() {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
+        let body = serde_json::json!({ "path": name, "stamp": stamp }).to_string();
+        crate::delta::write_atomic(&note, body.as_bytes())
+    }
+
+    /// The noted copy of the blob if it is still the file that was verified (with
+    /// [`Cache::rehash_all`]: and hashes to the digest now). A note that no longer holds
+    /// is removed.
+    fn noted_copy(&self, d: &Digest) -> Option<PathBuf> {
+        let note = self.copy_note_path(d);
+        let body = std::fs::read(&note).ok()?;
+        let found = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                let path = PathBuf::from(v.get("path")?.as_str()?);
+                let unchanged = stamp_of(&path).as_deref() == v.get("stamp")?.as_str();
+                let intact =
+                    unchanged && (!self.rehash_all || hash_file(&path).is_ok_and(|h| h == *d));
+                intact.then_some(path)
+            });
+        if found.is_none() {
+            let _ = std::fs::remove_file(&note);
+        }
+        found
+    }
+
     /// Records that the blob's file, as it is now, hashed to its digest.
     fn stamp(&self, d: &Digest) -> Result<()> {
         let Some(now) = stamp_of(&self.blob_path(d)) else {
@@ -119,18 +168,31 @@ impl Cache {
         crate::delta::write_atomic(&path, now.as_bytes())
     }
 
-    /// Downloads a blob into the cache unless an intact copy is there. Returns bytes
-    /// transferred.
-    pub async fn fetch(&self, remote: &Remote, d: Digest, progress: &ProgressBar) -> Result<u64> {
-        if self.verified(&d)?.is_some() {
-            return Ok(0);
+    /// Downloads a blob into the cache unless an intact copy is there (see
+    /// [`Cache::verified`]). Returns where the blob's bytes are and the bytes transferred.
+    pub async fn fetch(
+        &self,
+        remote: &Remote,
+        d: Digest,
+        progress: &ProgressBar,
+    ) -> Result<(PathBuf, u64)> {
+        if let Some(path) = self.verified(&d)? {
+            return Ok((path, 0));
         }
-        self.download(remote, d, progress).await
+        self.download(remote, d, None, progress).await
     }
 
-    /// Downloads a blob into the cache (resuming a partial download), verifying every
-    /// byte. Returns bytes transferred.
-    async fn download(&self, remote: &Remote, d: Digest, progress: &ProgressBar) -> Result<u64> {
+    /// Downloads a blob, resuming the cache's partial download of it and verifying every
+    /// byte, then renames the verified file into the cache, or to `elsewhere` when that is
+    /// given and on the cache's filesystem (a pull's folder: the bytes are written once).
+    /// Returns where the file is and the bytes transferred.
+    async fn download(
+        &self,
+        remote: &Remote,
+        d: Digest,
+        elsewhere: Option<&Path>,
+        progress: &ProgressBar,
+    ) -> Result<(PathBuf, u64)> {
         let target = self.blob_path(&d);
         let partial = self.partial_path(&d);
         for dir in [target.parent(), partial.parent()].into_iter().flatten() {
@@ -148,9 +210,21 @@ impl Cache {
             }
             other => other?,
         };
+        if let Some(dest) = elsewhere {
+            match std::fs::rename(&partial, dest) {
+                Ok(()) => return Ok((dest.to_owned(), n)),
+                Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {}
+                Err(e) => {
+                    return Err(Error::Io {
+                        path: dest.to_owned(),
+                        source: e,
+                    });
+                }
+            }
+        }
         std::fs::rename(&partial, &target).at(&target)?;
         self.stamp(&d)?;
-        Ok(n)
+        Ok((target, n))
     }
 }
 
@@ -315,8 +389,9 @@ pub struct PullReport {
     pub manifest: Manifest,
     /// Blob bytes transferred (0 when everything was cached).
     pub bytes_downloaded: u64,
-    /// Cached path of each manifest file, in manifest order (empty after a `no_cache`
-    /// pull: the files are only in the output folder).
+    /// Where each manifest file's verified bytes are, in manifest order: the cache, or a
+    /// file it noted; after a native pull, the folder's files (empty after a `no_cache`
+    /// pull).
     pub blobs: Vec<PathBuf>,
     /// The version is yanked (reached through a tag, number or digest).
     pub yanked: bool,
@@ -331,28 +406,48 @@ pub async fn fetch(
     reference: &str,
     progress: &ProgressBar,
 ) -> Result<PullReport> {
+    fetch_into(remote, cache, None, reference, progress).await
+}
+
+/// [`fetch`]; with `scratch`, each blob `cache` lacks ends in that folder (named by its
+/// hex digest) instead of in the cache, if the two share a filesystem.
+async fn fetch_into(
+    remote: &Remote,
+    cache: &Cache,
+    scratch: Option<&Path>,
+    reference: &str,
+    progress: &ProgressBar,
+) -> Result<PullReport> {
     let resolved = remote.resolve(reference).await?;
     let manifest = resolved.manifest;
-    let mut missing = Vec::new();
+    // Where each blob's verified bytes are; `None` until downloaded.
+    let mut found: BTreeMap<Digest, Option<PathBuf>> = BTreeMap::new();
+    let mut total = 0;
     for f in &manifest.files {
-        if cache.verified(&f.digest)?.is_none() {
-            missing.push(f.digest);
+        if let std::collections::btree_map::Entry::Vacant(slot) = found.entry(f.digest) {
+            let at = cache.verified(&f.digest)?;
+            if at.is_none() {
+                total += f.size;
+            }
+            slot.insert(at);
         }
     }
-    let total = manifest
-        .files
-        .iter()
-        .filter(|f| missing.contains(&f.digest))
-        .map(|f| f.size)
-        .sum();
     progress.set_length(total);
     let mut bytes_downloaded = 0;
     let mut blobs = Vec::new();
     for f in &manifest.files {
-        if missing.contains(&f.digest) && !cache.blob_path(&f.digest).is_file() {
-            bytes_downloaded += cache.download(remote, f.digest, progress).await?;
-        }
-        let path = cache.blob_path(&f.digest);
+        let path = match found.get(&f.digest).cloned().flatten() {
+            Some(path) => path,
+            None => {
+                let to = scratch.map(|s| s.join(f.digest.hex()));
+                let (path, n) = cache
+                    .download(remote, f.digest, to.as_deref(), progress)
+                    .await?;
+                bytes_downloaded += n;
+                found.insert(f.digest, Some(path.clone()));
+                path
+            }
+        };
         let size = std::fs::metadata(&path).at(&path)?.len();
         if size != f.size {
             return Err(Error::Invalid(format!(
@@ -382,9 +477,7 @@ pub struct PullOptions {
     pub format: Format,
     /// Replace a non-empty output folder (its old files all go).
     pub overwrite: bool,
-    /// Neither read nor fill the local cache: download into a temporary folder beside
-    /// `out` and move the files into place, so each byte is written once (as `hf download
-    /// --local-dir` and pip's `--no-cache-dir` do).
+    /// Neither read nor note anything in the local cache (as pip's `--no-cache-dir`).
     pub no_cache: bool,
 }
 
@@ -407,6 +500,13 @@ pub async fn pull(
 
 /// Fetches `reference` and makes `out` hold exactly its folder (see
 /// [`delta::replace_dir`]).
+///
+/// A native folder's blobs that the cache lacks are downloaded through the cache (so an
+/// interrupted pull resumes) and then renamed into the folder rather than copied, when
+/// the cache and `out` share a filesystem: each byte is written once, and the cache notes
+/// where the files went ([`Cache::note_copy`]) instead of keeping a second copy. Blobs the
+/// cache has are copied. A PEFT folder is converted from cached blobs. With `no_cache`
+/// the cache is neither read nor written: downloads go to a scratch folder beside `out`.
 pub async fn pull_with(
     remote: &Remote,
     cache: &Cache,
@@ -417,33 +517,64 @@ pub async fn pull_with(
 ) -> Result<PullReport> {
     // Refused before anything is downloaded.
     delta::check_output_dir(out, opts.overwrite)?;
-    // Without the cache: a throwaway one beside `out`, on its filesystem, so that the
-    // verified downloads are renamed into the folder rather than copied; it goes when
-    // this returns.
-    let scratch = if opts.no_cache {
+    let native = matches!(opts.format, Format::Native);
+    // Beside `out`, so that files are renamed into it; it goes when this returns, with
+    // anything left in it.
+    let scratch = if native || opts.no_cache {
         let parent = delta::parent_dir(out);
         std::fs::create_dir_all(&parent).at(&parent)?;
         let dir = tempfile::Builder::new()
             .prefix(".delta-pull-")
             .tempdir_in(&parent)
             .at(&parent)?;
-        Some((Cache::new(dir.path()), dir))
+        Some(dir)
     } else {
         None
     };
-    let used = scratch.as_ref().map_or(cache, |(c, _)| c);
-    let mut report = fetch(remote, used, reference, progress).await?;
-    delta::replace_dir(out, opts.overwrite, |dir| match opts.format {
-        Format::Native if scratch.is_some() => {
-            delta::move_native(dir, &report.manifest, &report.blobs)
+    let throwaway = scratch
+        .as_ref()
+        .filter(|_| opts.no_cache)
+        .map(|dir| Cache::new(dir.path()));
+    let mut report = match (&throwaway, &scratch) {
+        (Some(own), _) => fetch_into(remote, own, None, reference, progress).await?,
+        (None, Some(dir)) => {
+            fetch_into(remote, cache, Some(dir.path()), reference, progress).await?
         }
-        Format::Native => delta::write_native(dir, &report.manifest, &report.blobs),
-        Format::Peft => delta::write_peft(dir, &report.manifest, &report.blobs),
+        (None, None) => fetch_into(remote, cache, None, reference, progress).await?,
+    };
+    delta::replace_dir(out, opts.overwrite, |dir| match (opts.format, &scratch) {
+        (Format::Native, Some(tmp)) => {
+            delta::move_native(dir, &report.manifest, &report.blobs, tmp.path())
+        }
+        (Format::Native, None) => delta::write_native(dir, &report.manifest, &report.blobs),
+        (Format::Peft, _) => delta::write_peft(dir, &report.manifest, &report.blobs),
     })?;
-    if scratch.is_some() {
+    if opts.no_cache {
         report.blobs.clear();
+    } else if native {
+        report.blobs = report
+            .manifest
+            .files
+            .iter()
+            .map(|f| out.join(&f.path))
+            .collect();
+        note_copies(cache, &report.manifest, &report.blobs);
     }
     Ok(report)
+}
+
+/// Notes in the cache where a pulled folder's files are, for the blobs the cache does not
+/// hold itself. A note that cannot be written costs a download later, not the pull.
+fn note_copies(cache: &Cache, manifest: &Manifest, files: &[PathBuf]) {
+    let mut noted = std::collections::BTreeSet::new();
+    for (f, path) in manifest.files.iter().zip(files) {
+        if cache.blob_path(&f.digest).is_file() || !noted.insert(f.digest) {
+            continue;
+        }
+        if let Err(e) = cache.note_copy(&f.digest, path) {
+            tracing::warn!(blob = %f.digest, error = %e, "cannot note the pulled file in the cache");
+        }
+    }
 }
 
 /// Re-hashes a cached blob (for `--verify` paths and tests).

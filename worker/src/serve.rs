@@ -254,8 +254,7 @@ enum Finished {
 }
 
 async fn blob(remote: &Remote, cache: &Cache, digest: Digest) -> Result<Vec<u8>> {
-    cache.fetch(remote, digest, &ProgressBar::hidden()).await?;
-    let path = cache.blob_path(&digest);
+    let (path, _) = cache.fetch(remote, digest, &ProgressBar::hidden()).await?;
     std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
 }
 

@@ -32,10 +32,9 @@ pub struct Args {
     /// Replace a non-empty output folder: afterwards it holds exactly the pulled delta.
     #[arg(long)]
     pub overwrite: bool,
-    /// Download straight into the output folder, neither reading nor filling the local
-    /// cache: each byte is written to disk once instead of twice (cache, then a copy),
-    /// as `hf download --local-dir` and pip's `--no-cache-dir` do. Every byte is still
-    /// verified.
+    /// Neither read the local cache nor leave anything in it (no note of the pulled
+    /// files, no partial download to resume), as pip's `--no-cache-dir`. Every byte is
+    /// still verified.
     #[arg(long)]
     pub no_cache: bool,
 }

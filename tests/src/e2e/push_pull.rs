@@ -93,6 +93,74 @@ async fn peft_folder_round_trips_with_identical_tensor_bytes() {
     );
 }
 
+/// A pull renames what it downloads into the folder and only notes it in the cache; with
+/// the cache on another filesystem (no rename across) the cache keeps its own copy and the
+/// folder gets another.
+#[tokio::test]
+async fn a_cache_on_another_filesystem_keeps_its_own_copy() {
+    use std::os::unix::fs::MetadataExt;
+    let meta = |p: &std::path::Path| std::fs::metadata(p).unwrap();
+    let env = Env::start().await;
+    let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm, a second filesystem");
+    assert_ne!(
+        meta(shm.path()).dev(),
+        meta(&env.path("")).dev(),
+        "/dev/shm is on the test folder's filesystem"
+    );
+    let native = env.path("native");
+    fixtures::write_native_lora(&native, 3, 2, json!({}));
+    let pushed = hub::push(&env.remote, &native, "team-a/x", "tiny", &[], &hidden())
+        .await
+        .unwrap();
+    let digest = env.remote.resolve("team-a/x").await.unwrap().manifest.files[0].digest;
+    assert_eq!(pushed.version, 1);
+
+    let cache = delta_client::Cache::new(shm.path());
+    let out = env.path("out");
+    let pulled = hub::pull(
+        &env.remote,
+        &cache,
+        "team-a/x",
+        &out,
+        Format::Native,
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert!(pulled.bytes_downloaded > 0);
+    let (file, cached) = (out.join("delta.safetensors"), cache.blob_path(&digest));
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        std::fs::read(native.join("delta.safetensors")).unwrap()
+    );
+    assert!(cached.is_file());
+    assert_ne!(meta(&file).ino(), meta(&cached).ino());
+    assert!(!shm.path().join("copies").exists());
+
+    // On one filesystem the same pull leaves the bytes in the folder alone.
+    let near = delta_client::Cache::new(&env.path("cache-near"));
+    let out2 = env.path("out2");
+    let again = hub::pull(
+        &env.remote,
+        &near,
+        "team-a/x",
+        &out2,
+        Format::Native,
+        &hidden(),
+    )
+    .await
+    .unwrap();
+    assert!(again.bytes_downloaded > 0);
+    assert!(!near.blob_path(&digest).exists());
+    assert_eq!(again.blobs, vec![out2.join("delta.safetensors")]);
+    let entries: Vec<_> = std::fs::read_dir(env.path(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".delta-pull-"))
+        .collect();
+    assert!(entries.is_empty(), "scratch left behind: {entries:?}");
+}
+
 #[tokio::test]
 async fn native_round_trip_dedup_and_cache() {
     let env = Env::start().await;

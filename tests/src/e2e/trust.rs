@@ -37,7 +37,7 @@ fn flip_byte(path: &std::path::Path, at: u64) {
 // ---- 5. The cache cannot be poisoned ----
 
 #[tokio::test]
-async fn pulled_files_are_copies_and_a_changed_cache_is_fetched_again() {
+async fn pulled_files_are_never_shared_and_a_changed_cache_is_fetched_again() {
     let env = Env::start().await;
     let dir = env.path("d");
     fixtures::write_native_lora(&dir, 3, 2, json!({}));
@@ -47,61 +47,72 @@ async fn pulled_files_are_copies_and_a_changed_cache_is_fetched_again() {
     env.cli(&["push", &s(&dir), "team/x:stable", "--base", "tiny"])
         .await
         .unwrap();
+    let cached = env.cache.blob_path(&digest);
+    let apply = |name: &'static str| {
+        let out = env.path(name);
+        let env = &env;
+        let base = base.clone();
+        async move {
+            env.cli(&["apply", "--base", &base, "team/x:stable", "-o", &s(&out)])
+                .await
+                .unwrap();
+            std::fs::read(out).unwrap()
+        }
+    };
+    let progress = hidden();
+    let fetch = || hub::fetch(&env.remote, &env.cache, "team/x:stable", &progress);
+
+    // A pull writes the blob once, into the folder; the cache only notes where it is,
+    // and later commands read it there without downloading it again.
     let out1 = env.path("out1");
     env.cli(&["pull", "team/x:stable", "-o", &s(&out1)])
         .await
         .unwrap();
-    env.cli(&[
-        "apply",
-        "--base",
-        &base,
-        "team/x:stable",
-        "-o",
-        &s(&env.path("m1.safetensors")),
-    ])
-    .await
-    .unwrap();
-    let merged = std::fs::read(env.path("m1.safetensors")).unwrap();
-
-    // The pulled file is not the cache's file: editing it changes nothing else.
     let pulled = out1.join("delta.safetensors");
-    let cached = env.cache.blob_path(&digest);
-    assert_ne!(
-        std::fs::metadata(&pulled).unwrap().ino(),
-        std::fs::metadata(&cached).unwrap().ino()
-    );
+    assert!(!cached.exists());
+    let report = fetch().await.unwrap();
+    assert_eq!(report.bytes_downloaded, 0);
+    assert_eq!(report.blobs, vec![pulled.clone()]);
+    let merged = apply("m1.safetensors").await;
+
+    // Editing the pulled file ends the note: the edited bytes are never read as the
+    // blob, the next pull downloads it again, and two folders never share a file.
     flip_byte(&pulled, 200);
     let out2 = env.path("out2");
     env.cli(&["pull", "team/x:stable", "-o", &s(&out2)])
         .await
         .unwrap();
-    assert_eq!(
-        std::fs::read(out2.join("delta.safetensors")).unwrap(),
-        original
+    let pulled2 = out2.join("delta.safetensors");
+    assert_eq!(std::fs::read(&pulled2).unwrap(), original);
+    assert_ne!(original, std::fs::read(&pulled).unwrap());
+    assert_ne!(
+        std::fs::metadata(&pulled).unwrap().ino(),
+        std::fs::metadata(&pulled2).unwrap().ino()
     );
-    env.cli(&[
-        "apply",
-        "--base",
-        &base,
-        "team/x:stable",
-        "-o",
-        &s(&env.path("m2.safetensors")),
-    ])
-    .await
-    .unwrap();
-    assert_eq!(std::fs::read(env.path("m2.safetensors")).unwrap(), merged);
+    assert_eq!(apply("m2.safetensors").await, merged);
 
-    // A cache entry changed after it was verified (its size/mtime/inode stamp no longer
-    // matches) is re-hashed, found bad, and fetched again.
-    flip_byte(&cached, 200);
+    // With the folder gone, the blob is downloaded into the cache itself; a pull then
+    // copies it, and the pulled file is not the cache's file.
+    std::fs::remove_dir_all(&out2).unwrap();
+    assert!(fetch().await.unwrap().bytes_downloaded > 0);
+    assert!(cached.is_file());
     let out3 = env.path("out3");
     env.cli(&["pull", "team/x:stable", "-o", &s(&out3)])
         .await
         .unwrap();
-    assert_eq!(
-        std::fs::read(out3.join("delta.safetensors")).unwrap(),
-        original
+    let pulled3 = out3.join("delta.safetensors");
+    assert_ne!(
+        std::fs::metadata(&pulled3).unwrap().ino(),
+        std::fs::metadata(&cached).unwrap().ino()
     );
+    flip_byte(&pulled3, 200);
+    assert_eq!(apply("m3.safetensors").await, merged);
+
+    // A cache entry changed after it was verified (its size/mtime/inode stamp no longer
+    // matches) is re-hashed, found bad, and fetched again.
+    flip_byte(&cached, 200);
+    assert!(fetch().await.unwrap().bytes_downloaded > 0);
+    assert_eq!(std::fs::read(&cached).unwrap(), original);
 
     // A change that keeps size, inode and mtime escapes the cheap check;
     // `--verify-cache` re-hashes everything and still gets the right bytes.
@@ -130,7 +141,9 @@ async fn pulled_files_are_copies_and_a_changed_cache_is_fetched_again() {
         .join("partial")
         .join(format!("{}.partial", digest.hex()));
     for (len, first_pull_fails) in [(original.len() + 10, false), (100, true)] {
-        std::fs::remove_file(&cached).unwrap();
+        // Nothing the cache holds or knows of: the pull must download.
+        let _ = std::fs::remove_file(&cached);
+        let _ = std::fs::remove_dir_all(env.path("cache").join("copies"));
         std::fs::write(&partial, vec![0x5a; len]).unwrap();
         let out = env.path(&format!("partial-{len}"));
         let first = env.cli(&["pull", "team/x:stable", "-o", &s(&out)]).await;
@@ -141,6 +154,7 @@ async fn pulled_files_are_copies_and_a_changed_cache_is_fetched_again() {
                 .await
                 .unwrap();
         }
+        assert!(!partial.exists());
         assert_eq!(
             std::fs::read(out.join("delta.safetensors")).unwrap(),
             original
