@@ -97,8 +97,8 @@ impl Cache {
 
     /// The path of the cached blob if it is there and intact: its file still matches the
     /// stamp written when it was last hashed, or it hashes to its digest now. A blob that
-    /// fails the hash is deleted (the next fetch downloads it again).
-    /// Failing that, a copy noted by [`Cache::note_copy`] that is still as it was.
+    /// fails the hash is deleted (the next fetch downloads it again). When the cache has
+    /// no file of its own, the copy noted by [`Cache::note_copy`], if it is still as it was.
     pub fn verified(&self, d: &Digest) -> Result<Option<PathBuf>> {
         let path = self.blob_path(d);
         let Some(now) = stamp_of(&path) else {

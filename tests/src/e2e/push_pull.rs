@@ -93,6 +93,25 @@ async fn peft_folder_round_trips_with_identical_tensor_bytes() {
     );
 }
 
+/// `hub::pull` of `reference` as a native folder into `out`.
+async fn pull_native(
+    env: &Env,
+    cache: &delta_client::Cache,
+    reference: &str,
+    out: &std::path::Path,
+) -> hub::PullReport {
+    hub::pull(
+        &env.remote,
+        cache,
+        reference,
+        out,
+        Format::Native,
+        &hidden(),
+    )
+    .await
+    .unwrap()
+}
+
 /// A pull renames what it downloads into the folder and only notes it in the cache; with
 /// the cache on another filesystem (no rename across) the cache keeps its own copy and the
 /// folder gets another.
@@ -117,16 +136,7 @@ async fn a_cache_on_another_filesystem_keeps_its_own_copy() {
 
     let cache = delta_client::Cache::new(shm.path());
     let out = env.path("out");
-    let pulled = hub::pull(
-        &env.remote,
-        &cache,
-        "team-a/x",
-        &out,
-        Format::Native,
-        &hidden(),
-    )
-    .await
-    .unwrap();
+    let pulled = pull_native(&env, &cache, "team-a/x", &out).await;
     assert!(pulled.bytes_downloaded > 0);
     let (file, cached) = (out.join("delta.safetensors"), cache.blob_path(&digest));
     assert_eq!(
@@ -140,16 +150,7 @@ async fn a_cache_on_another_filesystem_keeps_its_own_copy() {
     // On one filesystem the same pull leaves the bytes in the folder alone.
     let near = delta_client::Cache::new(&env.path("cache-near"));
     let out2 = env.path("out2");
-    let again = hub::pull(
-        &env.remote,
-        &near,
-        "team-a/x",
-        &out2,
-        Format::Native,
-        &hidden(),
-    )
-    .await
-    .unwrap();
+    let again = pull_native(&env, &near, "team-a/x", &out2).await;
     assert!(again.bytes_downloaded > 0);
     assert!(!near.blob_path(&digest).exists());
     assert_eq!(again.blobs, vec![out2.join("delta.safetensors")]);
