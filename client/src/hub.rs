@@ -15,8 +15,9 @@ use crate::remote::{Remote, hash_file};
 ///
 /// A blob enters it only after its whole file hashed to its digest, and is trusted again
 /// only while it is provably the file that was hashed: a stamp (`verified/<hex>`) records
-/// its size, modification time and inode at that moment, and a blob whose file no longer
-/// matches its stamp is hashed again before use (deleted, and fetched again, if it fails).
+/// its size, modification and change times, device and inode at that moment, and a blob
+/// whose file no longer matches its stamp is hashed again before use (deleted, and
+/// fetched again, if it fails).
 /// With [`Cache::rehash_all`] every use re-hashes. Nothing outside the cache ever shares a
 /// cached file's inode: pulled folders get copies.
 ///
@@ -228,15 +229,20 @@ impl Cache {
     }
 }
 
-/// What identifies one version of a file cheaply: size, modification time (ns) and inode.
+/// What identifies one version of a file cheaply: size, modification time, change time
+/// (both to the ns), device and inode. The change time is the kernel's: a tool (or a
+/// user) that edits a file in place and sets its modification time back still moves it.
 fn stamp_of(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
     Some(format!(
-        "{} {}.{:09} {}",
+        "{} {}.{:09} {}.{:09} {}:{}",
         m.len(),
         m.mtime(),
         m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.dev(),
         m.ino()
     ))
 }

@@ -45,7 +45,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "DELTA_CACHE")]
     pub cache: Option<PathBuf>,
     /// Re-hash every cached blob before using it (by default a blob is re-hashed only
-    /// when its size, modification time or inode changed since it was last verified).
+    /// when its size, modification or change time, device or inode changed since it was
+    /// last verified).
     #[arg(long, global = true)]
     pub verify_cache: bool,
     /// Machine-readable JSON on stdout.

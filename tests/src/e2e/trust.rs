@@ -34,6 +34,24 @@ fn flip_byte(path: &std::path::Path, at: u64) {
     f.write_all(&[byte[0] ^ 0xff]).unwrap();
 }
 
+/// Rewrites the cache's stamp of a blob from its file as it is now, as if the file had
+/// not changed since it was verified: what bit rot looks like to the cache (the bytes
+/// differ, nothing the kernel records does). The stamp's layout is the cache's own.
+fn restamp(cache: &delta_client::Cache, root: &std::path::Path, digest: &Digest) {
+    let m = std::fs::metadata(cache.blob_path(digest)).unwrap();
+    let stamp = format!(
+        "{} {}.{:09} {}.{:09} {}:{}",
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.dev(),
+        m.ino()
+    );
+    std::fs::write(root.join("verified").join(digest.hex()), stamp).unwrap();
+}
+
 // ---- 5. The cache cannot be poisoned ----
 
 #[tokio::test]
@@ -114,8 +132,8 @@ async fn pulled_files_are_never_shared_and_a_changed_cache_is_fetched_again() {
     assert!(fetch().await.unwrap().bytes_downloaded > 0);
     assert_eq!(std::fs::read(&cached).unwrap(), original);
 
-    // A change that keeps size, inode and mtime escapes the cheap check;
-    // `--verify-cache` re-hashes everything and still gets the right bytes.
+    // An in-place edit that sets the mtime back still moves the ctime, which only the
+    // kernel sets: the entry is re-hashed, found bad and fetched again.
     let mtime = std::fs::metadata(&cached).unwrap().modified().unwrap();
     flip_byte(&cached, 300);
     std::fs::File::options()
@@ -124,6 +142,18 @@ async fn pulled_files_are_never_shared_and_a_changed_cache_is_fetched_again() {
         .unwrap()
         .set_modified(mtime)
         .unwrap();
+    assert!(fetch().await.unwrap().bytes_downloaded > 0);
+    assert_eq!(std::fs::read(&cached).unwrap(), original);
+
+    // Bytes that change under an unchanged stamp (bit rot: the disk, not a write) escape
+    // the cheap check; `--verify-cache` re-hashes everything and still gets them right.
+    flip_byte(&cached, 300);
+    restamp(&env.cache, &env.path("cache"), &digest);
+    let trusted = fetch().await.unwrap();
+    assert_eq!(
+        trusted.bytes_downloaded, 0,
+        "the stamp matches: not re-hashed"
+    );
     let out4 = env.path("out4");
     env.cli(&["--verify-cache", "pull", "team/x:stable", "-o", &s(&out4)])
         .await
