@@ -183,6 +183,26 @@ impl Cache {
         self.download(remote, d, None, progress).await
     }
 
+    /// Takes into the cache the verified downloads that a failed pull left in its scratch
+    /// folder (a private temporary folder that [`Cache::download`] renames each verified
+    /// blob into, named by its hex digest), so a pull that fails part-way keeps the blobs
+    /// it finished. Best effort: a blob not kept is downloaded again next time.
+    fn keep_downloads(&self, scratch: &Path) {
+        for entry in std::fs::read_dir(scratch).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(d) = name.to_str().and_then(|hex| {
+                format!("{}:{hex}", delta_proto::digest::ALGORITHM)
+                    .parse()
+                    .ok()
+            }) else {
+                continue;
+            };
+            if std::fs::rename(entry.path(), self.blob_path(&d)).is_ok() {
+                let _ = self.stamp(&d);
+            }
+        }
+    }
+
     /// Downloads a blob, resuming the cache's partial download of it and verifying every
     /// byte, then renames the verified file into the cache, or to `elsewhere` when that is
     /// given and on the cache's filesystem (a pull's folder: the bytes are written once).
@@ -511,8 +531,9 @@ pub async fn pull(
 /// interrupted pull resumes) and then renamed into the folder rather than copied, when
 /// the cache and `out` share a filesystem: each byte is written once, and the cache notes
 /// where the files went ([`Cache::note_copy`]) instead of keeping a second copy. Blobs the
-/// cache has are copied. A PEFT folder is converted from cached blobs. With `no_cache`
-/// the cache is neither read nor written: downloads go to a scratch folder beside `out`.
+/// cache has are copied. A PEFT folder is converted from cached blobs. A pull that fails
+/// keeps in the cache the blobs it finished, and the partial one. With `no_cache` the
+/// cache is neither read nor written: downloads go to a scratch folder beside `out`.
 pub async fn pull_with(
     remote: &Remote,
     cache: &Cache,
@@ -541,20 +562,34 @@ pub async fn pull_with(
         .as_ref()
         .filter(|_| opts.no_cache)
         .map(|dir| Cache::new(dir.path()));
-    let mut report = match (&throwaway, &scratch) {
-        (Some(own), _) => fetch_into(remote, own, None, reference, progress).await?,
-        (None, Some(dir)) => {
-            fetch_into(remote, cache, Some(dir.path()), reference, progress).await?
+    let written = async {
+        let report = match (&throwaway, &scratch) {
+            (Some(own), _) => fetch_into(remote, own, None, reference, progress).await?,
+            (None, Some(dir)) => {
+                fetch_into(remote, cache, Some(dir.path()), reference, progress).await?
+            }
+            (None, None) => fetch_into(remote, cache, None, reference, progress).await?,
+        };
+        delta::replace_dir(out, opts.overwrite, |dir| match (opts.format, &scratch) {
+            (Format::Native, Some(tmp)) => {
+                delta::move_native(dir, &report.manifest, &report.blobs, tmp.path())
+            }
+            (Format::Native, None) => delta::write_native(dir, &report.manifest, &report.blobs),
+            (Format::Peft, _) => delta::write_peft(dir, &report.manifest, &report.blobs),
+        })?;
+        Ok::<_, Error>(report)
+    }
+    .await;
+    let mut report = match (written, &scratch) {
+        (Ok(report), _) => report,
+        // What was downloaded before the failure stays (in the cache), as a partial
+        // download does: pulling again fetches only the rest.
+        (Err(e), Some(dir)) if !opts.no_cache => {
+            cache.keep_downloads(dir.path());
+            return Err(e);
         }
-        (None, None) => fetch_into(remote, cache, None, reference, progress).await?,
+        (Err(e), _) => return Err(e),
     };
-    delta::replace_dir(out, opts.overwrite, |dir| match (opts.format, &scratch) {
-        (Format::Native, Some(tmp)) => {
-            delta::move_native(dir, &report.manifest, &report.blobs, tmp.path())
-        }
-        (Format::Native, None) => delta::write_native(dir, &report.manifest, &report.blobs),
-        (Format::Peft, _) => delta::write_peft(dir, &report.manifest, &report.blobs),
-    })?;
     if opts.no_cache {
         report.blobs.clear();
     } else if native {

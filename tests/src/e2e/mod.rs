@@ -186,6 +186,16 @@ impl Env {
     pub(crate) fn stored_blobs(&self) -> usize {
         count_files(&self.registry.dir.path().join("store/blobs"))
     }
+
+    /// Pull scratch folders (`.delta-pull-*`) left in the test folder: none, after any
+    /// pull that returned.
+    pub(crate) fn pull_scratch(&self) -> Vec<String> {
+        std::fs::read_dir(self.path(""))
+            .expect("the test folder")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".delta-pull-"))
+            .collect()
+    }
 }
 
 pub(crate) fn count_files(dir: &std::path::Path) -> usize {

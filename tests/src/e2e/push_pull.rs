@@ -154,12 +154,11 @@ async fn a_cache_on_another_filesystem_keeps_its_own_copy() {
     assert!(again.bytes_downloaded > 0);
     assert!(!near.blob_path(&digest).exists());
     assert_eq!(again.blobs, vec![out2.join("delta.safetensors")]);
-    let entries: Vec<_> = std::fs::read_dir(env.path(""))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".delta-pull-"))
-        .collect();
-    assert!(entries.is_empty(), "scratch left behind: {entries:?}");
+    assert_eq!(
+        env.pull_scratch(),
+        Vec::<String>::new(),
+        "scratch left behind"
+    );
 }
 
 #[tokio::test]

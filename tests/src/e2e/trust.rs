@@ -192,6 +192,71 @@ async fn pulled_files_are_never_shared_and_a_changed_cache_is_fetched_again() {
     }
 }
 
+/// A pull that fails part-way keeps the blobs it finished in the cache, as it keeps the
+/// partial one: the next pull downloads only the rest, and no scratch is left behind.
+#[tokio::test]
+async fn a_failed_pull_keeps_the_blobs_it_finished() {
+    let env = Env::start().await;
+    // A delta in two files: layer 0's tensors and layer 1's.
+    let dir = env.path("d");
+    fixtures::write_native_lora(&dir, 3, 2, json!({}));
+    std::fs::remove_file(dir.join("delta.safetensors")).unwrap();
+    let (layer0, layer1): (Vec<_>, Vec<_>) = fixtures::lora_tensors(3, 2)
+        .into_iter()
+        .partition(|(name, _, _)| name.contains(".layer.0."));
+    fixtures::write_f32(&dir.join("a.safetensors"), &layer0, None);
+    fixtures::write_f32(&dir.join("b.safetensors"), &layer1, None);
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("delta.json")).unwrap()).unwrap();
+    m["files"] = json!([{"path": "a.safetensors"}, {"path": "b.safetensors"}]);
+    std::fs::write(dir.join("delta.json"), m.to_string()).unwrap();
+    env.cli(&["push", &s(&dir), "team/two", "--base", "tiny"])
+        .await
+        .unwrap();
+    let files = env.remote.resolve("team/two").await.unwrap().manifest.files;
+    assert_eq!(files.len(), 2);
+    // The pull downloads in manifest order: the second blob's partial download is a
+    // wrong prefix, so it fails the hash after the first blob is done.
+    let (done, failing) = (&files[0], &files[1]);
+    let partial = env
+        .path("cache")
+        .join("partial")
+        .join(format!("{}.partial", failing.digest.hex()));
+    std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    std::fs::write(&partial, vec![0x5a; 100]).unwrap();
+    let (out, progress) = (env.path("out"), hidden());
+    let pull = || {
+        hub::pull(
+            &env.remote,
+            &env.cache,
+            "team/two",
+            &out,
+            delta_client::delta::Format::Native,
+            &progress,
+        )
+    };
+    let failed = pull().await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(!out.exists());
+    assert!(env.cache.has(&done.digest), "the finished blob is kept");
+    assert!(!env.cache.has(&failing.digest));
+    assert_eq!(
+        env.pull_scratch(),
+        Vec::<String>::new(),
+        "scratch left behind"
+    );
+
+    let pulled = pull().await.unwrap();
+    assert_eq!(pulled.bytes_downloaded, failing.size);
+    for f in ["a.safetensors", "b.safetensors"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(dir.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}
+
 // ---- 6. The CLI stays inside the folders it is given ----
 
 #[tokio::test]
