@@ -83,6 +83,10 @@ impl Cache {
             .join(format!("{}.partial", d.hex()))
     }
 
+    fn lock_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("partial").join(format!("{}.lock", d.hex()))
+    }
+
     fn stamp_path(&self, d: &Digest) -> PathBuf {
         self.root.join("verified").join(d.hex())
     }
@@ -219,6 +223,13 @@ impl Cache {
         for dir in [target.parent(), partial.parent()].into_iter().flatten() {
             std::fs::create_dir_all(dir).at(dir)?;
         }
+        // One download of a blob at a time into this cache (two terminals, a worker and
+        // the CLI): the partial file is appended to, and two writers would interleave.
+        // Whoever waited may find the blob done.
+        let _lock = DownloadLock::acquire(self.lock_path(&d), &d).await?;
+        if let Some(path) = self.verified(&d)? {
+            return Ok((path, 0));
+        }
         let n = match remote.download_to(d, &partial, progress).await {
             // A partial file the registry cannot continue (longer than the blob: not a
             // prefix of it) is thrown away, and the download starts over once.
@@ -246,6 +257,74 @@ impl Cache {
         std::fs::rename(&partial, &target).at(&target)?;
         self.stamp(&d)?;
         Ok((target, n))
+    }
+}
+
+/// An exclusive lock on the download of one blob into a cache, across processes: held
+/// from before its partial file is opened until the verified file is renamed away. The
+/// lock file (`partial/<hex>.lock`) is removed on release, while still locked; a waiter
+/// that then holds the lock of a removed file opens the path again.
+struct DownloadLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl DownloadLock {
+    /// How often a waiting download asks for the lock again.
+    const POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+    async fn acquire(path: PathBuf, blob: &Digest) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let mut told = false;
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .at(&path)?;
+            match try_lock(&file) {
+                Ok(true) => {
+                    let held = file.metadata().at(&path)?;
+                    let current = std::fs::metadata(&path).ok();
+                    if current.is_some_and(|c| (c.dev(), c.ino()) == (held.dev(), held.ino())) {
+                        return Ok(Self { path, _file: file });
+                    }
+                }
+                Ok(false) => {
+                    if !told {
+                        tracing::warn!(%blob, "waiting for another download of this blob into the cache");
+                        told = true;
+                    }
+                    tokio::time::sleep(Self::POLL).await;
+                }
+                Err(e) => return Err(Error::Io { path, source: e }),
+            }
+        }
+    }
+}
+
+/// Takes an exclusive `flock` on `file` if no one holds one: whether it did. (std's
+/// `File::try_lock` does this from Rust 1.89; the workspace builds with 1.88.)
+fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this `File` owns and keeps open; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+impl Drop for DownloadLock {
+    fn drop(&mut self) {
+        // Removed while locked; the lock goes with the file handle, dropped after this.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

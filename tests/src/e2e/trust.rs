@@ -257,6 +257,82 @@ async fn a_failed_pull_keeps_the_blobs_it_finished() {
     }
 }
 
+/// One download of a blob at a time into one cache (its partial file is appended to): a
+/// pull waits while another process holds the blob's download lock and finishes once it
+/// is released; several pulls of one delta sharing a cache all get the right bytes.
+#[tokio::test]
+async fn pulls_sharing_a_cache_take_turns_on_a_blob() {
+    use delta_client::delta::Format;
+    let env = Env::start().await;
+    let dir = env.path("d");
+    fixtures::write_native_lora(&dir, 3, 2, json!({}));
+    env.cli(&["push", &s(&dir), "team/x", "--base", "tiny"])
+        .await
+        .unwrap();
+    let original = std::fs::read(dir.join("delta.safetensors")).unwrap();
+    let digest = env.remote.resolve("team/x").await.unwrap().manifest.files[0].digest;
+    let progress = hidden();
+
+    // Another process downloading the blob: the lock file it holds.
+    let lock = env
+        .path("cache")
+        .join("partial")
+        .join(format!("{}.lock", digest.hex()));
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let held = std::fs::File::create(&lock).unwrap();
+    // SAFETY: flock on a descriptor `held` owns and keeps open.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    let out = env.path("out");
+    let pull = hub::pull(
+        &env.remote,
+        &env.cache,
+        "team/x",
+        &out,
+        Format::Native,
+        &progress,
+    );
+    tokio::pin!(pull);
+    let waited = tokio::time::timeout(Duration::from_millis(500), &mut pull).await;
+    assert!(
+        waited.is_err(),
+        "the pull did not wait for the lock: {waited:?}"
+    );
+    assert!(!out.exists());
+    // It finishes as a download does: the lock file removed, then unlocked.
+    std::fs::remove_file(&lock).unwrap();
+    drop(held);
+    pull.await.unwrap();
+    assert_eq!(
+        std::fs::read(out.join("delta.safetensors")).unwrap(),
+        original
+    );
+    assert!(!lock.exists());
+
+    // Six pulls at once into six folders, one cache, nothing cached or noted.
+    std::fs::remove_dir_all(&out).unwrap();
+    let _ = std::fs::remove_dir_all(env.path("cache").join("copies"));
+    let outs: Vec<_> = (0..6).map(|i| env.path(&format!("out-{i}"))).collect();
+    let pulls = outs.iter().map(|o| {
+        hub::pull(
+            &env.remote,
+            &env.cache,
+            "team/x",
+            o,
+            Format::Native,
+            &progress,
+        )
+    });
+    for (o, pulled) in outs.iter().zip(futures::future::join_all(pulls).await) {
+        pulled.unwrap_or_else(|e| panic!("{}: {e}", o.display()));
+        assert_eq!(
+            std::fs::read(o.join("delta.safetensors")).unwrap(),
+            original
+        );
+    }
+    assert!(!lock.exists());
+}
+
 // ---- 6. The CLI stays inside the folders it is given ----
 
 #[tokio::test]
