@@ -70,7 +70,7 @@ async fn cli_main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", delta_proto::error_line(e.chain()));
             if let Some(id) = delta_client::error::last_request_id() {
                 eprintln!("request id: {id} (the registry's logs carry it)");
             }

@@ -126,6 +126,26 @@ pub fn excerpt(input: &str) -> String {
     format!("{}… ({} bytes)", &input[..end], input.len())
 }
 
+/// An error and its causes on one line, `what: why: root cause`, as anyhow's `{:#}` prints
+/// a chain, less each cause that only repeats what the line already ends with (hyper's
+/// connect error says "tcp connect error: tcp connect error: Connection refused").
+/// `chain`: the error, then its sources (`anyhow::Error::chain`).
+pub fn error_line<'a>(
+    chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut line = String::new();
+    for e in chain {
+        let msg = e.to_string();
+        if line.is_empty() {
+            line = msg;
+        } else if line != msg && !line.ends_with(&format!(": {msg}")) {
+            line.push_str(": ");
+            line.push_str(&msg);
+        }
+    }
+    line
+}
+
 /// HTTP/2 flow-control windows, the same on both ends of a registry connection: large
 /// enough that one blob stream can fill loopback (per stream, per connection).
 pub const HTTP2_STREAM_WINDOW: u32 = 8 << 20;
@@ -201,5 +221,54 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.len() < 400, "{err}");
+    }
+
+    /// An error whose message is `msg`, caused by `source`.
+    #[derive(Debug)]
+    struct Link(&'static str, Option<Box<Link>>);
+
+    impl std::fmt::Display for Link {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Link {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    fn chain(e: &Link) -> Vec<&(dyn std::error::Error + 'static)> {
+        let mut out: Vec<&(dyn std::error::Error + 'static)> = vec![e];
+        while let Some(next) = out[out.len() - 1].source() {
+            out.push(next);
+        }
+        out
+    }
+
+    #[test]
+    fn error_lines_drop_causes_that_only_repeat_the_line() {
+        let link = |m, next| Link(m, Some(Box::new(next)));
+        // hyper's connect error, as `delta` printed it.
+        let refused = Link("Connection refused (os error 111)", None);
+        let e = link(
+            "cannot connect to the registry at http://127.0.0.1:1",
+            link(
+                "transport error",
+                link("tcp connect error", link("tcp connect error", refused)),
+            ),
+        );
+        assert_eq!(
+            super::error_line(chain(&e)),
+            "cannot connect to the registry at http://127.0.0.1:1: transport error: \
+             tcp connect error: Connection refused (os error 111)"
+        );
+        // A message that already quotes its cause.
+        let e = link("reading a.json: not found", Link("not found", None));
+        assert_eq!(super::error_line(chain(&e)), "reading a.json: not found");
+        // A cause that merely ends like the line is kept.
+        let e = link("limit 1", Link("1", None));
+        assert_eq!(super::error_line(chain(&e)), "limit 1: 1");
     }
 }

@@ -176,7 +176,7 @@ fn main() -> ExitCode {
         match with_file(&path, sub) {
             Ok(merged) => cli = merged,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", delta_proto::error_line(e.chain()));
                 return ExitCode::FAILURE;
             }
         }
@@ -219,7 +219,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", delta_proto::error_line(e.chain()));
             ExitCode::FAILURE
         }
     }

@@ -263,7 +263,7 @@ async fn main() -> std::process::ExitCode {
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", delta_proto::error_line(e.chain()));
             std::process::ExitCode::FAILURE
         }
     }
