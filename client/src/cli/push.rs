@@ -40,6 +40,19 @@ fn parse_annotation(s: &str) -> Result<(String, String), String> {
 
 /// Pushes.
 pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
+    // A local mistake is named first, as `git push` does, registry up or not.
+    if !args.dir.is_dir() {
+        let what = if args.dir.exists() {
+            "not a folder (push takes a native delta folder or a PEFT folder)"
+        } else {
+            "no such folder"
+        };
+        anyhow::bail!(
+            "cannot push {} to {}: {what}",
+            args.dir.display(),
+            args.target
+        );
+    }
     let remote = ctx.remote().await?;
     let progress = ctx.progress("push");
     let opts = hub::PushOptions {

@@ -6,6 +6,8 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
+use clap::Parser;
+
 use delta_client::hub;
 use delta_proto::{self as pb, Digest};
 use delta_registry::RegistryConfig;
@@ -539,6 +541,47 @@ async fn errors_are_bounded_named_and_reveal_nothing() {
         .unwrap_err();
     assert_eq!(code(&e), Code::DataLoss, "{e:?}");
     assert!(e.to_string().contains("push it again"), "{e}");
+}
+
+/// The CLI's error for `args` with no registry listening: `delta --registry
+/// http://127.0.0.1:1 ARGS`, in a throwaway cache and credentials folder.
+async fn offline(work: &std::path::Path, args: &[&str]) -> anyhow::Error {
+    let (cache, creds) = (work.join("cache"), work.join("credentials.json"));
+    let mut argv = vec!["delta", "--registry", "http://127.0.0.1:1"];
+    argv.extend(["--cache", cache.to_str().unwrap()]);
+    argv.extend(["--credentials", creds.to_str().unwrap()]);
+    argv.extend_from_slice(args);
+    let cli = delta_client::cli::Cli::try_parse_from(argv).unwrap();
+    delta_client::cli::run(cli).await.unwrap_err()
+}
+
+/// A push of a folder that is not there, or of a file, says so whether or not a registry
+/// answers (as `git push` names a local mistake first); an unreachable registry is one
+/// line that says so without repeating a cause.
+#[tokio::test]
+async fn local_mistakes_are_named_before_the_registry_is_asked() {
+    let work = tempfile::tempdir().unwrap();
+    let missing = s(&work.path().join("missing"));
+    let e = offline(work.path(), &["push", &missing, "team/x", "--base", "b"]).await;
+    assert!(e.to_string().ends_with(": no such folder"), "{e:#}");
+    let file = work.path().join("delta.json");
+    std::fs::write(&file, "{}").unwrap();
+    let e = offline(work.path(), &["push", &s(&file), "team/x", "--base", "b"]).await;
+    assert!(e.to_string().contains(": not a folder"), "{e:#}");
+
+    let dir = work.path().join("d");
+    fixtures::write_native_lora(&dir, 1, 2, json!({}));
+    let e = offline(work.path(), &["push", &s(&dir), "team/x", "--base", "b"]).await;
+    let line = delta_proto::error_line(e.chain());
+    assert!(
+        line.starts_with("cannot connect to the registry at http://127.0.0.1:1: "),
+        "{line}"
+    );
+    let parts: Vec<_> = line.split(": ").collect();
+    assert!(
+        parts.windows(2).all(|w| w[0] != w[1]),
+        "a cause repeats: {line}"
+    );
 }
 
 // ---- 9. Trust signals ----
