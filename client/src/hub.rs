@@ -305,7 +305,9 @@ impl DownloadLock {
 }
 
 /// Takes an exclusive `flock` on `file` if no one holds one: whether it did. (std's
-/// `File::try_lock` does this from Rust 1.89; the workspace builds with 1.88.)
+/// `File::try_lock` does this from Rust 1.89; the workspace builds with 1.88.) On a
+/// filesystem without file locks (some network mounts) it goes on unlocked, as cargo
+/// does with its own locks there.
 fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a descriptor this `File` owns and keeps open; no memory is passed.
@@ -314,10 +316,13 @@ fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
         return Ok(true);
     }
     let e = std::io::Error::last_os_error();
-    if e.kind() == std::io::ErrorKind::WouldBlock {
-        Ok(false)
-    } else {
-        Err(e)
+    match e.raw_os_error() {
+        _ if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Some(libc::ENOLCK | libc::EOPNOTSUPP) => {
+            tracing::debug!(error = %e, "no file locks on the cache's filesystem; downloading unlocked");
+            Ok(true)
+        }
+        _ => Err(e),
     }
 }
 
