@@ -62,8 +62,7 @@ impl Cache {
                 .flatten()
                 .flatten()
             {
-                let name = f.file_name().to_string_lossy().into_owned();
-                if let Ok(d) = format!("blake3:{name}").parse::<Digest>() {
+                if let Some(d) = f.file_name().to_str().and_then(digest_named) {
                     out.push(d);
                 }
             }
@@ -95,7 +94,60 @@ impl Cache {
         self.root.join("copies").join(d.hex())
     }
 
-    /// Whether an intact copy of the blob is cached (see [`Cache::verified`]).
+    /// What the cache holds (`delta cache`).
+    pub fn usage(&self) -> CacheUsage {
+        let files = |dir: &Path, suffix: &str| {
+            walk_files(dir)
+                .into_iter()
+                .filter(|(p, _)| p.to_string_lossy().ends_with(suffix))
+                .fold((0, 0), |(n, bytes), (_, len)| (n + 1, bytes + len))
+        };
+        let (blobs, blob_bytes) = files(&self.root.join("blobs"), "");
+        let (partials, partial_bytes) = files(&self.root.join("partial"), ".partial");
+        let noted = walk_files(&self.root.join("copies"))
+            .iter()
+            .filter_map(|(p, _)| digest_named(p.file_name()?.to_str()?))
+            .count() as u64;
+        CacheUsage {
+            blobs,
+            blob_bytes,
+            partials,
+            partial_bytes,
+            noted,
+        }
+    }
+
+    /// Empties the cache (`delta cache clean`): its blobs, their stamps, its notes of
+    /// pulled files and its partial downloads, except those being downloaded now (their
+    /// lock is held). Pulled folders are not touched. Returns the bytes freed.
+    pub fn clean(&self) -> Result<u64> {
+        let before = self.usage();
+        for dir in ["blobs", "verified", "copies"].map(|d| self.root.join(d)) {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::Io {
+                        path: dir,
+                        source: e,
+                    });
+                }
+                _ => {}
+            }
+        }
+        for (path, _) in walk_files(&self.root.join("partial")) {
+            let Some(hex) = path.to_str().and_then(|p| p.strip_suffix(".partial")) else {
+                continue;
+            };
+            // Held while the partial file goes, so no download starts on it meanwhile.
+            if let Some(_lock) = DownloadLock::try_acquire(Path::new(&format!("{hex}.lock")))? {
+                std::fs::remove_file(&path).at(&path)?;
+            }
+        }
+        let after = self.usage();
+        Ok((before.blob_bytes + before.partial_bytes)
+            .saturating_sub(after.blob_bytes + after.partial_bytes))
+    }
+
+    /// Whether an intact copy of the blob is cached (see [`Cache::verified`]).    /// Whether an intact copy of the blob is cached (see [`Cache::verified`]).
     pub fn has(&self, d: &Digest) -> bool {
         self.verified(d).is_ok_and(|p| p.is_some())
     }
@@ -193,12 +245,7 @@ impl Cache {
     /// it finished. Best effort: a blob not kept is downloaded again next time.
     fn keep_downloads(&self, scratch: &Path) {
         for entry in std::fs::read_dir(scratch).into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let Some(d) = name.to_str().and_then(|hex| {
-                format!("{}:{hex}", delta_proto::digest::ALGORITHM)
-                    .parse()
-                    .ok()
-            }) else {
+            let Some(d) = entry.file_name().to_str().and_then(digest_named) else {
                 continue;
             };
             if std::fs::rename(entry.path(), self.blob_path(&d)).is_ok() {
@@ -260,6 +307,45 @@ impl Cache {
     }
 }
 
+/// What a [`Cache`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheUsage {
+    /// Verified blobs the cache keeps, and their bytes.
+    pub blobs: u64,
+    /// See `blobs`.
+    pub blob_bytes: u64,
+    /// Partial downloads (resumed by the next pull), and their bytes so far.
+    pub partials: u64,
+    /// See `partials`.
+    pub partial_bytes: u64,
+    /// Pulled files it notes instead of keeping a copy (see [`Cache::note_copy`]).
+    pub noted: u64,
+}
+
+/// The digest a cache file is named by (its hex), if the name is one.
+fn digest_named(hex: &str) -> Option<Digest> {
+    format!("{}:{hex}", delta_proto::digest::ALGORITHM)
+        .parse()
+        .ok()
+}
+
+/// Every plain file under `dir` (not following links), with its length; none if `dir`
+/// is absent.
+fn walk_files(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => out.extend(walk_files(&entry.path())),
+            Ok(t) if t.is_file() => {
+                let len = entry.metadata().map_or(0, |m| m.len());
+                out.push((entry.path(), len));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// An exclusive lock on the download of one blob into a cache, across processes: held
 /// from before its partial file is opened until the verified file is renamed away. The
 /// lock file (`partial/<hex>.lock`) is removed on release, while still locked; a waiter
@@ -273,32 +359,43 @@ impl DownloadLock {
     /// How often a waiting download asks for the lock again.
     const POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
+    /// Waits for the lock, saying once that it waits.
     async fn acquire(path: PathBuf, blob: &Digest) -> Result<Self> {
-        use std::os::unix::fs::MetadataExt;
         let mut told = false;
+        loop {
+            if let Some(lock) = Self::try_acquire(&path)? {
+                return Ok(lock);
+            }
+            if !told {
+                tracing::warn!(%blob, "waiting for another download of this blob into the cache");
+                told = true;
+            }
+            tokio::time::sleep(Self::POLL).await;
+        }
+    }
+
+    /// The lock, or `None` while another download holds it.
+    fn try_acquire(path: &Path) -> Result<Option<Self>> {
+        use std::os::unix::fs::MetadataExt;
         loop {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .write(true)
-                .open(&path)
-                .at(&path)?;
-            match try_lock(&file) {
-                Ok(true) => {
-                    let held = file.metadata().at(&path)?;
-                    let current = std::fs::metadata(&path).ok();
-                    if current.is_some_and(|c| (c.dev(), c.ino()) == (held.dev(), held.ino())) {
-                        return Ok(Self { path, _file: file });
-                    }
-                }
-                Ok(false) => {
-                    if !told {
-                        tracing::warn!(%blob, "waiting for another download of this blob into the cache");
-                        told = true;
-                    }
-                    tokio::time::sleep(Self::POLL).await;
-                }
-                Err(e) => return Err(Error::Io { path, source: e }),
+                .open(path)
+                .at(path)?;
+            if !try_lock(&file).at(path)? {
+                return Ok(None);
+            }
+            // The file locked must still be the one at `path` (a holder removes it when
+            // done); if not, lock the one there now.
+            let held = file.metadata().at(path)?;
+            let current = std::fs::metadata(path).ok();
+            if current.is_some_and(|c| (c.dev(), c.ino()) == (held.dev(), held.ino())) {
+                return Ok(Some(Self {
+                    path: path.to_owned(),
+                    _file: file,
+                }));
             }
         }
     }

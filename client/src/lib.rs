@@ -27,5 +27,5 @@ pub mod service;
 pub mod tensors;
 
 pub use error::{Error, Result};
-pub use hub::Cache;
+pub use hub::{Cache, CacheUsage};
 pub use remote::Remote;

@@ -11,6 +11,7 @@ use crate::remote::Remote;
 
 pub mod apply;
 pub mod base;
+pub mod cache;
 pub mod compose;
 pub mod doctor;
 pub mod export;
@@ -116,6 +117,9 @@ pub enum Command {
     Job(jobs::JobArgs),
     /// Check connectivity, auth, the cache and local bases' fingerprints.
     Doctor(doctor::Args),
+    /// Show the local cache (where, what it holds) or empty it.
+    #[command(subcommand)]
+    Cache(cache::Command),
     /// Class predictions from deltas on an inference service (`delta-worker infer`).
     Predict(infer::PredictArgs),
     /// Embeddings from deltas on an inference service (`delta-worker infer`).
@@ -228,6 +232,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(a) => jobs::verify(a, &ctx).await,
         Command::Job(a) => jobs::job(a, &ctx).await,
         Command::Doctor(a) => doctor::run(a, &ctx).await,
+        Command::Cache(c) => cache::run(c, &ctx),
         Command::Predict(a) => infer::predict(a, &ctx).await,
         Command::Embed(a) => infer::embed(a, &ctx).await,
         Command::Completions { shell } => {

@@ -2,6 +2,7 @@
 
 use delta_client::delta::Format;
 use delta_client::hub;
+use delta_proto::Digest;
 use serde_json::json;
 
 use super::{Env, hidden};
@@ -491,4 +492,60 @@ async fn peft_ia3_round_trips_exports_and_applies() {
         .collect();
     assert_eq!(read(&merged, q), expected);
     assert_eq!(pushed.version, 1);
+}
+
+/// `delta cache` says what the cache holds; `delta cache clean` empties it, leaves pulled
+/// folders and a partial download in progress (its lock held) alone, and what is needed
+/// again is downloaded again.
+#[tokio::test]
+async fn the_cache_says_what_it_holds_and_cleans_without_touching_pulled_folders() {
+    use delta_client::CacheUsage;
+    let env = Env::start().await;
+    for (seed, repo) in [(3, "team-a/x"), (4, "team-a/y")] {
+        let dir = env.path(repo);
+        fixtures::write_native_lora(&dir, seed, 2, json!({}));
+        hub::push(&env.remote, &dir, repo, "tiny", &[], &hidden())
+            .await
+            .unwrap();
+    }
+    // x is pulled into a folder (the cache notes it), y fetched into the cache itself.
+    let out = env.path("out");
+    pull_native(&env, &env.cache, "team-a/x", &out).await;
+    let y = hub::fetch(&env.remote, &env.cache, "team-a/y", &hidden())
+        .await
+        .unwrap();
+    let y_bytes = y.manifest.files[0].size;
+    // Two partial downloads, one of them in progress (its lock held).
+    let partial = env.path("cache").join("partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    let (idle, busy) = (Digest::of(b"idle").hex(), Digest::of(b"busy").hex());
+    std::fs::write(partial.join(format!("{idle}.partial")), [0u8; 10]).unwrap();
+    std::fs::write(partial.join(format!("{busy}.partial")), [0u8; 7]).unwrap();
+    let held = std::fs::File::create(partial.join(format!("{busy}.lock"))).unwrap();
+    // SAFETY: flock on a descriptor `held` owns and keeps open.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+
+    let usage = |blobs, blob_bytes, partials, partial_bytes, noted| CacheUsage {
+        blobs,
+        blob_bytes,
+        partials,
+        partial_bytes,
+        noted,
+    };
+    assert_eq!(env.cache.usage(), usage(1, y_bytes, 2, 17, 1));
+    env.cli(&["cache", "info"]).await.unwrap();
+    assert_eq!(env.cache.clean().unwrap(), y_bytes + 10);
+    assert_eq!(env.cache.usage(), usage(0, 0, 1, 7, 0));
+    assert_eq!(
+        std::fs::read(out.join("delta.safetensors")).unwrap(),
+        std::fs::read(env.path("team-a/x").join("delta.safetensors")).unwrap()
+    );
+    drop(held);
+    env.cli(&["cache", "clean"]).await.unwrap();
+    assert_eq!(env.cache.usage(), usage(0, 0, 0, 0, 0));
+    let again = hub::fetch(&env.remote, &env.cache, "team-a/x", &hidden())
+        .await
+        .unwrap();
+    assert!(again.bytes_downloaded > 0, "the note went with the clean");
 }
