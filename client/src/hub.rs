@@ -301,6 +301,10 @@ impl Cache {
                 }
             }
         }
+        // Again: `delta cache clean` may have emptied the cache meanwhile.
+        if let Some(dir) = target.parent() {
+            std::fs::create_dir_all(dir).at(dir)?;
+        }
         std::fs::rename(&partial, &target).at(&target)?;
         self.stamp(&d)?;
         Ok((target, n))
