@@ -225,6 +225,16 @@ pub(crate) fn code(e: &delta_client::Error) -> tonic::Code {
     }
 }
 
+/// An exclusive flock on `path` (created if absent) for as long as the file is kept: what
+/// another process downloading a blob into a cache holds (`partial/<hex>.lock`).
+pub(crate) fn hold_lock(path: &std::path::Path) -> std::fs::File {
+    let held = std::fs::File::create(path).expect("lock file");
+    // SAFETY: flock on a descriptor `held` owns and keeps open.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    held
+}
+
 pub(crate) fn hidden() -> ProgressBar {
     ProgressBar::hidden()
 }

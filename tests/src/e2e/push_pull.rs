@@ -521,10 +521,7 @@ async fn the_cache_says_what_it_holds_and_cleans_without_touching_pulled_folders
     let (idle, busy) = (Digest::of(b"idle").hex(), Digest::of(b"busy").hex());
     std::fs::write(partial.join(format!("{idle}.partial")), [0u8; 10]).unwrap();
     std::fs::write(partial.join(format!("{busy}.partial")), [0u8; 7]).unwrap();
-    let held = std::fs::File::create(partial.join(format!("{busy}.lock"))).unwrap();
-    // SAFETY: flock on a descriptor `held` owns and keeps open.
-    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    let held = super::hold_lock(&partial.join(format!("{busy}.lock")));
 
     let usage = |blobs, blob_bytes, partials, partial_bytes, noted| CacheUsage {
         blobs,

@@ -281,10 +281,7 @@ async fn pulls_sharing_a_cache_take_turns_on_a_blob() {
         .join("partial")
         .join(format!("{}.lock", digest.hex()));
     std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
-    let held = std::fs::File::create(&lock).unwrap();
-    // SAFETY: flock on a descriptor `held` owns and keeps open.
-    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) };
-    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    let held = super::hold_lock(&lock);
     let out = env.path("out");
     let pull = hub::pull(
         &env.remote,
