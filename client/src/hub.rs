@@ -134,11 +134,12 @@ impl Cache {
             }
         }
         for (path, _) in walk_files(&self.root.join("partial")) {
-            let Some(hex) = path.to_str().and_then(|p| p.strip_suffix(".partial")) else {
+            let named = path.file_name().and_then(|n| n.to_str());
+            let Some(d) = named.and_then(|n| digest_named(n.strip_suffix(".partial")?)) else {
                 continue;
             };
             // Held while the partial file goes, so no download starts on it meanwhile.
-            if let Some(_lock) = DownloadLock::try_acquire(Path::new(&format!("{hex}.lock")))? {
+            if let Some(_lock) = DownloadLock::try_acquire(&self.lock_path(&d))? {
                 std::fs::remove_file(&path).at(&path)?;
             }
         }
@@ -147,7 +148,7 @@ impl Cache {
             .saturating_sub(after.blob_bytes + after.partial_bytes))
     }
 
-    /// Whether an intact copy of the blob is cached (see [`Cache::verified`]).    /// Whether an intact copy of the blob is cached (see [`Cache::verified`]).
+    /// Whether an intact copy of the blob is cached (see [`Cache::verified`]).
     pub fn has(&self, d: &Digest) -> bool {
         self.verified(d).is_ok_and(|p| p.is_some())
     }
@@ -248,7 +249,12 @@ impl Cache {
             let Some(d) = entry.file_name().to_str().and_then(digest_named) else {
                 continue;
             };
-            if std::fs::rename(entry.path(), self.blob_path(&d)).is_ok() {
+            let target = self.blob_path(&d);
+            let placed = target
+                .parent()
+                .is_some_and(|dir| std::fs::create_dir_all(dir).is_ok())
+                && std::fs::rename(entry.path(), &target).is_ok();
+            if placed {
                 let _ = self.stamp(&d);
             }
         }
@@ -267,7 +273,7 @@ impl Cache {
     ) -> Result<(PathBuf, u64)> {
         let target = self.blob_path(&d);
         let partial = self.partial_path(&d);
-        for dir in [target.parent(), partial.parent()].into_iter().flatten() {
+        if let Some(dir) = partial.parent() {
             std::fs::create_dir_all(dir).at(dir)?;
         }
         // One download of a blob at a time into this cache (two terminals, a worker and
@@ -301,7 +307,8 @@ impl Cache {
                 }
             }
         }
-        // Again: `delta cache clean` may have emptied the cache meanwhile.
+        // Made here, just before it is needed: `delta cache clean` may empty the cache
+        // while a download runs.
         if let Some(dir) = target.parent() {
             std::fs::create_dir_all(dir).at(dir)?;
         }

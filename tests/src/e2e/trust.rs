@@ -39,7 +39,7 @@ fn flip_byte(path: &std::path::Path, at: u64) {
 /// Rewrites the cache's stamp of a blob from its file as it is now, as if the file had
 /// not changed since it was verified: what bit rot looks like to the cache (the bytes
 /// differ, nothing the kernel records does). The stamp's layout is the cache's own.
-fn restamp(cache: &delta_client::Cache, root: &std::path::Path, digest: &Digest) {
+fn restamp(cache: &delta_client::Cache, digest: &Digest) {
     let m = std::fs::metadata(cache.blob_path(digest)).unwrap();
     let stamp = format!(
         "{} {}.{:09} {}.{:09} {}:{}",
@@ -51,7 +51,8 @@ fn restamp(cache: &delta_client::Cache, root: &std::path::Path, digest: &Digest)
         m.dev(),
         m.ino()
     );
-    std::fs::write(root.join("verified").join(digest.hex()), stamp).unwrap();
+    let path = cache.root().join("verified").join(digest.hex());
+    std::fs::write(path, stamp).unwrap();
 }
 
 // ---- 5. The cache cannot be poisoned ----
@@ -150,7 +151,7 @@ async fn pulled_files_are_never_shared_and_a_changed_cache_is_fetched_again() {
     // Bytes that change under an unchanged stamp (bit rot: the disk, not a write) escape
     // the cheap check; `--verify-cache` re-hashes everything and still gets them right.
     flip_byte(&cached, 300);
-    restamp(&env.cache, &env.path("cache"), &digest);
+    restamp(&env.cache, &digest);
     let trusted = fetch().await.unwrap();
     assert_eq!(
         trusted.bytes_downloaded, 0,
