@@ -19,13 +19,17 @@ use futures::Stream;
 use indicatif::ProgressBar;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
+use tonic::codegen::{Body as _, http};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
 
 use crate::error::{Error, IoContext, Result};
+
+mod chunks;
+use chunks::Piece;
 
 /// How many times an upload or download resumes after a broken stream before giving up.
 const RESUMES: usize = 5;
@@ -60,6 +64,7 @@ pub struct ConnectOptions {
 pub struct Remote {
     client: RegistryClient<InterceptedService<Channel, Auth>>,
     channel: Channel,
+    auth: Auth,
     url: String,
 }
 
@@ -200,12 +205,13 @@ impl Remote {
     }
 
     fn over(channel: Channel, auth: Auth, url: &str) -> Self {
-        let client = RegistryClient::with_interceptor(channel.clone(), auth)
+        let client = RegistryClient::with_interceptor(channel.clone(), auth.clone())
             .max_decoding_message_size(8 << 20)
             .max_encoding_message_size(8 << 20);
         Self {
             client,
             channel,
+            auth,
             url: url.to_owned(),
         }
     }
@@ -353,21 +359,48 @@ impl Remote {
                 offset,
             };
             let result = async {
-                let mut stream = self.client.clone().download_blob(req).await?.into_inner();
-                while let Some(chunk) = stream.message().await? {
-                    if chunk.offset != prefix + received {
-                        return Err(Error::Invalid(format!(
-                            "registry sent offset {} while {} was expected",
-                            chunk.offset,
-                            prefix + received
-                        )));
+                let mut body = self.download_call(&req).await?;
+                let mut parser = chunks::ChunkParser::default();
+                let mut sink = |piece| match piece {
+                    Piece::Start(at) if at != prefix + received => Err(Error::Invalid(format!(
+                        "registry sent offset {at} while {} was expected",
+                        prefix + received
+                    ))),
+                    Piece::Start(_) => Ok(()),
+                    Piece::Data(data) => {
+                        file.write_all(&data).at(partial)?;
+                        hasher.update(&data);
+                        received += data.len() as u64;
+                        progress.inc(data.len() as u64);
+                        Ok(())
                     }
-                    file.write_all(&chunk.data).at(partial)?;
-                    hasher.update(&chunk.data);
-                    received += chunk.data.len() as u64;
-                    progress.inc(chunk.data.len() as u64);
+                };
+                loop {
+                    let frame =
+                        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx))
+                            .await;
+                    let frame = match frame {
+                        Some(f) => f?,
+                        // No trailers: the stream was cut before the registry's status.
+                        None => {
+                            return Err(Status::unavailable("the blob stream ended early").into());
+                        }
+                    };
+                    match frame.into_data() {
+                        Ok(data) => parser.feed(data, &mut sink)?,
+                        Err(frame) => {
+                            let trailers = frame.into_trailers().unwrap_or_default();
+                            return match Status::from_header_map(&trailers) {
+                                Some(s) if s.code() != Code::Ok => Err(s.into()),
+                                Some(_) => parser.finish(),
+                                None => Err(Status::internal(
+                                    "the blob stream ended without a gRPC status",
+                                )
+                                .into()),
+                            };
+                        }
+                    }
                 }
-                Ok::<_, Error>(())
             }
             .await;
             match result {
@@ -392,6 +425,58 @@ impl Remote {
             });
         }
         Ok(received)
+    }
+
+    /// Calls `DownloadBlob` over the connection without tonic's decoder (see
+    /// [`chunks`]): the response body once the registry has answered with a stream, or its
+    /// refusal as a status.
+    async fn download_call(&self, req: &pb::DownloadBlobRequest) -> Result<tonic::body::Body> {
+        use prost::Message;
+        use tonic::codegen::Service;
+        let msg = req.encode_to_vec();
+        let mut frame = Vec::with_capacity(5 + msg.len());
+        frame.push(0);
+        frame.extend(u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
+        frame.extend(msg);
+        let mut request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!(
+                "/{}/DownloadBlob",
+                delta_proto::registry_server::SERVICE_NAME
+            ))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers");
+        if let Some(v) = &self.auth.0 {
+            request = request.header(http::header::AUTHORIZATION, v.as_bytes());
+        }
+        let request = request
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                Bytes::from(frame),
+            )))
+            .map_err(|e| Error::Invalid(format!("download request: {e}")))?;
+        let mut channel = self.channel.clone();
+        std::future::poll_fn(|cx| channel.poll_ready(cx))
+            .await
+            .map_err(|e| Status::from_error(Box::new(e)))?;
+        let response = channel
+            .call(request)
+            .await
+            .map_err(|e| Status::from_error(Box::new(e)))?;
+        // A refusal comes as headers only (a trailers-only response).
+        if let Some(s) = Status::from_header_map(response.headers())
+            && s.code() != Code::Ok
+        {
+            return Err(s.into());
+        }
+        let status = response.status();
+        if status != http::StatusCode::OK {
+            let code = match status.as_u16() {
+                502..=504 => Code::Unavailable,
+                _ => Code::Unknown,
+            };
+            return Err(Status::new(code, format!("registry answered HTTP {status}")).into());
+        }
+        Ok(response.into_body())
     }
 
     /// Registers a base from its tensor table with every tensor's digest (see

@@ -95,9 +95,10 @@ async fn serve(
     let metrics = metrics_listener
         .map(|l| spawn_metrics(l, service.clone()))
         .transpose()?;
-    let registry = RegistryServer::new(service)
+    let registry = RegistryServer::new(service.clone())
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    let registry = crate::service::Downloads::new(registry, service);
     tracing::info!(%addr, data_dir = %config.data_dir.display(), store = config.store_url.as_deref().unwrap_or("local"), "registry listening");
     // The shutdown signal stops accepting calls; in-flight ones get DRAIN to finish, so a
     // client that never closes its connection cannot hold the process forever.

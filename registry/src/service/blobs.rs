@@ -223,6 +223,21 @@ pub(super) async fn download_blob(
     svc: &RegistryService,
     req: Request<pb::DownloadBlobRequest>,
 ) -> Result<Response<BoxStream<pb::BlobChunk>>, Status> {
+    let pieces = blob_pieces(svc, req).await?;
+    Ok(Response::new(Box::pin(pieces.map(|piece| {
+        piece.map(|(offset, data)| pb::BlobChunk { offset, data })
+    }))))
+}
+
+/// A verified download for its caller: `(offset, bytes)` pieces of at most
+/// [`delta_proto::CHUNK_SIZE`] from the request's offset on, ending in `DATA_LOSS` instead
+/// of a clean end if the stored bytes do not hash to the digest. Both the generated
+/// `DownloadBlob` handler and the one that writes the wire itself
+/// ([`super::download::Downloads`]) serve these.
+pub(super) async fn blob_pieces(
+    svc: &RegistryService,
+    req: Request<pb::DownloadBlobRequest>,
+) -> Result<ReceiverStream<Result<(u64, Bytes), Status>>, Status> {
     let caller = svc.caller(&req).await?;
     let req = req.into_inner();
     let digest: Digest = req.digest.parse().map_err(Error::from)?;
@@ -275,14 +290,7 @@ pub(super) async fn download_blob(
             while !rest.is_empty() {
                 let piece = rest.split_to(rest.len().min(delta_proto::CHUNK_SIZE));
                 let n = piece.len() as u64;
-                if tx
-                    .send(Ok(pb::BlobChunk {
-                        offset: at,
-                        data: piece,
-                    }))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Ok((at, piece))).await.is_err() {
                     return; // the client went away
                 }
                 crate::telemetry::metrics()
@@ -295,7 +303,7 @@ pub(super) async fn download_blob(
             let _ = tx.send(Err(Status::from(Error::Corrupt(digest)))).await;
         }
     });
-    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    Ok(ReceiverStream::new(rx))
 }
 
 pub(super) async fn missing_blobs(

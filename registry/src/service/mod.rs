@@ -29,7 +29,10 @@ use crate::uploads::Uploads;
 
 mod blobs;
 mod deltas;
+mod download;
 mod jobs;
+
+pub(crate) use download::Downloads;
 
 /// The registry's state, shared by every request.
 #[derive(Debug, Clone)]
