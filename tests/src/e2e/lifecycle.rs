@@ -338,3 +338,96 @@ async fn a_flipped_byte_is_refused_on_pull_reported_by_fsck_and_healed_by_a_repu
         vec![blob]
     );
 }
+
+/// The registry writes `DownloadBlob`'s stream by hand (`service/download.rs`); tonic's own
+/// generated client reads it as any gRPC stream: every chunk at its offset, a start inside
+/// a chunk and at the end, refusals, and DATA_LOSS after the bytes of a rotted blob.
+#[tokio::test]
+async fn tonic_s_generated_client_reads_the_hand_written_download_stream() {
+    use delta_proto::{self as pb, CHUNK_SIZE};
+    let env = Env::start().await;
+    let data: Bytes = (0..(5usize << 19) + 123)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let d = Digest::of(&data);
+    let (id, _) = env
+        .remote
+        .start_upload(d, data.len() as u64)
+        .await
+        .unwrap()
+        .unwrap();
+    let chunks: Vec<UploadChunk> = (0..data.len())
+        .step_by(1 << 20)
+        .map(|at| UploadChunk {
+            upload_id: id.clone(),
+            offset: at as u64,
+            data: data.slice(at..(at + (1 << 20)).min(data.len())),
+        })
+        .collect();
+    assert!(
+        env.remote
+            .upload_stream(futures::stream::iter(chunks))
+            .await
+            .unwrap()
+            .0
+    );
+
+    let mut raw = pb::registry_client::RegistryClient::connect(env.registry.url())
+        .await
+        .unwrap();
+    let get = |digest: String, offset| pb::DownloadBlobRequest { digest, offset };
+    for offset in [0, 1 << 20, (1 << 20) + 5, data.len() as u64] {
+        let mut stream = raw
+            .download_blob(get(d.to_string(), offset))
+            .await
+            .unwrap()
+            .into_inner();
+        let (mut at, mut back) = (offset, Vec::new());
+        while let Some(c) = stream.message().await.unwrap() {
+            assert_eq!(c.offset, at);
+            assert!(!c.data.is_empty() && c.data.len() <= CHUNK_SIZE);
+            at += c.data.len() as u64;
+            back.extend_from_slice(&c.data);
+        }
+        assert_eq!(back, data[offset as usize..], "from offset {offset}");
+    }
+
+    let absent = Digest::of(b"nobody has this");
+    let e = raw
+        .download_blob(get(absent.to_string(), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(e.message().contains(&absent.to_string()), "{e:?}");
+    let e = raw
+        .download_blob(get("blake3:xyz".into(), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = raw
+        .download_blob(get(d.to_string(), data.len() as u64 + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+    let path = env.registry.dir.path().join("store").join(d.blob_key());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut stream = raw
+        .download_blob(get(d.to_string(), 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(c)) => received += c.data.len(),
+            Ok(None) => panic!("a rotted blob's stream ended cleanly"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(end.code(), tonic::Code::DataLoss, "{end:?}");
+    assert_eq!(received, data.len());
+}
