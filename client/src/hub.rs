@@ -104,9 +104,12 @@ impl Cache {
         };
         let (blobs, blob_bytes) = files(&self.root.join("blobs"), "");
         let (partials, partial_bytes) = files(&self.root.join("partial"), ".partial");
+        // A note whose file was edited, moved or deleted since is not counted (the next
+        // pull that reads it removes it).
         let noted = walk_files(&self.root.join("copies"))
             .iter()
             .filter_map(|(p, _)| digest_named(p.file_name()?.to_str()?))
+            .filter(|d| self.note_holding(d).is_some())
             .count() as u64;
         CacheUsage {
             blobs,
@@ -197,21 +200,22 @@ impl Cache {
     /// [`Cache::rehash_all`]: and hashes to the digest now). A note that no longer holds
     /// is removed.
     fn noted_copy(&self, d: &Digest) -> Option<PathBuf> {
-        let note = self.copy_note_path(d);
-        let body = std::fs::read(&note).ok()?;
-        let found = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| {
-                let path = PathBuf::from(v.get("path")?.as_str()?);
-                let unchanged = stamp_of(&path).as_deref() == v.get("stamp")?.as_str();
-                let intact =
-                    unchanged && (!self.rehash_all || hash_file(&path).is_ok_and(|h| h == *d));
-                intact.then_some(path)
-            });
+        let found = self
+            .note_holding(d)
+            .filter(|path| !self.rehash_all || hash_file(path).is_ok_and(|h| h == *d));
         if found.is_none() {
-            let _ = std::fs::remove_file(&note);
+            let _ = std::fs::remove_file(self.copy_note_path(d));
         }
         found
+    }
+
+    /// The file the blob's note names, if it still carries the noted stamp (no hashing,
+    /// nothing removed).
+    fn note_holding(&self, d: &Digest) -> Option<PathBuf> {
+        let body = std::fs::read(self.copy_note_path(d)).ok()?;
+        let v = serde_json::from_slice::<serde_json::Value>(&body).ok()?;
+        let path = PathBuf::from(v.get("path")?.as_str()?);
+        (stamp_of(&path).as_deref() == v.get("stamp")?.as_str()).then_some(path)
     }
 
     /// Records that the blob's file, as it is now, hashed to its digest.
@@ -329,7 +333,8 @@ pub struct CacheUsage {
     pub partials: u64,
     /// See `partials`.
     pub partial_bytes: u64,
-    /// Pulled files it notes instead of keeping a copy (see [`Cache::note_copy`]).
+    /// Pulled files it notes instead of keeping a copy (see [`Cache::note_copy`]), as
+    /// long as they are unchanged.
     pub noted: u64,
 }
 

@@ -531,6 +531,16 @@ async fn the_cache_says_what_it_holds_and_cleans_without_touching_pulled_folders
         noted,
     };
     assert_eq!(env.cache.usage(), usage(1, y_bytes, 2, 17, 1));
+    // A pulled file moved away is no longer counted (nor once it is back: the rename moved
+    // its ctime), and counting removes nothing.
+    let pulled = out.join("delta.safetensors");
+    let moved = env.path("moved.safetensors");
+    std::fs::rename(&pulled, &moved).unwrap();
+    assert_eq!(env.cache.usage(), usage(1, y_bytes, 2, 17, 0));
+    std::fs::rename(&moved, &pulled).unwrap();
+    assert_eq!(env.cache.usage(), usage(1, y_bytes, 2, 17, 0));
+    let notes = std::fs::read_dir(env.path("cache").join("copies")).unwrap();
+    assert_eq!(notes.count(), 1);
     env.cli(&["cache", "info"]).await.unwrap();
     assert_eq!(env.cache.clean().unwrap(), y_bytes + 10);
     assert_eq!(env.cache.usage(), usage(0, 0, 1, 7, 0));
