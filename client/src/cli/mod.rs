@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::hub::Cache;
 use crate::remote::Remote;
@@ -159,6 +159,26 @@ pub struct Ctx {
     pub ca_cert: Option<PathBuf>,
 }
 
+/// The progress bars the CLI draws on stderr, so that log lines go above them
+/// ([`LogWriter`]) instead of through them, as cargo prints its warnings.
+static BARS: std::sync::LazyLock<MultiProgress> =
+    std::sync::LazyLock::new(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+
+/// stderr for log lines: the progress bars are cleared while a line is written and drawn
+/// again below it.
+#[derive(Debug, Clone, Copy)]
+pub struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        BARS.suspend(|| std::io::stderr().write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 impl Ctx {
     /// Connects to the registry.
     pub async fn remote(&self) -> anyhow::Result<Remote> {
@@ -177,6 +197,7 @@ impl Ctx {
         if self.json || bar.is_hidden() {
             return ProgressBar::hidden();
         }
+        let bar = BARS.add(bar);
         let style = ProgressStyle::with_template(
             "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
         )
