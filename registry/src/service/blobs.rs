@@ -218,7 +218,6 @@ pub(super) async fn get_upload(
     }))
 }
 
-#[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest))]
 pub(super) async fn download_blob(
     svc: &RegistryService,
     req: Request<pb::DownloadBlobRequest>,
@@ -234,6 +233,7 @@ pub(super) async fn download_blob(
 /// of a clean end if the stored bytes do not hash to the digest. Both the generated
 /// `DownloadBlob` handler and the one that writes the wire itself
 /// ([`super::download::Downloads`]) serve these.
+#[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest))]
 pub(super) async fn blob_pieces(
     svc: &RegistryService,
     req: Request<pb::DownloadBlobRequest>,
