@@ -228,6 +228,10 @@ pub(super) async fn download_blob(
     }))))
 }
 
+/// What [`blob_pieces`] streams: each piece's offset in the blob and its bytes, or the
+/// status that ends the stream.
+pub(super) type Pieces = ReceiverStream<Result<(u64, Bytes), Status>>;
+
 /// A verified download for its caller: `(offset, bytes)` pieces of at most
 /// [`delta_proto::CHUNK_SIZE`] from the request's offset on, ending in `DATA_LOSS` instead
 /// of a clean end if the stored bytes do not hash to the digest. Both the generated
@@ -237,7 +241,7 @@ pub(super) async fn download_blob(
 pub(super) async fn blob_pieces(
     svc: &RegistryService,
     req: Request<pb::DownloadBlobRequest>,
-) -> Result<ReceiverStream<Result<(u64, Bytes), Status>>, Status> {
+) -> Result<Pieces, Status> {
     let caller = svc.caller(&req).await?;
     let req = req.into_inner();
     let digest: Digest = req.digest.parse().map_err(Error::from)?;
