@@ -19,7 +19,7 @@ use futures::Stream;
 use indicatif::ProgressBar;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::codegen::{Body as _, http};
+use tonic::codegen::http;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -359,8 +359,7 @@ impl Remote {
                 offset,
             };
             let result = async {
-                let mut body = self.download_call(&req).await?;
-                let mut parser = chunks::ChunkParser::default();
+                let body = self.download_call(&req).await?;
                 let mut sink = |piece| match piece {
                     Piece::Start(at) if at != prefix + received => Err(Error::Invalid(format!(
                         "registry sent offset {at} while {} was expected",
@@ -375,32 +374,7 @@ impl Remote {
                         Ok(())
                     }
                 };
-                loop {
-                    let frame =
-                        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx))
-                            .await;
-                    let frame = match frame {
-                        Some(f) => f?,
-                        // No trailers: the stream was cut before the registry's status.
-                        None => {
-                            return Err(Status::unavailable("the blob stream ended early").into());
-                        }
-                    };
-                    match frame.into_data() {
-                        Ok(data) => parser.feed(data, &mut sink)?,
-                        Err(frame) => {
-                            let trailers = frame.into_trailers().unwrap_or_default();
-                            return match status_in(&trailers) {
-                                Some(s) if s.code() != Code::Ok => Err(s.into()),
-                                Some(_) => parser.finish(),
-                                None => Err(Status::internal(
-                                    "the blob stream ended without a gRPC status",
-                                )
-                                .into()),
-                            };
-                        }
-                    }
-                }
+                chunks::read(body, &mut sink).await
             }
             .await;
             match result {
@@ -463,7 +437,7 @@ impl Remote {
             .await
             .map_err(|e| Status::from_error(Box::new(e)))?;
         // A refusal comes as headers only (a trailers-only response).
-        if let Some(s) = status_in(response.headers())
+        if let Some(s) = chunks::status_in(response.headers())
             && s.code() != Code::Ok
         {
             return Err(s.into());
@@ -709,18 +683,6 @@ impl Remote {
         let resp = self.client.clone().set_tag(req).await?.into_inner();
         Ok((resp.version, resp.previous_version))
     }
-}
-
-/// The gRPC status a response's headers or trailers carry, if any. Without
-/// `grpc-status-details-bin`: nothing here reads the details, and tonic's parser panics on
-/// details that are not base64, which a broken or hostile server could send.
-fn status_in(headers: &http::HeaderMap) -> Option<Status> {
-    if headers.contains_key("grpc-status-details-bin") {
-        let mut headers = headers.clone();
-        headers.remove("grpc-status-details-bin");
-        return Status::from_header_map(&headers);
-    }
-    Status::from_header_map(headers)
 }
 
 fn is_transient(code: Code) -> bool {
@@ -984,23 +946,4 @@ fn job_and_events(id: u64, resp: pb::GetJobResponse) -> Result<(Job, Vec<JobEven
         job(j)?,
         resp.events.into_iter().map(JobEvent::from).collect(),
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_status_whose_details_are_not_base64_is_read_without_them() {
-        let mut h = http::HeaderMap::new();
-        h.insert("grpc-status", http::HeaderValue::from_static("14"));
-        h.insert("grpc-message", http::HeaderValue::from_static("down"));
-        h.insert(
-            "grpc-status-details-bin",
-            http::HeaderValue::from_static("not base64 !!"),
-        );
-        let s = status_in(&h).unwrap();
-        assert_eq!((s.code(), s.message()), (Code::Unavailable, "down"));
-        assert!(status_in(&http::HeaderMap::new()).is_none());
-    }
 }

@@ -5,11 +5,14 @@
 //! then a protobuf `BlobChunk`: field 1 `offset`, field 2 `data`) and hands each piece of
 //! `data` over as a slice of the HTTP/2 frame it arrived in.
 //!
+//! [`read`] drives the parser over a response body and ends with the registry's status.
 //! Only what a `BlobChunk` needs is accepted: no compression, an offset before the data
 //! (as every protobuf encoder writes fields in order), one data field per message; unknown
 //! fields are skipped as protobuf requires.
 
 use bytes::{Buf, Bytes};
+use tonic::codegen::{Body as _, http};
+use tonic::{Code, Status};
 
 use crate::error::{Error, Result};
 
@@ -289,6 +292,47 @@ impl ChunkParser {
     }
 }
 
+/// Reads a `DownloadBlob` response body to its end: each piece to `sink`, then the
+/// registry's status from the trailers (a stream cut before them is `UNAVAILABLE`, so the
+/// caller resumes).
+pub(crate) async fn read(
+    mut body: tonic::body::Body,
+    sink: &mut impl FnMut(Piece) -> Result<()>,
+) -> Result<()> {
+    let mut parser = ChunkParser::default();
+    loop {
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
+        let Some(frame) = frame else {
+            return Err(Status::unavailable("the blob stream ended early").into());
+        };
+        match frame?.into_data() {
+            Ok(data) => parser.feed(data, sink)?,
+            Err(frame) => {
+                let trailers = frame.into_trailers().unwrap_or_default();
+                return match status_in(&trailers) {
+                    Some(s) if s.code() != Code::Ok => Err(s.into()),
+                    Some(_) => parser.finish(),
+                    None => {
+                        Err(Status::internal("the blob stream ended without a gRPC status").into())
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// The gRPC status a response's headers or trailers carry, if any. Without
+/// `grpc-status-details-bin`: nothing here reads the details, and tonic's parser panics on
+/// details that are not base64, which a broken or hostile server could send.
+pub(crate) fn status_in(headers: &http::HeaderMap) -> Option<Status> {
+    if headers.contains_key("grpc-status-details-bin") {
+        let mut headers = headers.clone();
+        headers.remove("grpc-status-details-bin");
+        return Status::from_header_map(&headers);
+    }
+    Status::from_header_map(headers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,5 +457,19 @@ mod tests {
             0, 0, 0, 0, 11, 0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
         ];
         assert!(err(&long).contains("longer than 10"), "{}", err(&long));
+    }
+
+    #[test]
+    fn a_status_whose_details_are_not_base64_is_read_without_them() {
+        let mut h = http::HeaderMap::new();
+        h.insert("grpc-status", http::HeaderValue::from_static("14"));
+        h.insert("grpc-message", http::HeaderValue::from_static("down"));
+        h.insert(
+            "grpc-status-details-bin",
+            http::HeaderValue::from_static("not base64 !!"),
+        );
+        let s = status_in(&h).unwrap();
+        assert_eq!((s.code(), s.message()), (Code::Unavailable, "down"));
+        assert!(status_in(&http::HeaderMap::new()).is_none());
     }
 }
