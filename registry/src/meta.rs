@@ -149,6 +149,9 @@ pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
     /// How many calls it serves at once to good effect; the service runs no more database
     /// trips together than this, and the rest wait as async tasks.
     fn parallelism(&self) -> usize;
+    /// Whether its reads are quick and never wait on a writer, so the service may run
+    /// them on its async threads (see `sql::inline`) instead of the blocking pool.
+    fn reads_inline(&self) -> bool;
     /// Records a durable blob (or refreshes its `last_referenced` time and lifts a
     /// quarantine) and links it to `namespace` (the uploader's; `None`: no namespace, as
     /// for `*` tokens): an `upload` audit row.
@@ -277,17 +280,17 @@ pub const POSTGRES_POOL: usize = 16;
 impl SqlMeta {
     /// Opens (creating and migrating) the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::sqlite(rusqlite::Connection::open(path)?)
+        Self::sqlite(rusqlite::Connection::open(path)?, Some(path))
     }
 
     /// An in-memory SQLite database, for tests.
     pub fn in_memory() -> Result<Self> {
-        Self::sqlite(rusqlite::Connection::open_in_memory()?)
+        Self::sqlite(rusqlite::Connection::open_in_memory()?, None)
     }
 
-    fn sqlite(conn: rusqlite::Connection) -> Result<Self> {
+    fn sqlite(conn: rusqlite::Connection, path: Option<&Path>) -> Result<Self> {
         Ok(Self {
-            db: crate::sql::open_sqlite(conn)?,
+            db: crate::sql::open_sqlite(conn, path)?,
         })
     }
 
@@ -314,16 +317,16 @@ impl SqlMeta {
 
     /// `PRAGMA` values (SQLite only), for tests that assert the durability settings.
     pub fn pragma(&self, name: &str) -> Result<String> {
-        let Db::Sqlite(_) = &self.db else {
+        let Db::Sqlite(db) = &self.db else {
             return Err(Error::FailedPrecondition("PRAGMA is SQLite's".into()));
         };
-        self.db.read(|c| {
-            let row = c.one(&format!("PRAGMA {name}"), &[])?;
-            Ok(match row.0.first() {
-                Some(crate::sql::Value::Int(i)) => i.to_string(),
-                Some(crate::sql::Value::Text(t)) => t.clone(),
-                other => format!("{other:?}"),
-            })
+        // The writer's settings: the ones durability depends on.
+        let conn = db.writer();
+        let row = crate::sql::SqliteSql(&conn).one(&format!("PRAGMA {name}"), &[])?;
+        Ok(match row.0.first() {
+            Some(crate::sql::Value::Int(i)) => i.to_string(),
+            Some(crate::sql::Value::Text(t)) => t.clone(),
+            other => format!("{other:?}"),
         })
     }
 }
@@ -371,14 +374,22 @@ fn base_record(r: &Row) -> Result<BaseRecord> {
 }
 
 impl MetaStore for SqlMeta {
-    /// SQLite: two (one connection: one call runs while the next waits on its thread,
-    /// ready; one permit left the connection idle between calls, 13 200-13 500 resolves/s,
-    /// two 18 900-19 100/s, three or more only lengthened the tail). PostgreSQL: its pool.
+    /// SQLite: two (measured when every call shared one connection: one call ran while the
+    /// next waited on its thread, ready; one permit left the connection idle between
+    /// calls, 13 200-13 500 resolves/s, two 18 900-19 100/s, three or more only lengthened
+    /// the tail). Short reads no longer take a trip (see `reads_inline`). PostgreSQL: its
+    /// pool.
     fn parallelism(&self) -> usize {
         match self.db {
             Db::Sqlite(_) => 2,
             Db::Postgres(_) => POSTGRES_POOL,
         }
+    }
+
+    /// A SQLite file: yes (see `sql::Sqlite`). In memory (one connection, which writes
+    /// hold through their commits) and PostgreSQL (a trip over the network): no.
+    fn reads_inline(&self) -> bool {
+        self.db.reads_inline()
     }
 
     fn store_blob(

@@ -14,7 +14,10 @@
 //!   failures are retried;
 //! - migrations: written once in SQLite's types; [`postgres_ddl`] maps them.
 
-use std::sync::Mutex;
+use std::cell::Cell;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use delta_proto::Digest;
 use delta_proto::reference::Repository;
@@ -210,32 +213,118 @@ pub(crate) trait Sql {
     }
 }
 
-/// The database: SQLite behind a mutex, or a pool of PostgreSQL connections.
+/// The database: SQLite (one connection writes, a few more read), or a pool of
+/// PostgreSQL connections.
 #[derive(Debug)]
 pub(crate) enum Db {
-    Sqlite(Mutex<rusqlite::Connection>),
+    Sqlite(Box<Sqlite>),
     Postgres(Box<postgres::Pool>),
 }
 
+/// Read connections an SQLite file gets besides its writer: the async threads' inline
+/// reads and the blocking pool's database trips, with one to spare.
+const SQLITE_READERS: usize = 4;
+
+/// An SQLite database. SQLite runs one write transaction at a time whatever the
+/// connections, so one connection writes; reads go to connections of their own, and in
+/// WAL mode a read never waits for a writer, not even for its commit's fsync. That makes
+/// a read quick and bounded enough to run on an async thread ([`inline`]). An in-memory
+/// database has no readers (another connection would open another database): everything
+/// runs on the writer.
+#[derive(Debug)]
+pub(crate) struct Sqlite {
+    writer: Mutex<rusqlite::Connection>,
+    readers: Vec<Mutex<rusqlite::Connection>>,
+    /// Where the next read starts looking for an idle reader.
+    next: AtomicUsize,
+}
+
+impl Sqlite {
+    /// Whether reads have connections of their own.
+    pub(crate) fn has_readers(&self) -> bool {
+        !self.readers.is_empty()
+    }
+
+    /// A connection for a read: an idle reader if there is one, else a busy one to wait
+    /// for, else (in memory) the writer.
+    fn reader(&self) -> MutexGuard<'_, rusqlite::Connection> {
+        let n = self.readers.len();
+        if n == 0 {
+            return lock(&self.writer);
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            if let Ok(c) = self.readers[(start + i) % n].try_lock() {
+                return c;
+            }
+        }
+        lock(&self.readers[start])
+    }
+
+    /// The writer, for reads that must see its settings (`PRAGMA`s).
+    pub(crate) fn writer(&self) -> MutexGuard<'_, rusqlite::Connection> {
+        lock(&self.writer)
+    }
+}
+
+thread_local! {
+    /// Set while [`inline`] runs on this thread.
+    static INLINE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, which may only read, on the calling async thread instead of the blocking
+/// pool: the service does this where [`Db::reads_inline`] says reads never wait on a
+/// writer. A write inside `f` fails (it could hold the thread through a commit's fsync),
+/// as does a read that would wait on the network (PostgreSQL).
+pub(crate) fn inline<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INLINE.set(self.0);
+        }
+    }
+    let _restore = Restore(INLINE.replace(true));
+    f()
+}
+
+fn refuse_inline(what: &str) -> Result<()> {
+    if INLINE.get() {
+        return Err(Error::Database(format!(
+            "{what} was started on an async thread (a bug: only SQLite reads run there)"
+        )));
+    }
+    Ok(())
+}
+
 impl Db {
-    /// Runs `f` outside any explicit transaction (reads; single-statement writes). On
-    /// PostgreSQL it may run twice: once more on a fresh connection when the server had
-    /// closed the first before any statement went through.
+    /// Whether reads are quick and never wait on a writer, so they may run [`inline`].
+    pub(crate) fn reads_inline(&self) -> bool {
+        matches!(self, Db::Sqlite(db) if db.has_readers())
+    }
+
+    /// Runs `f` outside any explicit transaction, on a read connection (SQLite's readers
+    /// refuse writes: `PRAGMA query_only`). On PostgreSQL it may run twice: once more on
+    /// a fresh connection when the server had closed the first before any statement went
+    /// through.
     pub(crate) fn read<T>(&self, f: impl FnMut(&mut dyn Sql) -> Result<T>) -> Result<T> {
         let mut f = f;
         match self {
-            Db::Sqlite(conn) => f(&mut SqliteSql(&lock(conn))),
-            Db::Postgres(pool) => pool.read(f),
+            Db::Sqlite(db) => f(&mut SqliteSql(&db.reader())),
+            Db::Postgres(pool) => {
+                refuse_inline("a PostgreSQL read")?;
+                pool.read(f)
+            }
         }
     }
 
     /// Runs `f` in a write transaction, committed if it returns `Ok`, rolled back
     /// otherwise. On PostgreSQL a deadlock or serialisation failure runs `f` again.
     pub(crate) fn write<T>(&self, f: impl FnMut(&mut dyn Sql) -> Result<T>) -> Result<T> {
+        refuse_inline("a write transaction")?;
         let mut f = f;
         match self {
-            Db::Sqlite(conn) => {
-                let mut conn = lock(conn);
+            Db::Sqlite(db) => {
+                let mut conn = db.writer();
                 let tx =
                     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let out = f(&mut SqliteSql(&tx))?;
@@ -247,14 +336,15 @@ impl Db {
     }
 }
 
-fn lock(conn: &Mutex<rusqlite::Connection>) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+fn lock(conn: &Mutex<rusqlite::Connection>) -> MutexGuard<'_, rusqlite::Connection> {
     // A poisoned lock means a panic mid-call; SQLite rolled back the transaction, so the
     // connection itself is still consistent.
     conn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Opens and migrates a SQLite database (WAL, `synchronous=FULL`, foreign keys).
-pub(crate) fn open_sqlite(conn: rusqlite::Connection) -> Result<Db> {
+/// Opens and migrates a SQLite database (WAL, `synchronous=FULL`, foreign keys); `path`
+/// is the file `conn` opened (`None`: in memory), which its read connections open too.
+pub(crate) fn open_sqlite(conn: rusqlite::Connection, path: Option<&Path>) -> Result<Db> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     // Switching a fresh file to WAL takes an exclusive lock, and SQLite answers BUSY at
     // once, without waiting in the busy handler, when that upgrade would deadlock with
@@ -268,10 +358,24 @@ pub(crate) fn open_sqlite(conn: rusqlite::Connection) -> Result<Db> {
             }
             other => {
                 other?;
-                return Ok(Db::Sqlite(Mutex::new(conn)));
+                break;
             }
         }
     }
+    let mut readers = Vec::new();
+    if let Some(path) = path {
+        for _ in 0..SQLITE_READERS {
+            let r = rusqlite::Connection::open(path)?;
+            r.busy_timeout(std::time::Duration::from_secs(10))?;
+            r.execute_batch("PRAGMA query_only = ON;")?;
+            readers.push(Mutex::new(r));
+        }
+    }
+    Ok(Db::Sqlite(Box::new(Sqlite {
+        writer: Mutex::new(conn),
+        readers,
+        next: AtomicUsize::new(0),
+    })))
 }
 
 fn init_sqlite(conn: &rusqlite::Connection) -> Result<()> {
@@ -345,7 +449,7 @@ fn sqlite_placeholders(sql: &str) -> String {
     out
 }
 
-struct SqliteSql<'a>(&'a rusqlite::Connection);
+pub(crate) struct SqliteSql<'a>(pub(crate) &'a rusqlite::Connection);
 
 impl rusqlite::ToSql for Value {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {

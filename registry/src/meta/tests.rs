@@ -30,3 +30,65 @@ fn durability_pragmas_are_set() {
         crate::sql::MIGRATIONS.len().to_string()
     );
 }
+
+/// Reads on a SQLite file go to connections of their own, which see every commit, refuse
+/// writes, and never wait for the writer: a read answers while a write transaction is
+/// open (it sees the state before it), which is what lets the service run reads on its
+/// async threads (`sql::inline`).
+#[test]
+fn reads_have_their_own_connections_and_never_wait_for_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = std::sync::Arc::new(SqlMeta::open(&dir.path().join("db.sqlite")).unwrap());
+    assert!(m.reads_inline());
+    assert!(!SqlMeta::in_memory().unwrap().reads_inline());
+
+    m.set_public("ns", true).unwrap();
+    assert!(m.is_public("ns").unwrap(), "a reader sees the commit");
+    let write = m.db.read(|c| c.exec("DELETE FROM public_namespaces", &[]));
+    assert!(write.is_err(), "a reader refused a write");
+    assert!(m.is_public("ns").unwrap());
+
+    // A write transaction held open (it made `other` public, uncommitted) until the
+    // read below has answered: were reads waiting on the writer, the writer would give
+    // up after 30 s and the read would fail.
+    let (read_done, wait_for_read) = std::sync::mpsc::channel::<()>();
+    let (in_tx, wait_for_tx) = std::sync::mpsc::channel::<()>();
+    let writer = {
+        let m = m.clone();
+        std::thread::spawn(move || {
+            m.db.write(|c| {
+                c.exec(
+                    "INSERT INTO public_namespaces (namespace) VALUES ($1)",
+                    p!["other"],
+                )?;
+                in_tx.send(()).unwrap();
+                wait_for_read
+                    .recv_timeout(std::time::Duration::from_secs(30))
+                    .map_err(|_| Error::Database("the read never answered".into()))
+            })
+        })
+    };
+    wait_for_tx.recv().unwrap();
+    let seen = crate::sql::inline(|| m.is_public("other"));
+    read_done.send(()).unwrap();
+    assert!(
+        !seen.unwrap(),
+        "the read saw the state before the open write"
+    );
+    writer.join().unwrap().unwrap();
+    assert!(m.is_public("other").unwrap(), "and sees it once committed");
+}
+
+/// Inline (on an async thread), a write fails instead of holding the thread through its
+/// commit, and nothing is written; outside, the same write works.
+#[test]
+fn an_inline_write_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = SqlMeta::open(&dir.path().join("db.sqlite")).unwrap();
+    let err = crate::sql::inline(|| m.set_public("ns", true)).unwrap_err();
+    assert!(err.to_string().contains("async thread"), "{err}");
+    assert!(!m.is_public("ns").unwrap());
+    assert!(crate::sql::inline(|| m.is_public("ns")).is_ok());
+    m.set_public("ns", true).unwrap();
+    assert!(m.is_public("ns").unwrap());
+}

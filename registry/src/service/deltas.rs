@@ -313,10 +313,10 @@ pub(super) async fn resolve(
     svc: &RegistryService,
     req: Request<pb::ResolveRequest>,
 ) -> Result<Response<pb::ResolveResponse>, Status> {
-    // One trip to the database: authenticate, authorise, resolve.
+    // One trip to the database: authenticate, authorise, resolve (a few indexed reads).
     let reference = req.get_ref().reference.clone();
     let (_, r) = svc
-        .caller_and(&req, move |m, caller| {
+        .caller_reads(&req, move |m, caller| {
             super::resolve_checked_in(m, caller, &reference, Scope::Read)
         })
         .await?;
