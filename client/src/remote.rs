@@ -29,7 +29,9 @@ use tonic::{Code, Status};
 use crate::error::{Error, IoContext, Result};
 
 mod chunks;
+mod details;
 use chunks::Piece;
+pub(crate) use details::NoDetails;
 
 /// How many times an upload or download resumes after a broken stream before giving up.
 const RESUMES: usize = 5;
@@ -62,7 +64,7 @@ pub struct ConnectOptions {
 /// A connection to a registry.
 #[derive(Debug, Clone)]
 pub struct Remote {
-    client: RegistryClient<InterceptedService<Channel, Auth>>,
+    client: RegistryClient<InterceptedService<NoDetails<Channel>, Auth>>,
     channel: Channel,
     auth: Auth,
     url: String,
@@ -205,7 +207,7 @@ impl Remote {
     }
 
     fn over(channel: Channel, auth: Auth, url: &str) -> Self {
-        let client = RegistryClient::with_interceptor(channel.clone(), auth.clone())
+        let client = RegistryClient::with_interceptor(NoDetails(channel.clone()), auth.clone())
             .max_decoding_message_size(8 << 20)
             .max_encoding_message_size(8 << 20);
         Self {

@@ -10,13 +10,13 @@ use tonic::transport::Channel;
 
 use crate::error::Result;
 use crate::jobs::Example;
-use crate::remote::{Auth, bearer, connect_error, endpoint};
+use crate::remote::{Auth, NoDetails, bearer, connect_error, endpoint};
 
 /// A connection to an inference service, sending the caller's registry token (the
 /// service resolves deltas with it).
 #[derive(Debug, Clone)]
 pub struct Service {
-    client: InferenceClient<InterceptedService<Channel, Auth>>,
+    client: InferenceClient<InterceptedService<NoDetails<Channel>, Auth>>,
 }
 
 /// What to run inputs through.
@@ -115,7 +115,7 @@ impl Service {
             .await
             .map_err(|e| connect_error(url, e))?;
         Ok(Self {
-            client: InferenceClient::with_interceptor(channel, Auth(bearer(token)?))
+            client: InferenceClient::with_interceptor(NoDetails(channel), Auth(bearer(token)?))
                 .max_decoding_message_size(64 << 20),
         })
     }

@@ -325,9 +325,9 @@ pub(crate) async fn read(
 /// `grpc-status-details-bin`: nothing here reads the details, and tonic's parser panics on
 /// details that are not base64, which a broken or hostile server could send.
 pub(crate) fn status_in(headers: &http::HeaderMap) -> Option<Status> {
-    if headers.contains_key("grpc-status-details-bin") {
+    if headers.contains_key(super::details::DETAILS) {
         let mut headers = headers.clone();
-        headers.remove("grpc-status-details-bin");
+        headers.remove(super::details::DETAILS);
         return Status::from_header_map(&headers);
     }
     Status::from_header_map(headers)

@@ -666,3 +666,81 @@ async fn yanked_tags_identity_and_nonfinite_tensors_are_shown() {
     .await
     .unwrap();
 }
+
+/// A server (or a proxy in front of one) whose statuses carry a `grpc-status-details-bin`
+/// that is not base64, on which tonic's status parser panics: calls to the registry and to
+/// an inference service end with the status's code and message instead, whether the status
+/// comes as headers only (the registry here) or as trailers after the headers (inference).
+#[tokio::test]
+async fn status_details_that_are_not_base64_do_not_crash_the_client() {
+    use tonic::body::Body;
+    use tonic::codegen::http;
+
+    /// Answers every call with UNAVAILABLE "down" and bad details.
+    #[derive(Clone)]
+    struct Hostile<const TRAILERS_ONLY: bool>;
+    impl tonic::server::NamedService for Hostile<true> {
+        const NAME: &'static str = "delta.registry.v1.Registry";
+    }
+    impl tonic::server::NamedService for Hostile<false> {
+        const NAME: &'static str = "delta.inference.v1.Inference";
+    }
+    impl<const TRAILERS_ONLY: bool> tonic::codegen::Service<http::Request<Body>>
+        for Hostile<TRAILERS_ONLY>
+    {
+        type Response = http::Response<Body>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            let mut status = http::HeaderMap::new();
+            status.insert("grpc-status", http::HeaderValue::from_static("14"));
+            status.insert("grpc-message", http::HeaderValue::from_static("down"));
+            status.insert(
+                "grpc-status-details-bin",
+                http::HeaderValue::from_static("not base64 !!"),
+            );
+            let head = http::Response::builder().header("content-type", "application/grpc");
+            let response = if TRAILERS_ONLY {
+                let mut r = head.body(Body::empty()).unwrap();
+                r.headers_mut().extend(status);
+                r
+            } else {
+                let trailers = http_body::Frame::trailers(status);
+                let frames = futures::stream::iter([Ok::<_, tonic::Status>(trailers)]);
+                let body = Body::new(http_body_util::StreamBody::new(frames));
+                head.body(body).unwrap()
+            };
+            std::future::ready(Ok(response))
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(Hostile::<true>)
+            .add_service(Hostile::<false>)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let remote = delta_client::Remote::connect(&url).await.unwrap();
+    let err = remote.resolve("team/delta").await.unwrap_err();
+    assert_eq!(code(&err), Code::Unavailable, "{err}");
+    assert!(err.to_string().contains("down"), "{err}");
+    let err = remote.list_repositories("").await.unwrap_err();
+    assert_eq!(code(&err), Code::Unavailable, "{err}");
+
+    let service = delta_client::service::Service::connect(&url, None, None)
+        .await
+        .unwrap();
+    let err = service.predict(&Default::default(), &[]).await.unwrap_err();
+    assert_eq!(code(&err), Code::Unavailable, "{err}");
+    assert!(err.to_string().contains("down"), "{err}");
+    server.abort();
+}
