@@ -573,6 +573,18 @@ pub fn move_native(
     write_native_with(dir, manifest, blobs, Some(scratch))
 }
 
+/// Undoes [`move_native`] as far as it got: each blob it renamed out of `scratch` into
+/// `dir` goes back, so that a pull failing after its downloads keeps them. Best effort:
+/// what cannot be moved back is downloaded again next time.
+pub fn unmove_native(dir: &Path, manifest: &Manifest, blobs: &[PathBuf], scratch: &Path) {
+    for (f, blob) in manifest.files.iter().zip(blobs) {
+        let moved = dir.join(&f.path);
+        if blob.starts_with(scratch) && !blob.exists() && moved.is_file() {
+            let _ = std::fs::rename(&moved, blob);
+        }
+    }
+}
+
 fn write_native_with(
     dir: &Path,
     manifest: &Manifest,
@@ -824,6 +836,18 @@ pub fn replace_dir(
     overwrite: bool,
     write: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
+    replace_dir_salvaging(out, overwrite, write, |_| {})
+}
+
+/// [`replace_dir`], calling `salvage` with the staging folder before it is removed when
+/// the write or the swap fails: a pull that renamed downloaded files into it takes them
+/// back out ([`unmove_native`]) so that they are not downloaded again.
+pub fn replace_dir_salvaging(
+    out: &Path,
+    overwrite: bool,
+    write: impl FnOnce(&Path) -> Result<()>,
+    salvage: impl FnOnce(&Path),
+) -> Result<()> {
     let exists = check_output_dir(out, overwrite)?;
     let parent = parent_dir(out);
     std::fs::create_dir_all(&parent).at(&parent)?;
@@ -838,26 +862,27 @@ pub fn replace_dir(
     };
     let staging = sibling("pulling");
     std::fs::create_dir(&staging).at(&staging)?;
-    if let Err(e) = write(&staging) {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e);
-    }
-    if exists {
+    let swapped = write(&staging).and_then(|()| {
+        if !exists {
+            // Fails if another process made `out` non-empty meanwhile: it keeps its files.
+            return std::fs::rename(&staging, out).at(out);
+        }
         let old = sibling("old");
         std::fs::rename(out, &old).at(out)?;
         if let Err(e) = std::fs::rename(&staging, out) {
             let _ = std::fs::rename(&old, out);
-            let _ = std::fs::remove_dir_all(&staging);
             return Err(Error::Io {
                 path: out.to_owned(),
                 source: e,
             });
         }
-        std::fs::remove_dir_all(&old).at(&old)?;
-    } else {
-        std::fs::rename(&staging, out).at(out)?;
+        std::fs::remove_dir_all(&old).at(&old)
+    });
+    if swapped.is_err() && staging.exists() {
+        salvage(&staging);
+        let _ = std::fs::remove_dir_all(&staging);
     }
-    Ok(())
+    swapped
 }
 
 /// Writes a small file atomically.
@@ -870,4 +895,107 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         source: e.error,
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use delta_proto::Digest;
+
+    /// Two downloaded blobs in a scratch folder and a manifest of three files (two share
+    /// the first blob), as a pull has them before it writes its folder.
+    fn downloaded(scratch: &Path) -> (Manifest, Vec<PathBuf>) {
+        let mut files = Vec::new();
+        let mut blobs = Vec::new();
+        for (path, bytes) in [
+            ("a.safetensors", "A"),
+            ("b.safetensors", "B"),
+            ("c.safetensors", "A"),
+        ] {
+            let digest = Digest::of(bytes.as_bytes());
+            let blob = scratch.join(digest.hex());
+            std::fs::write(&blob, bytes).unwrap();
+            files.push(FileEntry {
+                path: path.into(),
+                digest,
+                size: 1,
+                tensors: Vec::new(),
+            });
+            blobs.push(blob);
+        }
+        let manifest = Manifest {
+            schema_version: delta_proto::manifest::SCHEMA_VERSION,
+            method: "lora".into(),
+            config: Default::default(),
+            base: BaseRef {
+                fingerprint: Digest::of(b"base"),
+                name: None,
+            },
+            files,
+            parents: Vec::new(),
+            provenance: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        };
+        (manifest, blobs)
+    }
+
+    /// A pull whose folder cannot be put in place (here another process made `out`
+    /// non-empty while the files were being moved) leaves that folder alone, leaves no
+    /// staging folder, and has every downloaded blob back in its scratch folder; the
+    /// same pull then succeeds once `out` is free.
+    #[test]
+    fn a_failed_swap_gives_the_moved_downloads_back() {
+        let work = tempfile::tempdir().unwrap();
+        let (scratch, out) = (work.path().join("scratch"), work.path().join("out"));
+        std::fs::create_dir(&scratch).unwrap();
+        let (manifest, blobs) = downloaded(&scratch);
+        let move_in = |dir: &Path| move_native(dir, &manifest, &blobs, &scratch);
+        let give_back = |dir: &Path| unmove_native(dir, &manifest, &blobs, &scratch);
+
+        let err = replace_dir_salvaging(
+            &out,
+            false,
+            |dir| {
+                move_in(dir)?;
+                std::fs::create_dir(&out).unwrap();
+                std::fs::write(out.join("theirs"), "x").unwrap();
+                Ok(())
+            },
+            give_back,
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        for blob in &blobs {
+            assert!(blob.is_file(), "{} was not given back", blob.display());
+        }
+        let left: Vec<_> = std::fs::read_dir(work.path()).unwrap().flatten().collect();
+        assert_eq!(left.len(), 2, "only scratch and out: {left:?}");
+        assert_eq!(
+            std::fs::read_dir(&out).unwrap().count(),
+            1,
+            "their file alone"
+        );
+
+        // A write that fails after moving gives them back as well.
+        let err = replace_dir_salvaging(
+            &out,
+            true,
+            |dir| {
+                move_in(dir)?;
+                Err(Error::Invalid("disk full".into()))
+            },
+            give_back,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("disk full"));
+        assert!(blobs.iter().all(|b| b.is_file()));
+        assert!(out.join("theirs").is_file());
+
+        std::fs::remove_dir_all(&out).unwrap();
+        replace_dir_salvaging(&out, false, move_in, give_back).unwrap();
+        assert_eq!(std::fs::read(out.join("c.safetensors")).unwrap(), b"A");
+        assert_eq!(std::fs::read(out.join("b.safetensors")).unwrap(), b"B");
+        assert!(out.join(NATIVE_MANIFEST).is_file());
+        assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "all moved");
+    }
 }

@@ -767,13 +767,24 @@ pub async fn pull_with(
             }
             (None, None) => fetch_into(remote, cache, None, reference, progress).await?,
         };
-        delta::replace_dir(out, opts.overwrite, |dir| match (opts.format, &scratch) {
-            (Format::Native, Some(tmp)) => {
-                delta::move_native(dir, &report.manifest, &report.blobs, tmp.path())
-            }
-            (Format::Native, None) => delta::write_native(dir, &report.manifest, &report.blobs),
-            (Format::Peft, _) => delta::write_peft(dir, &report.manifest, &report.blobs),
-        })?;
+        let (manifest, blobs) = (&report.manifest, &report.blobs);
+        let moved_from = scratch.as_ref().filter(|_| native).map(|d| d.path());
+        delta::replace_dir_salvaging(
+            out,
+            opts.overwrite,
+            |dir| match (opts.format, moved_from) {
+                (Format::Native, Some(tmp)) => delta::move_native(dir, manifest, blobs, tmp),
+                (Format::Native, None) => delta::write_native(dir, manifest, blobs),
+                (Format::Peft, _) => delta::write_peft(dir, manifest, blobs),
+            },
+            // The downloads renamed into the folder go back to the scratch folder, and
+            // from there into the cache below.
+            |dir| {
+                if let Some(tmp) = moved_from {
+                    delta::unmove_native(dir, manifest, blobs, tmp);
+                }
+            },
+        )?;
         Ok::<_, Error>(report)
     }
     .await;
