@@ -96,14 +96,7 @@ impl Cache {
 
     /// What the cache holds (`delta cache`).
     pub fn usage(&self) -> CacheUsage {
-        let files = |dir: &Path, suffix: &str| {
-            walk_files(dir)
-                .into_iter()
-                .filter(|(p, _)| p.to_string_lossy().ends_with(suffix))
-                .fold((0, 0), |(n, bytes), (_, len)| (n + 1, bytes + len))
-        };
-        let (blobs, blob_bytes) = files(&self.root.join("blobs"), "");
-        let (partials, partial_bytes) = files(&self.root.join("partial"), ".partial");
+        let ((blobs, blob_bytes), (partials, partial_bytes)) = self.held();
         // A note whose file was edited, moved or deleted since is not counted (the next
         // pull that reads it removes it).
         let noted = walk_files(&self.root.join("copies"))
@@ -120,11 +113,30 @@ impl Cache {
         }
     }
 
+    /// How many blobs and partial downloads the cache holds, and their bytes.
+    fn held(&self) -> ((u64, u64), (u64, u64)) {
+        let files = |dir: &Path, suffix: &str| {
+            walk_files(dir)
+                .into_iter()
+                .filter(|(p, _)| p.to_string_lossy().ends_with(suffix))
+                .fold((0, 0), |(n, bytes), (_, len)| (n + 1, bytes + len))
+        };
+        (
+            files(&self.root.join("blobs"), ""),
+            files(&self.root.join("partial"), ".partial"),
+        )
+    }
+
     /// Empties the cache (`delta cache clean`): its blobs, their stamps, its notes of
     /// pulled files and its partial downloads, except those being downloaded now (their
     /// lock is held). Pulled folders are not touched. Returns the bytes freed.
     pub fn clean(&self) -> Result<u64> {
-        let before = self.usage();
+        // Bytes only: `usage` would also stat every noted pulled file.
+        let bytes = |c: &Self| {
+            let ((_, blobs), (_, partials)) = c.held();
+            blobs + partials
+        };
+        let before = bytes(self);
         for dir in ["blobs", "verified", "copies"].map(|d| self.root.join(d)) {
             match std::fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -146,9 +158,7 @@ impl Cache {
                 std::fs::remove_file(&path).at(&path)?;
             }
         }
-        let after = self.usage();
-        Ok((before.blob_bytes + before.partial_bytes)
-            .saturating_sub(after.blob_bytes + after.partial_bytes))
+        Ok(before.saturating_sub(bytes(self)))
     }
 
     /// Whether an intact copy of the blob is cached (see [`Cache::verified`]).
