@@ -293,7 +293,7 @@ impl Cache {
         // One download of a blob at a time into this cache (two terminals, a worker and
         // the CLI): the partial file is appended to, and two writers would interleave.
         // Whoever waited may find the blob done.
-        let _lock = DownloadLock::acquire(self.lock_path(&d), &d).await?;
+        let _lock = DownloadLock::acquire(self.lock_path(&d), &d, progress).await?;
         if let Some(path) = self.verified(&d)? {
             return Ok((path, 0));
         }
@@ -385,11 +385,15 @@ impl DownloadLock {
     /// How often a waiting download asks for the lock again.
     const POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
-    /// Waits for the lock, saying once that it waits.
-    async fn acquire(path: PathBuf, blob: &Digest) -> Result<Self> {
+    /// Waits for the lock, saying once that it waits. After a wait, `progress` forgets
+    /// its rate so far: the time spent waiting is not a slow download.
+    async fn acquire(path: PathBuf, blob: &Digest, progress: &ProgressBar) -> Result<Self> {
         let mut told = false;
         loop {
             if let Some(lock) = Self::try_acquire(&path)? {
+                if told {
+                    progress.reset_eta();
+                }
                 return Ok(lock);
             }
             if !told {
