@@ -315,19 +315,25 @@ impl SqlMeta {
         }
     }
 
-    /// `PRAGMA` values (SQLite only), for tests that assert the durability settings.
+    /// `PRAGMA` values (SQLite only), for tests that assert the durability settings: the
+    /// value on every connection when they agree, else all of them (writer first).
     pub fn pragma(&self, name: &str) -> Result<String> {
         let Db::Sqlite(db) = &self.db else {
             return Err(Error::FailedPrecondition("PRAGMA is SQLite's".into()));
         };
-        // The writer's settings: the ones durability depends on.
-        let conn = db.writer();
-        let row = crate::sql::SqliteSql(&conn).one(&format!("PRAGMA {name}"), &[])?;
-        Ok(match row.0.first() {
-            Some(crate::sql::Value::Int(i)) => i.to_string(),
-            Some(crate::sql::Value::Text(t)) => t.clone(),
-            other => format!("{other:?}"),
-        })
+        let mut values = db
+            .each(|conn| {
+                let row = crate::sql::SqliteSql(conn).one(&format!("PRAGMA {name}"), &[])?;
+                Ok(match row.0.first() {
+                    Some(crate::sql::Value::Int(i)) => i.to_string(),
+                    Some(crate::sql::Value::Text(t)) => t.clone(),
+                    other => format!("{other:?}"),
+                })
+            })
+            .into_iter()
+            .collect::<Result<Vec<String>>>()?;
+        values.dedup();
+        Ok(values.join(" / "))
     }
 }
 

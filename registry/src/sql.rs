@@ -261,9 +261,12 @@ impl Sqlite {
         lock(&self.readers[start])
     }
 
-    /// The writer, for reads that must see its settings (`PRAGMA`s).
-    pub(crate) fn writer(&self) -> MutexGuard<'_, rusqlite::Connection> {
-        lock(&self.writer)
+    /// `f` on each connection in turn, the writer first (`PRAGMA`s).
+    pub(crate) fn each<T>(&self, mut f: impl FnMut(&rusqlite::Connection) -> T) -> Vec<T> {
+        std::iter::once(&self.writer)
+            .chain(&self.readers)
+            .map(|c| f(&lock(c)))
+            .collect()
     }
 }
 
@@ -324,7 +327,7 @@ impl Db {
         let mut f = f;
         match self {
             Db::Sqlite(db) => {
-                let mut conn = db.writer();
+                let mut conn = lock(&db.writer);
                 let tx =
                     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let out = f(&mut SqliteSql(&tx))?;
@@ -367,7 +370,11 @@ pub(crate) fn open_sqlite(conn: rusqlite::Connection, path: Option<&Path>) -> Re
         for _ in 0..SQLITE_READERS {
             let r = rusqlite::Connection::open(path)?;
             r.busy_timeout(std::time::Duration::from_secs(10))?;
-            r.execute_batch("PRAGMA query_only = ON;")?;
+            // The writer's settings too (RELIABILITY #38: on every connection), though a
+            // reader never writes.
+            r.execute_batch(
+                "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA query_only = ON;",
+            )?;
             readers.push(Mutex::new(r));
         }
     }

@@ -17,6 +17,7 @@ fn conformance_on_file_and_reopen() {
     assert_eq!(reopened.pragma("integrity_check").unwrap(), "ok");
 }
 
+/// On every connection: the writer and the readers (RELIABILITY #38).
 #[test]
 fn durability_pragmas_are_set() {
     let dir = tempfile::tempdir().unwrap();
@@ -25,6 +26,11 @@ fn durability_pragmas_are_set() {
     assert_eq!(m.pragma("synchronous").unwrap(), "2"); // FULL
     assert_eq!(m.pragma("foreign_keys").unwrap(), "1");
     assert_eq!(m.pragma("busy_timeout").unwrap(), "10000");
+    assert_eq!(
+        m.pragma("query_only").unwrap(),
+        "0 / 1",
+        "only the writer writes"
+    );
     assert_eq!(
         m.pragma("user_version").unwrap(),
         crate::sql::MIGRATIONS.len().to_string()
