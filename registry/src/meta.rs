@@ -280,17 +280,17 @@ pub const POSTGRES_POOL: usize = 16;
 impl SqlMeta {
     /// Opens (creating and migrating) the SQLite database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::sqlite(rusqlite::Connection::open(path)?, Some(path))
+        Self::sqlite(rusqlite::Connection::open(path)?)
     }
 
     /// An in-memory SQLite database, for tests.
     pub fn in_memory() -> Result<Self> {
-        Self::sqlite(rusqlite::Connection::open_in_memory()?, None)
+        Self::sqlite(rusqlite::Connection::open_in_memory()?)
     }
 
-    fn sqlite(conn: rusqlite::Connection, path: Option<&Path>) -> Result<Self> {
+    fn sqlite(conn: rusqlite::Connection) -> Result<Self> {
         Ok(Self {
-            db: crate::sql::open_sqlite(conn, path)?,
+            db: crate::sql::open_sqlite(conn)?,
         })
     }
 

@@ -15,7 +15,6 @@
 //! - migrations: written once in SQLite's types; [`postgres_ddl`] maps them.
 
 use std::cell::Cell;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -345,9 +344,9 @@ fn lock(conn: &Mutex<rusqlite::Connection>) -> MutexGuard<'_, rusqlite::Connecti
     conn.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Opens and migrates a SQLite database (WAL, `synchronous=FULL`, foreign keys); `path`
-/// is the file `conn` opened (`None`: in memory), which its read connections open too.
-pub(crate) fn open_sqlite(conn: rusqlite::Connection, path: Option<&Path>) -> Result<Db> {
+/// Opens and migrates a SQLite database (WAL, `synchronous=FULL`, foreign keys), and
+/// read connections to its file (none in memory).
+pub(crate) fn open_sqlite(conn: rusqlite::Connection) -> Result<Db> {
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     // Switching a fresh file to WAL takes an exclusive lock, and SQLite answers BUSY at
     // once, without waiting in the busy handler, when that upgrade would deadlock with
@@ -366,9 +365,11 @@ pub(crate) fn open_sqlite(conn: rusqlite::Connection, path: Option<&Path>) -> Re
         }
     }
     let mut readers = Vec::new();
-    if let Some(path) = path {
+    // The file as SQLite resolved it (absolute); "" in memory (`:memory:`, `mode=memory`),
+    // `None` when the path is not UTF-8: then the writer reads too.
+    if let Some(file) = conn.path().filter(|f| !f.is_empty()) {
         for _ in 0..SQLITE_READERS {
-            let r = rusqlite::Connection::open(path)?;
+            let r = rusqlite::Connection::open(file)?;
             r.busy_timeout(std::time::Duration::from_secs(10))?;
             // The writer's settings too (RELIABILITY #38: on every connection), though a
             // reader never writes.

@@ -98,3 +98,18 @@ fn an_inline_write_is_refused() {
     m.set_public("ns", true).unwrap();
     assert!(m.is_public("ns").unwrap());
 }
+
+/// A database SQLite keeps in memory, however it was named, has no read connections
+/// (each would open an empty database of its own): its reads go to the one connection.
+#[test]
+fn a_database_in_memory_reads_on_its_one_connection() {
+    for m in [
+        SqlMeta::in_memory().unwrap(),
+        SqlMeta::open(Path::new(":memory:")).unwrap(),
+        SqlMeta::open(Path::new("file:x?mode=memory")).unwrap(),
+    ] {
+        assert!(!m.reads_inline());
+        m.set_public("ns", true).unwrap();
+        assert!(m.is_public("ns").unwrap());
+    }
+}
