@@ -186,8 +186,11 @@ pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
     ) -> Result<Pushed>;
     /// Resolves a reference.
     fn resolve(&self, reference: &Reference) -> Result<Option<Resolved>>;
-    /// Repositories, optionally in one namespace.
-    fn list_repositories(&self, namespace: Option<&str>) -> Result<Vec<RepoSummary>>;
+    /// Repositories, optionally in one namespace, of the namespaces `viewer` may read (as
+    /// in [`MetaStore::visible_blobs`]: `*` every namespace, a namespace itself and the
+    /// public ones, `""` the public ones): a listing costs what it returns, not what the
+    /// registry holds. The service still checks each row it answers with.
+    fn list_repositories(&self, namespace: Option<&str>, viewer: &str) -> Result<Vec<RepoSummary>>;
     /// Versions of a repository, newest first. `None` if the repository does not exist.
     fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionInfo>>>;
     /// Deltas matching a filter (every version).
@@ -559,7 +562,7 @@ impl MetaStore for SqlMeta {
         })
     }
 
-    fn list_repositories(&self, namespace: Option<&str>) -> Result<Vec<RepoSummary>> {
+    fn list_repositories(&self, namespace: Option<&str>, viewer: &str) -> Result<Vec<RepoSummary>> {
         self.db.read(|c| {
             c.query(
                 // The newest live version; for a repository whose versions are all yanked,
@@ -572,9 +575,11 @@ impl MetaStore for SqlMeta {
                      (SELECT MAX(version) FROM versions WHERE repository = r.id AND yanked = 0),
                      (SELECT MAX(version) FROM versions WHERE repository = r.id AND yanked = 1))
                  JOIN manifests m ON m.digest = v.manifest
-                 WHERE CAST($1 AS TEXT) IS NULL OR r.namespace = $1
+                 WHERE (CAST($1 AS TEXT) IS NULL OR r.namespace = $1)
+                   AND ($2 = '*' OR r.namespace = $2
+                        OR r.namespace IN (SELECT namespace FROM public_namespaces))
                  ORDER BY r.namespace, r.name",
-                p![namespace],
+                p![namespace, viewer],
             )?
             .iter()
             .map(|r| {

@@ -125,7 +125,7 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
         push(m, &repo, &manifest(blob, "a"), &[]),
         Err(Error::FailedPrecondition(_))
     ));
-    assert!(m.list_repositories(None).unwrap().is_empty());
+    assert!(m.list_repositories(None, "*").unwrap().is_empty());
     // Refused writes leave no audit row: the base registrations that stood are there,
     // the conflicting one and the refused push are not.
     let actions = |m: &dyn MetaStore| -> Vec<String> {
@@ -241,8 +241,24 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
         .unwrap()
         .is_empty()
     );
-    assert_eq!(m.list_repositories(Some("team")).unwrap()[0].versions, 2);
-    assert!(m.list_repositories(Some("other")).unwrap().is_empty());
+    assert_eq!(
+        m.list_repositories(Some("team"), "*").unwrap()[0].versions,
+        2
+    );
+    assert!(m.list_repositories(Some("other"), "*").unwrap().is_empty());
+    // What a viewer may read: its own namespace and the public ones.
+    let listed = |viewer: &str| m.list_repositories(None, viewer).unwrap().len();
+    assert_eq!((listed("team"), listed("other"), listed("")), (1, 0, 0));
+    m.set_public("team", true).unwrap();
+    assert_eq!((listed("team"), listed("other"), listed("")), (1, 1, 1));
+    assert!(m.list_repositories(Some("team"), "other").unwrap().len() == 1);
+    m.set_public("team", false).unwrap();
+    assert_eq!((listed("other"), listed("")), (0, 0));
+    assert!(
+        m.list_repositories(Some("team"), "other")
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Opens another handle on the same database: another connection, as another replica or
@@ -305,7 +321,7 @@ pub fn lifecycle(m: &dyn MetaStore) {
     assert_eq!(m.list_versions(&r).unwrap().unwrap().len(), 1);
     // Every version yanked: the repository is listed as such, not dropped.
     assert_eq!(m.yank(&r, 1, true, &at(60)).unwrap(), Vec::<String>::new());
-    let listed = m.list_repositories(Some("team")).unwrap();
+    let listed = m.list_repositories(Some("team"), "*").unwrap();
     let life = listed
         .iter()
         .find(|x| x.repository == r)
@@ -314,7 +330,7 @@ pub fn lifecycle(m: &dyn MetaStore) {
     assert_eq!((life.latest_version, life.versions), (2, 2));
     assert!(m.resolve(&"team/life".parse().unwrap()).unwrap().is_none());
     assert_eq!(m.yank(&r, 1, false, &at(60)).unwrap(), ["latest"]);
-    assert!(!m.list_repositories(Some("team")).unwrap()[0].yanked);
+    assert!(!m.list_repositories(Some("team"), "*").unwrap()[0].yanked);
     m.yank(&r, 2, false, &at(60)).unwrap();
     assert_eq!(
         m.resolve(&"team/life".parse().unwrap())

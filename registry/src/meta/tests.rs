@@ -13,7 +13,7 @@ fn conformance_on_file_and_reopen() {
     let path = dir.path().join("db.sqlite");
     super::conformance::versions_tags_and_search(&SqlMeta::open(&path).unwrap());
     let reopened = SqlMeta::open(&path).unwrap();
-    assert_eq!(reopened.list_repositories(None).unwrap().len(), 1);
+    assert_eq!(reopened.list_repositories(None, "*").unwrap().len(), 1);
     assert_eq!(reopened.pragma("integrity_check").unwrap(), "ok");
 }
 

@@ -342,7 +342,8 @@ pub(super) async fn list_repositories(
             if !ns.is_empty() {
                 super::authorize_in(m, caller, &ns, Scope::Read)?;
             }
-            let all = m.list_repositories((!ns.is_empty()).then_some(ns.as_str()))?;
+            let namespace = (!ns.is_empty()).then_some(ns.as_str());
+            let all = m.list_repositories(namespace, caller.blob_viewer())?;
             ReadFilter::new(m, caller).keep(all, |r| r.repository.namespace())
         })
         .await?;

@@ -413,7 +413,7 @@ fn resolve_checked_in(
     // the namespace) rather than "not found".
     if latest
         && let Some(s) = m
-            .list_repositories(Some(repo.namespace()))?
+            .list_repositories(Some(repo.namespace()), "*")?
             .into_iter()
             .find(|s| s.repository == repo && s.yanked)
     {
