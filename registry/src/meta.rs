@@ -123,6 +123,10 @@ pub struct SearchFilter {
     pub method: Option<String>,
     /// Annotations that must all match.
     pub annotations: BTreeMap<String, String>,
+    /// Only namespaces this viewer may read (as in [`MetaStore::visible_blobs`]: `*`
+    /// every one, a namespace itself and the public ones, `""` the public ones); `None`:
+    /// every namespace.
+    pub viewer: Option<String>,
 }
 
 /// A stored blob as its row describes it.
@@ -671,8 +675,15 @@ impl MetaStore for SqlMeta {
                  WHERE v.yanked = 0 AND (CAST($1 AS TEXT) IS NULL OR r.namespace = $1)
                    AND (CAST($2 AS TEXT) IS NULL OR m.base_fingerprint = $2)
                    AND (CAST($3 AS TEXT) IS NULL OR m.method = $3)
+                   AND (CAST($4 AS TEXT) IS NULL OR $4 = '*' OR r.namespace = $4
+                        OR r.namespace IN (SELECT namespace FROM public_namespaces))
                  ORDER BY r.namespace, r.name, v.version",
-                p![filter.namespace.as_deref(), filter.base.as_ref(), filter.method.as_deref()],
+                p![
+                    filter.namespace.as_deref(),
+                    filter.base.as_ref(),
+                    filter.method.as_deref(),
+                    filter.viewer.as_deref()
+                ],
             )?;
             let mut out = Vec::new();
             for r in rows {

@@ -248,12 +248,25 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
     assert!(m.list_repositories(Some("other"), "*").unwrap().is_empty());
     // What a viewer may read: its own namespace and the public ones.
     let listed = |viewer: &str| m.list_repositories(None, viewer).unwrap().len();
+    let found = |viewer: &str| {
+        let filter = SearchFilter {
+            viewer: Some(viewer.to_owned()),
+            ..SearchFilter::default()
+        };
+        m.search(&filter).unwrap().len()
+    };
     assert_eq!((listed("team"), listed("other"), listed("")), (1, 0, 0));
+    assert_eq!(
+        (found("*"), found("team"), found("other"), found("")),
+        (2, 2, 0, 0)
+    );
     m.set_public("team", true).unwrap();
     assert_eq!((listed("team"), listed("other"), listed("")), (1, 1, 1));
+    assert_eq!((found("other"), found("")), (2, 2));
     assert!(m.list_repositories(Some("team"), "other").unwrap().len() == 1);
     m.set_public("team", false).unwrap();
     assert_eq!((listed("other"), listed("")), (0, 0));
+    assert_eq!((found("other"), found("")), (0, 0));
     assert!(
         m.list_repositories(Some("team"), "other")
             .unwrap()

@@ -390,6 +390,7 @@ pub(super) async fn search_deltas(
                 base,
                 method: (!q.method.is_empty()).then_some(q.method),
                 annotations: q.annotations.into_iter().collect(),
+                viewer: Some(caller.blob_viewer().to_owned()),
             };
             ReadFilter::new(m, caller).keep(m.search(&filter)?, |d| d.repository.namespace())
         })
