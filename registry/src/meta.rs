@@ -668,31 +668,42 @@ impl MetaStore for SqlMeta {
     }
 
     fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaSummary>> {
-        self.db.read(|c| {
-            let rows = c.query(
-                "SELECT r.namespace, r.name, v.version, m.digest, m.base_fingerprint, m.method, m.size
-                 FROM versions v JOIN repositories r ON r.id = v.repository JOIN manifests m ON m.digest = v.manifest
+        // Two statements however many rows: the matching versions, then their
+        // annotations (by the same filter), matched in memory.
+        let matching = "FROM versions v JOIN repositories r ON r.id = v.repository
+                 JOIN manifests m ON m.digest = v.manifest
                  WHERE v.yanked = 0 AND (CAST($1 AS TEXT) IS NULL OR r.namespace = $1)
                    AND (CAST($2 AS TEXT) IS NULL OR m.base_fingerprint = $2)
                    AND (CAST($3 AS TEXT) IS NULL OR m.method = $3)
                    AND (CAST($4 AS TEXT) IS NULL OR $4 = '*' OR r.namespace = $4
-                        OR r.namespace IN (SELECT namespace FROM public_namespaces))
-                 ORDER BY r.namespace, r.name, v.version",
-                p![
-                    filter.namespace.as_deref(),
-                    filter.base.as_ref(),
-                    filter.method.as_deref(),
-                    filter.viewer.as_deref()
-                ],
+                        OR r.namespace IN (SELECT namespace FROM public_namespaces))";
+        let params = p![
+            filter.namespace.as_deref(),
+            filter.base.as_ref(),
+            filter.method.as_deref(),
+            filter.viewer.as_deref()
+        ];
+        self.db.read(|c| {
+            let rows = c.query(
+                &format!(
+                    "SELECT r.namespace, r.name, v.version, m.digest, m.base_fingerprint, m.method, m.size
+                     {matching} ORDER BY r.namespace, r.name, v.version"
+                ),
+                params,
             )?;
+            let mut annotations: HashMap<Digest, BTreeMap<String, String>> = HashMap::new();
+            let sql = format!(
+                "SELECT manifest, key, value FROM annotations
+                 WHERE manifest IN (SELECT m.digest {matching})"
+            );
+            for a in c.query(&sql, params)? {
+                let entry = annotations.entry(a.digest(0)?).or_default();
+                entry.insert(a.text(1)?, a.text(2)?);
+            }
             let mut out = Vec::new();
             for r in rows {
                 let digest = r.digest(3)?;
-                let annotations = c
-                    .query("SELECT key, value FROM annotations WHERE manifest = $1", p![&digest])?
-                    .iter()
-                    .map(|a| Ok((a.text(0)?, a.text(1)?)))
-                    .collect::<Result<BTreeMap<_, _>>>()?;
+                let annotations = annotations.get(&digest).cloned().unwrap_or_default();
                 if filter.annotations.iter().all(|(k, v)| annotations.get(k) == Some(v)) {
                     out.push(DeltaSummary {
                         repository: r.repo(0)?,
