@@ -618,6 +618,17 @@ impl MetaStore for SqlMeta {
                  ORDER BY v.version DESC",
                 p![id, format!("{repo}:v")],
             )?;
+            // Every tag of the repository in one statement, and each pusher's token
+            // once, rather than statements per version.
+            let mut tags: HashMap<u64, Vec<String>> = HashMap::new();
+            let all_tags = c.query(
+                "SELECT version, tag FROM tags WHERE repository = $1 ORDER BY tag",
+                p![id],
+            )?;
+            for t in all_tags {
+                tags.entry(t.uint(0)?).or_default().push(t.text(1)?);
+            }
+            let mut pushers: HashMap<i64, String> = HashMap::new();
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let version = r.uint(0)?;
@@ -625,6 +636,7 @@ impl MetaStore for SqlMeta {
                 let pushed_by = match r.opt_int(4)? {
                     None => None,
                     Some(0) => Some("open registry".to_owned()),
+                    Some(t) if pushers.contains_key(&t) => pushers.get(&t).cloned(),
                     Some(t) => {
                         let description = c
                             .query("SELECT description FROM tokens WHERE id = $1", p![t])?
@@ -632,17 +644,19 @@ impl MetaStore for SqlMeta {
                             .map(|d| d.text(0))
                             .transpose()?
                             .unwrap_or_default();
-                        Some(if description.is_empty() {
+                        let who = if description.is_empty() {
                             format!("token {t}")
                         } else {
                             format!("token {t} ({description})")
-                        })
+                        };
+                        pushers.insert(t, who.clone());
+                        Some(who)
                     }
                 };
                 out.push(VersionInfo {
                     version,
                     digest: r.digest(1)?,
-                    tags: tags_of(c, id, version)?,
+                    tags: tags.remove(&version).unwrap_or_default(),
                     size: r.uint(2)?,
                     created_at: r.int(3)?,
                     pushed_by,

@@ -218,6 +218,7 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
         vec![2, 1]
     );
     assert_eq!(versions[0].tags, vec!["latest", "prod"]);
+    assert_eq!(versions[1].tags, vec!["new"]);
 
     let all = m
         .search(&SearchFilter {
