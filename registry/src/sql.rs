@@ -220,9 +220,13 @@ pub(crate) enum Db {
     Postgres(Box<postgres::Pool>),
 }
 
-/// Read connections an SQLite file gets besides its writer: the async threads' inline
-/// reads and the blocking pool's database trips, with one to spare.
-const SQLITE_READERS: usize = 4;
+/// Read connections an SQLite file gets besides its writer: one per core (tokio runs an
+/// async thread per core, and each may be in an inline read) and two for the blocking
+/// pool's database trips (`MetaStore::parallelism`). More readers than that would only
+/// wait on the cores; fewer would make an async thread wait for another's read.
+fn sqlite_readers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) + 2
+}
 
 /// An SQLite database. SQLite runs one write transaction at a time whatever the
 /// connections, so one connection writes; reads go to connections of their own, and in
@@ -368,7 +372,7 @@ pub(crate) fn open_sqlite(conn: rusqlite::Connection) -> Result<Db> {
     // The file as SQLite resolved it (absolute); "" in memory (`:memory:`, `mode=memory`),
     // `None` when the path is not UTF-8: then the writer reads too.
     if let Some(file) = conn.path().filter(|f| !f.is_empty()) {
-        for _ in 0..SQLITE_READERS {
+        for _ in 0..sqlite_readers() {
             let r = rusqlite::Connection::open(file)?;
             r.busy_timeout(std::time::Duration::from_secs(10))?;
             // The writer's settings too (RELIABILITY #38: on every connection), though a
