@@ -65,7 +65,8 @@ pub struct ConnectOptions {
 #[derive(Debug, Clone)]
 pub struct Remote {
     client: RegistryClient<InterceptedService<NoDetails<Channel>, Auth>>,
-    channel: Channel,
+    /// The connection under `client`, for the hand-read `DownloadBlob`.
+    channel: NoDetails<Channel>,
     auth: Auth,
     url: String,
 }
@@ -207,7 +208,8 @@ impl Remote {
     }
 
     fn over(channel: Channel, auth: Auth, url: &str) -> Self {
-        let client = RegistryClient::with_interceptor(NoDetails(channel.clone()), auth.clone())
+        let channel = NoDetails(channel);
+        let client = RegistryClient::with_interceptor(channel.clone(), auth.clone())
             .max_decoding_message_size(8 << 20)
             .max_encoding_message_size(8 << 20);
         Self {
@@ -223,7 +225,7 @@ impl Remote {
     /// own token, over one shared connection.
     pub fn with_token(&self, token: Option<&str>) -> Result<Self> {
         Ok(Self::over(
-            self.channel.clone(),
+            self.channel.0.clone(),
             Auth(bearer(token)?),
             &self.url,
         ))
@@ -439,7 +441,7 @@ impl Remote {
             .await
             .map_err(|e| Status::from_error(Box::new(e)))?;
         // A refusal comes as headers only (a trailers-only response).
-        if let Some(s) = chunks::status_in(response.headers())
+        if let Some(s) = Status::from_header_map(response.headers())
             && s.code() != Code::Ok
         {
             return Err(s.into());

@@ -11,7 +11,7 @@
 //! fields are skipped as protobuf requires.
 
 use bytes::{Buf, Bytes};
-use tonic::codegen::{Body as _, http};
+use tonic::codegen::Body as _;
 use tonic::{Code, Status};
 
 use crate::error::{Error, Result};
@@ -294,7 +294,8 @@ impl ChunkParser {
 
 /// Reads a `DownloadBlob` response body to its end: each piece to `sink`, then the
 /// registry's status from the trailers (a stream cut before them is `UNAVAILABLE`, so the
-/// caller resumes).
+/// caller resumes). The body comes through [`super::NoDetails`], so tonic's status parser
+/// never sees details it would panic on.
 pub(crate) async fn read(
     mut body: tonic::body::Body,
     sink: &mut impl FnMut(Piece) -> Result<()>,
@@ -309,7 +310,7 @@ pub(crate) async fn read(
             Ok(data) => parser.feed(data, sink)?,
             Err(frame) => {
                 let trailers = frame.into_trailers().unwrap_or_default();
-                return match status_in(&trailers) {
+                return match Status::from_header_map(&trailers) {
                     Some(s) if s.code() != Code::Ok => Err(s.into()),
                     Some(_) => parser.finish(),
                     None => {
@@ -319,18 +320,6 @@ pub(crate) async fn read(
             }
         }
     }
-}
-
-/// The gRPC status a response's headers or trailers carry, if any. Without
-/// `grpc-status-details-bin`: nothing here reads the details, and tonic's parser panics on
-/// details that are not base64, which a broken or hostile server could send.
-pub(crate) fn status_in(headers: &http::HeaderMap) -> Option<Status> {
-    if headers.contains_key(super::details::DETAILS) {
-        let mut headers = headers.clone();
-        headers.remove(super::details::DETAILS);
-        return Status::from_header_map(&headers);
-    }
-    Status::from_header_map(headers)
 }
 
 #[cfg(test)]
@@ -457,19 +446,5 @@ mod tests {
             0, 0, 0, 0, 11, 0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
         ];
         assert!(err(&long).contains("longer than 10"), "{}", err(&long));
-    }
-
-    #[test]
-    fn a_status_whose_details_are_not_base64_is_read_without_them() {
-        let mut h = http::HeaderMap::new();
-        h.insert("grpc-status", http::HeaderValue::from_static("14"));
-        h.insert("grpc-message", http::HeaderValue::from_static("down"));
-        h.insert(
-            "grpc-status-details-bin",
-            http::HeaderValue::from_static("not base64 !!"),
-        );
-        let s = status_in(&h).unwrap();
-        assert_eq!((s.code(), s.message()), (Code::Unavailable, "down"));
-        assert!(status_in(&http::HeaderMap::new()).is_none());
     }
 }

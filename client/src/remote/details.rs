@@ -1,10 +1,11 @@
 //! [`NoDetails`]: a connection whose answers never carry `grpc-status-details-bin`.
 //!
-//! tonic's generated clients read a status from the response headers or trailers with
-//! `Status::from_header_map`, which panics when that header's value is not base64. A
-//! broken or hostile server (or a proxy in front of one) could send such a value and
-//! crash `delta` or the worker. Nothing here reads the details (the code and message say
-//! everything the callers use), so the header is dropped before tonic sees it.
+//! tonic's generated clients (and the hand-read `DownloadBlob`, `chunks::read`) read a
+//! status from the response headers or trailers with `Status::from_header_map`, which
+//! panics when that header's value is not base64. A broken or hostile server (or a proxy
+//! in front of one) could send such a value and crash `delta` or the worker. Nothing here
+//! reads the details (the code and message say everything the callers use), so the header
+//! is dropped before tonic sees it.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,7 +17,7 @@ use tonic::body::Body as TonicBody;
 use tonic::codegen::{Service, http};
 
 /// The header tonic's parser panics on.
-pub(crate) const DETAILS: &str = "grpc-status-details-bin";
+const DETAILS: &str = "grpc-status-details-bin";
 
 /// `S` (a [`tonic::transport::Channel`]) with [`DETAILS`] removed from every response's
 /// headers and trailers.

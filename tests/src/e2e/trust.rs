@@ -669,8 +669,9 @@ async fn yanked_tags_identity_and_nonfinite_tensors_are_shown() {
 
 /// A server (or a proxy in front of one) whose statuses carry a `grpc-status-details-bin`
 /// that is not base64, on which tonic's status parser panics: calls to the registry and to
-/// an inference service end with the status's code and message instead, whether the status
-/// comes as headers only (the registry here) or as trailers after the headers (inference).
+/// an inference service, and blob downloads, end with the status's code and message
+/// instead, whether the status comes as headers only (the registry's calls here) or as
+/// trailers after the headers (downloads, inference).
 #[tokio::test]
 async fn status_details_that_are_not_base64_do_not_crash_the_client() {
     use tonic::body::Body;
@@ -697,7 +698,7 @@ async fn status_details_that_are_not_base64_do_not_crash_the_client() {
         ) -> std::task::Poll<Result<(), Self::Error>> {
             std::task::Poll::Ready(Ok(()))
         }
-        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+        fn call(&mut self, req: http::Request<Body>) -> Self::Future {
             let mut status = http::HeaderMap::new();
             status.insert("grpc-status", http::HeaderValue::from_static("14"));
             status.insert("grpc-message", http::HeaderValue::from_static("down"));
@@ -706,7 +707,8 @@ async fn status_details_that_are_not_base64_do_not_crash_the_client() {
                 http::HeaderValue::from_static("not base64 !!"),
             );
             let head = http::Response::builder().header("content-type", "application/grpc");
-            let response = if TRAILERS_ONLY {
+            let download = req.uri().path().ends_with("/DownloadBlob");
+            let response = if TRAILERS_ONLY && !download {
                 let mut r = head.body(Body::empty()).unwrap();
                 r.headers_mut().extend(status);
                 r
@@ -735,6 +737,13 @@ async fn status_details_that_are_not_base64_do_not_crash_the_client() {
     assert!(err.to_string().contains("down"), "{err}");
     let err = remote.list_repositories("").await.unwrap_err();
     assert_eq!(code(&err), Code::Unavailable, "{err}");
+    let work = tempfile::tempdir().unwrap();
+    let err = remote
+        .download_to(Digest::of(b"x"), &work.path().join("x"), &hidden())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Code::Unavailable, "{err}");
+    assert!(err.to_string().contains("down"), "{err}");
 
     let service = delta_client::service::Service::connect(&url, None, None)
         .await
