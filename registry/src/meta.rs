@@ -366,6 +366,13 @@ fn tags_of(c: &mut dyn Sql, repo: i64, version: u64) -> Result<Vec<String>> {
     .collect()
 }
 
+/// SQL that holds when namespace `column` may be read by the viewer in `param` (a token's
+/// namespace, or `""` for anonymous callers): its own namespace and the public ones. The
+/// `*` viewer, who reads everything, is each query's own case.
+fn readable(column: &str, param: &str) -> String {
+    format!("({column} = {param} OR {column} IN (SELECT namespace FROM public_namespaces))")
+}
+
 const BASE_COLUMNS: &str = "SELECT name, fingerprint, tensors, created_at, digests FROM bases";
 
 fn base_record(r: &Row) -> Result<BaseRecord> {
@@ -571,7 +578,7 @@ impl MetaStore for SqlMeta {
             c.query(
                 // The newest live version; for a repository whose versions are all yanked,
                 // the newest yanked one (listed as such, not hidden).
-                "SELECT r.namespace, r.name, v.version, v.manifest, m.base_fingerprint, m.method, v.created_at,
+                &format!("SELECT r.namespace, r.name, v.version, v.manifest, m.base_fingerprint, m.method, v.created_at,
                         (SELECT COUNT(*) FROM versions WHERE repository = r.id AND yanked = v.yanked), v.yanked
                  FROM repositories r
                  JOIN versions v ON v.repository = r.id
@@ -580,9 +587,8 @@ impl MetaStore for SqlMeta {
                      (SELECT MAX(version) FROM versions WHERE repository = r.id AND yanked = 1))
                  JOIN manifests m ON m.digest = v.manifest
                  WHERE (CAST($1 AS TEXT) IS NULL OR r.namespace = $1)
-                   AND ($2 = '*' OR r.namespace = $2
-                        OR r.namespace IN (SELECT namespace FROM public_namespaces))
-                 ORDER BY r.namespace, r.name",
+                   AND ($2 = '*' OR {})
+                 ORDER BY r.namespace, r.name", readable("r.namespace", "$2")),
                 p![namespace, viewer],
             )?
             .iter()
@@ -684,13 +690,15 @@ impl MetaStore for SqlMeta {
     fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaSummary>> {
         // Two statements however many rows: the matching versions, then their
         // annotations (by the same filter), matched in memory.
-        let matching = "FROM versions v JOIN repositories r ON r.id = v.repository
+        let matching = format!(
+            "FROM versions v JOIN repositories r ON r.id = v.repository
                  JOIN manifests m ON m.digest = v.manifest
                  WHERE v.yanked = 0 AND (CAST($1 AS TEXT) IS NULL OR r.namespace = $1)
                    AND (CAST($2 AS TEXT) IS NULL OR m.base_fingerprint = $2)
                    AND (CAST($3 AS TEXT) IS NULL OR m.method = $3)
-                   AND (CAST($4 AS TEXT) IS NULL OR $4 = '*' OR r.namespace = $4
-                        OR r.namespace IN (SELECT namespace FROM public_namespaces))";
+                   AND (CAST($4 AS TEXT) IS NULL OR $4 = '*' OR {})",
+            readable("r.namespace", "$4")
+        );
         let params = p![
             filter.namespace.as_deref(),
             filter.base.as_ref(),
@@ -873,8 +881,9 @@ impl MetaStore for SqlMeta {
                     &format!(
                         "SELECT b.digest, b.size, b.corrupt FROM blobs b WHERE b.digest IN ({})
                            AND ($1 = '*' OR EXISTS (SELECT 1 FROM blob_links l WHERE l.blob = b.digest
-                             AND (l.namespace = $1 OR l.namespace IN (SELECT namespace FROM public_namespaces))))",
-                        slots.join(", ")
+                             AND {}))",
+                        slots.join(", "),
+                        readable("l.namespace", "$1")
                     ),
                     &params,
                 )?;
