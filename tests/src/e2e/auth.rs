@@ -133,6 +133,20 @@ async fn tokens_scope_every_call_and_reveal_nothing_across_teams() {
         existing.replace("secret", "X"),
         missing.replace("nothing-here", "X")
     );
+    let existing = b
+        .list_versions("team-a/secret")
+        .await
+        .unwrap_err()
+        .to_string();
+    let missing = b
+        .list_versions("team-a/nothing-here")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        existing.replace("secret", "X"),
+        missing.replace("nothing-here", "X")
+    );
     assert!(b.list_repositories("").await.unwrap().is_empty());
     assert!(
         b.search("", None, "", Default::default())
