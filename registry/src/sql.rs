@@ -224,7 +224,7 @@ pub(crate) enum Db {
 /// async thread per core, and each may be in an inline read) and two for the blocking
 /// pool's database trips (`MetaStore::parallelism`). More readers than that would only
 /// wait on the cores; fewer would make an async thread wait for another's read.
-fn sqlite_readers() -> usize {
+pub(crate) fn sqlite_readers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()) + 2
 }
 
