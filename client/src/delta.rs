@@ -876,7 +876,12 @@ pub fn replace_dir_salvaging(
                 source: e,
             });
         }
-        std::fs::remove_dir_all(&old).at(&old)
+        // The new folder is in place: failing to remove the old one (now under a hidden
+        // name beside it) must not turn a finished pull into an error, so it is said.
+        if let Err(e) = std::fs::remove_dir_all(&old) {
+            tracing::warn!(path = %old.display(), error = %e, "cannot remove the replaced folder; remove it by hand");
+        }
+        Ok(())
     });
     if swapped.is_err() && staging.exists() {
         salvage(&staging);
