@@ -688,9 +688,9 @@ impl MetaStore for SqlMeta {
     }
 
     fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaSummary>> {
-        // Two statements however many rows: the matching versions, then their
-        // annotations (by the same filter), matched in memory.
-        let matching = format!(
+        // Two statements however many rows: the matching versions (annotations matched
+        // in SQL, one indexed lookup each), then all their annotations by the same filter.
+        let mut matching = format!(
             "FROM versions v JOIN repositories r ON r.id = v.repository
                  JOIN manifests m ON m.digest = v.manifest
                  WHERE v.yanked = 0 AND (CAST($1 AS TEXT) IS NULL OR r.namespace = $1)
@@ -699,44 +699,51 @@ impl MetaStore for SqlMeta {
                    AND (CAST($4 AS TEXT) IS NULL OR $4 = '*' OR {})",
             readable("r.namespace", "$4")
         );
-        let params = p![
-            filter.namespace.as_deref(),
-            filter.base.as_ref(),
-            filter.method.as_deref(),
-            filter.viewer.as_deref()
+        let mut params = vec![
+            Value::from(filter.namespace.as_deref()),
+            Value::from(filter.base.as_ref()),
+            Value::from(filter.method.as_deref()),
+            Value::from(filter.viewer.as_deref()),
         ];
+        for (key, value) in &filter.annotations {
+            let n = params.len();
+            matching.push_str(&format!(
+                " AND EXISTS (SELECT 1 FROM annotations a
+                     WHERE a.manifest = m.digest AND a.key = ${} AND a.value = ${})",
+                n + 1,
+                n + 2
+            ));
+            params.extend([Value::from(key.as_str()), Value::from(value.as_str())]);
+        }
         self.db.read(|c| {
             let rows = c.query(
                 &format!(
                     "SELECT r.namespace, r.name, v.version, m.digest, m.base_fingerprint, m.method, m.size
                      {matching} ORDER BY r.namespace, r.name, v.version"
                 ),
-                params,
+                &params,
             )?;
             let mut annotations: HashMap<Digest, BTreeMap<String, String>> = HashMap::new();
             let sql = format!(
                 "SELECT manifest, key, value FROM annotations
                  WHERE manifest IN (SELECT m.digest {matching})"
             );
-            for a in c.query(&sql, params)? {
+            for a in c.query(&sql, &params)? {
                 let entry = annotations.entry(a.digest(0)?).or_default();
                 entry.insert(a.text(1)?, a.text(2)?);
             }
             let mut out = Vec::new();
             for r in rows {
                 let digest = r.digest(3)?;
-                let annotations = annotations.get(&digest).cloned().unwrap_or_default();
-                if filter.annotations.iter().all(|(k, v)| annotations.get(k) == Some(v)) {
-                    out.push(DeltaSummary {
-                        repository: r.repo(0)?,
-                        version: r.uint(2)?,
-                        digest,
-                        base_fingerprint: r.digest(4)?,
-                        method: r.text(5)?,
-                        size: r.uint(6)?,
-                        annotations,
-                    });
-                }
+                out.push(DeltaSummary {
+                    repository: r.repo(0)?,
+                    version: r.uint(2)?,
+                    digest,
+                    base_fingerprint: r.digest(4)?,
+                    method: r.text(5)?,
+                    size: r.uint(6)?,
+                    annotations: annotations.get(&digest).cloned().unwrap_or_default(),
+                });
             }
             Ok(out)
         })

@@ -66,7 +66,11 @@ fn manifest(blob: Digest, note: &str) -> Manifest {
         }],
         parents: vec![],
         provenance: BTreeMap::new(),
-        annotations: [("task".to_owned(), note.to_owned())].into(),
+        annotations: [
+            ("task".to_owned(), note.to_owned()),
+            ("tier".to_owned(), "gold".to_owned()),
+        ]
+        .into(),
     }
 }
 
@@ -234,6 +238,31 @@ pub fn versions_tags_and_search(m: &dyn MetaStore) {
         })
         .unwrap();
     assert_eq!(b.len(), 1);
+    assert_eq!(
+        b[0].annotations.len(),
+        2,
+        "every annotation of a match comes back"
+    );
+    // Every named annotation must match, key and value.
+    let found_with = |pairs: &[(&str, &str)]| {
+        let filter = SearchFilter {
+            annotations: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..SearchFilter::default()
+        };
+        m.search(&filter).unwrap().len()
+    };
+    assert_eq!(found_with(&[("task", "b"), ("tier", "gold")]), 1);
+    assert_eq!(found_with(&[("tier", "gold")]), 2);
+    assert_eq!(found_with(&[("task", "b"), ("tier", "silver")]), 0);
+    assert_eq!(
+        found_with(&[("task", "gold")]),
+        0,
+        "a value under another key"
+    );
+    assert_eq!(found_with(&[("absent", "b")]), 0);
     assert!(
         m.search(&SearchFilter {
             method: Some("lora".into()),

@@ -369,10 +369,21 @@ pub(super) async fn list_versions(
     Ok(Response::new(pb::ListVersionsResponse { versions }))
 }
 
+/// The most annotations one search may match on.
+const MAX_SEARCH_ANNOTATIONS: usize = 32;
+
 pub(super) async fn search_deltas(
     svc: &RegistryService,
     req: Request<pb::SearchDeltasRequest>,
 ) -> Result<Response<pb::SearchDeltasResponse>, Status> {
+    // Each annotation is a clause of the search's SQL: a bounded number of them.
+    let named = req.get_ref().annotations.len();
+    if named > MAX_SEARCH_ANNOTATIONS {
+        return Err(Error::InvalidArgument(format!(
+            "a search matches at most {MAX_SEARCH_ANNOTATIONS} annotations; this one names {named}"
+        ))
+        .into());
+    }
     // One trip: authenticate, authorise a named namespace, search, filter.
     let q = req.get_ref().clone();
     let (_, rows) = svc

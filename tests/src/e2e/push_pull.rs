@@ -326,6 +326,23 @@ async fn listing_search_tags_and_the_cli() {
             .unwrap()
             .is_empty()
     );
+    // A search names at most 32 annotations (each is a clause of its SQL).
+    let many = |n: usize| -> std::collections::BTreeMap<String, String> {
+        (0..n).map(|i| (format!("k{i}"), "v".to_owned())).collect()
+    };
+    assert!(
+        env.remote
+            .search("", None, "", many(32))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let err = env.remote.search("", None, "", many(33)).await.unwrap_err();
+    assert!(
+        matches!(&err, delta_client::Error::Rejected { code: tonic::Code::InvalidArgument, message }
+            if message.contains("at most 32 annotations; this one names 33")),
+        "{err}"
+    );
 
     // Tags: set, compare-and-swap, refuse reserved names.
     env.cli(&["tag", "team-a/one:v1", "prod"]).await.unwrap();
