@@ -27,6 +27,27 @@ fn main() {
     println!(
         "MiniLM, {JOBS} rank-8 LoRA jobs (query,value), {STEPS} steps each, dropout on, 2 threads"
     );
+    // Warm-up, untimed: one co-trained step of the largest batch below, so that no row
+    // pays for the process's first touch of that much memory (on this VM a fresh page
+    // costs several times a reused one) while the runs it is compared with do not.
+    {
+        let ex = delta_worker::data::joined_sentences(16, 4, 1);
+        let set = tok.encode_all(&ex, &labels).expect("encode");
+        let mut spec = TrainSpec::new(&[Method::Lora]);
+        spec.rank = 8;
+        spec.batch_size = 16;
+        spec.max_steps = Some(1);
+        let ts: Vec<Trainable> = (0..JOBS)
+            .map(|_| Trainable::new(&spec, &base.weights, &labels).expect("trainable"))
+            .collect();
+        let sessions: Vec<Session<'_, '_>> = ts
+            .iter()
+            .map(|t| Session::new(t, &frozen, &set, None).expect("session"))
+            .collect();
+        for r in co_train(sessions, &mut |_, _| Ok(())) {
+            r.expect("warm-up");
+        }
+    }
     println!(
         "| batch per job | tokens per example | one after the other | together (co-train) | ratio |"
     );

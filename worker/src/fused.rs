@@ -76,14 +76,6 @@ pub fn linear_at(p: Precision, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Re
     }
 }
 
-/// Candle's `a.matmul(b)` (rayon's pool), or at [`Precision::Bf16`] with bf16 operands.
-pub fn product(p: Precision, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    match p {
-        Precision::F32 => Ok(a.matmul(b)?),
-        Precision::Bf16 => bf16_product(a, b),
-    }
-}
-
 /// [`matmul`] at a precision.
 pub fn matmul_at(p: Precision, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match p {

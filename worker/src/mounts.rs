@@ -109,7 +109,14 @@ impl Dropout {
         if p <= 0.0 {
             return Ok(x.clone());
         }
-        let n = x.elem_count();
+        let mask = self.draw(x.elem_count(), p);
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
+
+    /// The next `n` factors of [`Dropout::apply`] at `p > 0`, in element order: 0 with
+    /// probability `p`, else `1 / (1 - p)`.
+    fn draw(&self, n: usize, p: f32) -> Vec<f32> {
         let keep = 1.0 / (1.0 - p);
         // 16 bits of one draw per element, four elements per draw.
         let threshold = (f64::from(p) * 65536.0) as u64;
@@ -127,9 +134,17 @@ impl Dropout {
                 }
             }
         }
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok(x.mul(&mask)?)
+        mask
     }
+}
+
+/// Where dropout applies in the encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropPoint {
+    /// Hidden states ([`Mounts::drop_hidden`]).
+    Hidden,
+    /// Attention probabilities ([`Mounts::drop_attention`]).
+    Attention,
 }
 
 impl<'a> Mounts<'a> {
@@ -155,6 +170,18 @@ impl<'a> Mounts<'a> {
             Some(d) => d.apply(x, d.hidden),
             None => Ok(x.clone()),
         }
+    }
+
+    /// The factors [`Mounts::drop_hidden`] or [`Mounts::drop_attention`] would multiply
+    /// `n` elements by, drawn from the same generator in the same order; `None` where
+    /// that dropout is off (nothing drawn).
+    pub fn dropout_factors(&self, point: DropPoint, n: usize) -> Option<Vec<f32>> {
+        let d = self.dropout.as_ref()?;
+        let p = match point {
+            DropPoint::Hidden => d.hidden,
+            DropPoint::Attention => d.attention,
+        };
+        (p > 0.0).then(|| d.draw(n, p))
     }
 
     /// Attention-probability dropout.
