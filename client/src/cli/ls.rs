@@ -19,7 +19,7 @@ pub struct Args {
     /// Only this method (lora, ia3, bitfit, ...).
     #[arg(long)]
     pub method: Option<String>,
-    /// Only deltas with this annotation (`key=value`, repeatable).
+    /// Only deltas with this annotation (`key=value`, repeatable; all must match, 32 at most).
     #[arg(long = "annotation")]
     pub annotations: Vec<String>,
 }
