@@ -133,7 +133,7 @@ async fn main() {
     println!("  loopback TCP:               {tcp:8.0} MiB/s");
     println!();
     println!(
-        "| delta | push MiB/s | push / fsync'd disk | pull MiB/s (verified) | pull / blake3 1-core | pull / fsync'd disk | round trip |"
+        "| delta | push MiB/s | push / fsync'd disk | pull MiB/s (verified): first / second | second pull / blake3 1-core | second pull / fsync'd disk | round trip (push + first pull) |"
     );
     println!("|---|---|---|---|---|---|---|");
 
@@ -157,31 +157,46 @@ async fn main() {
         let push_time = t.elapsed();
         assert_eq!(pushed.bytes_uploaded as usize, bytes);
 
-        let cache = Cache::new(&work.path().join(format!("cache{i}")));
-        let t = Instant::now();
-        let pulled = hub::pull(
-            &remote,
-            &cache,
-            &format!("bench/d{i}"),
-            &work.path().join(format!("out{i}")),
-            Format::Native,
-            &bar,
-        )
-        .await
-        .expect("pull");
-        let pull_time = t.elapsed();
-        assert_eq!(pulled.bytes_downloaded as usize, bytes);
-        let (push, pull) = (rate(bytes, push_time), rate(bytes, pull_time));
+        // Twice, each into an empty cache and folder: the first pull after a push writes
+        // to pages this process never touched, which this VM makes several times dearer
+        // than reused ones (scripts/bench-oci.sh measures the same), so both are shown.
+        let mut pulls = Vec::new();
+        for _ in 0..2 {
+            let (cache_dir, out) = (
+                work.path().join(format!("cache{i}")),
+                work.path().join(format!("out{i}")),
+            );
+            let cache = Cache::new(&cache_dir);
+            let t = Instant::now();
+            let pulled = hub::pull(
+                &remote,
+                &cache,
+                &format!("bench/d{i}"),
+                &out,
+                Format::Native,
+                &bar,
+            )
+            .await
+            .expect("pull");
+            pulls.push(t.elapsed());
+            assert_eq!(pulled.bytes_downloaded as usize, bytes);
+            let _ = std::fs::remove_dir_all(&cache_dir);
+            let _ = std::fs::remove_dir_all(&out);
+        }
+        let best = pulls.iter().min().copied().unwrap_or(pulls[0]);
+        let (push, first, pull) = (
+            rate(bytes, push_time),
+            rate(bytes, pulls[0]),
+            rate(bytes, best),
+        );
         println!(
-            "| {mib} MiB | {push:.0} | {:.0}% | {pull:.0} | {:.0}% | {:.0}% | {:.2} s |",
+            "| {mib} MiB | {push:.0} | {:.0}% | {first:.0} / {pull:.0} | {:.0}% | {:.0}% | {:.2} s |",
             100.0 * push / disk,
             100.0 * pull / b3,
             100.0 * pull / disk,
-            (push_time + pull_time).as_secs_f64()
+            (push_time + pulls[0]).as_secs_f64()
         );
         let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::remove_dir_all(work.path().join(format!("cache{i}")));
-        let _ = std::fs::remove_dir_all(work.path().join(format!("out{i}")));
     }
     registry.stop().await;
 }
