@@ -197,6 +197,10 @@ pub trait MetaStore: jobs::JobStore + Send + Sync + std::fmt::Debug {
     fn list_repositories(&self, namespace: Option<&str>, viewer: &str) -> Result<Vec<RepoSummary>>;
     /// Versions of a repository, newest first. `None` if the repository does not exist.
     fn list_versions(&self, repo: &Repository) -> Result<Option<Vec<VersionInfo>>>;
+    /// For a repository whose versions are all yanked: how many, and the newest. `None`
+    /// when it has a live version, or none at all. One indexed statement (it answers
+    /// `latest` inline, on an async thread).
+    fn all_yanked(&self, repo: &Repository) -> Result<Option<(u64, u64)>>;
     /// Deltas matching a filter (every version).
     fn search(&self, filter: &SearchFilter) -> Result<Vec<DeltaSummary>>;
     /// Points `tag` at `version`; with `expected`, only if the tag is there now (0: absent).
@@ -605,6 +609,22 @@ impl MetaStore for SqlMeta {
                 })
             })
             .collect()
+        })
+    }
+
+    fn all_yanked(&self, repo: &Repository) -> Result<Option<(u64, u64)>> {
+        self.db.read(|c| {
+            let row = c.opt(
+                "SELECT COUNT(CASE WHEN v.yanked = 0 THEN 1 END),
+                        COUNT(CASE WHEN v.yanked = 1 THEN 1 END),
+                        COALESCE(MAX(CASE WHEN v.yanked = 1 THEN v.version END), 0)
+                 FROM versions v JOIN repositories r ON r.id = v.repository
+                 WHERE r.namespace = $1 AND r.name = $2",
+                p![repo.namespace(), repo.name()],
+            )?;
+            let Some(r) = row else { return Ok(None) };
+            let (live, yanked, newest) = (r.uint(0)?, r.uint(1)?, r.uint(2)?);
+            Ok((live == 0 && yanked > 0).then_some((yanked, newest)))
         })
     }
 

@@ -372,7 +372,14 @@ pub fn lifecycle(m: &dyn MetaStore) {
     assert!(life.yanked);
     assert_eq!((life.latest_version, life.versions), (2, 2));
     assert!(m.resolve(&"team/life".parse().unwrap()).unwrap().is_none());
+    assert_eq!(
+        m.all_yanked(&r).unwrap(),
+        Some((2, 2)),
+        "how many, the newest"
+    );
     assert_eq!(m.yank(&r, 1, false, &at(60)).unwrap(), ["latest"]);
+    assert_eq!(m.all_yanked(&r).unwrap(), None, "a live version again");
+    assert_eq!(m.all_yanked(&"team/none".parse().unwrap()).unwrap(), None);
     assert!(!m.list_repositories(Some("team"), "*").unwrap()[0].yanked);
     m.yank(&r, 2, false, &at(60)).unwrap();
     assert_eq!(
@@ -409,6 +416,17 @@ pub fn lifecycle(m: &dyn MetaStore) {
         ["team/life:v1", "team/life:v3"]
     );
     assert!(m.blob_users(&dropped).unwrap().is_empty());
+    for v in [1, 3] {
+        m.yank(&r, v, true, &at(100)).unwrap();
+    }
+    assert_eq!(
+        m.all_yanked(&r).unwrap(),
+        Some((2, 3)),
+        "a deleted version is not counted"
+    );
+    for v in [1, 3] {
+        m.yank(&r, v, false, &at(100)).unwrap();
+    }
     assert!(m.delete_tag(&r, "latest", &at(100)).unwrap());
     assert!(!m.delete_tag(&r, "nope", &at(100)).unwrap());
 

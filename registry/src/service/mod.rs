@@ -411,17 +411,11 @@ fn resolve_checked_in(
     }
     // `latest` of a repository whose versions are all yanked: say so (the caller may read
     // the namespace) rather than "not found".
-    if latest
-        && let Some(s) = m
-            .list_repositories(Some(repo.namespace()), "*")?
-            .into_iter()
-            .find(|s| s.repository == repo && s.yanked)
-    {
+    if latest && let Some((count, newest)) = m.all_yanked(&repo)? {
         return Err(Error::NotFound {
             what: "live version of",
             name: format!(
-                "{repo}: all {} of its versions are yanked; pull one by number ({repo}:v{}) or un-yank it",
-                s.versions, s.latest_version
+                "{repo}: all {count} of its versions are yanked; pull one by number ({repo}:v{newest}) or un-yank it"
             ),
         });
     }

@@ -80,6 +80,15 @@ async fn yank_and_delete_versions() {
             .len(),
         1
     );
+    // Every version yanked: `latest` says so and names the newest, rather than "not found".
+    env.remote.yank("team/r:v1", false).await.unwrap();
+    let err = env.remote.resolve("team/r").await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("team/r: all 2 of its versions are yanked; pull one by number (team/r:v2)"),
+        "{err}"
+    );
+    env.remote.yank("team/r:v1", true).await.unwrap();
     env.remote.yank("team/r:v2", true).await.unwrap();
     assert_eq!(env.remote.resolve("team/r").await.unwrap().version, 2);
 
