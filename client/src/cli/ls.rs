@@ -39,11 +39,21 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
                 .collect();
             return ctx.print_json(&json!(rows));
         }
-        for r in repos {
-            let versions = if r.yanked {
-                format!("all {} versions yanked", r.versions)
+        if repos.is_empty() {
+            // On standard error, as `gh repo list` says it: standard output stays a listing.
+            let place = if ns.is_empty() {
+                String::new()
             } else {
-                format!("{} versions", r.versions)
+                format!(" in {ns}")
+            };
+            eprintln!("no repositories{place} that you can read");
+        }
+        for r in repos {
+            let plural = if r.versions == 1 { "" } else { "s" };
+            let versions = if r.yanked {
+                format!("all {} version{plural} yanked", r.versions)
+            } else {
+                format!("{} version{plural}", r.versions)
             };
             println!(
                 "{:<40} v{:<4} {:<10} {versions}  base {}  updated {}",
@@ -83,6 +93,9 @@ pub async fn run(args: Args, ctx: &Ctx) -> anyhow::Result<()> {
                             "method": d.method, "size": d.size, "annotations": d.annotations}))
             .collect();
         return ctx.print_json(&json!(rows));
+    }
+    if deltas.is_empty() {
+        eprintln!("no deltas that you can read match these filters");
     }
     for d in deltas {
         println!(
