@@ -614,7 +614,7 @@ impl MetaStore for SqlMeta {
 
     fn all_yanked(&self, repo: &Repository) -> Result<Option<(u64, u64)>> {
         self.db.read(|c| {
-            let row = c.opt(
+            let r = c.one(
                 "SELECT COUNT(CASE WHEN v.yanked = 0 THEN 1 END),
                         COUNT(CASE WHEN v.yanked = 1 THEN 1 END),
                         COALESCE(MAX(CASE WHEN v.yanked = 1 THEN v.version END), 0)
@@ -622,7 +622,6 @@ impl MetaStore for SqlMeta {
                  WHERE r.namespace = $1 AND r.name = $2",
                 p![repo.namespace(), repo.name()],
             )?;
-            let Some(r) = row else { return Ok(None) };
             let (live, yanked, newest) = (r.uint(0)?, r.uint(1)?, r.uint(2)?);
             Ok((live == 0 && yanked > 0).then_some((yanked, newest)))
         })

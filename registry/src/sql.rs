@@ -377,9 +377,8 @@ pub(crate) fn open_sqlite(conn: rusqlite::Connection) -> Result<Db> {
             r.busy_timeout(std::time::Duration::from_secs(10))?;
             // The writer's settings too (RELIABILITY #38: on every connection), though a
             // reader never writes.
-            r.execute_batch(
-                "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA query_only = ON;",
-            )?;
+            r.execute_batch(CONNECTION_PRAGMAS)?;
+            r.execute_batch("PRAGMA query_only = ON;")?;
             readers.push(Mutex::new(r));
         }
     }
@@ -390,10 +389,13 @@ pub(crate) fn open_sqlite(conn: rusqlite::Connection) -> Result<Db> {
     })))
 }
 
+/// What every SQLite connection sets, the writer and each reader alike.
+const CONNECTION_PRAGMAS: &str = "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;";
+
 fn init_sqlite(conn: &rusqlite::Connection) -> Result<()> {
     // journal_mode returns a row, so it is a query, not an execute.
     let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+    conn.execute_batch(CONNECTION_PRAGMAS)?;
     migrate_sqlite(conn)
 }
 
